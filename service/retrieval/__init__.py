@@ -1,0 +1,1 @@
+"""Semantic retrieval over item embeddings (FAISS)."""

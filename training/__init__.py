@@ -1,0 +1,1 @@
+"""Offline side of RecLoRA serving: data preparation, CRM training, embeddings and metrics."""

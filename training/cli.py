@@ -1,0 +1,188 @@
+"""``reclora``: the command line for data preparation, training, evaluation and export."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="RecLoRA serving: offline data, training, evaluation and model bundles.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+DataDir = Annotated[Path, typer.Option("--data", help="prepared dataset directory (from `reclora prepare`)")]
+
+
+@contextmanager
+def timed(what: str):
+    """Every command reports its wall time: operators size jobs from these figures."""
+    start = time.perf_counter()
+    yield
+    typer.echo(f"{what}: {time.perf_counter() - start:.1f} s wall time")
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def download(
+    name: Annotated[str, typer.Argument(help="ml-100k, ml-1m or ml-latest-small")],
+    dest: Annotated[Path, typer.Option(help="directory to put the dataset folder in")] = Path("data"),
+) -> None:
+    """Fetch a MovieLens archive from GroupLens (needs internet access)."""
+    from training.data.download import DownloadError, download_movielens
+
+    with timed("download"):
+        try:
+            path = download_movielens(name, dest)
+        except (DownloadError, ValueError) as exc:
+            fail(str(exc))
+    typer.echo(f"dataset in {path}")
+
+
+@app.command()
+def prepare(
+    out: Annotated[Path, typer.Option(help="output directory for the prepared dataset")],
+    format: Annotated[str, typer.Option(help="ml-100k, ml-1m, ml-latest, csv or synthetic")] = "ml-100k",
+    data_dir: Annotated[Optional[Path], typer.Option(help="raw dataset directory (MovieLens formats)")] = None,
+    interactions: Annotated[Optional[Path], typer.Option(help="csv: interactions file")] = None,
+    items: Annotated[Optional[Path], typer.Option(help="csv: items file")] = None,
+    users: Annotated[Optional[Path], typer.Option(help="csv: optional users file")] = None,
+    user_col: str = "user", item_col: str = "item", rating_col: str = "rating", timestamp_col: str = "timestamp",
+    item_id_col: str = "item", title_col: str = "title", genres_col: str = "genres",
+    year_col: Optional[str] = None, genre_sep: str = "|", sep: str = ",", encoding: str = "utf-8",
+    rating_min: float = 0.0, rating_max: float = 5.0,
+    label_threshold: Annotated[float, typer.Option(help="label = rating > threshold")] = 3.0,
+    min_history: int = 5,
+    seed: Annotated[int, typer.Option(help="synthetic: generator seed")] = 0,
+    n_users: int = 300, n_items: int = 200, n_interactions: int = 12000,
+) -> None:
+    """Load a dataset, label it, split it 8:1:1 in time order and write columnar tables."""
+    from training.data.errors import DataFormatError
+    from training.data.loaders import load_dataset
+    from training.data.samples import SplitConfig
+    from training.data.samples import prepare as prepare_samples
+
+    if format in ("ml-100k", "ml-1m", "ml-latest"):
+        if data_dir is None:
+            fail(f"--data-dir is required for {format} (or fetch it with `reclora download {format}`)")
+        kwargs: dict = {"directory": data_dir}
+    elif format == "csv":
+        if interactions is None or items is None:
+            fail("--interactions and --items are required for --format csv")
+        kwargs = dict(interactions_path=interactions, items_path=items, users_path=users, user_col=user_col,
+                      item_col=item_col, rating_col=rating_col, timestamp_col=timestamp_col,
+                      item_id_col=item_id_col, title_col=title_col, genres_col=genres_col, year_col=year_col,
+                      genre_sep=genre_sep, sep=sep, encoding=encoding, rating_min=rating_min, rating_max=rating_max)
+    elif format == "synthetic":
+        kwargs = dict(n_users=n_users, n_items=n_items, n_interactions=n_interactions, seed=seed)
+    else:
+        fail(f"unknown format {format!r}")
+    with timed("prepare"):
+        try:
+            raw = load_dataset(format, **kwargs)
+        except DataFormatError as exc:
+            fail(str(exc))
+        data = prepare_samples(raw, SplitConfig(label_threshold=label_threshold, min_history=min_history))
+        data.save(out)
+    typer.echo(json.dumps(data.meta["n_samples"]) + f" samples written to {out}")
+
+
+@app.command()
+def embed(data: DataDir, batch_size: int = 256) -> None:
+    """Embed every item's text (title, year, genres) with all-MiniLM-L6-v2, offline."""
+    import numpy as np
+
+    from training.data.samples import PreparedData
+    from training.embeddings import embed_items
+
+    with timed("embed"):
+        prepared = PreparedData.load(data)
+        table = embed_items(prepared.items, batch_size=batch_size)
+        np.save(data / "embeddings.npy", table)
+    typer.echo(f"{table.shape[0] - 1} item embeddings of size {table.shape[1]} in {data / 'embeddings.npy'}")
+
+
+def _load_embeddings(data: Path):
+    import numpy as np
+
+    path = data / "embeddings.npy"
+    if not path.is_file():
+        fail(f"{path} not found: run `reclora embed --data {data}` first")
+    return np.load(path, allow_pickle=False)
+
+
+@app.command("train-crm")
+def train_crm(
+    data: DataDir,
+    out: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default DATA/crm)")] = None,
+    epochs: int = 20, batch_size: int = 1024, lr: float = 2e-3, weight_decay: float = 1e-4, patience: int = 2,
+    seed: int = 0, emb_dim: int = 16, dropout: float = 0.2,
+    l_long: Annotated[int, typer.Option(help="history length read per user")] = 1000,
+    l_crm: Annotated[int, typer.Option(help="behaviours the search unit keeps per target")] = 60,
+    threads: Optional[int] = None,
+) -> None:
+    """Train the CRM on the full training split, early-stopping on validation AUC."""
+    from training.crm.checkpoint import save_checkpoint
+    from training.crm.train import TrainConfig
+    from training.crm.train import train_crm as fit
+    from training.data.samples import PreparedData
+
+    with timed("train-crm"):
+        prepared = PreparedData.load(data)
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+                          seed=seed, threads=threads,
+                          model=dict(emb_dim=emb_dim, dropout=dropout, l_long=l_long, l_crm=l_crm))
+        trained = fit(prepared, _load_embeddings(data), cfg)
+        path = save_checkpoint(trained, out or data / "crm")
+    typer.echo(f"CRM in {path}: valid AUC {trained.metrics['valid']['auc']:.4f} after {len(trained.history)} epochs")
+
+
+@app.command()
+def evaluate(
+    data: DataDir,
+    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="report directory (default DATA/eval)")] = None,
+) -> None:
+    """Compare item popularity, logistic regression and the CRM on the validation and test splits."""
+    from training.evaluate import evaluate_crm_and_baselines, write_report
+
+    with timed("evaluate"):
+        rows = evaluate_crm_and_baselines(data, crm or data / "crm", _load_embeddings(data))
+        md = write_report(rows, out or data / "eval")
+    typer.echo(md)
+
+
+@app.command()
+def export(
+    data: DataDir,
+    version: Annotated[str, typer.Option(help="bundle version name")],
+    store: Annotated[Path, typer.Option(help="model store directory")] = Path("model_store"),
+    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
+    description: str = "",
+    overwrite: bool = False,
+) -> None:
+    """Write a validated model bundle to STORE/VERSION."""
+    from service.bundle import BundleError
+    from training.export.crm_bundle import export_crm_bundle
+
+    with timed("export"):
+        try:
+            path = export_crm_bundle(data, crm or data / "crm", store, version, description=description,
+                                     overwrite=overwrite)
+        except BundleError as exc:
+            fail(str(exc))
+    typer.echo(f"bundle written to {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

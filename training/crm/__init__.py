@@ -1,0 +1,1 @@
+"""Offline CRM training on the full training split."""

@@ -1,0 +1,78 @@
+"""Encode every sample of a split into CRM tensors once, so epochs only index into them.
+
+The search unit's choices depend on fixed semantic embeddings only, so they are computed here
+once per sample instead of on every epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from service.crm.features import FeatureSpace
+from service.crm.inputs import TargetInputs, UserInputs, build_inputs
+from service.crm.model import CRMConfig
+from training.data.samples import PreparedData
+
+
+@dataclass
+class EncodedSplit:
+    user: UserInputs
+    target: TargetInputs
+    labels: torch.Tensor  # (N,) float
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: torch.Tensor) -> tuple[UserInputs, TargetInputs, torch.Tensor]:
+        u, t = self.user, self.target
+        return (
+            UserInputs(u.user_fields[index], u.hist_stats[index], u.recent_items[index], u.recent_ratings[index]),
+            TargetInputs(t.targets[index], t.sel_items[index], t.sel_ratings[index], t.sel_stats[index]),
+            self.labels[index],
+        )
+
+
+def encode_users(space: FeatureSpace, users: pd.DataFrame) -> np.ndarray:
+    """(max user_idx + 1, F) field ids per user_idx."""
+    table = np.zeros((int(users["user_idx"].max()) + 1, len(space.user_fields)), np.int64)
+    for j, (name, vocab) in enumerate(space.user_fields.items()):
+        lookup = {v: i + 1 for i, v in enumerate(vocab)}
+        table[users["user_idx"].to_numpy(), j] = users[name].astype(str).map(lookup).fillna(0).to_numpy(np.int64)
+    return table
+
+
+def padded_histories(events: pd.DataFrame, hist_end: np.ndarray, hist_len: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-aligned (N, length) item ids (0 pad) and ratings (NaN pad) of each sample's history."""
+    items = events["item_idx"].to_numpy(np.int64)
+    ratings = events["rating"].to_numpy(np.float32)
+    cols = np.arange(length)
+    pos = hist_end[:, None] - length + cols
+    valid = cols >= length - np.minimum(hist_len, length)[:, None]
+    pos = np.where(valid, pos, 0)
+    return np.where(valid, items[pos], 0), np.where(valid, ratings[pos], np.nan).astype(np.float32)
+
+
+def encode_split(data: PreparedData, split: str, space: FeatureSpace, config: CRMConfig,
+                 item_embeddings: torch.Tensor, chunk: int = 2048, progress: bool = True) -> EncodedSplit:
+    samples = data.split(split)
+    user_table = encode_users(space, data.users)
+    length = max(1, min(config.l_long, int(samples["hist_len"].max() if len(samples) else 1)))
+    parts: list[tuple[UserInputs, TargetInputs]] = []
+    for start in tqdm(range(0, len(samples), chunk), desc=f"encode {split}", disable=not progress, leave=False):
+        s = samples.iloc[start : start + chunk]
+        hist_end, hist_len = s["hist_end"].to_numpy(), s["hist_len"].to_numpy()
+        items, ratings = padded_histories(data.events, hist_end, hist_len, length)
+        parts.append(build_inputs(
+            space, user_fields=user_table[s["user_idx"].to_numpy()], hist_items=items, hist_ratings=ratings,
+            hist_lengths=hist_len, targets=s["item_idx"].to_numpy(), item_embeddings=item_embeddings,
+            l_long=config.l_long, l_crm=config.l_crm, l_recent=config.l_recent,
+        ))
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    user = UserInputs(*(cat([getattr(p[0], f) for p in parts]) for f in ("user_fields", "hist_stats", "recent_items", "recent_ratings")))
+    target = TargetInputs(*(cat([getattr(p[1], f) for p in parts]) for f in ("targets", "sel_items", "sel_ratings", "sel_stats")))
+    return EncodedSplit(user, target, torch.as_tensor(samples["label"].to_numpy(), dtype=torch.float32))

@@ -1,0 +1,1 @@
+"""Dataset loading, validation and CTR sample preparation."""
