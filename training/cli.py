@@ -181,7 +181,12 @@ def export(
 
 
 def main() -> None:
-    app()
+    """Console entry point: expected failures (missing inputs, invalid values) print one line."""
+    try:
+        app()
+    except (FileNotFoundError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

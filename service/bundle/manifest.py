@@ -25,8 +25,8 @@ _COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def _show(value: object, limit: int = 80) -> str:
-    """repr() of untrusted text, shortened, so errors stay readable and escape control characters."""
+def quote_untrusted(value: object, limit: int = 80) -> str:
+    """repr() of untrusted text, shortened, so error messages stay readable and escape control characters."""
     text = str(value)
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -38,15 +38,15 @@ def suffix_problem(path: str) -> str | None:
         return None
     allowed = ", ".join(sorted(ALLOWED_SUFFIXES))
     if suffix.lower() in PICKLE_SUFFIXES:
-        return f"{_show(path)}: pickle files are not accepted ({suffix} can run code when loaded); allowed: {allowed}"
-    return f"{_show(path)}: file type {_show(suffix or '(none)')} is not accepted; allowed: {allowed}"
+        return f"{quote_untrusted(path)}: pickle files are not accepted ({suffix} can run code when loaded); allowed: {allowed}"
+    return f"{quote_untrusted(path)}: file type {quote_untrusted(suffix or '(none)')} is not accepted; allowed: {allowed}"
 
 
 def validate_version(version: str) -> str:
     """A bundle version doubles as a directory name, so it must be a single safe path segment."""
     if not isinstance(version, str) or not _VERSION_RE.fullmatch(version) or ".." in version:
         raise ValueError(
-            f"version {_show(version)} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+            f"version {quote_untrusted(version)} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
         )
     return version
@@ -57,16 +57,17 @@ def validate_relpath(path: str) -> str:
     if not isinstance(path, str) or not path:
         raise ValueError("file path is empty")
     if "\\" in path:
-        raise ValueError(f"file path {_show(path)} contains a backslash; use '/'")
+        raise ValueError(f"file path {quote_untrusted(path)} contains a backslash; use '/'")
     if path.startswith("/"):
-        raise ValueError(f"file path {_show(path)} is absolute; paths are relative to the bundle")
+        raise ValueError(f"file path {quote_untrusted(path)} is absolute; paths are relative to the bundle")
     for segment in path.split("/"):
-        if segment in ("", ".", ".."):
-            shown = "empty" if not segment else repr(segment)
-            raise ValueError(f"file path {_show(path)} has a {shown} segment; use plain names")
+        if not segment:
+            raise ValueError(f"file path {quote_untrusted(path)} has an empty segment ('//' or a trailing '/')")
+        if segment in (".", ".."):
+            raise ValueError(f"file path {quote_untrusted(path)} has a {segment!r} segment; use plain names")
         if not _SEGMENT_RE.fullmatch(segment):
             raise ValueError(
-                f"file path {_show(path)}: segment {_show(segment)} must be 1-128 letters, digits, "
+                f"file path {quote_untrusted(path)}: segment {quote_untrusted(segment)} must be 1-128 letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit"
             )
     if path == MANIFEST_NAME:
@@ -95,7 +96,7 @@ class FileEntry(BaseModel):
     @classmethod
     def _check_sha256(cls, value: str) -> str:
         if not _SHA256_RE.fullmatch(value):
-            raise ValueError(f"sha256 {_show(value)} must be 64 lowercase hex characters")
+            raise ValueError(f"sha256 {quote_untrusted(value)} must be 64 lowercase hex characters")
         return value
 
 
@@ -113,7 +114,7 @@ class BundleManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = Field(strict=True)
+    schema_version: Literal[1]
     version: str
     created_at: datetime
     description: str = ""
@@ -122,6 +123,14 @@ class BundleManifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     parents: list[str] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _check_schema_version(cls, value: Any) -> Any:
+        # Literal[1] alone would also accept True; only the integer 1 is this schema.
+        if type(value) is not int:
+            raise ValueError(f"schema_version must be the integer 1, got {quote_untrusted(value)}")
+        return value
 
     @field_validator("version")
     @classmethod
@@ -138,7 +147,7 @@ class BundleManifest(BaseModel):
     def _check_components(cls, value: dict[str, ComponentInfo]) -> dict[str, ComponentInfo]:
         for name in value:
             if not _COMPONENT_RE.fullmatch(name):
-                raise ValueError(f"component name {_show(name)} must be 1-64 letters, digits, '.', '_' or '-'")
+                raise ValueError(f"component name {quote_untrusted(name)} must be 1-64 letters, digits, '.', '_' or '-'")
         return value
 
     @model_validator(mode="after")
@@ -148,13 +157,15 @@ class BundleManifest(BaseModel):
         for entry in self.files:
             key = entry.path.casefold()
             if key in seen:
-                raise ValueError(f"file path {_show(entry.path)} is listed more than once (clashes with {_show(seen[key])})")
+                raise ValueError(f"file path {quote_untrusted(entry.path)} is listed more than once "
+                                 f"(clashes with {quote_untrusted(seen[key])})")
             seen[key] = entry.path
         # A listed file cannot also be a directory holding other listed files.
         for entry in self.files:
             for parent in PurePosixPath(entry.path.casefold()).parents:
                 if str(parent) in seen:
-                    raise ValueError(f"file path {_show(entry.path)} lies under the listed file {_show(seen[str(parent)])}")
+                    raise ValueError(f"file path {quote_untrusted(entry.path)} lies under the listed file "
+                                     f"{quote_untrusted(seen[str(parent)])}")
         return self
 
     def entry(self, path: str) -> FileEntry | None:

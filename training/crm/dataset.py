@@ -59,11 +59,17 @@ def padded_histories(events: pd.DataFrame, hist_end: np.ndarray, hist_len: np.nd
 
 def encode_split(data: PreparedData, split: str, space: FeatureSpace, config: CRMConfig,
                  item_embeddings: torch.Tensor, chunk: int = 2048, progress: bool = True) -> EncodedSplit:
-    samples = data.split(split)
+    return encode_samples(data, data.split(split), space, config, item_embeddings, chunk, progress, desc=split)
+
+
+def encode_samples(data: PreparedData, samples: pd.DataFrame, space: FeatureSpace, config: CRMConfig,
+                   item_embeddings: torch.Tensor, chunk: int = 2048, progress: bool = True,
+                   desc: str = "samples") -> EncodedSplit:
+    """Encode any subset of ``data.samples`` (rows keep their order)."""
     user_table = encode_users(space, data.users)
     length = max(1, min(config.l_long, int(samples["hist_len"].max() if len(samples) else 1)))
     parts: list[tuple[UserInputs, TargetInputs]] = []
-    for start in tqdm(range(0, len(samples), chunk), desc=f"encode {split}", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(samples), chunk), desc=f"encode {desc}", disable=not progress, leave=False):
         s = samples.iloc[start : start + chunk]
         hist_end, hist_len = s["hist_end"].to_numpy(), s["hist_len"].to_numpy()
         items, ratings = padded_histories(data.events, hist_end, hist_len, length)
@@ -75,4 +81,4 @@ def encode_split(data: PreparedData, split: str, space: FeatureSpace, config: CR
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
     user = UserInputs(*(cat([getattr(p[0], f) for p in parts]) for f in ("user_fields", "hist_stats", "recent_items", "recent_ratings")))
     target = TargetInputs(*(cat([getattr(p[1], f) for p in parts]) for f in ("targets", "sel_items", "sel_ratings", "sel_stats")))
-    return EncodedSplit(user, target, torch.as_tensor(samples["label"].to_numpy(), dtype=torch.float32))
+    return EncodedSplit(user, target, torch.tensor(samples["label"].to_numpy(np.float32)))
