@@ -1,0 +1,33 @@
+"""The interface every scoring engine (embedded torch, remote vLLM) implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class UserAdapter:
+    """One user's materialized LoRA: per target module (A: d_in x r, B: r x d_out) and its scaling.
+
+    ``key`` names the weights uniquely (user, bundle version, content hash) so a cache or a
+    remote server never confuses two adapters.
+    """
+
+    key: str
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+
+class ScoringEngine(Protocol):
+    def score(self, adapter: UserAdapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> np.ndarray:
+        """P(Yes) per suffix, each scored as prefix + suffix with the adapter installed."""
+        ...

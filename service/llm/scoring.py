@@ -1,0 +1,61 @@
+"""P("Yes") from a causal LM: label logits in float32 from the final hidden state.
+
+Only the answer position is projected, and only onto the two label rows of the output
+embedding, in float32: bfloat16 logits of magnitude 16 to 32 are spaced 0.125 apart, which
+would quantize probabilities and tie nearby candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, index of each sequence's last token)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask, mask.sum(1) - 1
+
+
+def answer_hidden(model, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """(B, hidden) final-layer hidden state (after the last norm) at each sequence's last token."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden[torch.arange(len(ids)), last]
+
+
+def label_logits(model, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+    """(B, len(label_ids)) float32 logits of the label tokens."""
+    weight = model.get_output_embeddings().weight[list(label_ids)].float()
+    return hidden.float() @ weight.T
+
+
+def yes_probability(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over [yes, no] logits -> P(yes) = sigmoid(yes - no)."""
+    return torch.sigmoid(logits[:, 0] - logits[:, 1])
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: Sequence[Sequence[int]], yes_id: int, no_id: int, pad_id: int,
+                    batch_size: int = 16,
+                    rows_context: Callable[[list[int]], AbstractContextManager] | None = None) -> torch.Tensor:
+    """P(yes) for full prompts (prefix + suffix ids), batched and right-padded.
+
+    ``rows_context(indices)`` is entered around each batch, e.g. to install those rows' users.
+    """
+    out = []
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask, last = pad_right([sequences[i] for i in chunk], pad_id)
+        with rows_context(chunk) if rows_context else nullcontext():
+            out.append(yes_probability(label_logits(model, answer_hidden(model, ids, mask, last), [yes_id, no_id])))
+    probs = torch.empty(len(sequences))
+    probs[torch.as_tensor(order)] = torch.cat(out) if out else torch.empty(0)
+    return probs

@@ -1,0 +1,1 @@
+"""Per-user adapters: gate on the CRM user representation, materialize, cache."""

@@ -1,0 +1,84 @@
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from service.engine.base import UserAdapter
+from service.engine.torch_engine import TorchEngine
+from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRA, PersonalizedLoRAConfig
+from service.llm.scoring import score_sequences
+
+YES, NO, PAD = 5, 7, 0
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    base = tmp_path_factory.mktemp("base")
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(base)
+    reference = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    lora = PersonalizedLoRA(reference, PersonalizedLoRAConfig(n_meta=4, user_dim=8))
+    with torch.no_grad():
+        for layer in lora.layers.values():
+            layer.lora_B.normal_(std=0.3)
+    lora.eval()
+    mixer = AdapterMixer(lora.cfg, lora.trainable_state_dict())
+    engine = TorchEngine(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), yes_id=YES, no_id=NO,
+                         pad_id=PAD, target_modules=TARGETS, max_batch=3)
+    return reference, lora, mixer, engine
+
+
+def adapter_for(mixer, lora, rep, key):
+    return UserAdapter(key, mixer.adapter(mixer.mixtures(rep)), lora.cfg.scaling)
+
+
+def prompts(seed):
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(1, 99, size=17).tolist()
+    return prefix, [rng.integers(1, 99, size=n).tolist() for n in (4, 9, 1, 6, 12, 3, 7)]
+
+
+def test_prefix_reuse_is_exact_against_scoring_each_prompt_alone(setup) -> None:
+    reference, lora, mixer, engine = setup
+    rep = torch.randn(8)
+    prefix, suffixes = prompts(0)
+    got = engine.score(adapter_for(mixer, lora, rep, "u1"), prefix, suffixes)
+    with lora.user(rep.reshape(1, -1)):
+        alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
+    np.testing.assert_allclose(got, alone, atol=1e-5)
+
+
+def test_no_adapter_scores_the_base_model(setup) -> None:
+    reference, lora, mixer, engine = setup
+    prefix, suffixes = prompts(1)
+    with lora.user(torch.zeros(1, 8)):
+        base_engine_scores = engine.score(None, prefix, suffixes)
+    plain = LlamaForCausalLM.from_pretrained(reference.name_or_path, dtype=torch.float32).eval()
+    expected = score_sequences(plain, [prefix + s for s in suffixes], YES, NO, PAD).numpy()
+    np.testing.assert_allclose(base_engine_scores, expected, atol=1e-5)
+
+
+def test_concurrent_users_never_see_each_others_adapter(setup) -> None:
+    _, lora, mixer, engine = setup
+    users = {f"u{i}": adapter_for(mixer, lora, torch.randn(8, generator=torch.Generator().manual_seed(i)), f"u{i}")
+             for i in range(4)}
+    prefix, suffixes = prompts(2)
+    expected = {k: engine.score(a, prefix, suffixes) for k, a in users.items()}
+    assert not np.allclose(expected["u0"], expected["u1"])
+    jobs = [k for _ in range(6) for k in users]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda k: (k, engine.score(users[k], prefix, suffixes)), jobs))
+    for key, scores in results:
+        np.testing.assert_array_equal(scores, expected[key])
+
+
+def test_bad_input(setup) -> None:
+    *_, engine = setup
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.score(None, [1, 2], [[3], []])
+    assert engine.score(None, [1, 2], []).shape == (0,)

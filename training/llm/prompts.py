@@ -1,0 +1,54 @@
+"""Prompts for dataset samples: the recent-K view and the semantic (SUBR) view of a history."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from service.llm.prompt import Behaviour, ItemText, PromptBuilder
+from service.retrieval.history import recent_positions, semantic_positions
+from training.data.samples import PreparedData
+
+View = Literal["recent", "semantic"]
+
+
+def catalog_texts(items: pd.DataFrame) -> dict[int, ItemText]:
+    years = items["year"] if "year" in items else pd.Series([None] * len(items))
+    return {
+        int(i): ItemText(str(t), None if pd.isna(y) else int(y))
+        for i, t, y in zip(items["item_idx"], items["title"], years)
+    }
+
+
+def user_profiles(users: pd.DataFrame) -> dict[int, dict[str, str]]:
+    fields = [c for c in users.columns if c not in ("user", "user_idx")]
+    return {int(row["user_idx"]): {f: row[f] for f in fields} for _, row in users.iterrows()}
+
+
+def sample_prompts(data: PreparedData, samples: pd.DataFrame, builder: PromptBuilder, embeddings: np.ndarray,
+                   k_text: int, view: View) -> list[list[int]]:
+    """Full token ids (prefix + suffix) of each sample's prompt in the given view."""
+    texts, profiles = catalog_texts(data.items), user_profiles(data.users)
+    items = data.events["item_idx"].to_numpy()
+    ratings = data.events["rating"].to_numpy()
+    prefixes: dict[int, list[int]] = {}
+    out = []
+    for user, target, end, n in samples[["user_idx", "item_idx", "hist_end", "hist_len"]].itertuples(index=False):
+        hist_items, hist_ratings = items[end - n : end], ratings[end - n : end]
+        if view == "recent":
+            pos = recent_positions(len(hist_items), k_text)
+        else:
+            pos = semantic_positions(hist_items, np.array([target]), embeddings, k_text)[0]
+        history = [Behaviour(texts[int(hist_items[p])], float(hist_ratings[p])) for p in pos]
+        if user not in prefixes:
+            prefixes[user] = builder.encode_text(builder.prefix_text(profiles[int(user)]))
+        out.append(prefixes[user] + builder.encode_text(builder.suffix_text(history, texts[int(target)])))
+    return out
+
+
+def mixed_views(n: int, seed: int) -> Sequence[View]:
+    """ReiT: every sample appears once per view; the order of instances is shuffled by the trainer."""
+    return ["recent"] * n + ["semantic"] * n

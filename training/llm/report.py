@@ -1,0 +1,130 @@
+"""The LLM report: CRM, zero-shot LLM, ReLLa-style, RecLoRA and fused, on one seeded test subset.
+
+Fusion is a logistic regression on (LLM logit, CRM logit) fitted on a validation subset, so
+nothing is tuned on test. Writes report.md, report.json and roc.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from training.crm.checkpoint import load_checkpoint
+from training.crm.dataset import encode_samples
+from training.crm.train import predict
+from training.data.samples import PreparedData
+from training.llm.train import LLMScorer, load_base, load_trained, user_representations
+from training.metrics import binary_metrics
+
+
+@dataclass
+class Fusion:
+    """P = sigmoid(w_llm * logit(p_llm) + w_crm * logit(p_crm) + bias)."""
+
+    w_llm: float
+    w_crm: float
+    bias: float
+
+    @classmethod
+    def fit(cls, p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray) -> "Fusion":
+        lr = LogisticRegression(C=10.0).fit(np.stack([_logit(p_llm), _logit(p_crm)], 1), labels)
+        return cls(float(lr.coef_[0, 0]), float(lr.coef_[0, 1]), float(lr.intercept_[0]))
+
+    def __call__(self, p_llm: np.ndarray, p_crm: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(self.w_llm * _logit(p_llm) + self.w_crm * _logit(p_crm) + self.bias)))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def crm_probabilities(data: PreparedData, samples: pd.DataFrame, crm_dir: Path, embeddings: np.ndarray) -> np.ndarray:
+    model, config, space = load_checkpoint(crm_dir, data.items, embeddings)
+    enc = encode_samples(data, samples, space, config, torch.from_numpy(np.asarray(embeddings, np.float32)), progress=False)
+    return predict(model, enc)
+
+
+def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | None, reclora_dir: Path | None,
+               out_dir: Path, *, n_test: int = 2000, n_valid: int = 1000, seed: int = 0, k_text: int = 10,
+               dtype: str = "float32", batch_size: int = 16) -> dict:
+    data = PreparedData.load(data_dir)
+    embeddings = np.load(data_dir / "embeddings.npy", allow_pickle=False)
+    test = data.split("test").sample(n=min(n_test, len(data.split("test"))), random_state=seed)
+    valid = data.split("valid").sample(n=min(n_valid, len(data.split("valid"))), random_state=seed)
+    labels = {"test": test["label"].to_numpy(), "valid": valid["label"].to_numpy()}
+    probs: dict[str, dict[str, np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+
+    start = time.perf_counter()
+    probs["CRM"] = {s: crm_probabilities(data, df, crm_dir, embeddings) for s, df in (("test", test), ("valid", valid))}
+    seconds["CRM"] = time.perf_counter() - start
+
+    reps = {"test": user_representations(data, test, crm_dir, embeddings),
+            "valid": user_representations(data, valid, crm_dir, embeddings)}
+    model, tokenizer = load_base(base_dir, dtype)
+    scorers: dict[str, LLMScorer] = {"zero-shot LLM": LLMScorer(model, tokenizer, None, k_text)}
+    if rella_dir is not None:
+        scorers["ReLLa-style (shared LoRA)"] = load_trained(rella_dir, base_dir, dtype, k_text)
+    if reclora_dir is not None:
+        scorers["RecLoRA (personalized LoRA)"] = load_trained(reclora_dir, base_dir, dtype, k_text)
+    prompts = {s: scorers["zero-shot LLM"].prompts(data, df, embeddings, "semantic") for s, df in (("test", test), ("valid", valid))}
+    for name, scorer in scorers.items():
+        start = time.perf_counter()
+        probs[name] = {s: scorer.score(prompts[s], reps[s], batch_size) for s in ("test", "valid")}
+        seconds[name] = time.perf_counter() - start
+    fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))
+    fusion = Fusion.fit(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"])
+    probs[f"fused ({fused_from.split(' (')[0]} + CRM)"] = {
+        s: fusion(probs[fused_from][s], probs["CRM"][s]) for s in ("test", "valid")}
+
+    rows = [{"model": name, **binary_metrics(labels["test"], p["test"]), "valid_auc": binary_metrics(labels["valid"], p["valid"])["auc"],
+             "seconds": seconds.get(name, 0.0)} for name, p in probs.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"n_test": len(test), "n_valid": len(valid), "seed": seed, "k_text": k_text, "rows": rows,
+              "fusion": fusion.__dict__, "fused_from": fused_from}
+    for name, d in (("ReLLa-style (shared LoRA)", rella_dir), ("RecLoRA (personalized LoRA)", reclora_dir)):
+        if d is not None and (d / "train.json").is_file():
+            t = json.loads((d / "train.json").read_text())
+            result.setdefault("training", {})[name] = {k: t[k] for k in ("train_seconds", "instances", "best_valid_auc")}
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "fusion.json").write_text(json.dumps(fusion.__dict__, indent=2))
+    (out_dir / "report.md").write_text(markdown(result))
+    roc_plot({n: (labels["test"], p["test"]) for n, p in probs.items()}, out_dir / "roc.png")
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Test subset: {result['n_test']} samples (seed {result['seed']}); fusion fitted on "
+             f"{result['n_valid']} validation samples; K_text = {result['k_text']}.", "",
+             "| model | AUC | LogLoss | ACC | valid AUC | scoring time (s) |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['acc']:.4f} | {r['valid_auc']:.4f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for name, (y, p) in curves.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
