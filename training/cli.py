@@ -121,7 +121,7 @@ def _load_embeddings(data: Path):
 def train_crm(
     data: DataDir,
     out: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default DATA/crm)")] = None,
-    epochs: int = 20, batch_size: int = 1024, lr: float = 2e-3, weight_decay: float = 1e-4, patience: int = 2,
+    epochs: int = 20, batch_size: int = 1024, lr: float = 2e-3, weight_decay: float = 1e-4, patience: int = 3,
     seed: int = 0, emb_dim: int = 16, dropout: float = 0.2,
     l_long: Annotated[int, typer.Option(help="history length read per user")] = 1000,
     l_crm: Annotated[int, typer.Option(help="behaviours the search unit keeps per target")] = 60,
@@ -166,6 +166,9 @@ def export(
     crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
     description: str = "",
     overwrite: bool = False,
+    llm: Annotated[Optional[Path], typer.Option(help="trained LoRA directory (from `reclora train-llm`)")] = None,
+    base_model: Annotated[Optional[Path], typer.Option(help="base LLM directory, recorded by hash")] = None,
+    llm_report: Annotated[Optional[Path], typer.Option(help="report directory with fusion.json")] = None,
 ) -> None:
     """Write a validated model bundle to STORE/VERSION."""
     from service.bundle import BundleError
@@ -174,10 +177,46 @@ def export(
     with timed("export"):
         try:
             path = export_crm_bundle(data, crm or data / "crm", store, version, description=description,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, llm_dir=llm, base_model=base_model, llm_report=llm_report)
         except BundleError as exc:
             fail(str(exc))
     typer.echo(f"bundle written to {path}")
+
+
+@app.command("load-histories")
+def load_histories(
+    data: DataDir,
+    redis_url: Annotated[str, typer.Option(help="the serving history store")] = "redis://127.0.0.1:6379/0",
+    prefix: Annotated[str, typer.Option(help="key prefix, the same as the gateway's")] = "",
+    max_events: Annotated[int, typer.Option(help="most recent behaviours kept per user")] = 1000,
+    until_split: Annotated[str, typer.Option(
+        help="all, or valid/test: only interactions before that split starts (offline replay)")] = "all",
+) -> None:
+    """Write every user's behaviour history and profile (raw ids) to Redis; re-running is idempotent."""
+    from urllib.parse import urlsplit
+
+    from redis.exceptions import RedisError
+
+    from service.history import bulk_load
+    from training.data.samples import PreparedData
+    from training.history_loader import UNTIL_SPLITS, histories_from_prepared
+
+    if until_split not in UNTIL_SPLITS:
+        fail(f"--until-split must be one of {', '.join(UNTIL_SPLITS)}, got {until_split!r}")
+    with timed("load-histories"):
+        prepared = PreparedData.load(data)
+        try:
+            counts = bulk_load(redis_url, histories_from_prepared(prepared, until_split=until_split), prefix=prefix,
+                               max_events=max_events, total=len(prepared.users))
+        except RedisError as exc:
+            where = urlsplit(redis_url)  # host and port only: the URL may carry a password
+            fail(f"cannot write histories to Redis at {where.hostname}:{where.port or 6379}: {exc}")
+    typer.echo(f"histories loaded (until {until_split}): {json.dumps(counts)}")
+
+
+from training.llm.commands import register as register_llm  # noqa: E402
+
+register_llm(app, timed, fail)
 
 
 def main() -> None:

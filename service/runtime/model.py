@@ -1,0 +1,78 @@
+"""Everything a bundle version contributes to scoring, loaded and validated once.
+
+The base LLM is not part of a version: it is loaded once per process and shared, so activating
+a new version never reloads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.bundle import Bundle, load_bundle
+from service.crm.features import FeatureSpace
+from service.crm.loading import build_crm
+from service.crm.model import CRM, CRMConfig
+from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
+from service.llm.prompt import PromptConfig
+from service.runtime.catalog import Catalog
+
+LORA_CONFIG, LORA_WEIGHTS = "lora/config.json", "lora/weights.safetensors"
+PROMPT_CONFIG, FUSION = "prompt/config.json", "fusion.json"
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """score = sigmoid(w_llm * logit(llm) + w_crm * logit(crm) + bias), fitted offline on valid."""
+
+    w_llm: float
+    w_crm: float
+    bias: float
+
+    def __call__(self, llm: np.ndarray, crm: np.ndarray) -> np.ndarray:
+        def logit(p: np.ndarray) -> np.ndarray:
+            p = np.clip(p, 1e-6, 1 - 1e-6)
+            return np.log(p / (1 - p))
+
+        return 1.0 / (1.0 + np.exp(-(self.w_llm * logit(llm) + self.w_crm * logit(crm) + self.bias)))
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    bundle: Bundle
+    catalog: Catalog
+    crm: CRM
+    crm_config: CRMConfig
+    space: FeatureSpace
+    item_embeddings: torch.Tensor
+    mixer: AdapterMixer | None
+    lora_config: PersonalizedLoRAConfig | None
+    prompt: PromptConfig
+    k_text: int
+    fusion: Fusion | None
+
+
+def load_model(bundle_dir: str | Path) -> LoadedModel:
+    """Validate the bundle (schema, hashes, file kinds) and build its runtime objects."""
+    bundle = load_bundle(bundle_dir)
+    catalog = Catalog(bundle.load_parquet_pandas("items/catalog.parquet"), bundle.load_npy("items/embeddings.npy"))
+    config = CRMConfig.model_validate(bundle.load_json("crm/config.json"))
+    space = FeatureSpace.model_validate(bundle.load_json("crm/features.json"))
+    crm = build_crm(config, space, catalog.items, catalog.embeddings, bundle.load_safetensors("crm/weights.safetensors")).eval()
+    files = {f.path for f in bundle.manifest.files}
+    mixer = lora_config = None
+    if LORA_CONFIG in files:
+        lora_config = PersonalizedLoRAConfig.model_validate(bundle.load_json(LORA_CONFIG))
+        if lora_config.gated and lora_config.user_dim != config.user_dim:
+            raise ValueError(f"the gate reads {lora_config.user_dim}-d users, the CRM gives {config.user_dim}-d")
+        mixer = AdapterMixer(lora_config, bundle.load_safetensors(LORA_WEIGHTS))
+    prompt = PromptConfig.model_validate(bundle.load_json(PROMPT_CONFIG)) if PROMPT_CONFIG in files else PromptConfig()
+    fusion = Fusion(**bundle.load_json(FUSION)) if FUSION in files else None
+    llm = bundle.manifest.components.get("llm")
+    k_text = int(llm.config.get("k_text", 10)) if llm else 10
+    return LoadedModel(bundle.manifest.version, bundle, catalog, crm, config, space,
+                       torch.from_numpy(catalog.embeddings), mixer, lora_config, prompt, k_text, fusion)

@@ -1,0 +1,1 @@
+"""The request path of POST /v1/score: history, long-short retrieval, CRM, adapter, LLM, fusion."""

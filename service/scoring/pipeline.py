@@ -1,0 +1,134 @@
+"""POST /v1/score as a sequence of timed stages inside one deadline, degrading instead of failing.
+
+history (Redis, one round trip) -> CRM over the long history (scores + user vector) -> per
+candidate semantic retrieval of the short text history -> the user's adapter (gate, cache,
+materialize) -> the LLM engine on all candidates at once -> fusion. When Redis is unreachable the
+user is scored as cold start; when the LLM fails or would overrun the deadline the CRM scores
+are returned; both say ``degraded`` and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from service.engine.base import ScoringEngine
+from service.llm.prompt import PromptBuilder
+from service.personalization.adapter_cache import AdapterCache
+from service.runtime.model import LoadedModel
+from service.scoring.result import CandidateResult, ScoreResult
+from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
+
+log = logging.getLogger(__name__)
+
+
+class ModelHolder:
+    """The active model version; requests take a reference once, so a swap never mixes versions."""
+
+    def __init__(self, model: LoadedModel, builder: PromptBuilder | None) -> None:
+        self.model, self.builder = model, builder
+
+    def snapshot(self) -> tuple[LoadedModel, PromptBuilder | None]:
+        return self.model, self.builder
+
+    def swap(self, model: LoadedModel, builder: PromptBuilder | None) -> None:
+        self.model, self.builder = model, builder
+
+
+class ScoringPipeline:
+    def __init__(self, *, history, holder: ModelHolder, engine: ScoringEngine | None, cache: AdapterCache,
+                 default_deadline_ms: int, history_budget_ms: float, llm_min_ms: float,
+                 observe_stage: Callable[[str, float], None] = lambda stage, ms: None,
+                 observe_degraded: Callable[[str], None] = lambda reason: None) -> None:
+        self.history, self.holder, self.engine, self.cache = history, holder, engine, cache
+        self.default_deadline_ms = default_deadline_ms
+        self.history_budget_ms = history_budget_ms
+        self.llm_min_ms = llm_min_ms
+        self.observe_stage, self.observe_degraded = observe_stage, observe_degraded
+        # The engine serializes forwards; one worker keeps requests queued in arrival order.
+        self._engine_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    def known_items(self, ids: Sequence[int]) -> list[int]:
+        """The ids in ``ids`` that the active catalog does not know."""
+        return self.holder.model.catalog.unknown(ids)
+
+    @property
+    def model_version(self) -> str:
+        return self.holder.model.version
+
+    def close(self) -> None:
+        self._engine_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def score(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None,
+                    request_id: str = "") -> ScoreResult:
+        start = time.perf_counter()
+        deadline = start + (deadline_ms or self.default_deadline_ms) / 1000.0
+        model, builder = self.holder.snapshot()
+        timings: dict[str, float] = {}
+        reasons: list[str] = []
+
+        def lap(stage: str, t0: float) -> float:
+            ms = (time.perf_counter() - t0) * 1000.0
+            timings[stage] = ms
+            self.observe_stage(stage, ms)
+            return time.perf_counter()
+
+        t = time.perf_counter()
+        try:
+            stored = await asyncio.wait_for(self.history.read(user_id), self.history_budget_ms / 1000.0)
+            raw_items, ratings, profile, exists = stored.items, stored.ratings, stored.profile, stored.exists
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("history unavailable, scoring as cold start", extra={"error": repr(exc)})
+            raw_items, ratings, profile, exists = np.zeros(0, np.int64), np.zeros(0, np.float32), {}, False
+            reasons.append("history_unavailable")
+        t = lap("history", t)
+        view = UserHistoryView.from_raw(model, raw_items, ratings, profile)
+        dense = model.catalog.to_dense(candidates)
+        crm = await asyncio.to_thread(run_crm, model, view, dense)
+        t = lap("crm", t)
+
+        llm = None
+        if model.mixer is not None and self.engine is not None and builder is not None:  # else a CRM-only setup
+            try:
+                histories = retrieve_text_history(model, view, dense)
+                t = lap("retrieval", t)
+                alphas = model.mixer.mixtures(crm.user_rep)
+                adapter, _ = self.cache.get_or_build(user_id, model.version, alphas,
+                                                     lambda a: build_adapter(model, user_id, a))
+                prefix, suffixes = build_prompts(builder, model, view, dense, histories)
+                t = lap("adapter", t)
+                remaining = deadline - time.perf_counter()
+                if remaining * 1000.0 < self.llm_min_ms:
+                    reasons.append("deadline")
+                else:
+                    future = asyncio.get_running_loop().run_in_executor(
+                        self._engine_pool, self.engine.score, adapter, prefix, suffixes)
+                    llm = await asyncio.wait_for(future, remaining)
+                    t = lap("llm", t)
+            except asyncio.TimeoutError:
+                reasons.append("llm_timeout")
+            except Exception:  # the LLM stage must never turn an answer into a 5xx
+                log.exception("LLM stage failed; answering with CRM scores")
+                reasons.append("llm_error")
+
+        if llm is not None and model.fusion is not None:
+            final = model.fusion(llm, crm.scores)
+        elif llm is not None:
+            final = llm
+        else:
+            final = crm.scores
+        for reason in reasons:
+            self.observe_degraded(reason)
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+        self.observe_stage("total", timings["total"])
+        return ScoreResult(
+            user_id=user_id, model_version=model.version,
+            candidates=[CandidateResult(int(c), float(s), None if llm is None else float(l), float(k))
+                        for c, s, l, k in zip(candidates, final, llm if llm is not None else [None] * len(dense), crm.scores)],
+            degraded=bool(reasons), degraded_reasons=reasons, cold_start=not exists, timings_ms=timings)

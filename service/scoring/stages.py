@@ -1,0 +1,79 @@
+"""The CPU-bound stages of one scoring request, as plain functions of a loaded model.
+
+Kept synchronous and free of I/O so the pipeline can time each one, run them off the event
+loop, and tests can call them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.crm.inputs import build_inputs
+from service.engine.base import UserAdapter
+from service.llm.prompt import Behaviour, PromptBuilder
+from service.retrieval.history import semantic_positions
+from service.runtime.model import LoadedModel
+
+
+@dataclass
+class UserHistoryView:
+    """A user's history in dense ids, oldest first, cut to what the model reads."""
+
+    items: np.ndarray  # int64 dense ids
+    ratings: np.ndarray  # float32
+    profile: Mapping[str, str]
+
+    @classmethod
+    def from_raw(cls, model: LoadedModel, raw_items: np.ndarray, ratings: np.ndarray,
+                 profile: Mapping[str, str]) -> "UserHistoryView":
+        dense = model.catalog.to_dense(raw_items)
+        keep = dense != 0  # items retired from the catalog drop out of the history
+        items, ratings = dense[keep], np.asarray(ratings, np.float32)[keep]
+        n = model.crm_config.l_long
+        return cls(items[-n:], ratings[-n:], profile)
+
+
+@dataclass
+class CRMResult:
+    scores: np.ndarray  # (C,) P(click)
+    user_rep: torch.Tensor  # (user_dim,)
+
+
+@torch.inference_mode()
+def run_crm(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray) -> CRMResult:
+    """SIM search + DIN over the long history: candidate scores and the user representation."""
+    cfg = model.crm_config
+    user, target = build_inputs(
+        model.space, user_fields=np.asarray([model.space.encode_user(history.profile)], dtype=np.int64),
+        hist_items=history.items[None, :], hist_ratings=history.ratings[None, :],
+        hist_lengths=np.asarray([len(history.items)]), targets=candidates, item_embeddings=model.item_embeddings,
+        l_long=cfg.l_long, l_crm=cfg.l_crm, l_recent=cfg.l_recent)
+    table = model.crm.item_table()
+    rep = model.crm.user_representation(user, table)
+    logits = model.crm.score(rep, target, table)
+    return CRMResult(torch.sigmoid(logits).numpy(), rep[0])
+
+
+def retrieve_text_history(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray) -> list[list[Behaviour]]:
+    """Per candidate, the K_text most similar history behaviours in time order (one FAISS search)."""
+    positions = semantic_positions(history.items, candidates, model.catalog.embeddings, model.k_text)
+    texts = model.catalog.texts
+    return [[Behaviour(texts[int(history.items[p])], float(history.ratings[p])) for p in pos] for pos in positions]
+
+
+def build_prompts(builder: PromptBuilder, model: LoadedModel, history: UserHistoryView, candidates: np.ndarray,
+                  histories: list[list[Behaviour]]) -> tuple[list[int], list[list[int]]]:
+    texts = model.catalog.texts
+    return builder.encode(history.profile, histories, [texts[int(c)] for c in candidates])
+
+
+def build_adapter(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> UserAdapter:
+    """Materialize one user's adapter; the key names user, version and content."""
+    weights = model.mixer.adapter(alphas)
+    digest = hashlib.sha256(alphas.float().numpy().tobytes()).hexdigest()[:12]
+    return UserAdapter(f"{user_id}@{model.version}#{digest}", weights, model.lora_config.scaling)

@@ -1,0 +1,347 @@
+"""The history store against a real Redis: order, cap, atomicity, one round trip, failure modes.
+
+Every test writes under its own random key prefix and deletes those keys afterwards, so tests
+share the server's default db with others safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.history import (
+    Event,
+    HistoryFormatError,
+    HistoryOrderError,
+    HistorySettings,
+    HistoryStore,
+    bulk_load,
+    decode_records,
+    encode_records,
+    events_key,
+    profile_key,
+)
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def prefix():
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except RedisError as exc:
+        pytest.fail(f"no Redis at {REDIS_URL} ({exc}); start one with scripts/ensure-redis")
+    value = f"test:{uuid.uuid4().hex}:"
+    yield value
+    keys = list(client.scan_iter(match=f"{value}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def sync_client() -> redis.Redis:
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def make_store(prefix: str, max_events: int = 1000) -> HistoryStore:
+    return HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=prefix, max_events=max_events))
+
+
+def events(*triples: tuple[int, float, int]) -> list[Event]:
+    return [Event(item, rating, ts) for item, rating, ts in triples]
+
+
+def test_records_round_trip_and_are_20_bytes() -> None:
+    items = np.array([1, 2**40, 7], dtype=np.int64)
+    ratings = np.array([4.5, 1.0, 3.0], dtype=np.float32)
+    stamps = np.array([10, 20, 2**33], dtype=np.int64)
+    records = encode_records(items, ratings, stamps)
+    assert [len(r) for r in records] == [20, 20, 20]
+    got = decode_records(records)
+    for want, have in zip((items, ratings, stamps), got):
+        np.testing.assert_array_equal(have, want)
+        assert have.dtype == want.dtype and have.flags.writeable and have.flags.c_contiguous
+
+
+async def test_appends_read_back_oldest_first(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        assert await store.append("u1", events((10, 4.0, 100), (11, 2.0, 100))) == 2
+        assert await store.append("u1", events((12, 5.0, 101))) == 3
+        assert await store.append("u1", events((13, 1.0, 101), (10, 3.5, 205))) == 5
+        assert await store.append("u1", []) == 5
+        history = await store.read("u1")
+    finally:
+        await store.aclose()
+    assert history.exists
+    np.testing.assert_array_equal(history.items, [10, 11, 12, 13, 10])
+    np.testing.assert_array_equal(history.ratings, np.array([4.0, 2.0, 5.0, 1.0, 3.5], np.float32))
+    np.testing.assert_array_equal(history.timestamps, [100, 100, 101, 101, 205])
+    assert (history.items.dtype, history.ratings.dtype, history.timestamps.dtype) == (np.int64, np.float32, np.int64)
+
+
+async def test_cap_keeps_the_most_recent_events(prefix) -> None:
+    store = make_store(prefix, max_events=5)
+    try:
+        await store.append("u1", [Event(i, 3.0, i) for i in range(3)])
+        assert await store.append("u1", [Event(i, 3.0, i) for i in range(3, 7)]) == 5
+        np.testing.assert_array_equal((await store.read("u1")).items, [2, 3, 4, 5, 6])
+        assert await store.append("u1", [Event(i, 3.0, i) for i in range(7, 19)]) == 5  # one batch over the cap
+        np.testing.assert_array_equal((await store.read("u1")).items, [14, 15, 16, 17, 18])
+    finally:
+        await store.aclose()
+    assert sync_client().llen(events_key(prefix, "u1")) == 5
+
+
+async def test_large_append_beyond_lua_unpack_limit(prefix) -> None:
+    store = make_store(prefix, max_events=20_000)
+    try:
+        assert await store.append("big", [Event(i, 1.0, i) for i in range(12_000)]) == 12_000
+        np.testing.assert_array_equal((await store.read("big")).items, np.arange(12_000))
+    finally:
+        await store.aclose()
+
+
+class CountingConnection(aioredis.Connection):
+    """Records every write to the socket: one write per round trip (a pipeline writes once)."""
+
+    writes: list[bytes] = []
+
+    async def send_packed_command(self, command, check_health: bool = True) -> None:
+        chunks = [command] if isinstance(command, (bytes, str)) else list(command)
+        CountingConnection.writes.append(b"".join(c.encode() if isinstance(c, str) else c for c in chunks))
+        await super().send_packed_command(chunks, check_health)
+
+
+async def test_read_is_one_pipelined_round_trip(prefix) -> None:
+    pool = aioredis.ConnectionPool.from_url(REDIS_URL, connection_class=CountingConnection)
+    store = HistoryStore(aioredis.Redis(connection_pool=pool), HistorySettings(prefix=prefix))
+    try:
+        await store.append("u1", events((1, 4.0, 1), (2, 5.0, 2)))
+        await store.set_profile("u1", {"age": "25-34"})
+        CountingConnection.writes.clear()
+        history = await store.read("u1")
+        writes = list(CountingConnection.writes)
+    finally:
+        await store.aclose()
+    assert len(writes) == 1
+    assert b"LRANGE" in writes[0] and b"HGETALL" in writes[0]
+    assert b"MULTI" not in writes[0]  # a plain pipeline, not a transaction
+    assert history.items.tolist() == [1, 2] and history.profile == {"age": "25-34"}
+
+
+async def test_concurrent_appends_lose_nothing_and_never_interleave(prefix) -> None:
+    store = make_store(prefix)
+    n_tasks, per_task = 50, 6
+    try:
+        await asyncio.gather(*(
+            store.append("hot", [Event(task * 100 + j, 3.0, 1_000) for j in range(per_task)])
+            for task in range(n_tasks)))
+        history = await store.read("hot")
+    finally:
+        await store.aclose()
+    assert len(history.items) == n_tasks * per_task
+    batches = history.items.reshape(n_tasks, per_task)
+    tasks = batches // 100
+    assert (tasks == tasks[:, :1]).all(), "a batch was interleaved with another append"
+    np.testing.assert_array_equal(batches % 100, np.tile(np.arange(per_task), (n_tasks, 1)))
+    assert sorted(tasks[:, 0].tolist()) == list(range(n_tasks))
+
+
+async def test_concurrent_appends_respect_the_cap(prefix) -> None:
+    store = make_store(prefix, max_events=40)
+    try:
+        await asyncio.gather(*(store.append("hot", [Event(t, 3.0, 5)] * 3) for t in range(30)))
+    finally:
+        await store.aclose()
+    assert sync_client().llen(events_key(prefix, "hot")) == 40
+
+
+async def test_out_of_order_events_are_rejected_and_nothing_is_written(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        await store.append("u1", events((1, 4.0, 100), (2, 4.0, 150)))
+        # In order within the call but older than the stored latest: rejected by the script.
+        with pytest.raises(HistoryOrderError, match="older than the latest stored event"):
+            await store.append("u1", events((3, 4.0, 149), (4, 4.0, 300)))
+        # Out of order within the call.
+        with pytest.raises(HistoryOrderError):
+            await store.append("u1", events((5, 4.0, 400), (6, 4.0, 399)))
+        assert await store.append("u1", events((7, 4.0, 150))) == 3  # equal to the latest is fine
+        history = await store.read("u1")
+    finally:
+        await store.aclose()
+    assert issubclass(HistoryOrderError, ValueError)
+    np.testing.assert_array_equal(history.items, [1, 2, 7])
+    np.testing.assert_array_equal(history.timestamps, [100, 150, 150])
+
+
+async def test_profile_replace_and_merge(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        await store.set_profile("u1", {"age": "18-24", "gender": "F"})
+        await store.set_profile("u1", {"occupation": "writer"}, replace=False)
+        assert (await store.read("u1")).profile == {"age": "18-24", "gender": "F", "occupation": "writer"}
+        await store.set_profile("u1", {"age": "25-34"})
+        merged_then_replaced = await store.read("u1")
+        await store.set_profile("u1", {})
+        cleared = await store.read("u1")
+    finally:
+        await store.aclose()
+    assert merged_then_replaced.profile == {"age": "25-34"} and merged_then_replaced.exists
+    assert cleared.profile == {} and not cleared.exists
+
+
+async def test_unknown_user_reads_as_empty(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        history = await store.read("nobody")
+    finally:
+        await store.aclose()
+    assert not history.exists and history.profile == {}
+    assert history.items.shape == history.ratings.shape == history.timestamps.shape == (0,)
+    assert (history.items.dtype, history.ratings.dtype, history.timestamps.dtype) == (np.int64, np.float32, np.int64)
+
+
+async def test_profile_only_user_exists(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        await store.set_profile("new", {"age": "56+"})
+        history = await store.read("new")
+    finally:
+        await store.aclose()
+    assert history.exists and len(history.items) == 0
+
+
+async def test_unreachable_redis_fails_fast() -> None:
+    store = HistoryStore.from_url("redis://127.0.0.1:1/0")
+    try:
+        start = time.perf_counter()
+        with pytest.raises(RedisConnectionError):
+            await store.read("u1")
+        with pytest.raises(RedisConnectionError):
+            await store.append("u1", events((1, 4.0, 1)))
+        assert await store.ping() is False
+        assert time.perf_counter() - start < 2.0
+    finally:
+        await store.aclose()
+
+
+async def test_hung_redis_fails_within_the_socket_timeout() -> None:
+    """A server that accepts connections but never answers costs about one socket timeout."""
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        port = hung.getsockname()[1]
+        store = HistoryStore.from_url(f"redis://127.0.0.1:{port}/0",
+                                      HistorySettings(socket_timeout=0.2, socket_connect_timeout=0.2))
+        try:
+            start = time.perf_counter()
+            with pytest.raises(RedisTimeoutError):
+                await store.read("u1")
+            assert time.perf_counter() - start < 0.6
+        finally:
+            await store.aclose()
+
+
+async def test_ping_answers_on_a_live_redis(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        assert await store.ping() is True
+    finally:
+        await store.aclose()
+
+
+async def test_keys_carry_the_user_hash_tag(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        await store.append("42", events((1, 4.0, 1)))
+        await store.set_profile("42", {"age": "25-34"})
+    finally:
+        await store.aclose()
+    keys = {k.decode() for k in sync_client().scan_iter(match=f"{prefix}*")}
+    assert keys == {f"{prefix}{{u:42}}:events", f"{prefix}{{u:42}}:profile"}
+    assert key_slot(events_key(prefix, "42").encode()) == key_slot(profile_key(prefix, "42").encode()) \
+        == key_slot(b"{u:42}")
+
+
+def test_settings_reject_a_prefix_that_would_steal_the_hash_tag() -> None:
+    with pytest.raises(ValueError, match="braces"):
+        HistorySettings(prefix="{shard}:")
+    with pytest.raises(ValueError):
+        HistorySettings(max_events=0)
+
+
+async def test_foreign_records_surface_as_a_redis_error(prefix) -> None:
+    sync_client().rpush(events_key(prefix, "u1"), b"12:4.0:100")
+    store = make_store(prefix)
+    try:
+        with pytest.raises(HistoryFormatError) as info:
+            await store.read("u1")
+        with pytest.raises(RedisError):  # the script refuses to compare against it
+            await store.append("u1", events((1, 4.0, 1)))
+    finally:
+        await store.aclose()
+    assert isinstance(info.value, RedisError)  # the gateway degrades on RedisError
+
+
+def read_all(prefix: str, user: str) -> tuple[list[int], dict[bytes, bytes]]:
+    client = sync_client()
+    items, _, _ = decode_records(client.lrange(events_key(prefix, user), 0, -1))
+    return items.tolist(), client.hgetall(profile_key(prefix, user))
+
+
+def test_bulk_load_replaces_users_idempotently(prefix) -> None:
+    rows = [
+        ("a", np.arange(8), np.full(8, 4.0), np.arange(8) * 10, {"age": "18-24"}),
+        ("b", np.array([5]), np.array([1.0]), np.array([3]), {}),
+        ("c", np.zeros(0), np.zeros(0), np.zeros(0), {"age": "56+"}),
+    ]
+    first = bulk_load(REDIS_URL, rows, prefix=prefix, max_events=5, batch_users=2, progress=False)
+    assert first == {"users": 3, "events": 6, "truncated": 3, "profiles": 2}
+    state = {u: read_all(prefix, u) for u in "abc"}
+    assert state["a"] == ([3, 4, 5, 6, 7], {b"age": b"18-24"})
+    assert state["b"] == ([5], {})
+    assert state["c"] == ([], {b"age": b"56+"})
+    assert bulk_load(REDIS_URL, rows, prefix=prefix, max_events=5, progress=False) == first
+    assert {u: read_all(prefix, u) for u in "abc"} == state
+    # A later load replaces (not extends) histories and profiles; no staging keys stay behind.
+    bulk_load(REDIS_URL, [("a", np.array([9]), np.array([2.0]), np.array([1]), {})], prefix=prefix,
+              progress=False)
+    assert read_all(prefix, "a") == ([9], {})
+    assert not any(k.endswith(b":loading") for k in sync_client().scan_iter(match=f"{prefix}*"))
+
+
+def test_bulk_load_rejects_unordered_history(prefix) -> None:
+    with pytest.raises(HistoryOrderError, match="'a'"):
+        bulk_load(REDIS_URL, [("a", np.arange(3), np.ones(3), np.array([3, 1, 2]), {})], prefix=prefix,
+                  progress=False)
+
+
+def test_bulk_load_fails_fast_when_redis_is_unreachable() -> None:
+    start = time.perf_counter()
+    with pytest.raises(RedisConnectionError):
+        bulk_load("redis://127.0.0.1:1/0", iter(()), progress=False)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_store_refuses_a_client_that_decodes_replies() -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        HistoryStore(aioredis.Redis.from_url(REDIS_URL, decode_responses=True))

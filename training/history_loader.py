@@ -1,0 +1,65 @@
+"""Turn a prepared dataset back into per-user raw-id histories for the serving history store.
+
+The store speaks raw ids (what product services send), so dense ``user_idx``/``item_idx`` are
+mapped back here. ``until_split`` cuts the global chronological order at the start of a split,
+so an offline replay of that split sees exactly the history the model saw at training time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from training.data.samples import SPLITS, PreparedData
+
+UNTIL_SPLITS = ("all", "valid", "test")
+
+UserRecords = tuple[str, np.ndarray, np.ndarray, np.ndarray, dict[str, str]]
+
+
+def split_start_order(data: PreparedData, split: str) -> int | None:
+    """The global ``order`` of the first interaction of ``split`` (None for "all").
+
+    Recomputed from the recorded ratios the same way ``prepare`` cut them, then checked against
+    the samples so a change in the split protocol cannot silently leak later events.
+    """
+    if split not in UNTIL_SPLITS:
+        raise ValueError(f"until_split must be one of {', '.join(UNTIL_SPLITS)}, got {split!r}")
+    if split == "all":
+        return None
+    n = int(data.meta["n_interactions"])
+    ratios = data.meta["ratios"]
+    cut = int(round(n * sum(ratios[: SPLITS.index(split)])))
+    order, names = data.samples["order"].to_numpy(), data.samples["split"].astype(str).to_numpy()
+    later = np.isin(names, SPLITS[SPLITS.index(split):])
+    if (order[later] < cut).any() or (order[~later] >= cut).any():
+        raise ValueError(f"split boundary {cut} disagrees with the samples' splits: re-run `reclora prepare`")
+    return cut
+
+
+def histories_from_prepared(data: PreparedData, *, until_split: str = "all") -> Iterator[UserRecords]:
+    """Yield (user_id, items, ratings, timestamps, profile) per user, raw ids, oldest first.
+
+    Every user of ``data.users`` is yielded, also those without events before the cut, so their
+    profile is loaded; profile = every user column except the ids, as strings.
+    """
+    cut = split_start_order(data, until_split)
+    events = data.events
+    if cut is not None:
+        events = events[events["order"].to_numpy() < cut]
+    user_idx = events["user_idx"].to_numpy(np.int64)
+    raw_item = np.zeros(int(data.items["item_idx"].max()) + 1 if len(data.items) else 1, dtype=np.int64)
+    raw_item[data.items["item_idx"].to_numpy(np.int64)] = data.items["item"].to_numpy(np.int64)
+    items = raw_item[events["item_idx"].to_numpy(np.int64)]
+    ratings = events["rating"].to_numpy(np.float32)
+    timestamps = events["timestamp"].to_numpy(np.int64)
+
+    users = data.users.sort_values("user_idx")
+    profile_cols = [c for c in users.columns if c not in ("user", "user_idx")]
+    idx = users["user_idx"].to_numpy(np.int64)
+    starts = np.searchsorted(user_idx, idx, side="left")  # events are sorted by user, then order
+    ends = np.searchsorted(user_idx, idx, side="right")
+    profiles = users[profile_cols].astype(str).to_dict("records")
+    for raw_user, start, end, profile in zip(users["user"].tolist(), starts, ends, profiles):
+        yield str(raw_user), items[start:end], ratings[start:end], timestamps[start:end], profile
