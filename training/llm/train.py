@@ -45,16 +45,21 @@ class LLMTrainConfig:
     evals_per_epoch: int = 2
     seed: int = 0
     dtype: str = "bfloat16"
+    device: str = "auto"  # cuda when available, else cpu
     progress: bool = True
     lora: dict = field(default_factory=dict)  # PersonalizedLoRAConfig fields
 
 
-def load_base(base_dir: str | Path, dtype: str):
+def resolve_device(device: str = "auto") -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+
+
+def load_base(base_dir: str | Path, dtype: str, device: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype)).eval()
-    return model, tokenizer
+    return model.to(resolve_device(device)), tokenizer
 
 
 def pad_id_of(tokenizer) -> int:
@@ -83,7 +88,8 @@ class LLMScorer:
     def score(self, prompts: list[list[int]], user_reps: torch.Tensor | None, batch_size: int = 16) -> np.ndarray:
         ctx = None
         if self.lora is not None:
-            ctx = lambda rows: self.lora.user(None if user_reps is None else user_reps[rows])  # noqa: E731
+            reps = None if user_reps is None else user_reps.to(self.model.device)
+            ctx = lambda rows: self.lora.user(None if reps is None else reps[rows])  # noqa: E731
         self.model.eval()
         if self.lora is not None:
             self.lora.eval()
@@ -97,8 +103,8 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     seed_everything(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     lora_cfg = PersonalizedLoRAConfig(**cfg.lora)
-    model, tokenizer = load_base(base_dir, cfg.dtype)
-    lora = PersonalizedLoRA(model, lora_cfg)
+    model, tokenizer = load_base(base_dir, cfg.dtype, cfg.device)
+    lora = PersonalizedLoRA(model, lora_cfg).to(model.device)
     scorer = LLMScorer(model, tokenizer, lora, cfg.k_text)
 
     train = data.split("train").sample(n=min(cfg.n_samples, len(data.split("train"))), random_state=cfg.seed)
@@ -111,9 +117,9 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
         prompts += scorer.prompts(data, train, embeddings, view)
         labels += train["label"].tolist()
         reps.append(train_reps)
-    reps_t = torch.cat(reps)
+    reps_t = torch.cat(reps).to(model.device)
     valid_prompts = scorer.prompts(data, valid, embeddings, "semantic")
-    answer = torch.tensor([scorer.builder.yes_id if y else scorer.builder.no_id for y in labels])
+    answer = torch.tensor([scorer.builder.yes_id if y else scorer.builder.no_id for y in labels], device=model.device)
 
     params = [p for p in lora.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -141,11 +147,11 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
             big = order[begin : begin + cfg.batch_size * cfg.grad_accum]
             for rows in big.split(cfg.batch_size):
                 rows_l = rows.tolist()
-                ids, mask, last = pad_right([prompts[i] for i in rows_l], scorer.pad_id)
-                with lora.user(reps_t[rows]):
+                ids, mask, last = (t.to(model.device) for t in pad_right([prompts[i] for i in rows_l], scorer.pad_id))
+                with lora.user(reps_t[rows.to(model.device)]):
                     hidden = answer_hidden(model, ids, mask, last)
                 logits = hidden.float() @ output.weight.float().T
-                loss = torch.nn.functional.cross_entropy(logits, answer[rows]) * len(rows) / len(big)
+                loss = torch.nn.functional.cross_entropy(logits, answer[rows.to(model.device)]) * len(rows) / len(big)
                 loss.backward()
                 running += float(loss.detach()) * len(big)
                 seen += len(rows)
@@ -165,7 +171,7 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
                     tqdm.write(f"step {step}: loss {running / max(seen, 1):.4f}, valid AUC {auc:.4f}")
                 if auc > best_auc:
                     best_auc = auc
-                    save_file({k: v.detach().contiguous() for k, v in lora.trainable_state_dict().items()},
+                    save_file({k: v.detach().cpu().contiguous() for k, v in lora.trainable_state_dict().items()},
                               out_dir / "weights.safetensors")
     bar.close()
     summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": PromptConfig().model_dump(),
@@ -176,8 +182,10 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     return summary
 
 
-def load_trained(out_dir: Path, base_dir: Path, dtype: str = "float32", k_text: int = 10) -> LLMScorer:
-    model, tokenizer = load_base(base_dir, dtype)
+def load_trained(out_dir: Path, base_dir: Path, dtype: str = "float32", k_text: int = 10,
+                 device: str = "auto") -> LLMScorer:
+    model, tokenizer = load_base(base_dir, dtype, device)
     lora = PersonalizedLoRA(model, PersonalizedLoRAConfig.model_validate_json((out_dir / "config.json").read_text()))
     lora.load_trainable_state_dict(load_file(out_dir / "weights.safetensors"))
+    lora.to(model.device)
     return LLMScorer(model, tokenizer, lora, k_text)

@@ -1,0 +1,1 @@
+"""The LLM side of training: the base model directory, prompts for samples, LoRA training, reports."""
