@@ -1,0 +1,37 @@
+"""Composition of the HTTP app: routers, middleware, error handlers, state. No logic here."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from service.api.errors import install_error_handlers
+from service.api.events.router import router as events_router
+from service.api.health.router import router as health_router
+from service.api.lifecycle import Lifecycle, lifespan
+from service.api.metrics.router import router as metrics_router
+from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.api.score.router import router as score_router
+from service.api.score.serving import Scorer
+from service.config import Settings, get_settings
+from service.history import HistoryStore
+from service.metrics import Metrics
+
+
+def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None, history: HistoryStore | None = None,
+              metrics: Metrics | None = None) -> FastAPI:
+    """The service app. Services not given are built in the lifespan (the model in the background)."""
+    settings = settings or get_settings()
+    metrics = metrics or Metrics()
+    app = FastAPI(title="RecLoRA serving", version="0.1.0", lifespan=lifespan,
+                  summary="Personalized-LoRA LLM + CRM scoring of candidate items for a user.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.scorer = scorer
+    app.state.history = history
+    app.state.lifecycle = Lifecycle()
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last = outermost
+    for router in (health_router, metrics_router, score_router, events_router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,44 @@
+"""Route dependencies: the services the lifespan put on ``app.state``, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.api.errors import Unavailable
+from service.api.score.serving import Scorer
+from service.config import Settings
+from service.history import HistoryStore
+from service.logging import request_id_var
+from service.metrics import Metrics
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def _history(request: Request) -> HistoryStore:
+    return request.app.state.history
+
+
+def _scorer(request: Request) -> Scorer:
+    scorer = request.app.state.scorer
+    if scorer is None:
+        raise Unavailable("the model is not loaded yet", code="model_not_ready", retry_after_s=5)
+    return scorer
+
+
+def _request_id() -> str:
+    return request_id_var.get() or ""
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+HistoryDep = Annotated[HistoryStore, Depends(_history)]
+ScorerDep = Annotated[Scorer, Depends(_scorer)]
+RequestIdDep = Annotated[str, Depends(_request_id)]

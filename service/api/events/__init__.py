@@ -1,0 +1,1 @@
+"""Behaviour events and user profiles into the history store: router, protocol, serving."""

@@ -1,0 +1,52 @@
+"""Wire types of ``POST /v1/score``.
+
+Shape checks that need no configuration live here (types, int64 range, uniqueness, deadline
+sign); limits that come from settings (candidate count, longest deadline) and the catalog check
+run in ``serving``. Both report in the same error schema.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from service.api.fields import ItemId, UserId
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId
+    candidates: list[ItemId] = Field(min_length=1, description="Distinct raw item ids to score.",
+                                     examples=[[50, 172, 181]])
+    deadline_ms: Annotated[int, Field(strict=True, gt=0)] | None = Field(
+        None, description="Answer within this many ms (degraded if need be); null = the server default.")
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, candidates: list[int]) -> list[int]:
+        dupes = [item for item, n in Counter(candidates).items() if n > 1]
+        if dupes:
+            raise PydanticCustomError("duplicate_items", "duplicate item ids: {ids}",
+                                      {"ids": ", ".join(map(str, dupes))})
+        return candidates
+
+
+class CandidateScore(BaseModel):
+    item_id: int
+    score: float = Field(description="The final score: P(like), fused from the LLM and CRM when both ran.")
+    llm_score: float | None = Field(description="P('Yes') from the personalized LLM; null when degraded.")
+    crm_score: float = Field(description="P(like) from the conventional recommender.")
+
+
+class ScoreResponse(BaseModel):
+    user_id: str
+    model_version: str
+    scores: list[CandidateScore] = Field(description="One per candidate, in request order.")
+    degraded: bool = Field(description="True when a stage was skipped or failed; see degraded_reasons.")
+    degraded_reasons: list[str]
+    cold_start: bool = Field(description="True when no stored history or profile was found for the user.")
+    timings: dict[str, float] = Field(description="Milliseconds per stage, and 'total'.")

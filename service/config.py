@@ -1,0 +1,99 @@
+"""The service's one configuration object, read from ``RECLORA_*`` environment variables (or ``.env``).
+
+Every knob the runtime reads lives here so a deployment is described by its environment alone;
+``Settings`` is passed explicitly (``build_app(settings)``) and ``get_settings()`` only serves the
+process entry point, so tests can build several differently configured apps side by side.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, HttpUrl, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.bundle.manifest import validate_version
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+BundleVersion = Annotated[str, AfterValidator(validate_version)]
+
+
+class Settings(BaseSettings):
+    """Runtime settings; the environment variable of field ``x`` is ``RECLORA_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="RECLORA_", env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", frozen=True)
+
+    # --- HTTP server
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 in containers.")
+    port: int = Field(8000, ge=1, le=65535)
+    shutdown_delay_s: float = Field(0.0, ge=0, le=300, description=(
+        "After SIGTERM, answer /readyz with 503 for this long while still serving, so load balancers "
+        "stop routing here before connections close (set a few seconds under Kubernetes)."))
+    graceful_timeout_s: float = Field(20.0, gt=0, description="Then wait this long for in-flight requests.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+
+    # --- history store (Redis)
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL of the history store.")
+    redis_prefix: str = Field("", max_length=64, description="Prefix of every key, e.g. 'reclora:'; no braces.")
+    redis_timeout_s: float = Field(0.5, gt=0, le=30, description=(
+        "Socket connect and read timeout: a slow Redis counts as unreachable rather than eating the deadline."))
+    redis_max_connections: int | None = Field(None, ge=1, description="Connection pool cap; None = redis-py default.")
+    history_max_events: int = Field(1000, ge=1, le=100_000, description="Behaviours kept (and read) per user.")
+
+    # --- model
+    model_store: Path = Field(Path("model_store"), description="Directory of versioned model bundles.")
+    active_version: BundleVersion | None = Field(None, description=(
+        "Bundle version to serve; None = the store's active pointer, else its newest version."))
+    base_model_dir: Path = Field(Path("models/smollm2-135m-instruct"), description=(
+        "Local Hugging Face directory of the base LLM; weights are never fetched at run time."))
+    engine: Literal["torch", "vllm"] = Field("torch", description="LLM scoring engine.")
+    vllm_url: HttpUrl | None = Field(None, description="Base URL of the vLLM server (engine=vllm).")
+    torch_device: str = Field("cpu", description="torch device of the embedded engine and the CRM, e.g. cuda:0.")
+    torch_threads: int | None = Field(None, ge=1, le=512, description="torch intra-op threads; None = torch default.")
+    adapter_cache_bytes: int = Field(256 << 20, ge=0, description="Memory bound of the materialized-adapter LRU.")
+    adapter_drift_tol: float = Field(0.02, ge=0, le=1, description=(
+        "Reuse a cached user adapter while no mixture weight moved by more than this."))
+
+    # --- request limits and deadline
+    max_candidates: int = Field(100, ge=1, le=10_000, description="Most candidates per score request.")
+    default_deadline_ms: int = Field(500, gt=0, description="Deadline of a score request that names none.")
+    max_deadline_ms: int = Field(10_000, gt=0, description="Largest deadline a caller may ask for.")
+    history_budget_ms: float = Field(50.0, gt=0, description="Redis read budget; beyond it the user is cold start.")
+    crm_budget_ms: float = Field(100.0, gt=0, description="Expected CRM stage time (planning and alerting).")
+    adapter_budget_ms: float = Field(50.0, gt=0, description="Expected gate + adapter materialization time.")
+    llm_min_ms: float = Field(50.0, gt=0, description=(
+        "Least time left before the deadline for the LLM stage to start; with less the answer is the "
+        "CRM scores, marked degraded."))
+
+    # --- events intake
+    max_event_batch: int = Field(100, ge=1, le=10_000, description="Most events per POST /v1/events.")
+    rating_min: float = Field(0.5, description="Lowest rating an event may carry.")
+    rating_max: float = Field(5.0, description="Highest rating an event may carry.")
+    max_event_future_s: int = Field(86_400, ge=0, description=(
+        "How far ahead of the server clock an event timestamp (seconds) may lie: clock skew, not ms."))
+
+    # --- logging
+    log_level: LogLevel = "INFO"
+    log_json: bool = Field(True, description="One JSON object per line; False for human-readable lines.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.rating_min >= self.rating_max:
+            raise ValueError(f"rating_min ({self.rating_min}) must be below rating_max ({self.rating_max})")
+        if self.default_deadline_ms > self.max_deadline_ms:
+            raise ValueError(f"default_deadline_ms ({self.default_deadline_ms}) exceeds max_deadline_ms "
+                             f"({self.max_deadline_ms})")
+        if "{" in self.redis_prefix or "}" in self.redis_prefix:
+            raise ValueError("redis_prefix must not contain braces (they would become the cluster hash tag)")
+        if self.engine == "vllm" and self.vllm_url is None:
+            raise ValueError("engine 'vllm' needs vllm_url (RECLORA_VLLM_URL)")
+        return self
+
+
+@cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

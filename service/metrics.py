@@ -1,0 +1,72 @@
+"""Prometheus metrics of the service, owned by one ``Metrics`` object per app.
+
+Each ``Metrics`` has its own ``CollectorRegistry`` (not the process-global one), so tests and
+tools can build several apps in one process. Durations are recorded in seconds (Prometheus base
+unit) with buckets from 0.5 ms to 10 s, the range of a scoring request. Labels are bounded sets
+(route templates, stages, reasons): never user or item ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client.exposition import choose_encoder
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGES = ("history", "retrieval", "crm", "adapter", "llm", "total")
+DEGRADED_REASONS = ("history_unavailable", "deadline", "llm_timeout", "llm_error")
+
+
+class Metrics:
+    """The service's collectors; the scoring pipeline reports through ``observe_stage`` and
+    ``observe_degraded``, the adapter cache through the ``adapter_cache_*`` collectors."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if process:
+            process_collector.ProcessCollector(registry=r)
+            platform_collector.PlatformCollector(registry=r)
+            gc_collector.GCCollector(registry=r)
+        self.request_latency = Histogram(
+            "reclora_http_request_duration_seconds", "HTTP request latency by route template and status.",
+            ["method", "route", "status"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.stage_latency = Histogram(
+            "reclora_stage_duration_seconds", "Time spent per stage of a score request.",
+            ["stage"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.degraded = Counter(
+            "reclora_degraded_responses", "Score answers served degraded, by reason.", ["reason"], registry=r)
+        self.adapter_cache_hits = Counter(
+            "reclora_adapter_cache_hits", "User adapters served from the cache.", registry=r)
+        self.adapter_cache_misses = Counter(
+            "reclora_adapter_cache_misses", "User adapters materialized (absent or drifted).", registry=r)
+        self.adapter_cache_evictions = Counter(
+            "reclora_adapter_cache_evictions", "User adapters evicted to stay within the byte bound.", registry=r)
+        self.adapter_cache_bytes = Gauge(
+            "reclora_adapter_cache_bytes", "Bytes held by cached user adapters.", registry=r)
+        self.events_appended = Counter(
+            "reclora_events_appended", "Behaviour events appended to user histories.", registry=r)
+        self.model = Info("reclora_model", "The model bundle version being served.", registry=r)
+        # Pre-create the known label sets so dashboards see zero-valued series from the start.
+        for stage in STAGES:
+            self.stage_latency.labels(stage)
+        for reason in DEGRADED_REASONS:
+            self.degraded.labels(reason)
+
+    def observe_stage(self, stage: str, ms: float) -> None:
+        self.stage_latency.labels(stage).observe(ms / 1000.0)
+
+    def observe_degraded(self, reason: str) -> None:
+        self.degraded.labels(reason).inc()
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.request_latency.labels(method, route, str(status)).observe(seconds)
+
+    def set_model_version(self, version: str) -> None:
+        self.model.info({"version": version})
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition and its content type, for the /metrics route; OpenMetrics when the
+        scraper's Accept header asks for it, else the Prometheus text format."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

@@ -1,0 +1,67 @@
+"""Build the scoring pipeline from settings: active bundle, base LLM, engine, adapter cache."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from service.config import Settings
+from service.llm.prompt import PromptBuilder
+from service.metrics import Metrics
+from service.personalization.adapter_cache import AdapterCache, CacheEvents
+from service.runtime.model import LoadedModel, load_model
+from service.scoring.pipeline import ModelHolder, ScoringPipeline
+
+log = logging.getLogger(__name__)
+ACTIVE_POINTER = "ACTIVE"
+
+
+def active_version(store: Path, configured: str | None) -> str:
+    """The configured version, else the store's ACTIVE pointer, else the newest bundle."""
+    if configured:
+        return configured
+    pointer = store / ACTIVE_POINTER
+    if pointer.is_file():
+        return pointer.read_text().strip()
+    versions = sorted((p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and (p / "manifest.json").is_file()), key=lambda p: p.stat().st_mtime)
+    if not versions:
+        raise FileNotFoundError(f"no model bundle in {store}: export one with `reclora export`")
+    return versions[-1].name
+
+
+def build_torch_engine(settings: Settings, model: LoadedModel):
+    """The embedded engine on the base LLM (bfloat16 on CPU) and the prompt builder for its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from service.engine.torch_engine import TorchEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True)
+    builder = PromptBuilder(tokenizer, model.prompt)
+    llm = AutoModelForCausalLM.from_pretrained(settings.base_model_dir, dtype=torch.bfloat16, local_files_only=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = TorchEngine(llm.to(settings.torch_device), yes_id=builder.yes_id, no_id=builder.no_id, pad_id=pad,
+                         target_modules=model.lora_config.target_modules)
+    return engine, builder
+
+
+def build_scorer(settings: Settings, metrics: Metrics, *, history) -> ScoringPipeline:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    version = active_version(settings.model_store, settings.active_version)
+    model = load_model(settings.model_store / version)
+    engine = builder = None
+    if model.mixer is not None:
+        if settings.engine != "torch":
+            raise ValueError(f"engine {settings.engine!r} is not available in this build")
+        engine, builder = build_torch_engine(settings, model)
+    cache = AdapterCache(settings.adapter_cache_bytes, settings.adapter_drift_tol, CacheEvents(
+        hit=metrics.adapter_cache_hits.inc, miss=metrics.adapter_cache_misses.inc,
+        evict=metrics.adapter_cache_evictions.inc))
+    log.info("model %s loaded (llm: %s)", version, "yes" if engine else "no")
+    return ScoringPipeline(
+        history=history, holder=ModelHolder(model, builder), engine=engine, cache=cache,
+        default_deadline_ms=settings.default_deadline_ms, history_budget_ms=settings.history_budget_ms,
+        llm_min_ms=settings.llm_min_ms, observe_stage=metrics.observe_stage, observe_degraded=metrics.observe_degraded)

@@ -1,0 +1,95 @@
+"""Test scaffolding for the HTTP layer (imported by conftest and the tests).
+
+``FormulaScorer`` is a deterministic stand-in for the model runtime that implements the
+``Scorer`` protocol, so these tests exercise transport, validation and wiring without loading a
+model. It is never used by the runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI
+
+from service.api.score.serving import CandidateResult, ScoreResult
+from service.history import HistoryStore
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+KNOWN_ITEMS = range(1, 101)
+
+
+@dataclass
+class FormulaScorer:
+    """Scores from a fixed formula; items 1..100 are known. Reads history (when given) only to
+    report ``cold_start``. Records each call so tests can check what the route passed on."""
+
+    history: HistoryStore | None = None
+    version: str = "formula-v1"
+    degraded_reasons: list[str] = field(default_factory=list)
+    fail: bool = False
+    calls: list[dict] = field(default_factory=list)
+    closed: bool = False
+
+    @property
+    def model_version(self) -> str:
+        return self.version
+
+    def known_items(self, ids: Sequence[int]) -> list[int]:
+        return [i for i in ids if i not in KNOWN_ITEMS]
+
+    @staticmethod
+    def crm(item: int) -> float:
+        return 0.05 + 0.9 * ((item * 37) % 100) / 100
+
+    @staticmethod
+    def llm(item: int) -> float:
+        return 0.05 + 0.9 * ((item * 53) % 100) / 100
+
+    async def score(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None,
+                    request_id: str = "") -> ScoreResult:
+        self.calls.append({"user_id": user_id, "candidates": list(candidates), "deadline_ms": deadline_ms,
+                           "request_id": request_id})
+        if self.fail:
+            raise RuntimeError("secret internal detail: engine exploded")
+        exists = (await self.history.read(user_id)).exists if self.history is not None else False
+        degraded = bool(self.degraded_reasons)
+        results = [CandidateResult(item_id=c, score=self.crm(c) if degraded else (self.crm(c) + self.llm(c)) / 2,
+                                   llm_score=None if degraded else self.llm(c), crm_score=self.crm(c))
+                   for c in candidates]
+        return ScoreResult(user_id=user_id, model_version=self.version, candidates=results, degraded=degraded,
+                           degraded_reasons=list(self.degraded_reasons), cold_start=not exists,
+                           timings_ms={"history": 0.5, "crm": 1.25, "total": 2.0})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an in-process HTTP client to it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://reclora.test") as client:
+            yield client
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The response is ``status`` in the one error schema; returns its ``error`` object."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"code", "message", "details", "request_id"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    for detail in error["details"]:
+        assert set(detail) == {"loc", "message", "type"}, detail
+    if code is not None:
+        assert error["code"] == code, error
+    return error

@@ -1,0 +1,97 @@
+"""/livez and /readyz: ready only with a model, a reachable Redis, and while not draining."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import types
+
+import pytest
+from api_support import DEAD_REDIS_URL, FormulaScorer, assert_error, serving
+
+from service.api import build_app
+from service.config import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_ready_with_model_and_redis(client):
+    assert (await client.get("/livez")).json() == {"status": "alive"}
+    response = await client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "model_version": "formula-v1", "components": {
+        "model": {"ok": True, "detail": "version formula-v1"}, "redis": {"ok": True, "detail": "ping ok"}}}
+
+
+async def test_not_ready_when_redis_is_unreachable(settings: Settings, scorer: FormulaScorer):
+    app = build_app(settings.model_copy(update={"redis_url": DEAD_REDIS_URL}), scorer=scorer)
+    async with serving(app) as client:
+        assert (await client.get("/livez")).status_code == 200
+        error = assert_error(await client.get("/readyz"), 503, "not_ready")
+        assert [(d["loc"], d["type"]) for d in error["details"]] == [("redis", "not_ready")]
+
+
+async def test_not_ready_when_the_model_runtime_is_missing(settings: Settings, monkeypatch):
+    monkeypatch.setattr("service.api.lifecycle.FACTORY_MODULE", "service.runtime.no_such_factory")
+    async with serving(build_app(settings)) as client:
+        for _ in range(100):
+            error = assert_error(await client.get("/readyz"), 503, "not_ready")
+            if "load failed" in error["message"]:
+                break
+            await asyncio.sleep(0.01)
+        assert "service.runtime.no_such_factory is missing" in error["message"]
+        assert (await client.get("/livez")).status_code == 200
+
+
+@pytest.fixture
+def factory_module(monkeypatch):
+    """A stand-in ``service.runtime.factory`` whose build_scorer waits for the test's go-ahead."""
+    module = types.ModuleType("service.runtime.factory")
+    module.built = []
+
+    def build_scorer(settings, metrics, *, history):
+        import threading
+        gate = threading.Event()
+        module.gate = gate
+        gate.wait(5)
+        scorer = FormulaScorer(history=history, version="loaded-v2")
+        module.built.append((settings, metrics, scorer))
+        return scorer
+
+    module.build_scorer = build_scorer
+    monkeypatch.setitem(sys.modules, "service.runtime.factory", module)
+    return module
+
+
+async def test_model_loads_in_the_background(settings: Settings, factory_module):
+    app = build_app(settings)
+    async with serving(app) as client:
+        error = assert_error(await client.get("/readyz"), 503, "not_ready")
+        assert {"loc": "model", "message": "loading", "type": "not_ready"} in error["details"]
+        while not hasattr(factory_module, "gate"):
+            await asyncio.sleep(0.01)
+        factory_module.gate.set()
+        for _ in range(200):
+            response = await client.get("/readyz")
+            if response.status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert response.json()["model_version"] == "loaded-v2"
+        built_settings, built_metrics, scorer = factory_module.built[0]
+        assert built_settings is settings and built_metrics is app.state.metrics and scorer.history is app.state.history
+        assert app.state.metrics.registry.get_sample_value("reclora_model_info", {"version": "loaded-v2"}) == 1
+    assert scorer.closed  # built by the lifespan, so closed by it
+
+
+async def test_injected_scorer_is_not_closed(settings: Settings, scorer: FormulaScorer):
+    async with serving(build_app(settings, scorer=scorer)):
+        pass
+    assert not scorer.closed
+
+
+async def test_not_ready_while_draining(client, app):
+    app.state.lifecycle.begin_drain()
+    error = assert_error(await client.get("/readyz"), 503, "not_ready")
+    assert {"loc": "server", "message": "shutting down", "type": "not_ready"} in error["details"]
+    response = await client.post("/v1/score", json={"user_id": "u1", "candidates": [1]})
+    assert response.status_code == 200  # in-flight and late requests are still served while draining
