@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     engine: Literal["torch", "vllm"] = Field("torch", description="LLM scoring engine.")
     vllm_url: HttpUrl | None = Field(None, description="Base URL of the vLLM server (engine=vllm).")
     torch_device: str = Field("cpu", description="torch device of the embedded engine and the CRM, e.g. cuda:0.")
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "Weights of the embedded engine; auto = bfloat16 on GPUs and CPUs with native bfloat16, else float32."))
     torch_threads: int | None = Field(None, ge=1, le=512, description="torch intra-op threads; None = torch default.")
     adapter_cache_bytes: int = Field(256 << 20, ge=0, description="Memory bound of the materialized-adapter LRU.")
     adapter_drift_tol: float = Field(0.02, ge=0, le=1, description=(

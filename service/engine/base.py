@@ -28,6 +28,8 @@ class UserAdapter:
 
 
 class ScoringEngine(Protocol):
-    def score(self, adapter: UserAdapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> np.ndarray:
-        """P(Yes) per suffix, each scored as prefix + suffix with the adapter installed."""
+    def score(self, adapter: UserAdapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+              deadline: float | None = None) -> np.ndarray:
+        """P(Yes) per suffix, each scored as prefix + suffix with the adapter installed; work
+        past ``deadline`` (a time.perf_counter() instant) may be abandoned with a TimeoutError."""
         ...

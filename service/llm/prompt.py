@@ -106,21 +106,21 @@ class PromptBuilder:
             raise AnswerTokenError("an answer word is unknown to the tokenizer")
         return ids[0], ids[1]
 
-    def prefix_text(self, profile: Mapping[str, object]) -> str:
+    def prefix_text(self, profile: Mapping[str, object], has_history: bool = True) -> str:
+        """The shared part; it ends with the history header, which is the same for every candidate
+        (each candidate's history is non-empty exactly when the user's is)."""
         c = self.config
+        seen = (f"The user {c.verb_past} the following {c.item_noun}s in order in the past, and rated them:\n"
+                if has_history else f"The user has not rated any {c.item_noun}s yet.\n")
         return (
             f"{self._head}{profile_sentence(profile)}\n"
             f"Note that the more stars the user rated a {c.item_noun}, the more the user liked it. "
-            f"You should ONLY tell me yes or no.\n"
+            f"You should ONLY tell me yes or no.\n{seen}"
         )
 
     def suffix_text(self, history: Sequence[Behaviour], target: ItemText) -> str:
         c = self.config
-        if history:
-            lines = "\n".join(f"{i}. {b.item.render()} ({_stars(b.rating)})" for i, b in enumerate(history, 1))
-            seen = f"The user {c.verb_past} the following {c.item_noun}s in order in the past, and rated them:\n{lines}\n"
-        else:
-            seen = f"The user has not rated any {c.item_noun}s yet.\n"
+        seen = "".join(f"{i}. {b.item.render()} ({_stars(b.rating)})\n" for i, b in enumerate(history, 1))
         question = (f"Based on the {c.item_noun}s the user has {c.verb_past}, deduce if the user will like the "
                     f"{c.item_noun} ***{target.render()}***.")
         return f"{seen}{question}{self._mid}{self._tail}"
@@ -128,5 +128,7 @@ class PromptBuilder:
     def encode(self, profile: Mapping[str, object], histories: Sequence[Sequence[Behaviour]],
                targets: Sequence[ItemText]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the shared prefix and of each candidate's suffix."""
-        prefix = self.encode_text(self.prefix_text(profile))
+        if len({bool(h) for h in histories}) > 1:
+            raise ValueError("either every candidate has a history or none has")
+        prefix = self.encode_text(self.prefix_text(profile, bool(histories and histories[0])))
         return prefix, [self.encode_text(self.suffix_text(h, t)) for h, t in zip(histories, targets)]

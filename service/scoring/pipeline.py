@@ -108,10 +108,10 @@ class ScoringPipeline:
                     reasons.append("deadline")
                 else:
                     future = asyncio.get_running_loop().run_in_executor(
-                        self._engine_pool, self.engine.score, adapter, prefix, suffixes)
+                        self._engine_pool, self.engine.score, adapter, prefix, suffixes, deadline)
                     llm = await asyncio.wait_for(future, remaining)
                     t = lap("llm", t)
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, TimeoutError):  # waited too long, or the engine gave up
                 reasons.append("llm_timeout")
             except Exception:  # the LLM stage must never turn an answer into a 5xx
                 log.exception("LLM stage failed; answering with CRM scores")

@@ -34,7 +34,7 @@ def sample_prompts(data: PreparedData, samples: pd.DataFrame, builder: PromptBui
     texts, profiles = catalog_texts(data.items), user_profiles(data.users)
     items = data.events["item_idx"].to_numpy()
     ratings = data.events["rating"].to_numpy()
-    prefixes: dict[int, list[int]] = {}
+    prefixes: dict[tuple[int, bool], list[int]] = {}
     out = []
     for user, target, end, n in samples[["user_idx", "item_idx", "hist_end", "hist_len"]].itertuples(index=False):
         hist_items, hist_ratings = items[end - n : end], ratings[end - n : end]
@@ -43,9 +43,10 @@ def sample_prompts(data: PreparedData, samples: pd.DataFrame, builder: PromptBui
         else:
             pos = semantic_positions(hist_items, np.array([target]), embeddings, k_text)[0]
         history = [Behaviour(texts[int(hist_items[p])], float(hist_ratings[p])) for p in pos]
-        if user not in prefixes:
-            prefixes[user] = builder.encode_text(builder.prefix_text(profiles[int(user)]))
-        out.append(prefixes[user] + builder.encode_text(builder.suffix_text(history, texts[int(target)])))
+        key = (int(user), bool(history))
+        if key not in prefixes:
+            prefixes[key] = builder.encode_text(builder.prefix_text(profiles[int(user)], bool(history)))
+        out.append(prefixes[key] + builder.encode_text(builder.suffix_text(history, texts[int(target)])))
     return out
 
 

@@ -82,3 +82,15 @@ def test_bad_input(setup) -> None:
     with pytest.raises(ValueError, match="at least one token"):
         engine.score(None, [1, 2], [[3], []])
     assert engine.score(None, [1, 2], []).shape == (0,)
+
+
+def test_a_passed_deadline_abandons_the_forward(setup) -> None:
+    import time
+
+    from service.engine.torch_engine import DeadlineExceeded
+
+    *_, engine = setup
+    prefix, suffixes = prompts(3)
+    with pytest.raises(DeadlineExceeded):
+        engine.score(None, prefix, suffixes, deadline=time.perf_counter() - 1)
+    assert engine.score(None, prefix, suffixes, deadline=time.perf_counter() + 60).shape == (len(suffixes),)

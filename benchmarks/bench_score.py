@@ -1,0 +1,255 @@
+"""Benchmark of POST /v1/score on ML-100K histories in Redis, against the naive way and the floor.
+
+(a) end-to-end latency over real HTTP (p50/p99) with the per-stage breakdown, and the gateway
+    overhead (end to end minus the engine) for a user with 1000 history items;
+(b) the same prompts scored the naive way in the same run: transformers + peft, one
+    ``set_adapter`` per request, every candidate a full left-padded prompt, logits at every
+    position; the speed ratio and the largest score difference;
+(c) the floor: the FLOPs the engine must do divided by a matmul rate measured in the same run,
+    in the dtype the engine computes in (float32 on CPUs without native bfloat16, where
+    emulated bfloat16 is far slower; the bfloat16 rate is printed too), and the engine's time
+    over it. Also peak memory of the gateway and this process.
+
+Run: python benchmarks/bench_score.py --version reclora-ml100k-v1 (histories loaded with
+`reclora load-histories`); it starts its own gateway on --port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.config import Settings  # noqa: E402
+from service.engine.base import UserAdapter  # noqa: E402
+from service.history.store import Event, HistoryStore  # noqa: E402
+from service.runtime.factory import build_torch_engine, engine_dtype  # noqa: E402
+from service.runtime.model import load_model  # noqa: E402
+from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm  # noqa: E402
+
+LONG_USER = "bench-long-history"
+
+
+def percentile(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def start_gateway(args) -> subprocess.Popen:
+    env = dict(os.environ, RECLORA_PORT=str(args.port), RECLORA_ACTIVE_VERSION=args.version,
+               RECLORA_MODEL_STORE=str(args.store), RECLORA_BASE_MODEL_DIR=str(args.base_model),
+               RECLORA_DEFAULT_DEADLINE_MS="30000", RECLORA_MAX_DEADLINE_MS="60000", RECLORA_LOG_JSON="false",
+               RECLORA_LOG_LEVEL="WARNING", RECLORA_TORCH_THREADS=str(args.threads))
+    proc = subprocess.Popen([sys.executable, "-m", "service.api"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(args.log, "w"))
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{args.port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"gateway did not become ready; see {args.log}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def seed_long_user(settings: Settings, catalog_items: np.ndarray, n: int, rng) -> None:
+    store = HistoryStore.from_url(settings.redis_url)
+    await store.delete(LONG_USER)
+    items = rng.choice(catalog_items, size=n, replace=False)
+    ratings = rng.integers(1, 6, size=n)
+    await store.append(LONG_USER, [Event(int(i), float(r), 880_000_000 + k) for k, (i, r) in enumerate(zip(items, ratings))])
+    await store.set_profile(LONG_USER, {"gender": "female", "age": "25-34", "occupation": "writer"})
+    await store.aclose()
+
+
+def matmul_rate(hidden: int, inter: int, tokens: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of matmuls in ``dtype`` at the model's shapes (attention and MLP projections)."""
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    shapes = [(hidden, hidden), (hidden, inter), (inter, hidden)]
+    weights = [torch.randn(a, b, dtype=dtype) for a, b in shapes]
+    xi = torch.randn(tokens, inter, dtype=dtype)
+    for _ in range(2):
+        x @ weights[0], x @ weights[1], xi @ weights[2]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x @ weights[0]
+        x @ weights[1]
+        xi @ weights[2]
+    seconds = time.perf_counter() - start
+    flops = repeats * 2 * tokens * (hidden * hidden + 2 * hidden * inter)
+    return flops / seconds / 1e9
+
+
+def engine_flops(config, lora_rank: int, n_lora: int, prefix: int, suffix_lens: list[int]) -> float:
+    """Matmul + attention FLOPs the engine computes (padded suffix batch, as it runs)."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_token = layers * 2 * (h * h * 2 + h * kv * 2 + 3 * h * inter) + 2 * lora_rank * (h + kv) * n_lora
+    padded = max(suffix_lens)
+    n = len(suffix_lens)
+    tokens = prefix + n * padded
+    attn = layers * 4 * h * (prefix * prefix / 2 + n * padded * (prefix + padded / 2))
+    return per_token * tokens + attn + n * 2 * 2 * h  # + two label rows per candidate
+
+
+def naive_scores(peft_model, tokenizer, prompts: list[list[int]], adapter_name: str, yes: int, no: int) -> np.ndarray:
+    peft_model.set_adapter(adapter_name)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: the answer position is the last column
+        ids[i, length - len(p):] = torch.tensor(p)
+        mask[i, length - len(p):] = 1
+    with torch.inference_mode():
+        logits = peft_model(input_ids=ids, attention_mask=mask).logits  # every position, full vocabulary
+        last = logits[:, -1, [yes, no]].float()
+    return torch.softmax(last, -1)[:, 0].numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--version", default="reclora-ml100k-v1")
+    ap.add_argument("--store", type=Path, default=ROOT / "model_store")
+    ap.add_argument("--base-model", type=Path, default=ROOT / "models/smollm2-135m-instruct")
+    ap.add_argument("--port", type=int, default=8021)
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--long-history", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log", default=str(ROOT / "work" / "bench-gateway.log"))
+    ap.add_argument("--out", type=Path, default=ROOT / "work" / "bench-score.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    settings = Settings(active_version=args.version, model_store=args.store, base_model_dir=args.base_model)
+    model = load_model(args.store / args.version)
+    items = model.catalog.items["item"].to_numpy()
+    asyncio.run(seed_long_user(settings, items, args.long_history, rng))
+    users = [LONG_USER] + [str(u) for u in rng.choice(np.arange(1, 944), size=args.requests - 1, replace=False)]
+    requests = [(u, [int(i) for i in rng.choice(items, size=args.candidates, replace=False)]) for u in users]
+
+    # (a) end to end over real HTTP
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    gateway = start_gateway(args)
+    e2e, stages, answers = [], [], []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=120) as client:
+            client.post("/v1/score", json={"user_id": users[1], "candidates": requests[1][1], "deadline_ms": 60000})  # warm-up
+            for user, cands in requests:
+                start = time.perf_counter()
+                r = client.post("/v1/score", json={"user_id": user, "candidates": cands, "deadline_ms": 60000})
+                e2e.append((time.perf_counter() - start) * 1000)
+                body = r.json()
+                assert r.status_code == 200 and not body["degraded"], body
+                stages.append(body["timings"])
+                answers.append(body)
+        gateway_peak = peak_rss_mb(gateway.pid)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(30)
+
+    # (b) the same prompts: the engine in-process, and the naive way
+    engine, builder = build_torch_engine(settings, model)
+    store = HistoryStore.from_url(settings.redis_url)
+
+    async def read_all():
+        out = [await store.read(u) for u, _ in requests]
+        await store.aclose()
+        return out
+
+    histories = asyncio.run(read_all())
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = engine_dtype("auto", "cpu")  # the naive way runs in the engine's dtype: a like-for-like comparison
+    base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype)
+    peft_model = None
+    engine_ms, naive_ms, max_diff, flops, tmp = [], [], 0.0, [], Path(tempfile.mkdtemp())
+    for k, ((user, cands), stored) in enumerate(zip(requests, histories)):
+        view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile)
+        dense = model.catalog.to_dense(cands)
+        crm = run_crm(model, view, dense)
+        adapter: UserAdapter = build_adapter(model, user, model.mixer.mixtures(crm.user_rep))
+        prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
+        start = time.perf_counter()
+        fast = engine.score(adapter, prefix, suffixes)
+        engine_ms.append((time.perf_counter() - start) * 1000)
+        flops.append(engine_flops(base.config, model.lora_config.r, len(adapter.weights), len(prefix), [len(s) for s in suffixes]))
+        # the naive way: a PEFT adapter per user on disk, loaded once, then set_adapter per request
+        from safetensors.torch import save_file
+
+        from service.llm.personalized_lora import peft_weights
+
+        adir = tmp / f"a{k}"
+        adir.mkdir()
+        save_file(peft_weights(adapter.weights), adir / "adapter_model.safetensors")
+        cfg = json.loads((ROOT / "model_store" / args.version / "lora" / "config.json").read_text())
+        (adir / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
+            "lora_dropout": 0.0, "target_modules": cfg["target_modules"], "bias": "none",
+            "base_model_name_or_path": str(args.base_model)}))
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(base, adir, adapter_name=f"u{k}").eval()
+        else:
+            peft_model.load_adapter(adir, adapter_name=f"u{k}")
+        start = time.perf_counter()
+        slow = naive_scores(peft_model, builder.tokenizer, [prefix + s for s in suffixes], f"u{k}", builder.yes_id, builder.no_id)
+        naive_ms.append((time.perf_counter() - start) * 1000)
+        max_diff = max(max_diff, float(np.abs(fast - slow).max()))
+
+    shape = (base.config.hidden_size, base.config.intermediate_size, 2048)
+    rate = matmul_rate(*shape, dtype)  # the floor uses the rate of the dtype the engine computes in
+    bf16_rate = matmul_rate(*shape, torch.bfloat16, repeats=1)
+    floor_ms = [f / (rate * 1e9) * 1000 for f in flops]
+    long_overhead = e2e[0] - stages[0]["llm"]
+    overhead = [t - s["llm"] for t, s in zip(e2e, stages)]
+    report = {
+        "requests": len(requests), "candidates": args.candidates, "k_text": model.k_text, "threads": args.threads,
+        "e2e_ms": {"p50": percentile(e2e, 50), "p99": percentile(e2e, 99)},
+        "stages_ms_p50": {k: percentile([s[k] for s in stages], 50) for k in stages[0]},
+        "gateway_overhead_ms": {"p50": percentile(overhead, 50), "long_history_user": long_overhead,
+                                "long_history_len": args.long_history},
+        "engine_ms_p50": percentile(engine_ms, 50), "naive_ms_p50": percentile(naive_ms, 50),
+        "speedup_vs_naive": percentile(naive_ms, 50) / percentile(engine_ms, 50),
+        "max_score_diff_vs_naive": max_diff,
+        "engine_dtype": str(dtype), "matmul_gflops_engine_dtype": rate, "matmul_gflops_bf16": bf16_rate,
+        "engine_gflop_p50": percentile(flops, 50) / 1e9,
+        "floor_ms_p50": percentile(floor_ms, 50),
+        "engine_over_floor": percentile([e / f for e, f in zip(engine_ms, floor_ms)], 50),
+        "peak_rss_mb": {"gateway": gateway_peak,
+                        "benchmark_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
