@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from service.config import Settings  # noqa: E402
 from service.engine.base import UserAdapter  # noqa: E402
 from service.history.store import Event, HistoryStore  # noqa: E402
-from service.runtime.factory import build_torch_engine, engine_dtype  # noqa: E402
+from service.llm.precision import resolve_dtype  # noqa: E402
+from service.runtime.factory import build_torch_engine  # noqa: E402
 from service.runtime.model import load_model  # noqa: E402
 from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm  # noqa: E402
 
@@ -188,7 +189,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    dtype = engine_dtype("auto", "cpu")  # the naive way runs in the engine's dtype: a like-for-like comparison
+    dtype = resolve_dtype("auto", "cpu")  # the naive way runs in the engine's dtype: a like-for-like comparison
     base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype)
     peft_model = None
     engine_ms, naive_ms, max_diff, flops, tmp = [], [], 0.0, [], Path(tempfile.mkdtemp())

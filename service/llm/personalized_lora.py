@@ -252,13 +252,38 @@ class AdapterMixer(nn.Module):
             return torch.ones(len(self.module_names), 1)
         if user_rep is None:
             raise ValueError("a gated adapter needs a user representation")
-        rep = user_rep.reshape(1, -1).float()
-        return torch.cat([torch.softmax(g(rep) / self.cfg.temperature, -1) for g in self.gates])
+        if not hasattr(self, "_stacked"):
+            self._stack_gates()
+        ln_w, ln_b, w1, b1, w2, b2 = self._stacked
+        rep = torch.nn.functional.layer_norm(user_rep.reshape(1, -1).float(), (self.cfg.user_dim,))
+        h = rep * ln_w + ln_b  # (M, user_dim): every module's gate at once
+        h = torch.relu(torch.einsum("md,mhd->mh", h, w1) + b1)
+        return torch.softmax((torch.einsum("mh,mkh->mk", h, w2) + b2) / self.cfg.temperature, -1)
+
+    def _stack_gates(self) -> None:
+        """One batched gate for all modules: the per-module loop costs more than the arithmetic."""
+        nets = [g.net for g in self.gates]
+        self._stacked = tuple(torch.stack([getattr(net[i], name) for net in nets]).detach()
+                              for i, name in ((0, "weight"), (0, "bias"), (1, "weight"), (1, "bias"),
+                                              (4, "weight"), (4, "bias")))
 
     @torch.no_grad()
     def adapter(self, alphas: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per module (A_u: d_in x r, B_u: r x d_out) for mixture weights from ``mixtures``."""
-        return {
-            name: (torch.einsum("k,kir->ir", alpha, a), torch.einsum("k,kro->ro", alpha, b))
-            for name, alpha, a, b in zip(self.module_names, alphas, self.banks_a, self.banks_b)
-        }
+        if not hasattr(self, "_banks"):
+            self._banks = self._group_banks()
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for index, a_bank, b_bank in self._banks:  # one batched contraction per shape group
+            alpha = alphas[index]
+            a_mixed = torch.einsum("mk,mkir->mir", alpha, a_bank)
+            b_mixed = torch.einsum("mk,mkro->mro", alpha, b_bank)
+            for j, m in enumerate(index.tolist()):
+                out[self.module_names[m]] = (a_mixed[j], b_mixed[j])
+        return out
+
+    def _group_banks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        groups: dict[tuple, list[int]] = {}
+        for m, (a, b) in enumerate(zip(self.banks_a, self.banks_b)):
+            groups.setdefault((tuple(a.shape), tuple(b.shape)), []).append(m)
+        return [(torch.tensor(idx), torch.stack([self.banks_a[m] for m in idx]), torch.stack([self.banks_b[m] for m in idx]))
+                for idx in groups.values()]

@@ -131,4 +131,5 @@ class PromptBuilder:
         if len({bool(h) for h in histories}) > 1:
             raise ValueError("either every candidate has a history or none has")
         prefix = self.encode_text(self.prefix_text(profile, bool(histories and histories[0])))
-        return prefix, [self.encode_text(self.suffix_text(h, t)) for h, t in zip(histories, targets)]
+        texts = [self.suffix_text(h, t) for h, t in zip(histories, targets)]
+        return prefix, (self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])

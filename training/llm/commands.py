@@ -23,7 +23,8 @@ def register(app: typer.Typer, timed, fail) -> None:
         k_text: int = 10, epochs: int = 1, batch_size: int = 8, grad_accum: int = 4, lr: float = 1e-3,
         n_meta: Annotated[int, typer.Option(help="meta-LoRAs per target module (RecLoRA)")] = 8,
         temperature: float = 1.0, rank: int = 8, valid_samples: int = 400, evals_per_epoch: int = 2,
-        dtype: str = "bfloat16", seed: int = 0, threads: Optional[int] = None,
+        dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")] = "auto",
+        seed: int = 0, threads: Optional[int] = None,
     ) -> None:
         """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM."""
         import numpy as np
@@ -57,7 +58,8 @@ def register(app: typer.Typer, timed, fail) -> None:
         rella: Annotated[Optional[Path], typer.Option(help="ReLLa-style LoRA directory")] = None,
         reclora: Annotated[Optional[Path], typer.Option(help="RecLoRA directory")] = None,
         crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
-        n_test: int = 2000, n_valid: int = 1000, seed: int = 0, k_text: int = 10, dtype: str = "float32",
+        n_test: int = 2000, n_valid: int = 1000, seed: int = 0, k_text: int = 10,
+        dtype: Annotated[str, typer.Option(help="scoring dtype; float32 keeps probabilities unquantized")] = "float32",
         batch_size: int = 16,
     ) -> None:
         """CRM, zero-shot, ReLLa-style, RecLoRA and fused on one seeded test subset (Markdown, JSON, ROC)."""

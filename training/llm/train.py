@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from service.llm.personalized_lora import PersonalizedLoRA, PersonalizedLoRAConfig
+from service.llm.precision import resolve_dtype
 from service.llm.prompt import PromptBuilder, PromptConfig
 from service.llm.scoring import answer_hidden, pad_right, score_sequences
 from training.crm.checkpoint import load_checkpoint
@@ -44,7 +45,7 @@ class LLMTrainConfig:
     valid_samples: int = 400
     evals_per_epoch: int = 2
     seed: int = 0
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # see service.llm.precision.resolve_dtype
     device: str = "auto"  # cuda when available, else cpu
     progress: bool = True
     lora: dict = field(default_factory=dict)  # PersonalizedLoRAConfig fields
@@ -57,9 +58,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 def load_base(base_dir: str | Path, dtype: str, device: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    target = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype)).eval()
-    return model.to(resolve_device(device)), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=resolve_dtype(dtype, target)).eval()
+    return model.to(target), tokenizer
 
 
 def pad_id_of(tokenizer) -> int:

@@ -94,3 +94,27 @@ def test_a_passed_deadline_abandons_the_forward(setup) -> None:
     with pytest.raises(DeadlineExceeded):
         engine.score(None, prefix, suffixes, deadline=time.perf_counter() - 1)
     assert engine.score(None, prefix, suffixes, deadline=time.perf_counter() + 60).shape == (len(suffixes),)
+
+
+def test_shared_suffix_runs_are_computed_once_and_stay_exact(setup) -> None:
+    reference, lora, mixer, engine = setup
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(1, 99, size=9).tolist()
+    shared_a, shared_b = rng.integers(1, 99, size=6).tolist(), rng.integers(1, 99, size=5).tolist()
+    suffixes = [shared_a + rng.integers(1, 99, size=n).tolist() for n in (1, 3, 4)]
+    suffixes += [shared_a + shared_b + rng.integers(1, 99, size=n).tolist() for n in (2, 5)]
+    suffixes += [rng.integers(1, 99, size=n).tolist() for n in (3, 7)] + [shared_a[:3]]
+    rep = torch.randn(8)
+    adapter = adapter_for(mixer, lora, rep, "radix")
+    calls = []
+    original = engine._extend
+    engine._extend = lambda kv, p, tokens: calls.append(len(tokens)) or original(kv, p, tokens)
+    engine.min_shared = 2
+    try:
+        got = engine.score(adapter, prefix, suffixes)
+    finally:
+        engine._extend, engine.min_shared = original, 24
+    assert len(calls) >= 3  # the prefix, then shared runs of the suffix groups
+    with lora.user(rep.reshape(1, -1)):
+        alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
+    np.testing.assert_allclose(got, alone, atol=1e-5)
