@@ -22,7 +22,10 @@ from service.runtime.model import LoadedModel
 
 @dataclass
 class UserHistoryView:
-    """A user's history in dense ids, oldest first, cut to what the model reads."""
+    """A user's history in dense ids, oldest first, as stored (the store caps its length).
+
+    The CRM reads the last ``l_long`` behaviours (``build_inputs`` cuts); the text retrieval
+    searches the whole stored history, as the training prompts do."""
 
     items: np.ndarray  # int64 dense ids
     ratings: np.ndarray  # float32
@@ -33,9 +36,7 @@ class UserHistoryView:
                  profile: Mapping[str, str]) -> "UserHistoryView":
         dense = model.catalog.to_dense(raw_items)
         keep = dense != 0  # items retired from the catalog drop out of the history
-        items, ratings = dense[keep], np.asarray(ratings, np.float32)[keep]
-        n = model.crm_config.l_long
-        return cls(items[-n:], ratings[-n:], profile)
+        return cls(dense[keep], np.asarray(ratings, np.float32)[keep], profile)
 
 
 @dataclass

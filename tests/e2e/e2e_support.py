@@ -1,0 +1,277 @@
+"""Helpers of the end-to-end suite: the world description, the float32 LLM reference, uvicorn on a
+loopback port, the error schema, Prometheus text.
+
+Imported by ``conftest.py`` and the tests (pytest puts this directory on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
+
+from service.api import build_app
+from service.api.server import DrainingServer, make_server
+from service.config import Settings
+from service.runtime.model import Fusion, LoadedModel, load_model
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound once by the OS, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+@dataclass
+class LiveServer:
+    """The real app under uvicorn in a background thread, on a pre-bound 127.0.0.1 socket."""
+
+    app: FastAPI
+    server: DrainingServer
+    thread: threading.Thread
+    sock: socket.socket
+    url: str
+
+    @classmethod
+    def start(cls, settings: Settings, *, model_timeout: float = 120.0, require_model: bool = True) -> "LiveServer":
+        """Build the app (no scorer given: the lifespan builds it from ``settings`` through
+        ``service.runtime.factory.build_scorer``), serve it, and wait until the model is loaded
+        (or, with ``require_model=False``, until its load has finished either way)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        app = build_app(settings)
+        server = make_server(settings, app)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="e2e-uvicorn")
+        thread.start()
+        host, port = sock.getsockname()
+        live = cls(app, server, thread, sock, f"http://{host}:{port}")
+        try:
+            wait_for(lambda: server.started or not thread.is_alive(), 30.0, "uvicorn start")
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn exited during startup")
+            state = app.state
+            wait_for(lambda: state.scorer is not None or state.lifecycle.model_error is not None,
+                     model_timeout, "model load")
+            if require_model and state.lifecycle.model_error is not None:
+                raise RuntimeError(f"model load failed: {state.lifecycle.model_error}")
+        except BaseException:
+            live.stop()
+            raise
+        return live
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def stop(self) -> None:
+        """Graceful shutdown: uvicorn drains, the lifespan closes the scorer and the history store."""
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+        if self.thread.is_alive():
+            raise RuntimeError("uvicorn did not shut down within 30 s")
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    """``response`` is ``status`` in the service's one error schema; returns its ``error`` object."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"code", "message", "details", "request_id"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    for detail in error["details"]:
+        assert set(detail) == {"loc", "message", "type"}, detail
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def metric_value(text: str, sample_name: str, labels: dict[str, str] | None = None) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    labels = labels or {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+VERSION = "e2e-v1"
+FUSION = {"w_llm": 0.8, "w_crm": 0.6, "bias": -0.1}
+EMBEDDING_DIM = 16
+# user_dim = the CRM's default user_dim; a low gate temperature makes the per-user mixtures of the
+# barely trained gates distinct (near-uniform at T = 1), so users really get different adapters.
+LORA = dict(n_meta=4, user_dim=64, r=4, lora_alpha=8.0, temperature=0.1)
+B_NOISE_STD = 0.3
+
+UserRecords = tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]
+
+
+@dataclass
+class World:
+    root: Path
+    data: object  # training.data.samples.PreparedData
+    base_dir: Path
+    store: Path
+    version: str
+    bundle_dir: Path
+    prefix: str
+    histories: dict[str, UserRecords]  # raw user id -> (raw items, ratings, timestamps, profile), as loaded
+    users: list[str]  # known users, longest history first
+    n_items: int
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def crm_dir(self) -> Path:
+        return self.root / "crm"
+
+    def settings(self, **overrides) -> Settings:
+        values = dict(redis_url=REDIS_URL, redis_prefix=self.prefix, model_store=self.store,
+                      active_version=self.version, base_model_dir=self.base_dir,
+                      # Generous deadlines: a loaded 2-core CI box must not turn the happy path into
+                      # a degraded answer. The deadline fallbacks ask for tiny deadlines explicitly.
+                      default_deadline_ms=20_000, max_deadline_ms=30_000, history_budget_ms=2_000,
+                      log_json=True, log_level="WARNING")
+        values.update(overrides)
+        return Settings(**values)
+
+
+def train_lora(data, embeddings: np.ndarray, crm_dir: Path, base_dir: Path, out_dir: Path) -> None:
+    from training.llm.train import LLMTrainConfig, train_llm
+
+    cfg = LLMTrainConfig(n_samples=8, k_text=3, mixed=False, epochs=1, batch_size=8, grad_accum=1, lr=5e-3,
+                         valid_samples=8, evals_per_epoch=1, dtype="float32", device="cpu", progress=False,
+                         lora=LORA)
+    train_llm(data, embeddings, crm_dir, base_dir, out_dir, cfg)
+    # One optimizer step leaves the B banks (zero-initialized) tiny, so every user's adapter would be
+    # nearly the identity. Perturb them, differently per meta-LoRA, so the gate's per-user mixture
+    # changes the LLM's answer visibly: the suite then checks that personalization is really live.
+    weights = load_file(out_dir / "weights.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    for key, value in weights.items():
+        if key.endswith(".lora_B"):
+            weights[key] = (value + B_NOISE_STD * torch.randn(value.shape, generator=gen)).contiguous()
+    save_file(weights, out_dir / "weights.safetensors")
+
+
+class Reference:
+    """The LLM's P(Yes) recomputed in float32 without the serving engine."""
+
+    def __init__(self, world: World) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from service.llm.personalized_lora import PersonalizedLoRA
+        from service.llm.prompt import PromptBuilder
+
+        self.world = world
+        self.model: LoadedModel = load_model(world.bundle_dir)  # this process's own copy of the bundle
+        tokenizer = AutoTokenizer.from_pretrained(world.base_dir, local_files_only=True)
+        self.builder = PromptBuilder(tokenizer, self.model.prompt)
+        self.pad_id = tokenizer.pad_token_id
+        self.llm = AutoModelForCausalLM.from_pretrained(world.base_dir, dtype=torch.float32,
+                                                        local_files_only=True).eval()
+        self.lora = PersonalizedLoRA(self.llm, self.model.lora_config)
+        self.lora.load_trainable_state_dict(load_file(world.bundle_dir / "lora" / "weights.safetensors"))
+        self.lora.eval()  # gate dropout off, as when serving
+        self.fusion: Fusion | None = self.model.fusion
+
+    def view_of(self, items: np.ndarray, ratings: np.ndarray, profile: dict[str, str]):
+        """A raw-id history as the serving stages see it."""
+        from service.scoring.stages import UserHistoryView
+
+        return UserHistoryView.from_raw(self.model, np.asarray(items, np.int64), np.asarray(ratings, np.float32),
+                                        profile)
+
+    def view(self, user_id: str, extra: Sequence[tuple[int, float]] = ()):
+        """The user's history as loaded into Redis (plus ``extra`` (item, rating) behaviours)."""
+        items, ratings, _, profile = self.world.histories.get(user_id, (np.zeros(0, np.int64),
+                                                                         np.zeros(0, np.float32), None, {}))
+        if extra:
+            items = np.concatenate([items, np.asarray([i for i, _ in extra], np.int64)])
+            ratings = np.concatenate([ratings, np.asarray([r for _, r in extra], np.float32)])
+        return self.view_of(items, ratings, profile)
+
+    def crm(self, user_id: str, candidates: Sequence[int], extra: Sequence[tuple[int, float]] = ()):
+        return self.crm_of(self.view(user_id, extra), candidates)
+
+    def crm_of(self, view, candidates: Sequence[int]):
+        from service.scoring.stages import run_crm
+
+        return run_crm(self.model, view, self.model.catalog.to_dense(candidates))
+
+    def sequences(self, user_id: str, candidates: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+        from service.scoring.stages import build_prompts, retrieve_text_history
+
+        view = self.view(user_id)
+        dense = self.model.catalog.to_dense(candidates)
+        return build_prompts(self.builder, self.model, view, dense, retrieve_text_history(self.model, view, dense))
+
+    def llm_scores(self, user_id: str, candidates: Sequence[int], adapter_user: str | None = None) -> np.ndarray:
+        """P(Yes) of ``user_id``'s prompts with the adapter of ``adapter_user`` (default: the same user)."""
+        from service.llm.scoring import score_sequences
+
+        rep = self.crm(adapter_user or user_id, candidates).user_rep.reshape(1, -1)
+        prefix, suffixes = self.sequences(user_id, candidates)
+        return score_sequences(self.llm, [prefix + s for s in suffixes], self.builder.yes_id, self.builder.no_id,
+                               self.pad_id, rows_context=lambda rows: self.lora.user(rep)).numpy()
+
+    def prompt_of(self, view, candidate: int) -> list[int]:
+        """The full prompt (prefix + suffix ids) the serving stages build for one candidate."""
+        from service.scoring.stages import build_prompts, retrieve_text_history
+
+        dense = self.model.catalog.to_dense([candidate])
+        prefix, suffixes = build_prompts(self.builder, self.model, view, dense,
+                                         retrieve_text_history(self.model, view, dense))
+        return prefix + suffixes[0]
+
+    def score_prompts(self, prompts: Sequence[Sequence[int]], user_reps: torch.Tensor) -> np.ndarray:
+        """Float32 P(Yes) of full prompts, row i with the adapter of user representation ``user_reps[i]``."""
+        from service.llm.scoring import score_sequences
+
+        return score_sequences(self.llm, prompts, self.builder.yes_id, self.builder.no_id, self.pad_id,
+                               rows_context=lambda rows: self.lora.user(user_reps[rows])).numpy()
+
+
+def engine_dtype(live: LiveServer) -> torch.dtype:
+    """The floating-point type the live service's LLM engine runs in (``Settings.torch_dtype``)."""
+    return next(live.app.state.scorer.engine.model.parameters()).dtype
+
+
+def llm_atol(dtype: torch.dtype) -> float:
+    """How close the service's P(Yes) must be to the float32 reference (``Reference``).
+
+    float32 engine: the same math, up to float32 rounding and the engine's reuse of the prefix KV
+    cache instead of full-prompt forwards: 1e-4. bfloat16 engine (``torch_dtype`` bfloat16, or auto
+    on GPUs / CPUs with native bfloat16): weights and activations keep ~3 significant digits, so
+    hidden states and hence P(Yes) differ by up to several 1e-3 on the tiny model; 1e-2 leaves room
+    for that rounding and stays well below the spread between two users' adapters (> 5e-2).
+    """
+    return 1e-4 if dtype == torch.float32 else 1e-2
