@@ -106,16 +106,13 @@ def matmul_rate(hidden: int, inter: int, tokens: int, dtype: torch.dtype, repeat
     return flops / seconds / 1e9
 
 
-def engine_flops(config, lora_rank: int, n_lora: int, prefix: int, suffix_lens: list[int]) -> float:
-    """Matmul + attention FLOPs the engine computes (padded suffix batch, as it runs)."""
+def engine_flops(config, lora_rank: int, work: dict) -> float:
+    """Matmul + attention FLOPs of the work the engine reports for a request (padding included)."""
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    per_token = layers * 2 * (h * h * 2 + h * kv * 2 + 3 * h * inter) + 2 * lora_rank * (h + kv) * n_lora
-    padded = max(suffix_lens)
-    n = len(suffix_lens)
-    tokens = prefix + n * padded
-    attn = layers * 4 * h * (prefix * prefix / 2 + n * padded * (prefix + padded / 2))
-    return per_token * tokens + attn + n * 2 * 2 * h  # + two label rows per candidate
+    per_token = layers * 2 * (h * h * 2 + h * kv * 2 + 3 * h * inter + lora_rank * (2 * h + h + kv))
+    attention = layers * 2 * 2 * h * work["attention_pairs"]  # q.k and p.v
+    return per_token * work["tokens"] + attention
 
 
 def naive_scores(peft_model, tokenizer, prompts: list[list[int]], adapter_name: str, yes: int, no: int) -> np.ndarray:
@@ -193,6 +190,7 @@ def main() -> None:
     base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype)
     peft_model = None
     engine_ms, naive_ms, max_diff, flops, tmp = [], [], 0.0, [], Path(tempfile.mkdtemp())
+    engine_tokens, naive_tokens = [], []
     for k, ((user, cands), stored) in enumerate(zip(requests, histories)):
         view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile)
         dense = model.catalog.to_dense(cands)
@@ -202,7 +200,9 @@ def main() -> None:
         start = time.perf_counter()
         fast = engine.score(adapter, prefix, suffixes)
         engine_ms.append((time.perf_counter() - start) * 1000)
-        flops.append(engine_flops(base.config, model.lora_config.r, len(adapter.weights), len(prefix), [len(s) for s in suffixes]))
+        flops.append(engine_flops(base.config, model.lora_config.r, engine.last_work))
+        naive_tokens.append(len(suffixes) * max(len(prefix) + len(s) for s in suffixes))
+        engine_tokens.append(engine.last_work["tokens"])
         # the naive way: a PEFT adapter per user on disk, loaded once, then set_adapter per request
         from safetensors.torch import save_file
 
@@ -237,6 +237,7 @@ def main() -> None:
         "stages_ms_p50": {k: percentile([s[k] for s in stages], 50) for k in stages[0]},
         "gateway_overhead_ms": {"p50": percentile(overhead, 50), "long_history_user": long_overhead,
                                 "long_history_len": args.long_history},
+        "tokens_p50": {"engine": percentile(engine_tokens, 50), "naive_padded": percentile(naive_tokens, 50)},
         "engine_ms_p50": percentile(engine_ms, 50), "naive_ms_p50": percentile(naive_ms, 50),
         "speedup_vs_naive": percentile(naive_ms, 50) / percentile(engine_ms, 50),
         "max_score_diff_vs_naive": max_diff,

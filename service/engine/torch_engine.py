@@ -41,6 +41,9 @@ class TorchEngine:
         self.slots = LoRASlots(model, target_modules)
         self._lock = threading.Lock()  # one forward at a time: the installed adapter is per forward
         self._deadline: float | None = None
+        # Work of the last request: tokens run through the decoder and (query, key) pairs of
+        # attention, padding included; benchmarks turn these into FLOPs.
+        self.last_work = {"tokens": 0, "attention_pairs": 0}
         # A late request is abandoned between layers, so it does not hold the engine (and every
         # request queued behind it) for a forward whose answer nobody will read.
         for layer in self.decoder.layers:
@@ -63,6 +66,7 @@ class TorchEngine:
             if deadline is not None and time.perf_counter() > deadline:
                 raise DeadlineExceeded("the request deadline passed while waiting for the engine")
             self._deadline = deadline
+            self.last_work = {"tokens": 0, "attention_pairs": 0}
             self.slots.install(adapter)
             try:
                 kv = self._extend(None, 0, prefix) if prefix else None  # once per request
@@ -77,10 +81,15 @@ class TorchEngine:
                 tokens: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values of the context after appending ``tokens`` (batch of one)."""
         ids = torch.as_tensor([list(tokens)], dtype=torch.long, device=self.device)
+        self._count(1, len(tokens), p)
         cache = DynamicCache(kv) if kv is not None else None
         positions = (p + torch.arange(len(tokens), device=self.device)).unsqueeze(0)
         out = self.decoder(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def _count(self, rows: int, length: int, context: int) -> None:
+        self.last_work["tokens"] += rows * length
+        self.last_work["attention_pairs"] += rows * length * (context + (length + 1) / 2)
 
     def _score_group(self, kv, p: int, rows: list[int], offset: int, suffixes: Sequence[Sequence[int]],
                      out: np.ndarray) -> None:
@@ -109,6 +118,7 @@ class TorchEngine:
                      suffixes: Sequence[Sequence[int]]) -> np.ndarray:
         n = len(suffixes)
         ids, mask, last = (t.to(self.device) for t in pad_right(suffixes, self.pad_id))
+        self._count(n, ids.shape[1], p)
         if kv is not None:
             cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
             mask = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=self.device), mask], 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from service.config import Settings
+from service.llm.precision import resolve_dtype
 from service.llm.prompt import PromptBuilder
 from service.metrics import Metrics
 from service.personalization.adapter_cache import AdapterCache, CacheEvents
@@ -32,16 +33,6 @@ def active_version(store: Path, configured: str | None) -> str:
     return versions[-1].name
 
 
-def engine_dtype(setting: str, device: str) -> torch.dtype:
-    """bfloat16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or AMX),
-    else float32: emulated bfloat16 matmuls on a plain AVX2 CPU run ~50x slower than float32."""
-    if setting != "auto":
-        return getattr(torch, setting)
-    if device.startswith("cuda"):
-        return torch.bfloat16
-    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") else torch.float32
-
-
 def build_torch_engine(settings: Settings, model: LoadedModel):
     """The embedded engine on the base LLM and the prompt builder for its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +41,7 @@ def build_torch_engine(settings: Settings, model: LoadedModel):
 
     tokenizer = AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True)
     builder = PromptBuilder(tokenizer, model.prompt)
-    dtype = engine_dtype(settings.torch_dtype, settings.torch_device)
+    dtype = resolve_dtype(settings.torch_dtype, settings.torch_device)
     llm = AutoModelForCausalLM.from_pretrained(settings.base_model_dir, dtype=dtype, local_files_only=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine = TorchEngine(llm.to(settings.torch_device), yes_id=builder.yes_id, no_id=builder.no_id, pad_id=pad,
