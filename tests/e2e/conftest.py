@@ -16,36 +16,20 @@ the base model with ``PersonalizedLoRA`` loaded from the bundle's weights, score
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
-import redis
+from redis_support import scratch_prefix
 from e2e_support import EMBEDDING_DIM, FUSION, REDIS_URL, VERSION, LiveServer, Reference, World, train_lora
-from redis.exceptions import RedisError
-
-
-def _require_redis() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except RedisError as exc:
-        pytest.fail(f"no Redis at {REDIS_URL} ({exc}); start one with scripts/ensure-redis")
-    return client
 
 
 @pytest.fixture(scope="session")
 def redis_prefix() -> Iterator[str]:
     """A key prefix unique to this session on the real Redis; its keys are deleted afterwards."""
-    client = _require_redis()
-    prefix = f"e2e:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with scratch_prefix("e2e") as prefix:
+        yield prefix
 
 
 @pytest.fixture(scope="session")

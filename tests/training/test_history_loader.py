@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import uuid
 
 import numpy as np
 import pytest
+from redis_support import scratch_prefix
 import redis
-from redis.exceptions import RedisError
 from typer.testing import CliRunner
 
 from service.history import bulk_load, decode_records, events_key, profile_key
@@ -32,17 +31,8 @@ def data(raw):
 
 @pytest.fixture
 def prefix():
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except RedisError as exc:
-        pytest.fail(f"no Redis at {REDIS_URL} ({exc}); start one with scripts/ensure-redis")
-    value = f"test:{uuid.uuid4().hex}:"
-    yield value
-    keys = list(client.scan_iter(match=f"{value}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with scratch_prefix() as value:
+        yield value
 
 
 def expected_per_user(raw, until_order: int | None = None) -> dict[str, tuple[list, list, list]]:

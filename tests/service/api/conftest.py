@@ -3,15 +3,13 @@ lifespan running, and an in-process HTTP client (``httpx.ASGITransport``)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import redis
+from redis_support import scratch_prefix
 from api_support import REDIS_URL, FormulaScorer, serving
 from fastapi import FastAPI
-from redis.exceptions import RedisError
 
 from service.api import build_app
 from service.config import Settings
@@ -25,17 +23,8 @@ def anyio_backend() -> str:
 @pytest.fixture
 def redis_prefix():
     """A fresh key prefix on the real Redis; its keys are deleted afterwards."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except RedisError as exc:
-        pytest.fail(f"no Redis at {REDIS_URL} ({exc}); start one with scripts/ensure-redis")
-    prefix = f"test:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with scratch_prefix() as prefix:
+        yield prefix
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import asyncio
 import os
 import socket
 import time
-import uuid
 
 import numpy as np
 import pytest
+from redis_support import scratch_prefix
 import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -45,17 +45,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def prefix():
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except RedisError as exc:
-        pytest.fail(f"no Redis at {REDIS_URL} ({exc}); start one with scripts/ensure-redis")
-    value = f"test:{uuid.uuid4().hex}:"
-    yield value
-    keys = list(client.scan_iter(match=f"{value}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with scratch_prefix() as value:
+        yield value
 
 
 def sync_client() -> redis.Redis:
