@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from service.bundle import file_sha256
+from service.llm.tokenizer_files import portable_tokenizer_config
 
 SPECIAL_TOKENS = ("<unk>", "<|im_start|>", "<|im_end|>", "<pad>")  # ids 0..3
 UNK, BOS, EOS, PAD = SPECIAL_TOKENS
@@ -94,7 +95,7 @@ def build_tiny_llama(out_dir: str | os.PathLike[str], *, vocab_words: list[str] 
     model.generation_config = GenerationConfig(bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    _tidy_tokenizer_config(out, max_position_embeddings)
+    portable_tokenizer_config(out, max_position_embeddings)
     _write_record(out, seed=seed, n_parameters=sum(p.numel() for p in model.parameters()))
     return out
 
@@ -125,15 +126,6 @@ def build_tiny_tokenizer(vocab_words: list[str] | None = None, *, model_max_leng
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
-
-def _tidy_tokenizer_config(directory: Path, max_length: int) -> None:
-    """Name the generic fast-tokenizer class, loadable by any transformers version and by vLLM."""
-    path = directory / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    for key in ("is_local", "local_files_only", "name_or_path"):
-        config.pop(key, None)
-    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ---- the base-model record (schema of training.llm.base_model.BaseModelInfo) --------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.bundle import file_sha256
+from service.llm.tokenizer_files import portable_tokenizer_config
 
 PROVENANCE = "reclora_base.json"
 FORMAT = 1
@@ -307,16 +307,6 @@ def plain_llama(model):
     return plain.float().eval()
 
 
-def _portable_tokenizer_config(directory: Path, max_length: int) -> None:
-    """Name the generic fast-tokenizer class, which every transformers version (and vLLM) loads from
-    tokenizer.json, and drop load-time keys that describe this machine rather than the tokenizer."""
-    path = directory / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    for key in ("is_local", "local_files_only", "name_or_path"):
-        config.pop(key, None)
-    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
 
 def convert_gguf(gguf: Path, out: Path, *, package: str | None = PACKAGE, version: str | None = VERSION,
                  expected_sha256: str | None = GGUF_SHA256) -> BaseModelInfo:
@@ -332,7 +322,7 @@ def convert_gguf(gguf: Path, out: Path, *, package: str | None = PACKAGE, versio
     model = plain_llama(load_gguf_model(gguf))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _portable_tokenizer_config(tmp, model.config.max_position_embeddings)
+    portable_tokenizer_config(tmp, model.config.max_position_embeddings)
     for path in tmp.iterdir():
         path.chmod(0o644)  # servers may run as another user; the weights are written owner-only
     source = BaseModelSource(kind="gguf", package=package, version=version, gguf_file=gguf.name,
