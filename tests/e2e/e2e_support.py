@@ -25,6 +25,7 @@ from service.api import build_app
 from service.api.server import DrainingServer, make_server
 from service.config import Settings
 from service.runtime.model import Fusion, LoadedModel, load_model
+from http_support import assert_error  # noqa: F401  (re-exported for the tests)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -94,21 +95,6 @@ class LiveServer:
             raise RuntimeError("uvicorn did not shut down within 30 s")
 
 
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    """``response`` is ``status`` in the service's one error schema; returns its ``error`` object."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"code", "message", "details", "request_id"}, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["request_id"] == response.headers["x-request-id"]
-    for detail in error["details"]:
-        assert set(detail) == {"loc", "message", "type"}, detail
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 def metric_value(text: str, sample_name: str, labels: dict[str, str] | None = None) -> float:

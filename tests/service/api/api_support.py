@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from service.api.score.serving import CandidateResult, ScoreResult
 from service.history import HistoryStore
+from http_support import assert_error  # noqa: F401  (re-exported for the tests)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -78,18 +79,3 @@ async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    """The response is ``status`` in the one error schema; returns its ``error`` object."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"code", "message", "details", "request_id"}, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["request_id"] == response.headers["x-request-id"]
-    for detail in error["details"]:
-        assert set(detail) == {"loc", "message", "type"}, detail
-    if code is not None:
-        assert error["code"] == code, error
-    return error
