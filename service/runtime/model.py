@@ -54,6 +54,7 @@ class LoadedModel:
     prompt: PromptConfig
     k_text: int
     fusion: Fusion | None
+    crm_item_table: torch.Tensor  # the CRM's catalog vectors; fixed per version, so built once at load
 
 
 def load_model(bundle_dir: str | Path) -> LoadedModel:
@@ -74,5 +75,7 @@ def load_model(bundle_dir: str | Path) -> LoadedModel:
     fusion = Fusion(**bundle.load_json(FUSION)) if FUSION in files else None
     llm = bundle.manifest.components.get("llm")
     k_text = int(llm.config.get("k_text", 10)) if llm else 10
+    with torch.no_grad():
+        table = crm.item_table()
     return LoadedModel(bundle.manifest.version, bundle, catalog, crm, config, space,
-                       torch.from_numpy(catalog.embeddings), mixer, lora_config, prompt, k_text, fusion)
+                       torch.from_numpy(catalog.embeddings), mixer, lora_config, prompt, k_text, fusion, table)

@@ -54,7 +54,7 @@ def run_crm(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray
         hist_items=history.items[None, :], hist_ratings=history.ratings[None, :],
         hist_lengths=np.asarray([len(history.items)]), targets=candidates, item_embeddings=model.item_embeddings,
         l_long=cfg.l_long, l_crm=cfg.l_crm, l_recent=cfg.l_recent)
-    table = model.crm.item_table()
+    table = model.crm_item_table
     rep = model.crm.user_representation(user, table)
     logits = model.crm.score(rep, target, table)
     return CRMResult(torch.sigmoid(logits).numpy(), rep[0])
