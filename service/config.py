@@ -7,6 +7,7 @@ process entry point, so tests can build several differently configured apps side
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.bundle.manifest import validate_version
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 BundleVersion = Annotated[str, AfterValidator(validate_version)]
 
 
@@ -77,6 +79,15 @@ class Settings(BaseSettings):
     max_event_future_s: int = Field(86_400, ge=0, description=(
         "How far ahead of the server clock an event timestamp (seconds) may lie: clock skew, not ms."))
 
+    # --- model administration (/admin/v1)
+    admin_enabled: bool = Field(False, description=(
+        "Serve the admin API (push, validate, activate, roll back, delete model versions)."))
+    admin_token_sha256: list[str] = Field(default_factory=list, description=(
+        "Hex sha256 of each accepted admin bearer token, as a JSON list; the tokens themselves are "
+        "never stored. `reclora admin-token` makes a token and its hash."))
+    admin_max_upload_bytes: int = Field(4 << 30, ge=1024, description="Largest model upload (body and unpacked).")
+    max_lora_rank: int = Field(64, ge=1, le=1024, description="Highest LoRA rank a version may bring.")
+
     # --- logging
     log_level: LogLevel = "INFO"
     log_json: bool = Field(True, description="One JSON object per line; False for human-readable lines.")
@@ -90,6 +101,12 @@ class Settings(BaseSettings):
                              f"({self.max_deadline_ms})")
         if "{" in self.redis_prefix or "}" in self.redis_prefix:
             raise ValueError("redis_prefix must not contain braces (they would become the cluster hash tag)")
+        for digest in self.admin_token_sha256:
+            if not _SHA256_HEX.fullmatch(digest):
+                raise ValueError("admin_token_sha256 entries must be 64 lowercase hex characters (a sha256 digest)")
+        if self.admin_enabled and not self.admin_token_sha256:
+            raise ValueError("the admin API is enabled but no admin token is configured: set "
+                             "RECLORA_ADMIN_TOKEN_SHA256 (see `reclora admin-token`) or disable it")
         if self.engine == "vllm" and self.vllm_url is None:
             raise ValueError("engine 'vllm' needs vllm_url (RECLORA_VLLM_URL)")
         return self

@@ -15,6 +15,10 @@ from prometheus_client.exposition import choose_encoder
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("history", "retrieval", "crm", "adapter", "llm", "total")
 DEGRADED_REASONS = ("history_unavailable", "deadline", "llm_timeout", "llm_error")
+# Why a model push or activation was refused (service.registry): a bounded label set.
+REFUSAL_REASONS = ("unauthorized", "name", "exists", "too_large", "archive", "bundle", "incompatible",
+                   "rank_limit", "prompt_mismatch", "smoke_test", "no_engine")
+ACTIVATION_KINDS = ("activate", "rollback")
 
 
 class Metrics:
@@ -47,11 +51,20 @@ class Metrics:
         self.events_appended = Counter(
             "reclora_events_appended", "Behaviour events appended to user histories.", registry=r)
         self.model = Info("reclora_model", "The model bundle version being served.", registry=r)
+        self.model_activations = Counter(
+            "reclora_model_activations", "Model versions activated, by kind (activate or rollback).",
+            ["kind"], registry=r)
+        self.model_refusals = Counter(
+            "reclora_model_refusals", "Model pushes and activations refused, by reason.", ["reason"], registry=r)
         # Pre-create the known label sets so dashboards see zero-valued series from the start.
         for stage in STAGES:
             self.stage_latency.labels(stage)
         for reason in DEGRADED_REASONS:
             self.degraded.labels(reason)
+        for kind in ACTIVATION_KINDS:
+            self.model_activations.labels(kind)
+        for reason in REFUSAL_REASONS:
+            self.model_refusals.labels(reason)
 
     def observe_stage(self, stage: str, ms: float) -> None:
         self.stage_latency.labels(stage).observe(ms / 1000.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from service.api.admin.router import router as admin_router
 from service.api.errors import install_error_handlers
 from service.api.events.router import router as events_router
 from service.api.health.router import router as health_router
@@ -27,11 +28,15 @@ def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.scorer = scorer
+    app.state.models = None  # the model registry, built with the scorer by the lifespan
     app.state.history = history
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       limits={admin_router.prefix: settings.admin_max_upload_bytes})
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last = outermost
     for router in (health_router, metrics_router, score_router, events_router):
         app.include_router(router)
+    if settings.admin_enabled:
+        app.include_router(admin_router)
     return app

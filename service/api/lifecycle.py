@@ -72,6 +72,16 @@ async def load_scorer(app: FastAPI) -> None:
         state.lifecycle.model_error = f"{type(exc).__name__}: {exc}"
         return
     state.lifecycle.owned.add("scorer")
+    if state.settings.admin_enabled:
+        try:
+            from service.registry.manager import build_manager
+
+            state.models = await asyncio.to_thread(build_manager, state.settings, state.metrics, scorer)
+        except Exception as exc:
+            log.exception("model registry failed to start; the service stays not ready")
+            state.lifecycle.model_error = f"model registry: {type(exc).__name__}: {exc}"
+            scorer.close()
+            return
     state.scorer = scorer
     state.metrics.set_model_version(scorer.model_version)
     log.info("model loaded", extra={"model_version": scorer.model_version})

@@ -86,19 +86,27 @@ def _route(scope: Scope) -> str:
 
 class BodyLimitMiddleware:
     """Refuse request bodies over ``max_bytes`` with 413: up front by Content-Length, else while
-    streaming (the route's body reader turns the raised HTTPException into the error schema)."""
+    streaming (the route's body reader turns the raised HTTPException into the error schema).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    ``limits`` gives other caps by path prefix (model uploads are large and capped by their own
+    setting); the longest matching prefix wins."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.limits = sorted((limits or {}).items(), key=lambda kv: -len(kv[0]))
+
+    def _limit(self, path: str) -> int:
+        return next((cap for prefix, cap in self.limits if path.startswith(prefix)), self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope.get("path", ""))
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large()(scope, receive, send)
+        if declared.isdigit() and int(declared) > limit:
+            await self._too_large(limit)(scope, receive, send)
             return
         seen = 0
 
@@ -107,14 +115,15 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, self._message())
+                if seen > limit:
+                    raise HTTPException(413, self._message(limit))
             return message
 
         await self.app(scope, receive_limited, send)
 
-    def _message(self) -> str:
-        return f"request body larger than {self.max_bytes} bytes"
+    @staticmethod
+    def _message(limit: int) -> str:
+        return f"request body larger than {limit} bytes"
 
-    def _too_large(self) -> ASGIApp:
-        return error_response(413, "content_too_large", self._message())
+    def _too_large(self, limit: int) -> ASGIApp:
+        return error_response(413, "content_too_large", self._message(limit))

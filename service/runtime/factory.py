@@ -12,25 +12,23 @@ from service.llm.precision import resolve_dtype
 from service.llm.prompt import PromptBuilder
 from service.metrics import Metrics
 from service.personalization.adapter_cache import AdapterCache, CacheEvents
+from service.registry.store import ModelStore
 from service.runtime.model import LoadedModel, load_model
 from service.scoring.pipeline import ModelHolder, ScoringPipeline
 
 log = logging.getLogger(__name__)
-ACTIVE_POINTER = "ACTIVE"
 
 
 def active_version(store: Path, configured: str | None) -> str:
     """The configured version, else the store's ACTIVE pointer, else the newest bundle."""
     if configured:
         return configured
-    pointer = store / ACTIVE_POINTER
-    if pointer.is_file():
-        return pointer.read_text().strip()
-    versions = sorted((p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")
-                       and (p / "manifest.json").is_file()), key=lambda p: p.stat().st_mtime)
-    if not versions:
+    models = ModelStore(store)
+    versions = models.versions()
+    version = models.pointer() or (versions[-1] if versions else None)
+    if version is None:
         raise FileNotFoundError(f"no model bundle in {store}: export one with `reclora export`")
-    return versions[-1].name
+    return version
 
 
 def build_torch_engine(settings: Settings, model: LoadedModel):

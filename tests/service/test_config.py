@@ -76,3 +76,20 @@ def test_vllm_engine_with_url():
 def test_settings_are_immutable():
     with pytest.raises(ValidationError):
         Settings().port = 1
+
+
+def test_admin_needs_a_token_digest():
+    with pytest.raises(ValueError, match="no admin token"):
+        Settings(admin_enabled=True)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        Settings(admin_enabled=True, admin_token_sha256=["secret-in-clear"])
+    assert Settings(admin_enabled=True, admin_token_sha256=["a" * 64]).admin_enabled
+
+
+def test_admin_token_matching_is_by_digest():
+    from service.api.admin.auth import new_token, token_matches
+
+    token, digest = new_token()
+    assert token_matches(token, ["0" * 64, digest])
+    assert not token_matches(token + "x", [digest])
+    assert not token_matches(token, [])

@@ -1,5 +1,5 @@
 """Export trained artifacts as versioned model bundles the runtime can load."""
 
-from training.export.bundle_writer import BundleWriter
+from service.bundle.writer import BundleWriter
 
 __all__ = ["BundleWriter"]

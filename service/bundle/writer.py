@@ -1,5 +1,8 @@
 """Write a model bundle into a staging directory and publish it atomically once it validates.
 
+Used by the offline exporter and by the running service, which derives new versions from pushed
+parts (a new LoRA set or CRM checkpoint on top of the active bundle).
+
 Readers of the store never see a half-written bundle: files go to ``<store>/.staging-<uuid>/``,
 the manifest is written last, the result is checked with the runtime's own reader, and only
 then is the directory renamed to ``<store>/<version>``.

@@ -1,0 +1,111 @@
+"""Admin logic between HTTP and the model registry: spooling uploads, mapping refusals to errors.
+
+Registry operations load and score models, so they run in a worker thread; the event loop keeps
+serving traffic meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import HTTPException
+
+from service.api.admin.protocol import ActivationResponse, PushResult, VersionInfo, VersionList
+from service.api.errors import ApiError, Conflict, ErrorDetail, InvalidRequest
+from service.registry.archive import UploadError, receive
+from service.registry.errors import ValidationFailed
+from service.registry.store import StoreError, UnknownVersion
+
+if TYPE_CHECKING:  # the registry loads models (torch); the app imports without it
+    from service.registry.manager import ActivationResult, ModelManager
+
+T = TypeVar("T")
+
+
+class NotFound(ApiError):
+    status_code = 404
+    code = "not_found"
+
+
+class TooLarge(ApiError):
+    status_code = 413
+    code = "content_too_large"
+
+
+def _refusal(exc: Exception) -> ApiError:
+    if isinstance(exc, ValidationFailed):
+        if exc.reason == "exists":
+            return Conflict(str(exc), code="version_exists")
+        return InvalidRequest([ErrorDetail(loc="bundle", message=str(exc), type=exc.reason)],
+                              code="model_refused", message=f"model refused ({exc.reason}): {exc}")
+    if isinstance(exc, UploadError):
+        if exc.reason == "too_large":
+            return TooLarge(str(exc))
+        return InvalidRequest([ErrorDetail(loc="body", message=str(exc), type=exc.reason)],
+                              code="model_refused", message=f"model refused ({exc.reason}): {exc}")
+    if isinstance(exc, UnknownVersion):
+        return NotFound(str(exc), code="unknown_version")
+    return Conflict(str(exc))
+
+
+async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except (ValidationFailed, UploadError, StoreError) as exc:
+        raise _refusal(exc) from None
+
+
+def list_versions(manager: ModelManager) -> VersionList:
+    return VersionList(active=manager.active, versions=[VersionInfo(**v) for v in manager.describe()],
+                       history=manager.history())
+
+
+async def push(manager: ModelManager, body: AsyncIterator[bytes], version: str, *, parts: bool,
+               activate: bool, base: str | None = None, description: str = "") -> PushResult:
+    """Spool the body into the store, then validate and publish it (and activate when asked)."""
+    start = time.perf_counter()
+    path = manager.incoming_path()
+    try:
+        try:
+            await receive(body, path, manager.max_upload_bytes)
+        except UploadError as exc:
+            manager.events.refused(exc.reason)
+            raise _refusal(exc) from None
+        except HTTPException as exc:  # the body limit middleware cut the stream
+            if exc.status_code == 413:
+                manager.events.refused("too_large")
+            raise
+        if parts:
+            result = await _run(manager.push_parts, path, version, base=base, activate=activate,
+                                description=description)
+        else:
+            result = await _run(manager.push_bundle, path, version, activate=activate)
+    finally:
+        path.unlink(missing_ok=True)
+    return PushResult(**result, seconds=time.perf_counter() - start)
+
+
+async def validate(manager: ModelManager, version: str) -> PushResult:
+    start = time.perf_counter()
+    result = await _run(manager.register, version)
+    return PushResult(**result, seconds=time.perf_counter() - start)
+
+
+def _activation(result: ActivationResult) -> ActivationResponse:
+    return ActivationResponse(version=result.version, previous=result.previous, seconds=result.seconds,
+                              checks=result.validation.checks if result.validation else [])
+
+
+async def activate(manager: ModelManager, version: str) -> ActivationResponse:
+    return _activation(await _run(manager.activate, version))
+
+
+async def rollback(manager: ModelManager) -> ActivationResponse:
+    return _activation(await _run(manager.rollback))
+
+
+async def delete(manager: ModelManager, version: str) -> None:
+    await _run(manager.delete, version)

@@ -1,0 +1,290 @@
+"""Push, validate, activate, roll back and delete model versions on a running service.
+
+One operation at a time (a lock): validation scores golden requests on the shared engine and
+activation swaps the pipeline's model reference, so two pushes must not interleave. Scoring
+traffic never waits for the lock: a request takes one snapshot of the active version when it
+starts and finishes on it, so an activation neither drops nor mixes requests. New versions are
+unpacked and validated in a private staging directory of the store and renamed into place only
+when every check passed; a refused version never touches what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.bundle import BundleError, validate_version
+from service.bundle.writer import BundleWriter
+from service.registry.archive import UploadError, unpack
+from service.registry.store import ModelStore, StoreError, UnknownVersion
+from service.registry.errors import ValidationFailed
+from service.registry.validation import BaseModelSpec, ValidationReport, validate
+from service.scoring.pipeline import ScoringPipeline
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIXES = (".upload-", ".incoming-", ".staging-", ".deleted-", ".replaced-")
+STALE_AFTER_S = 3600.0
+# Parts that may be pushed on top of a base version, by what they replace.
+PART_GROUPS = {
+    "lora": {"lora/config.json", "lora/weights.safetensors"},
+    "crm": {"crm/config.json", "crm/weights.safetensors"},
+}
+OPTIONAL_PARTS = {"fusion.json"}
+
+
+@dataclass(frozen=True)
+class ActivationResult:
+    version: str
+    previous: str
+    validation: ValidationReport | None
+    seconds: float
+
+
+@dataclass
+class RegistryEvents:
+    """Metrics hooks."""
+
+    activated: Callable[[str, str], None] = lambda kind, version: None  # kind: activate | rollback
+    refused: Callable[[str], None] = lambda reason: None
+
+
+class ModelManager:
+    def __init__(self, store: ModelStore, pipeline: ScoringPipeline, spec: BaseModelSpec | None, *,
+                 max_rank: int, max_upload_bytes: int, events: RegistryEvents | None = None) -> None:
+        self.store, self.pipeline, self.spec = store, pipeline, spec
+        self.max_rank, self.max_upload_bytes = max_rank, max_upload_bytes
+        self.events = events or RegistryEvents()
+        self._lock = threading.Lock()
+        self.clean_stale()
+        history = store.history()
+        if not history or history[-1]["version"] != self.active:  # started on a version never activated here
+            store.record_activation(self.active)
+
+    @property
+    def active(self) -> str:
+        return self.pipeline.model_version
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every version in the store with its manifest summary, newest last."""
+        active, out = self.active, []
+        previous = self.store.previous(active)
+        for version in self.store.versions():
+            try:
+                manifest = self.store.manifest(version)
+            except (StoreError, ValueError) as exc:
+                out.append({"version": version, "active": version == active, "error": str(exc)})
+                continue
+            out.append({
+                "version": version, "active": version == active, "previous": version == previous,
+                "created_at": manifest.created_at.isoformat(), "description": manifest.description,
+                "components": {k: c.kind for k, c in manifest.components.items()},
+                "metrics": manifest.metrics, "parents": manifest.parents,
+                "size_bytes": sum(f.size for f in manifest.files),
+            })
+        return out
+
+    def history(self) -> list[dict[str, str]]:
+        return self.store.history()
+
+    # -- pushes ------------------------------------------------------------------------------
+
+    def incoming_path(self) -> Path:
+        """Where an upload's body is spooled (inside the store: same disk, same rename domain)."""
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        return self.store.root / f".incoming-{uuid.uuid4().hex}.tar"
+
+    def push_bundle(self, archive: Path, version: str, *, activate: bool = False) -> dict[str, Any]:
+        """A whole bundle from a tar; validated in staging, then published (and maybe activated)."""
+        with self._refusals(), self._lock:
+            self._check_new_version(version)
+            staging = self._staging()
+            try:
+                target = staging / version
+                target.mkdir()
+                unpack(archive, target, max_bytes=self.max_upload_bytes)
+                return self._publish_validated(staging, version, activate)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def push_parts(self, archive: Path, version: str, *, base: str | None = None,
+                   activate: bool = False, description: str = "") -> dict[str, Any]:
+        """A new LoRA set or CRM checkpoint on top of ``base`` (default: the active version)."""
+        with self._refusals(), self._lock:
+            self._check_new_version(version)
+            base = base or self.active
+            if not self.store.exists(base):
+                raise UnknownVersion(f"base version {base!r} is not in the store")
+            staging = self._staging()
+            try:
+                parts = staging / "parts"
+                parts.mkdir()
+                names = set(unpack(archive, parts, max_bytes=self.max_upload_bytes, allow_manifest=False))
+                replaced = self._check_parts(names)
+                self._derive(staging, base, version, parts, names, replaced, description)
+                return self._publish_validated(staging, version, activate)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def register(self, version: str) -> dict[str, Any]:
+        """Validate a version copied into the store by other means (no activation)."""
+        with self._refusals(), self._lock:
+            if not self.store.exists(version):
+                raise UnknownVersion(f"version {version!r} is not in the store")
+            _, _, report = self._validate(self.store.path(version))
+            return {"version": version, "checks": report.checks, "activated": False}
+
+    # -- activation --------------------------------------------------------------------------
+
+    def activate(self, version: str) -> ActivationResult:
+        with self._refusals(), self._lock:
+            return self._activate(version, kind="activate")
+
+    def rollback(self) -> ActivationResult:
+        with self._refusals(), self._lock:
+            previous = self.store.previous(self.active)
+            if previous is None:
+                raise StoreError("there is no previous version to roll back to")
+            return self._activate(previous, kind="rollback")
+
+    def delete(self, version: str) -> None:
+        with self._lock:
+            validate_version(version)
+            self.store.delete(version, active=self.active)
+            self.pipeline.cache.drop_version(version)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _activate(self, version: str, *, kind: str) -> ActivationResult:
+        start = time.perf_counter()
+        previous = self.active
+        if not self.store.exists(version):
+            raise UnknownVersion(f"version {version!r} is not in the store")
+        report = None
+        if version != previous:
+            model, builder, report = self._validate(self.store.path(version))
+            self.pipeline.holder.swap(model, builder)
+        self.store.record_activation(version, rollback=kind == "rollback")
+        self.events.activated(kind, version)
+        seconds = time.perf_counter() - start
+        log.info("model %s: %s -> %s in %.2f s", kind, previous, version, seconds)
+        return ActivationResult(version, previous, report, seconds)
+
+    def _validate(self, bundle_dir: Path):
+        _, current_builder = self.pipeline.holder.snapshot()
+        tokenizer = getattr(current_builder, "tokenizer", None)
+
+        def builder_for(prompt_config):
+            from service.llm.prompt import PromptBuilder
+
+            return PromptBuilder(tokenizer, prompt_config)
+
+        return validate(bundle_dir, self.spec if tokenizer is not None else None, max_rank=self.max_rank,
+                        engine=self.pipeline.engine if tokenizer is not None else None, builder_for=builder_for)
+
+    def _publish_validated(self, staging: Path, version: str, activate: bool) -> dict[str, Any]:
+        _, _, report = self._validate(staging / version)
+        self._check_new_version(version)
+        os.rename(staging / version, self.store.path(version))
+        log.info("model %s published to the store", version)
+        result: dict[str, Any] = {"version": version, "checks": report.checks, "activated": False}
+        if activate:
+            activation = self._activate(version, kind="activate")
+            result.update(activated=True, previous=activation.previous)
+        return result
+
+    def _check_new_version(self, version: str) -> None:
+        try:
+            validate_version(version)
+        except ValueError as exc:
+            raise ValidationFailed("name", str(exc)) from None
+        if self.store.exists(version) or os.path.lexists(self.store.root / version):
+            raise ValidationFailed("exists", f"version {version!r} already exists; versions are immutable, "
+                                   "push under a new name")
+
+    def _staging(self) -> Path:
+        path = self.store.root / f".upload-{uuid.uuid4().hex}"
+        path.mkdir(parents=True)
+        return path
+
+    @staticmethod
+    def _check_parts(names: set[str]) -> list[str]:
+        allowed = set().union(*PART_GROUPS.values()) | OPTIONAL_PARTS
+        unknown = sorted(names - allowed)
+        if unknown:
+            raise UploadError(f"parts may only be {sorted(allowed)}; got {unknown[:5]}")
+        groups = [g for g, files in PART_GROUPS.items() if names & files]
+        if not groups:
+            raise UploadError(f"the parts archive replaces nothing: include {sorted(PART_GROUPS['lora'])} "
+                              f"or {sorted(PART_GROUPS['crm'])}")
+        return groups
+
+    def _derive(self, staging: Path, base: str, version: str, parts: Path, names: set[str], groups: list[str],
+                description: str) -> None:
+        """Write ``version`` = ``base`` with the pushed files replacing its own (hashes recomputed)."""
+        base_dir = self.store.path(base)
+        manifest = self.store.manifest(base)
+        try:
+            with BundleWriter(staging, version, description=description or
+                              f"{base} with a new {' and '.join(groups)} ({', '.join(sorted(names))})") as writer:
+                for entry in manifest.files:
+                    if entry.path not in names:
+                        writer.add_file(entry.path, base_dir / entry.path)
+                for name in sorted(names):
+                    writer.add_file(name, parts / name)
+                for name, component in manifest.components.items():
+                    writer.set_component(name, kind=component.kind, config=component.config)
+                writer.set_parents([base])
+                # Offline metrics described the base's weights; they do not carry over.
+                writer.set_extra({"derived_from": base, "replaced": sorted(names)})
+        except BundleError as exc:
+            raise ValidationFailed("bundle", str(exc)) from None
+
+    @contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """Count a refused push or activation by reason as it propagates."""
+        try:
+            yield
+        except (ValidationFailed, UploadError) as exc:
+            self.events.refused(exc.reason)
+            raise
+
+    def clean_stale(self) -> None:
+        """Remove leftovers of interrupted uploads and deletions (older than an hour)."""
+        if not self.store.root.is_dir():
+            return
+        now = time.time()
+        for path in self.store.root.iterdir():
+            if path.name.startswith(STAGING_PREFIXES) and now - path.lstat().st_mtime > STALE_AFTER_S:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+
+def build_manager(settings, metrics, pipeline: ScoringPipeline) -> ModelManager:
+    """The registry of a running service: store, base-model spec for adapter checks, metrics hooks."""
+    _, builder = pipeline.holder.snapshot()
+    spec = None
+    if builder is not None:
+        spec = BaseModelSpec.from_pretrained_config(settings.base_model_dir, yes_id=builder.yes_id, no_id=builder.no_id)
+
+    def activated(kind: str, version: str) -> None:
+        metrics.model_activations.labels(kind).inc()
+        metrics.set_model_version(version)
+
+    events = RegistryEvents(activated=activated, refused=lambda reason: metrics.model_refusals.labels(reason).inc())
+    return ModelManager(ModelStore(settings.model_store), pipeline, spec, max_rank=settings.max_lora_rank,
+                        max_upload_bytes=settings.admin_max_upload_bytes, events=events)

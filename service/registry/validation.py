@@ -1,0 +1,182 @@
+"""Everything a candidate version must pass before it may be activated.
+
+In order: the bundle reader (manifest schema, sizes, hashes, file kinds: safetensors/JSON/NPY/
+parquet only, pickle refused), the runtime loader (CRM weights strictly against the CRM config,
+meta-LoRA banks against the LoRA config), the LoRA against the base model the service runs
+(module names, shapes, floating dtypes, rank within the serving limit), the prompt's answer
+tokens against the engine's, then a smoke test: a few golden requests scored end to end with the
+candidate, refused on NaN, infinities or probabilities outside [0, 1]. Each refusal carries a
+``reason`` (a bounded metrics label) and a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from service.bundle import BundleError
+from service.engine.base import ScoringEngine
+from service.llm.prompt import PromptBuilder
+from service.registry.errors import ValidationFailed
+from service.runtime.model import LoadedModel, load_model
+from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
+
+SMOKE_CANDIDATES = 5
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """What an adapter must fit: the base model's target-able Linear layers and the label tokens."""
+
+    linear_shapes: dict[str, tuple[int, int]]  # module name -> (in_features, out_features)
+    yes_id: int | None = None
+    no_id: int | None = None
+
+    @classmethod
+    def from_pretrained_config(cls, base_model_dir: Path, *, yes_id: int | None = None,
+                               no_id: int | None = None) -> "BaseModelSpec":
+        """Shapes read off the architecture built on the meta device: no weights are loaded."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(base_model_dir, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        shapes = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear)}
+        return cls(shapes, yes_id, no_id)
+
+
+@dataclass
+class ValidationReport:
+    version: str
+    checks: list[str] = field(default_factory=list)
+    smoke_scores: list[list[float]] = field(default_factory=list)
+
+
+def load_candidate(bundle_dir: Path) -> LoadedModel:
+    """The runtime objects of a candidate, or ValidationFailed saying why it cannot load."""
+    try:
+        return load_model(bundle_dir)
+    except BundleError as exc:
+        raise ValidationFailed("bundle", str(exc)) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValidationFailed("incompatible", f"{exc.title}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ValidationFailed("incompatible", f"{type(exc).__name__}: {_short(str(exc))}") from None
+
+
+def check_lora(model: LoadedModel, spec: BaseModelSpec, max_rank: int) -> list[str]:
+    """The meta-LoRA banks fit the base model: every target module present, shapes, dtypes, rank."""
+    if model.mixer is None:
+        return ["no LoRA in this version (CRM only)"]
+    cfg = model.lora_config
+    if cfg.r > max_rank:
+        raise ValidationFailed("rank_limit", f"LoRA rank {cfg.r} exceeds the serving limit of {max_rank}")
+    expected = {n for n in spec.linear_shapes if n.rsplit(".", 1)[-1] in cfg.target_modules}
+    names = set(model.mixer.module_names)
+    if not expected:
+        raise ValidationFailed("incompatible", f"the base model has no Linear layers named {cfg.target_modules}")
+    if names != expected:
+        missing, unknown = sorted(expected - names), sorted(names - expected)
+        raise ValidationFailed("incompatible", "LoRA modules do not match the base model: "
+                               f"missing {missing[:3]}, not in the base model {unknown[:3]}")
+    for name, a, b in zip(model.mixer.module_names, model.mixer.banks_a, model.mixer.banks_b):
+        d_in, d_out = spec.linear_shapes[name]
+        want_a, want_b = (cfg.n_meta, d_in, cfg.r), (cfg.n_meta, cfg.r, d_out)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise ValidationFailed("incompatible", f"{name}: LoRA shapes {tuple(a.shape)} / {tuple(b.shape)}, "
+                                   f"the base model needs {want_a} / {want_b}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValidationFailed("incompatible", f"{name}: LoRA weights contain NaN or infinity")
+    return [f"LoRA: {len(names)} modules, rank {cfg.r} (limit {max_rank}), {cfg.n_meta} meta-LoRAs"]
+
+
+def check_weight_dtypes(model: LoadedModel) -> list[str]:
+    """Stored tensors are floating point where the runtime computes with them."""
+    for rel in ("crm/weights.safetensors", "lora/weights.safetensors"):
+        if model.bundle.manifest.entry(rel) is None:
+            continue
+        for name, tensor in model.bundle.load_safetensors(rel).items():
+            if not tensor.is_floating_point() and not name.endswith("num_batches_tracked"):
+                raise ValidationFailed("incompatible", f"{rel}: tensor {name!r} has dtype {tensor.dtype}; "
+                                       "weights must be floating point")
+    return ["weights: floating dtypes"]
+
+
+def golden_requests(model: LoadedModel) -> list[tuple[UserHistoryView, np.ndarray]]:
+    """A cold-start user and two users with histories from the candidate's own catalog."""
+    dense = np.sort(model.catalog.items["item_idx"].to_numpy(np.int64))
+    candidates = dense[-SMOKE_CANDIDATES:]
+    pool = dense[:-SMOKE_CANDIDATES] if len(dense) > SMOKE_CANDIDATES else dense
+    out = [(UserHistoryView(np.zeros(0, np.int64), np.zeros(0, np.float32), {}), candidates)]
+    for length, rating in ((min(len(pool), 30), 4.0), (min(len(pool), 5), 2.0)):
+        items = pool[:length]
+        out.append((UserHistoryView(items, np.full(len(items), rating, np.float32), {}), candidates))
+    return out
+
+
+def smoke_test(model: LoadedModel, engine: ScoringEngine | None, builder: PromptBuilder | None,
+               report: ValidationReport) -> None:
+    """Score the golden requests with the candidate exactly as the pipeline would."""
+    for i, (view, candidates) in enumerate(golden_requests(model)):
+        crm = run_crm(model, view, candidates)
+        _check_probabilities(crm.scores, f"golden request {i}: CRM")
+        row = [float(x) for x in crm.scores]
+        if model.mixer is not None and engine is not None and builder is not None:
+            histories = retrieve_text_history(model, view, candidates)
+            adapter = build_adapter(model, f"smoke-{i}", model.mixer.mixtures(crm.user_rep))
+            prefix, suffixes = build_prompts(builder, model, view, candidates, histories)
+            llm = engine.score(adapter, prefix, suffixes)
+            _check_probabilities(llm, f"golden request {i}: LLM")
+            if model.fusion is not None:
+                _check_probabilities(model.fusion(llm, crm.scores), f"golden request {i}: fused")
+            row = [float(x) for x in llm]
+        report.smoke_scores.append(row)
+    report.checks.append(f"smoke test: {len(report.smoke_scores)} golden requests scored")
+
+
+def _check_probabilities(p: np.ndarray, what: str) -> None:
+    p = np.asarray(p, dtype=np.float64)
+    if not np.isfinite(p).all():
+        raise ValidationFailed("smoke_test", f"{what} produced NaN or infinite scores")
+    if (p < 0).any() or (p > 1).any():
+        raise ValidationFailed("smoke_test", f"{what} produced scores outside [0, 1]")
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, engine: ScoringEngine | None,
+             builder_for) -> tuple[LoadedModel, PromptBuilder | None, ValidationReport]:
+    """Run every check on the bundle at ``bundle_dir``; the loaded model ready to swap in.
+
+    ``builder_for(prompt_config)`` makes the prompt builder on the served tokenizer (None when the
+    service runs no LLM).
+    """
+    model = load_candidate(bundle_dir)
+    report = ValidationReport(model.version, [f"bundle: {len(model.bundle.manifest.files)} files, hashes verified"])
+    report.checks += check_weight_dtypes(model)
+    builder = None
+    if model.mixer is not None:
+        if spec is None or engine is None:
+            raise ValidationFailed("no_engine", "this version has a LoRA but the service runs no LLM engine "
+                                   "(it was started with a CRM-only version); restart it on an LLM version")
+        report.checks += check_lora(model, spec, max_rank)
+        builder = builder_for(model.prompt)
+        if (spec.yes_id, spec.no_id) != (builder.yes_id, builder.no_id):
+            raise ValidationFailed("prompt_mismatch", f"the prompt's answer tokens ({builder.yes_id}, {builder.no_id}) "
+                                   f"differ from the engine's ({spec.yes_id}, {spec.no_id})")
+    try:
+        smoke_test(model, engine, builder, report)
+    except ValidationFailed:
+        raise
+    except Exception as exc:  # any failure to score is a refusal, never a crash of the service
+        raise ValidationFailed("smoke_test", f"scoring a golden request failed: {type(exc).__name__}: "
+                               f"{_short(str(exc))}") from None
+    return model, builder, report

@@ -1,0 +1,288 @@
+"""The model lifecycle against a running service: push, validate, activate, roll back, delete.
+
+A second gateway (admin API on, its own copy of the model store) serves real HTTP over the e2e
+world. Every refused push must leave the served version and its scores untouched; activation
+under concurrent traffic must drop nothing and never mix versions in one answer; rollback must
+restore the previous scores exactly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from e2e_support import LiveServer, World, assert_error, metric_value
+from safetensors.torch import load_file, save_file
+
+from service.api.admin.auth import new_token
+
+CANDIDATES = [3, 17, 42, 58, 71, 80]
+UPLOAD_CAP = 8 << 20
+
+
+def tar_of(files: dict[str, bytes], *, gz: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    return gzip.compress(raw) if gz else raw
+
+
+def bundle_files(bundle_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(bundle_dir).as_posix(): p.read_bytes() for p in sorted(bundle_dir.rglob("*")) if p.is_file()}
+
+
+def perturbed_lora(bundle_dir: Path, scale: float) -> bytes:
+    """The bundle's meta-LoRAs with every B bank scaled: a different, valid LoRA set."""
+    weights = load_file(bundle_dir / "lora" / "weights.safetensors")
+    out = {k: (v * scale if k.endswith(".lora_B") else v).contiguous() for k, v in weights.items()}
+    path = bundle_dir.parent / f".lora-{scale}.safetensors"
+    save_file(out, path)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+@pytest.fixture(scope="module")
+def token() -> tuple[str, str]:
+    return new_token()
+
+
+@pytest.fixture(scope="module")
+def admin(world: World, tmp_path_factory, token) -> Iterator[LiveServer]:
+    store = tmp_path_factory.mktemp("admin") / "model_store"
+    shutil.copytree(world.bundle_dir, store / world.version)
+    server = LiveServer.start(world.settings(model_store=store, active_version=None, admin_enabled=True,
+                                             admin_token_sha256=[token[1]], admin_max_upload_bytes=UPLOAD_CAP))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(admin: LiveServer, token) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=admin.url, timeout=120, headers={"Authorization": f"Bearer {token[0]}"}) as c:
+        yield c
+
+
+def scores(client: httpx.Client, user: str) -> tuple[str, list[float]]:
+    r = client.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert not body["degraded"], body
+    return body["model_version"], [s["score"] for s in body["scores"]]
+
+
+def active(client: httpx.Client) -> str:
+    r = client.get("/admin/v1/models")
+    assert r.status_code == 200, r.text
+    return r.json()["active"]
+
+
+def put(client: httpx.Client, path: str, body: bytes, **params) -> httpx.Response:
+    return client.put(path, content=body, params=params, headers={"Content-Type": "application/x-tar"})
+
+
+class TestRefusals:
+    """Each bad push is refused with a clear error; the served version and scores stay as they were."""
+
+    @pytest.fixture(autouse=True)
+    def unchanged(self, client: httpx.Client, world: World) -> Iterator[None]:
+        user = world.users[0]
+        before = scores(client, user)
+        yield
+        assert active(client) == world.version
+        assert scores(client, user) == before
+
+    def test_no_token(self, admin: LiveServer):
+        with admin.client() as anonymous:
+            r = anonymous.get("/admin/v1/models")
+        assert_error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+
+    def test_wrong_token(self, admin: LiveServer, world: World):
+        with httpx.Client(base_url=admin.url, headers={"Authorization": "Bearer not-the-token"}) as wrong:
+            r = wrong.put("/admin/v1/models/v9", content=tar_of(bundle_files(world.bundle_dir)))
+            assert_error(r, 401, "unauthorized")
+            assert_error(wrong.post(f"/admin/v1/models/{world.version}/activate"), 401, "unauthorized")
+
+    def test_pickle_file(self, client, world: World):
+        files = bundle_files(world.bundle_dir) | {"crm/extra.pkl": b"\x80\x04K\x01."}
+        r = put(client, "/admin/v1/models/bad-pickle", tar_of(files))
+        assert_error(r, 422, "model_refused")
+        assert "pickle" in r.json()["error"]["message"]
+
+    def test_pickle_renamed_to_npy(self, client, world: World):
+        files = bundle_files(world.bundle_dir)
+        r = put(client, "/admin/v1/models/bad-npy", tar_of(files | {"items/embeddings.npy": b"\x80\x04K\x01."}))
+        assert_error(r, 422, "model_refused")
+
+    def test_wrong_lora_shape(self, client, world: World):
+        weights = load_file(world.bundle_dir / "lora" / "weights.safetensors")
+        key = next(k for k in sorted(weights) if k.endswith(".lora_A"))
+        weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1, weights[key].shape[2])
+        path = world.root / "wrong-shape.safetensors"
+        save_file(weights, path)
+        r = put(client, "/admin/v1/models/bad-shape/parts", tar_of({"lora/weights.safetensors": path.read_bytes()}))
+        assert_error(r, 422, "model_refused")
+        assert "shape" in r.json()["error"]["message"]
+
+    def test_lora_config_not_matching_its_weights(self, client, world: World):
+        config = json.loads((world.bundle_dir / "lora" / "config.json").read_text())
+        r = put(client, "/admin/v1/models/bad-rank/parts",
+                tar_of({"lora/config.json": json.dumps(config | {"r": 4096}).encode()}))
+        assert_error(r, 422, "model_refused")
+
+    @pytest.mark.parametrize("member", ["../x/manifest.json", "/etc/passwd.json", "lora/../../x.json"])
+    def test_escaping_names(self, client, member: str):
+        assert_error(put(client, "/admin/v1/models/escape", tar_of({member: b"{}"})), 422, "model_refused")
+
+    def test_bad_version_name(self, client, world: World):
+        r = put(client, "/admin/v1/models/a..b", tar_of(bundle_files(world.bundle_dir)))
+        assert_error(r, 422, "model_refused")
+
+    def test_link_member(self, client):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo("manifest.json")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        r = put(client, "/admin/v1/models/linked", buf.getvalue())
+        assert_error(r, 422, "model_refused")
+        assert "link" in r.json()["error"]["message"]
+
+    def test_oversized_body(self, client):
+        assert_error(put(client, "/admin/v1/models/huge", b"\0" * (UPLOAD_CAP + 1)), 413, "content_too_large")
+
+    def test_oversized_stream_without_length(self, client):
+        def chunks():
+            for _ in range(UPLOAD_CAP // (1 << 20) + 2):
+                yield b"\0" * (1 << 20)
+
+        r = client.put("/admin/v1/models/huge-stream", content=chunks())
+        assert_error(r, 413, "content_too_large")
+
+    def test_truncated_archive(self, client, world: World):
+        body = tar_of(bundle_files(world.bundle_dir))
+        r = put(client, "/admin/v1/models/truncated", body[: len(body) // 2])
+        assert_error(r, 422, "model_refused")
+        assert "truncated" in r.json()["error"]["message"]
+
+    def test_manifest_with_wrong_hash(self, client, world: World):
+        files = bundle_files(world.bundle_dir)
+        manifest = json.loads(files["manifest.json"])
+        manifest["version"] = "bad-hash"
+        manifest["files"][0]["sha256"] = "0" * 64
+        r = put(client, "/admin/v1/models/bad-hash", tar_of(files | {"manifest.json": json.dumps(manifest).encode()}))
+        assert_error(r, 422, "model_refused")
+        assert "sha256" in r.json()["error"]["message"]
+
+    def test_manifest_version_must_match_the_name(self, client, world: World):
+        r = put(client, "/admin/v1/models/other-name", tar_of(bundle_files(world.bundle_dir)))
+        assert_error(r, 422, "model_refused")
+
+    def test_existing_version_is_immutable(self, client, world: World):
+        r = put(client, f"/admin/v1/models/{world.version}", tar_of(bundle_files(world.bundle_dir)))
+        assert_error(r, 409, "version_exists")
+
+    def test_unknown_version(self, client):
+        assert_error(client.post("/admin/v1/models/nope/activate"), 404, "unknown_version")
+
+    def test_refusals_are_counted(self, client):
+        text = client.get("/metrics").text
+        assert metric_value(text, "reclora_model_refusals_total", {"reason": "unauthorized"}) >= 1
+        assert metric_value(text, "reclora_model_refusals_total", {"reason": "archive"}) >= 1
+
+
+class TestLifecycle:
+    def test_push_activate_under_traffic_then_rollback(self, client, world: World):
+        users = world.users[:4]
+        v1 = world.version
+        before = {u: scores(client, u) for u in users}
+        assert {v for v, _ in before.values()} == {v1}
+
+        # A new LoRA set on top of the active version, pushed gzip-compressed, not yet active.
+        r = put(client, "/admin/v1/models/v2-lora/parts",
+                tar_of({"lora/weights.safetensors": perturbed_lora(world.bundle_dir, -1.0)}, gz=True))
+        assert r.status_code == 201, r.text
+        assert r.json()["activated"] is False and any("smoke test" in c for c in r.json()["checks"])
+        listed = client.get("/admin/v1/models").json()
+        assert {v["version"] for v in listed["versions"]} == {v1, "v2-lora"}
+        assert next(v for v in listed["versions"] if v["version"] == "v2-lora")["parents"] == [v1]
+        assert active(client) == v1 and scores(client, users[0]) == before[users[0]]
+
+        # Activation while four threads keep scoring: nothing dropped, nothing mixed.
+        seen: list[tuple[str, str, list[float]]] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def traffic(user: str) -> None:
+            with httpx.Client(base_url=str(client.base_url), timeout=120) as own:
+                while not stop.is_set():
+                    r = own.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES})
+                    if r.status_code != 200 or r.json()["degraded"]:
+                        failures.append(r.text)
+                        continue
+                    body = r.json()
+                    seen.append((user, body["model_version"], [s["score"] for s in body["scores"]]))
+
+        threads = [threading.Thread(target=traffic, args=(u,)) for u in users]
+        for t in threads:
+            t.start()
+        try:
+            r = client.post("/admin/v1/models/v2-lora/activate")
+            assert r.status_code == 200, r.text
+            assert r.json()["previous"] == v1
+            n_at_switch = len(seen)
+            while len(seen) < n_at_switch + 2 * len(users):
+                threading.Event().wait(0.05)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(120)
+        assert not failures, failures[:3]
+        after = {u: scores(client, u) for u in users}
+        assert {v for v, _ in after.values()} == {"v2-lora"}
+        assert any(after[u][1] != before[u][1] for u in users), "the new LoRA must change the served scores"
+        expected = {(u, v1): before[u][1] for u in users} | {(u, "v2-lora"): after[u][1] for u in users}
+        for user, version, got in seen:  # every answer is wholly one version's
+            assert got == expected[(user, version)], (user, version)
+        assert {v for _, v, _ in seen} == {v1, "v2-lora"}
+
+        # Rollback restores the previous scores exactly.
+        r = client.post("/admin/v1/rollback")
+        assert r.status_code == 200, r.text
+        assert (r.json()["version"], r.json()["previous"]) == (v1, "v2-lora")
+        assert {u: scores(client, u) for u in users} == before
+
+        text = client.get("/metrics").text
+        assert metric_value(text, "reclora_model_activations_total", {"kind": "activate"}) >= 1
+        assert metric_value(text, "reclora_model_activations_total", {"kind": "rollback"}) >= 1
+        assert metric_value(text, "reclora_model_info", {"version": v1}) == 1
+
+        # The active version cannot be deleted; an inactive one can.
+        assert_error(client.delete(f"/admin/v1/models/{v1}"), 409, "conflict")
+        assert client.delete("/admin/v1/models/v2-lora").status_code == 204
+        assert [v["version"] for v in client.get("/admin/v1/models").json()["versions"]] == [v1]
+
+    def test_whole_bundle_push_and_validate(self, client, world: World):
+        files = bundle_files(world.bundle_dir)
+        manifest = json.loads(files["manifest.json"])
+        manifest["version"] = "v3-copy"
+        r = put(client, "/admin/v1/models/v3-copy", tar_of(files | {"manifest.json": json.dumps(manifest).encode()}))
+        assert r.status_code == 201, r.text
+        r = client.post("/admin/v1/models/v3-copy/validate")
+        assert r.status_code == 200 and r.json()["activated"] is False, r.text
+        assert active(client) == world.version
+        assert client.delete("/admin/v1/models/v3-copy").status_code == 204
