@@ -218,6 +218,10 @@ from training.llm.commands import register as register_llm  # noqa: E402
 
 register_llm(app, timed, fail)
 
+from training.admin.commands import register as register_admin  # noqa: E402
+
+register_admin(app, timed, fail)
+
 
 @app.command("base-model")
 def base_model(

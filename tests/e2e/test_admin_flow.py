@@ -286,3 +286,50 @@ class TestLifecycle:
         assert r.status_code == 200 and r.json()["activated"] is False, r.text
         assert active(client) == world.version
         assert client.delete("/admin/v1/models/v3-copy").status_code == 204
+
+
+class TestCli:
+    """`reclora push / models / activate / rollback / delete-model` against the running service."""
+
+    def run(self, admin: LiveServer, token, *args: str):
+        from typer.testing import CliRunner
+
+        from training.cli import app
+
+        result = CliRunner().invoke(app, [*args, "--url", admin.url],
+                                    env={"RECLORA_ADMIN_TOKEN": token[0], "COLUMNS": "200"})
+        return result
+
+    def test_engineer_session(self, admin: LiveServer, token, client, world: World, tmp_path: Path):
+        lora = tmp_path / "lora"
+        lora.mkdir()
+        (lora / "weights.safetensors").write_bytes(perturbed_lora(world.bundle_dir, 0.5))
+        shutil.copy(world.bundle_dir / "lora" / "config.json", lora / "config.json")
+        before = scores(client, world.users[0])
+
+        pushed = self.run(admin, token, "push", "cli-v2", "--lora", str(lora), "--activate")
+        assert pushed.exit_code == 0, pushed.output
+        assert "cli-v2: validated" in pushed.output and f"active (was {world.version})" in pushed.output
+        assert scores(client, world.users[0])[0] == "cli-v2"
+
+        listed = self.run(admin, token, "models")
+        assert listed.exit_code == 0, listed.output
+        rows = {line.split()[1]: line[0] for line in listed.output.splitlines()[1:] if line[:1] in "*< " and
+                len(line.split()) > 1 and not line.startswith("(")}
+        assert rows["cli-v2"] == "*" and rows[world.version] == "<", listed.output
+
+        back = self.run(admin, token, "rollback")
+        assert back.exit_code == 0, back.output
+        assert scores(client, world.users[0]) == before
+
+        assert self.run(admin, token, "activate", "cli-v2").exit_code == 0
+        assert self.run(admin, token, "activate", world.version).exit_code == 0
+        deleted = self.run(admin, token, "delete-model", "cli-v2")
+        assert deleted.exit_code == 0, deleted.output
+
+        refused = self.run(admin, token, "push", "cli-bad", "--lora", str(tmp_path / "missing"))
+        assert refused.exit_code == 2 and "missing" in refused.output
+
+    def test_wrong_token_is_a_clear_error(self, admin: LiveServer, world: World):
+        result = self.run(admin, ("wrong", ""), "models")
+        assert result.exit_code == 2 and "401 unauthorized" in result.output
