@@ -72,11 +72,12 @@ async def load_scorer(app: FastAPI) -> None:
         state.lifecycle.model_error = f"{type(exc).__name__}: {exc}"
         return
     state.lifecycle.owned.add("scorer")
-    if state.settings.admin_enabled:
+    settings = state.settings
+    if settings.admin_enabled or (settings.model_poll_s and settings.active_version is None):
         try:
             from service.registry.manager import build_manager
 
-            state.models = await asyncio.to_thread(build_manager, state.settings, state.metrics, scorer)
+            state.models = await asyncio.to_thread(build_manager, settings, state.metrics, scorer)
         except Exception as exc:
             log.exception("model registry failed to start; the service stays not ready")
             state.lifecycle.model_error = f"model registry: {type(exc).__name__}: {exc}"
@@ -85,6 +86,20 @@ async def load_scorer(app: FastAPI) -> None:
     state.scorer = scorer
     state.metrics.set_model_version(scorer.model_version)
     log.info("model loaded", extra={"model_version": scorer.model_version})
+
+
+async def follow_store(app: FastAPI) -> None:
+    """Every ``model_poll_s``, serve the version the store's ACTIVE pointer names (set by any gateway
+    sharing the store); runs until shutdown."""
+    state = app.state
+    while True:
+        await asyncio.sleep(state.settings.model_poll_s)
+        if state.models is None:
+            continue
+        try:
+            await asyncio.to_thread(state.models.follow_pointer)
+        except Exception:
+            log.exception("following the store's ACTIVE pointer failed; will retry")
 
 
 @asynccontextmanager
@@ -99,10 +114,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(load_scorer(app), name="load-scorer")
     else:
         state.metrics.set_model_version(state.scorer.model_version)
+    follower = None
+    if state.settings.model_poll_s and state.settings.active_version is None:
+        follower = asyncio.create_task(follow_store(app), name="follow-store")
     try:
         yield
     finally:
         lifecycle.begin_drain()
+        if follower is not None:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
         if loader is not None and not loader.done():
             loader.cancel()  # the loading thread finishes on its own; its result is dropped
             await asyncio.gather(loader, return_exceptions=True)

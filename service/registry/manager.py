@@ -54,7 +54,7 @@ class ActivationResult:
 class RegistryEvents:
     """Metrics hooks."""
 
-    activated: Callable[[str, str], None] = lambda kind, version: None  # kind: activate | rollback
+    activated: Callable[[str, str], None] = lambda kind, version: None  # kind: activate | rollback | follow
     refused: Callable[[str], None] = lambda reason: None
 
 
@@ -65,6 +65,7 @@ class ModelManager:
         self.max_rank, self.max_upload_bytes = max_rank, max_upload_bytes
         self.events = events or RegistryEvents()
         self._lock = threading.Lock()
+        self._refused_pointer: str | None = None
         self.clean_stale()
         history = store.history()
         if not history or history[-1]["version"] != self.active:  # started on a version never activated here
@@ -157,6 +158,30 @@ class ModelManager:
             if previous is None:
                 raise StoreError("there is no previous version to roll back to")
             return self._activate(previous, kind="rollback")
+
+    def follow_pointer(self) -> ActivationResult | None:
+        """Serve what the store's ACTIVE pointer names when another gateway sharing the store
+        activated it; a version refused here is not retried until the pointer moves again."""
+        target = self.store.pointer()
+        if not target or target == self.active or target == self._refused_pointer or not self.store.exists(target):
+            return None
+        start = time.perf_counter()
+        with self._lock:
+            target = self.store.pointer()  # again under the lock: an activation here may have just moved it
+            if not target or target == self.active or not self.store.exists(target):
+                return None
+            previous = self.active
+            try:
+                model, builder, report = self._validate(self.store.path(target))
+            except (ValidationFailed, UploadError) as exc:
+                self._refused_pointer = target
+                self.events.refused(exc.reason)
+                log.error("the store's ACTIVE pointer names %s, which fails validation here: %s", target, exc)
+                return None
+            self.pipeline.holder.swap(model, builder)
+            self.events.activated("follow", target)
+        log.info("model follow: %s -> %s (the store's ACTIVE pointer)", previous, target)
+        return ActivationResult(target, previous, report, time.perf_counter() - start)
 
     def delete(self, version: str) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ import json
 import shutil
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -333,3 +334,28 @@ class TestCli:
     def test_wrong_token_is_a_clear_error(self, admin: LiveServer, world: World):
         result = self.run(admin, ("wrong", ""), "models")
         assert result.exit_code == 2 and "401 unauthorized" in result.output
+
+
+def test_gateways_sharing_a_store_follow_an_activation(admin: LiveServer, client, world: World):
+    """A second gateway on the same store (no admin API) serves what the first one activated."""
+    follower = LiveServer.start(world.settings(model_store=Path(admin.app.state.settings.model_store),
+                                               active_version=None, model_poll_s=0.2))
+    try:
+        with follower.client() as other:
+            assert scores(other, world.users[0])[0] == world.version
+            r = put(client, "/admin/v1/models/shared-v2/parts",
+                    tar_of({"lora/weights.safetensors": perturbed_lora(world.bundle_dir, 2.0)}), activate="true")
+            assert r.status_code == 201, r.text
+            expected = scores(client, world.users[0])
+            assert expected[0] == "shared-v2"
+            deadline = time.monotonic() + 60
+            while scores(other, world.users[0])[0] != "shared-v2":
+                assert time.monotonic() < deadline, "the second gateway did not follow the activation"
+                time.sleep(0.2)
+            assert scores(other, world.users[0]) == expected
+            text = other.get("/metrics").text
+            assert metric_value(text, "reclora_model_activations_total", {"kind": "follow"}) == 1
+    finally:
+        follower.stop()
+        assert client.post("/admin/v1/rollback").status_code == 200
+        assert client.delete("/admin/v1/models/shared-v2").status_code == 204
