@@ -61,6 +61,29 @@ class Settings(BaseSettings):
     adapter_drift_tol: float = Field(0.02, ge=0, le=1, description=(
         "Reuse a cached user adapter while no mixture weight moved by more than this."))
 
+    # --- vLLM engine (engine=vllm)
+    vllm_urls: list[HttpUrl] = Field(default_factory=list, description=(
+        "Base URLs of the vLLM replicas, a JSON list (RECLORA_VLLM_URLS='[\"http://vllm-0:8000\"]'); "
+        "vllm_url is appended when set. Users are routed to replicas by consistent hashing."))
+    vllm_adapter_dir: Path = Field(Path("/tmp/reclora-adapters"), description=(
+        "Where the gateway writes user adapters; the vLLM servers must read the same files (shared "
+        "volume). Give each gateway instance its own directory: it deletes what it evicts."))
+    vllm_adapter_server_dir: str | None = Field(None, description=(
+        "The same directory as the vLLM servers see it, when mounted at another path; None = same path."))
+    vllm_max_adapters: int = Field(8, ge=1, le=100_000, description=(
+        "User adapters kept registered per replica (least recently used unloaded beyond); at most the "
+        "server's --max-cpu-loras, so a registered adapter never has to be re-read from disk."))
+    vllm_scoring_api: Literal["auto", "generative_scoring", "completions"] = Field("auto", description=(
+        "auto = POST /generative_scoring where the server has it, else one completion per candidate."))
+    vllm_connect_timeout_s: float = Field(1.0, gt=0, le=30, description="TCP connect timeout to a replica.")
+    vllm_load_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest wait for an adapter load.")
+    vllm_health_interval_s: float = Field(2.0, gt=0, le=300, description=(
+        "How often replicas' /health is probed; a replica marked down comes back after a passing probe."))
+    vllm_max_connections: int = Field(32, ge=1, le=4096, description="Pooled HTTP connections per replica.")
+    vllm_load_factor: float = Field(1.25, ge=1.0, le=10.0, description=(
+        "Bounded-load factor of the affinity routing: a replica takes at most this times the mean "
+        "in-flight load before a user spills to the next one."))
+
     # --- request limits and deadline
     max_candidates: int = Field(100, ge=1, le=10_000, description="Most candidates per score request.")
     default_deadline_ms: int = Field(500, gt=0, description="Deadline of a score request that names none.")
@@ -87,6 +110,9 @@ class Settings(BaseSettings):
         "never stored. `reclora admin-token` makes a token and its hash."))
     admin_max_upload_bytes: int = Field(4 << 30, ge=1024, description="Largest model upload (body and unpacked).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Highest LoRA rank a version may bring.")
+    model_poll_s: float = Field(10.0, ge=0, description=(
+        "Check the store's ACTIVE pointer this often and serve what it names, so every gateway sharing "
+        "a store follows an activation made through any of them; 0 = off. Off when active_version is set."))
 
     # --- logging
     log_level: LogLevel = "INFO"
@@ -107,8 +133,8 @@ class Settings(BaseSettings):
         if self.admin_enabled and not self.admin_token_sha256:
             raise ValueError("the admin API is enabled but no admin token is configured: set "
                              "RECLORA_ADMIN_TOKEN_SHA256 (see `reclora admin-token`) or disable it")
-        if self.engine == "vllm" and self.vllm_url is None:
-            raise ValueError("engine 'vllm' needs vllm_url (RECLORA_VLLM_URL)")
+        if self.engine == "vllm" and self.vllm_url is None and not self.vllm_urls:
+            raise ValueError("engine 'vllm' needs vllm_urls or vllm_url (RECLORA_VLLM_URLS / RECLORA_VLLM_URL)")
         return self
 
 

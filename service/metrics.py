@@ -18,7 +18,7 @@ DEGRADED_REASONS = ("history_unavailable", "deadline", "llm_timeout", "llm_error
 # Why a model push or activation was refused (service.registry): a bounded label set.
 REFUSAL_REASONS = ("unauthorized", "name", "exists", "too_large", "archive", "bundle", "incompatible",
                    "rank_limit", "prompt_mismatch", "smoke_test", "no_engine")
-ACTIVATION_KINDS = ("activate", "rollback")
+ACTIVATION_KINDS = ("activate", "rollback", "follow")
 
 
 class Metrics:
@@ -51,8 +51,23 @@ class Metrics:
         self.events_appended = Counter(
             "reclora_events_appended", "Behaviour events appended to user histories.", registry=r)
         self.model = Info("reclora_model", "The model bundle version being served.", registry=r)
+        # --- vLLM engine (labelled by replica URL: a bounded, configured set)
+        self.vllm_adapter_load_latency = Histogram(
+            "reclora_vllm_adapter_load_seconds", "Time to register a user adapter on a vLLM replica.",
+            ["replica"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.vllm_adapters_resident = Gauge(
+            "reclora_vllm_adapters_resident", "User adapters registered on a vLLM replica.", ["replica"], registry=r)
+        self.vllm_adapter_loads = Counter(
+            "reclora_vllm_adapter_loads", "User adapters loaded onto a vLLM replica.", ["replica"], registry=r)
+        self.vllm_adapter_evictions = Counter(
+            "reclora_vllm_adapter_evictions", "User adapters unloaded from a vLLM replica to stay within capacity.",
+            ["replica"], registry=r)
+        self.vllm_replica_up = Gauge(
+            "reclora_vllm_replica_up", "1 while a vLLM replica takes requests, 0 while marked down.", ["replica"],
+            registry=r)
         self.model_activations = Counter(
-            "reclora_model_activations", "Model versions activated, by kind (activate or rollback).",
+            "reclora_model_activations",
+            "Model versions activated, by kind (activate, rollback, or follow: another gateway's activation).",
             ["kind"], registry=r)
         self.model_refusals = Counter(
             "reclora_model_refusals", "Model pushes and activations refused, by reason.", ["reason"], registry=r)
