@@ -73,7 +73,9 @@ async def load_scorer(app: FastAPI) -> None:
         return
     state.lifecycle.owned.add("scorer")
     settings = state.settings
-    if settings.admin_enabled or (settings.model_poll_s and settings.active_version is None):
+    # The registry manages the runtime's pipeline (its model holder); another scorer has no versions.
+    manageable = hasattr(scorer, "holder")
+    if manageable and (settings.admin_enabled or (settings.model_poll_s and settings.active_version is None)):
         try:
             from service.registry.manager import build_manager
 

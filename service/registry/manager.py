@@ -66,10 +66,13 @@ class ModelManager:
         self.events = events or RegistryEvents()
         self._lock = threading.Lock()
         self._refused_pointer: str | None = None
-        self.clean_stale()
-        history = store.history()
-        if not history or history[-1]["version"] != self.active:  # started on a version never activated here
-            store.record_activation(self.active)
+
+    def record_start(self) -> None:
+        """Put the version this gateway started on at the top of the activation history (it may
+        have been chosen as the newest bundle, never activated), so a rollback has a reference."""
+        history = self.store.history()
+        if not history or history[-1]["version"] != self.active:
+            self.store.record_activation(self.active)
 
     @property
     def active(self) -> str:
@@ -311,5 +314,9 @@ def build_manager(settings, metrics, pipeline: ScoringPipeline) -> ModelManager:
         metrics.set_model_version(version)
 
     events = RegistryEvents(activated=activated, refused=lambda reason: metrics.model_refusals.labels(reason).inc())
-    return ModelManager(ModelStore(settings.model_store), pipeline, spec, max_rank=settings.max_lora_rank,
-                        max_upload_bytes=settings.admin_max_upload_bytes, events=events)
+    manager = ModelManager(ModelStore(settings.model_store), pipeline, spec, max_rank=settings.max_lora_rank,
+                           max_upload_bytes=settings.admin_max_upload_bytes, events=events)
+    if settings.admin_enabled:  # only a gateway that administers the store writes to it
+        manager.clean_stale()
+        manager.record_start()
+    return manager

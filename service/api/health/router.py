@@ -1,7 +1,10 @@
 """Kubernetes-style probes: ``/livez`` (the process runs) and ``/readyz`` (send me traffic).
 
 Ready means: a model is loaded, Redis answers a ping, and the server is not draining for
-shutdown. The 503 lists every reason in the error schema's ``details``.
+shutdown. The 503 lists every reason in the error schema's ``details``. Remote LLM replicas
+(engine=vllm) are reported per replica but do not decide readiness: with every replica down the
+gateway still answers, with CRM scores marked degraded, and taking all gateways out of rotation
+would turn a degraded service into an outage.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Readiness(BaseModel):
     status: str
     model_version: str
     components: dict[str, Component]
+    llm_replicas: dict[str, Component] = {}
 
 
 @router.get("/livez")
@@ -48,7 +52,15 @@ async def readyz(request: Request, history: HistoryDep, settings: SettingsDep) -
     if failing:
         raise Unavailable("not ready: " + "; ".join(f"{d.loc} {d.message}" for d in failing),
                           code="not_ready", details=failing)
-    return Readiness(status="ready", model_version=state.scorer.model_version, components=components)
+    return Readiness(status="ready", model_version=state.scorer.model_version, components=components,
+                     llm_replicas=_replica_status(state))
+
+
+def _replica_status(state: State) -> dict[str, Component]:
+    health = getattr(getattr(state.scorer, "engine", None), "replica_health", None)
+    if not callable(health):
+        return {}
+    return {url: Component(ok=up, detail="up" if up else "down (requests re-routed)") for url, up in health().items()}
 
 
 def _model_status(state: State) -> Component:

@@ -20,7 +20,8 @@ async def test_ready_with_model_and_redis(client):
     response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ready", "model_version": "formula-v1", "components": {
-        "model": {"ok": True, "detail": "version formula-v1"}, "redis": {"ok": True, "detail": "ping ok"}}}
+        "model": {"ok": True, "detail": "version formula-v1"}, "redis": {"ok": True, "detail": "ping ok"}},
+        "llm_replicas": {}}
 
 
 async def test_not_ready_when_redis_is_unreachable(settings: Settings, scorer: FormulaScorer):
