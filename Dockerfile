@@ -43,8 +43,8 @@ FROM ${PYTHON_IMAGE}
 
 RUN groupadd --system --gid 10001 reclora \
     && useradd --system --uid 10001 --gid reclora --create-home --home-dir /home/reclora reclora \
-    && mkdir -p /app/model_store /app/models \
-    && chown -R reclora:reclora /app
+    && mkdir -p /app/model_store /app/models /adapters \
+    && chown -R reclora:reclora /app /adapters
 
 COPY --from=build /opt/venv /opt/venv
 

@@ -21,6 +21,7 @@ class UserAdapter:
     key: str
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scaling: float
+    user_id: str = ""  # whose adapter: remote engines route a user to the replica holding it
 
     @property
     def nbytes(self) -> int:

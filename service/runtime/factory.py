@@ -47,6 +47,42 @@ def build_torch_engine(settings: Settings, model: LoadedModel):
     return engine, builder
 
 
+def build_vllm_engine(settings: Settings, model: LoadedModel, metrics: Metrics):
+    """The remote engine over the configured vLLM replicas, and the prompt builder for the base
+    model's tokenizer (the servers serve the same base model directory, so ids agree)."""
+    from transformers import AutoTokenizer
+
+    from service.engine.vllm.adapters import AdapterEvents, AdapterLifecycle, AdapterWriter
+    from service.engine.vllm.client import VLLMClient
+    from service.engine.vllm.engine import VLLMEngine
+    from service.engine.vllm.routing import AffinityRouter
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True)
+    builder = PromptBuilder(tokenizer, model.prompt)
+    urls = [str(u).rstrip("/") for u in settings.vllm_urls]
+    if settings.vllm_url is not None and str(settings.vllm_url).rstrip("/") not in urls:
+        urls.append(str(settings.vllm_url).rstrip("/"))
+
+    def loaded(replica: str, seconds: float) -> None:
+        metrics.vllm_adapter_load_latency.labels(replica).observe(seconds)
+        metrics.vllm_adapter_loads.labels(replica).inc()
+
+    events = AdapterEvents(loaded=loaded, evicted=lambda replica: metrics.vllm_adapter_evictions.labels(replica).inc(),
+                           resident=lambda replica, n: metrics.vllm_adapters_resident.labels(replica).set(n))
+    writer = AdapterWriter(settings.vllm_adapter_dir, base_model=str(settings.base_model_dir),
+                           server_root=settings.vllm_adapter_server_dir)
+    lifecycle = AdapterLifecycle(writer, settings.vllm_max_adapters, load_timeout_s=settings.vllm_load_timeout_s,
+                                 events=events)
+    clients = [VLLMClient(u, connect_timeout_s=settings.vllm_connect_timeout_s,
+                          max_connections=settings.vllm_max_connections) for u in urls]
+    engine = VLLMEngine(clients, lifecycle, yes_id=builder.yes_id, no_id=builder.no_id,
+                        router=AffinityRouter(urls, load_factor=settings.vllm_load_factor),
+                        scoring_api=settings.vllm_scoring_api, request_timeout_s=settings.max_deadline_ms / 1000.0,
+                        health_interval_s=settings.vllm_health_interval_s,
+                        on_replica_up=lambda replica, up: metrics.vllm_replica_up.labels(replica).set(int(up)))
+    return engine, builder
+
+
 def build_scorer(settings: Settings, metrics: Metrics, *, history) -> ScoringPipeline:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -54,9 +90,10 @@ def build_scorer(settings: Settings, metrics: Metrics, *, history) -> ScoringPip
     model = load_model(settings.model_store / version)
     engine = builder = None
     if model.mixer is not None:
-        if settings.engine != "torch":
-            raise ValueError(f"engine {settings.engine!r} is not available in this build")
-        engine, builder = build_torch_engine(settings, model)
+        if settings.engine == "vllm":
+            engine, builder = build_vllm_engine(settings, model, metrics)
+        else:
+            engine, builder = build_torch_engine(settings, model)
     cache = AdapterCache(settings.adapter_cache_bytes, settings.adapter_drift_tol, CacheEvents(
         hit=metrics.adapter_cache_hits.inc, miss=metrics.adapter_cache_misses.inc,
         evict=metrics.adapter_cache_evictions.inc))

@@ -64,6 +64,9 @@ class ScoringPipeline:
 
     def close(self) -> None:
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
+        close_engine = getattr(self.engine, "close", None)  # remote engines hold connections and a monitor
+        if callable(close_engine):
+            close_engine()
 
     async def score(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None,
                     request_id: str = "") -> ScoreResult:

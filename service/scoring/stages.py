@@ -77,4 +77,4 @@ def build_adapter(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> Use
     """Materialize one user's adapter; the key names user, version and content."""
     weights = model.mixer.adapter(alphas)
     digest = hashlib.sha256(alphas.float().numpy().tobytes()).hexdigest()[:12]
-    return UserAdapter(f"{user_id}@{model.version}#{digest}", weights, model.lora_config.scaling)
+    return UserAdapter(f"{user_id}@{model.version}#{digest}", weights, model.lora_config.scaling, user_id=user_id)

@@ -1,0 +1,1 @@
+"""The vLLM scoring engine: remote vLLM servers with per-user adapters."""
