@@ -29,14 +29,7 @@ from service.engine.base import UserAdapter
 from service.engine.vllm.adapters import AdapterLifecycle, split_key
 from service.engine.vllm.client import AdapterNotLoaded, ReplicaUnavailable, VLLMClient, VLLMTimeout
 from service.engine.vllm.protocol import CompletionRequest, GenerativeScoringRequest
-
-try:
-    from service.engine.vllm.routing import AffinityRouter, NoReplicaAvailable
-except ImportError:  # pragma: no cover - routing ships with the package; kept importable on its own
-    AffinityRouter = None  # type: ignore[assignment,misc]
-
-    class NoReplicaAvailable(RuntimeError):  # type: ignore[no-redef]
-        pass
+from service.engine.vllm.routing import AffinityRouter
 
 log = logging.getLogger(__name__)
 SCORING_APIS = ("auto", "generative_scoring", "completions")
