@@ -139,6 +139,25 @@ class TestRefusals:
         assert_error(r, 422, "model_refused")
         assert "shape" in r.json()["error"]["message"]
 
+    def test_wrong_crm_shape(self, client, world: World):
+        weights = load_file(world.bundle_dir / "crm" / "weights.safetensors")
+        key = next(k for k in sorted(weights) if weights[k].dim() == 2)
+        weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])
+        path = world.root / "wrong-crm.safetensors"
+        save_file(weights, path)
+        r = put(client, "/admin/v1/models/bad-crm/parts", tar_of({"crm/weights.safetensors": path.read_bytes()}))
+        assert_error(r, 422, "model_refused")
+        assert "size mismatch" in r.json()["error"]["message"]
+
+    def test_nan_scores_fail_the_smoke_test(self, client, world: World):
+        weights = load_file(world.bundle_dir / "crm" / "weights.safetensors")
+        weights["wide.bias"] = torch.full_like(weights["wide.bias"], float("nan"))  # added to every logit
+        path = world.root / "nan-crm.safetensors"
+        save_file(weights, path)
+        r = put(client, "/admin/v1/models/nan-crm/parts", tar_of({"crm/weights.safetensors": path.read_bytes()}))
+        error = assert_error(r, 422, "model_refused")
+        assert error["details"][0]["type"] == "smoke_test", error
+
     def test_lora_config_not_matching_its_weights(self, client, world: World):
         config = json.loads((world.bundle_dir / "lora" / "config.json").read_text())
         r = put(client, "/admin/v1/models/bad-rank/parts",
