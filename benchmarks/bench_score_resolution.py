@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400, help="test samples (seeded random subset)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the engine's weights and activations; the label rows stay float32 either way")
     ap.add_argument("--out", type=Path, default=ROOT / "work" / "bench-score-resolution.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,9 +125,9 @@ def main() -> None:
     if model.mixer is None:
         raise SystemExit(f"{args.bundle} has no LoRA: nothing to score with the LLM")
     settings = Settings(model_store=args.bundle.parent, active_version=args.bundle.name,
-                        base_model_dir=args.base_model, torch_dtype="float32", torch_device="cpu")
+                        base_model_dir=args.base_model, torch_dtype=args.engine_dtype, torch_device="cpu")
     engine, builder = build_torch_engine(settings, model)
-    assert next(engine.model.parameters()).dtype == torch.float32
+    assert next(engine.model.parameters()).dtype == getattr(torch, args.engine_dtype)
     hook = AnswerHidden(engine)
 
     data = PreparedData.load(args.data)
@@ -174,7 +176,7 @@ def main() -> None:
 
     print(f"\n{args.bundle.name} on {args.data.name}: {n} test samples (seed {args.seed}), {n_pos} positive, "
           f"{n - n_pos} negative ({n_pos * (n - n_pos)} pos/neg pairs, {n * (n - 1) // 2} pairs); "
-          f"K_text = {model.k_text}; engine float32, {args.threads} threads; "
+          f"K_text = {model.k_text}; engine {args.engine_dtype}, {args.threads} threads; "
           f"prompt tokens median {int(np.median(prompt_tokens))}")
     print(f"label logits: yes {logits[:, 0].min():.2f}..{logits[:, 0].max():.2f}, "
           f"no {logits[:, 1].min():.2f}..{logits[:, 1].max():.2f}; logit difference "
