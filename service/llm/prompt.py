@@ -9,12 +9,17 @@ derived from the tokenizer and checked when the builder is made.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
+log = logging.getLogger(__name__)
+
 PROMPT_VERSION = "rella-chat-v1"
+LINE_CACHE_SIZE = 200_000  # tokenized history lines kept (a line is ~10-20 ids)
+LINE_CACHE_AUDIT_EVERY = 256  # requests between checks of a cached suffix against whole-text tokens
 _PREFIX, _SUFFIX = "\x00RECLORA_PREFIX\x00", "\x00RECLORA_SUFFIX\x00"
 
 
@@ -84,6 +89,9 @@ class PromptBuilder:
         self._head, rest = text.split(_PREFIX)
         self._mid, self._tail = rest.split(_SUFFIX)
         self.yes_id, self.no_id = self._answer_ids()
+        self._line_cache: dict[str, tuple[int, ...]] = {}
+        self._encodes = 0
+        self.line_cache_enabled = self._lines_are_independent()
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -118,12 +126,50 @@ class PromptBuilder:
             f"You should ONLY tell me yes or no.\n{seen}"
         )
 
-    def suffix_text(self, history: Sequence[Behaviour], target: ItemText) -> str:
+    def suffix_lines(self, history: Sequence[Behaviour], target: ItemText) -> list[str]:
+        """The suffix as lines: one per retrieved behaviour (each ending in a newline), then the
+        question with the turn's end and the assistant header."""
         c = self.config
-        seen = "".join(f"{i}. {b.item.render()} ({_stars(b.rating)})\n" for i, b in enumerate(history, 1))
+        lines = [f"{i}. {b.item.render()} ({_stars(b.rating)})\n" for i, b in enumerate(history, 1)]
         question = (f"Based on the {c.item_noun}s the user has {c.verb_past}, deduce if the user will like the "
                     f"{c.item_noun} ***{target.render()}***.")
-        return f"{seen}{question}{self._mid}{self._tail}"
+        return [*lines, f"{question}{self._mid}{self._tail}"]
+
+    def suffix_text(self, history: Sequence[Behaviour], target: ItemText) -> str:
+        return "".join(self.suffix_lines(history, target))
+
+    def _encode_suffix(self, lines: list[str]) -> list[int]:
+        """Token ids of the suffix from cached ids of its lines.
+
+        Most of a request's tokenization is history lines the same user's requests (and users
+        with overlapping histories) repeat, so lines are tokenized once and cached. That equals
+        tokenizing the whole text only where the tokenizer never merges across a line end, which
+        byte-level BPE tokenizers with GPT-2 style pre-tokenization (SmolLM2, Llama 3) guarantee;
+        ``_lines_are_independent`` checks it when the builder is made, and ``encode`` re-checks a
+        sample of real suffixes and switches the cache off for good on any difference.
+        """
+        ids: list[int] = []
+        for line in lines:
+            ids.extend(self._line_ids(line))
+        return ids
+
+    def _line_ids(self, line: str) -> tuple[int, ...]:
+        ids = self._line_cache.get(line)
+        if ids is None:
+            ids = tuple(self.encode_text(line))
+            if len(self._line_cache) >= LINE_CACHE_SIZE:
+                self._line_cache.pop(next(iter(self._line_cache)))  # oldest first: dicts keep insertion order
+            self._line_cache[line] = ids
+        return ids
+
+    def _lines_are_independent(self) -> bool:
+        probe = [[Behaviour(ItemText("Toy Story", 1995), 5.0), Behaviour(ItemText("Se7en (a.k.a. Seven)", 1995), 2.5),
+                  Behaviour(ItemText("L'Âge d'or", None), 1.0)], []]
+        for history in probe:
+            lines = self.suffix_lines(history, ItemText("12 Angry Men", 1957))
+            if [i for line in lines for i in self.encode_text(line)] != self.encode_text("".join(lines)):
+                return False
+        return True
 
     def encode(self, profile: Mapping[str, object], histories: Sequence[Sequence[Behaviour]],
                targets: Sequence[ItemText]) -> tuple[list[int], list[list[int]]]:
@@ -131,5 +177,17 @@ class PromptBuilder:
         if len({bool(h) for h in histories}) > 1:
             raise ValueError("either every candidate has a history or none has")
         prefix = self.encode_text(self.prefix_text(profile, bool(histories and histories[0])))
-        texts = [self.suffix_text(h, t) for h, t in zip(histories, targets)]
-        return prefix, (self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        lines = [self.suffix_lines(h, t) for h, t in zip(histories, targets)]
+        if not self.line_cache_enabled:
+            texts = ["".join(x) for x in lines]
+            return prefix, (self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        suffixes = [self._encode_suffix(x) for x in lines]
+        self._encodes += 1
+        if suffixes and self._encodes % LINE_CACHE_AUDIT_EVERY == 1:
+            full = self.encode_text("".join(lines[0]))
+            if full != suffixes[0]:
+                log.error("cached line tokens differ from whole-text tokens; line cache switched off")
+                self.line_cache_enabled = False
+                suffixes[0] = full
+                suffixes[1:] = [self.encode_text("".join(x)) for x in lines[1:]]
+        return prefix, suffixes
