@@ -148,19 +148,23 @@ class PromptBuilder:
         ``_lines_are_independent`` checks it when the builder is made, and ``encode`` re-checks a
         sample of real suffixes and switches the cache off for good on any difference.
         """
+        cache = self._line_cache
         ids: list[int] = []
         for line in lines:
-            ids.extend(self._line_ids(line))
+            ids.extend(cache[line])
         return ids
 
-    def _line_ids(self, line: str) -> tuple[int, ...]:
-        ids = self._line_cache.get(line)
-        if ids is None:
-            ids = tuple(self.encode_text(line))
-            if len(self._line_cache) >= LINE_CACHE_SIZE:
-                self._line_cache.pop(next(iter(self._line_cache)))  # oldest first: dicts keep insertion order
-            self._line_cache[line] = ids
-        return ids
+    def _cache_lines(self, lines: Sequence[Sequence[str]]) -> None:
+        """Tokenize the lines not cached yet, all in one batched call (one call per line would cost
+        more in per-call overhead than the cache saves on a cold request)."""
+        cache = self._line_cache
+        missing = list({line: None for group in lines for line in group if line not in cache})
+        if not missing:
+            return
+        while len(cache) + len(missing) > LINE_CACHE_SIZE and cache:
+            cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
+        for line, ids in zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]):
+            cache[line] = tuple(ids)
 
     def _lines_are_independent(self) -> bool:
         probe = [[Behaviour(ItemText("Toy Story", 1995), 5.0), Behaviour(ItemText("Se7en (a.k.a. Seven)", 1995), 2.5),
@@ -181,6 +185,7 @@ class PromptBuilder:
         if not self.line_cache_enabled:
             texts = ["".join(x) for x in lines]
             return prefix, (self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        self._cache_lines(lines)
         suffixes = [self._encode_suffix(x) for x in lines]
         self._encodes += 1
         if suffixes and self._encodes % LINE_CACHE_AUDIT_EVERY == 1:
