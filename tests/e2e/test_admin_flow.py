@@ -129,33 +129,39 @@ class TestRefusals:
         r = put(client, "/admin/v1/models/bad-npy", tar_of(files | {"items/embeddings.npy": b"\x80\x04K\x01."}))
         assert_error(r, 422, "model_refused")
 
-    def test_wrong_lora_shape(self, client, world: World):
-        weights = load_file(world.bundle_dir / "lora" / "weights.safetensors")
-        key = next(k for k in sorted(weights) if k.endswith(".lora_A"))
-        weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1, weights[key].shape[2])
-        path = world.root / "wrong-shape.safetensors"
+    @staticmethod
+    def push_changed(client, world: World, version: str, rel: str, change) -> httpx.Response:
+        """Push ``rel`` (a safetensors file of the bundle) as a part, after ``change(weights)``."""
+        weights = load_file(world.bundle_dir / rel)
+        change(weights)
+        path = world.root / f"{version}.safetensors"
         save_file(weights, path)
-        r = put(client, "/admin/v1/models/bad-shape/parts", tar_of({"lora/weights.safetensors": path.read_bytes()}))
+        return put(client, f"/admin/v1/models/{version}/parts", tar_of({rel: path.read_bytes()}))
+
+    def test_wrong_lora_shape(self, client, world: World):
+        def widen(w):
+            key = next(k for k in sorted(w) if k.endswith(".lora_A"))
+            w[key] = torch.zeros(w[key].shape[0], w[key].shape[1] + 1, w[key].shape[2])
+
+        r = self.push_changed(client, world, "bad-shape", "lora/weights.safetensors", widen)
         assert_error(r, 422, "model_refused")
         assert "shape" in r.json()["error"]["message"]
 
     def test_wrong_crm_shape(self, client, world: World):
-        weights = load_file(world.bundle_dir / "crm" / "weights.safetensors")
-        key = next(k for k in sorted(weights) if weights[k].dim() == 2)
-        weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])
-        path = world.root / "wrong-crm.safetensors"
-        save_file(weights, path)
-        r = put(client, "/admin/v1/models/bad-crm/parts", tar_of({"crm/weights.safetensors": path.read_bytes()}))
+        def grow(w):
+            key = next(k for k in sorted(w) if w[k].dim() == 2)
+            w[key] = torch.zeros(w[key].shape[0] + 1, w[key].shape[1])
+
+        r = self.push_changed(client, world, "bad-crm", "crm/weights.safetensors", grow)
         assert_error(r, 422, "model_refused")
         assert "size mismatch" in r.json()["error"]["message"]
 
     def test_nan_scores_fail_the_smoke_test(self, client, world: World):
-        weights = load_file(world.bundle_dir / "crm" / "weights.safetensors")
-        weights["wide.bias"] = torch.full_like(weights["wide.bias"], float("nan"))  # added to every logit
-        path = world.root / "nan-crm.safetensors"
-        save_file(weights, path)
-        r = put(client, "/admin/v1/models/nan-crm/parts", tar_of({"crm/weights.safetensors": path.read_bytes()}))
-        error = assert_error(r, 422, "model_refused")
+        def poison(w):
+            w["wide.bias"] = torch.full_like(w["wide.bias"], float("nan"))  # added to every logit
+
+        error = assert_error(self.push_changed(client, world, "nan-crm", "crm/weights.safetensors", poison),
+                             422, "model_refused")
         assert error["details"][0]["type"] == "smoke_test", error
 
     def test_lora_config_not_matching_its_weights(self, client, world: World):
