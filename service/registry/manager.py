@@ -10,19 +10,21 @@ when every check passed; a refused version never touches what is served.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.bundle import BundleError, validate_version
+from service.bundle import MANIFEST_NAME, BundleError, file_sha256, validate_version
 from service.bundle.writer import BundleWriter
 from service.registry.archive import UploadError, unpack
 from service.registry.store import ModelStore, StoreError, UnknownVersion
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STAGING_PREFIXES = (".upload-", ".incoming-", ".staging-", ".deleted-", ".replaced-")
 STALE_AFTER_S = 3600.0
+WARM_VERSIONS = 2  # loaded versions kept besides the active one (pushed, previously active)
 # Parts that may be pushed on top of a base version, by what they replace.
 PART_GROUPS = {
     "lora": {"lora/config.json", "lora/weights.safetensors"},
@@ -66,6 +69,7 @@ class ModelManager:
         self.events = events or RegistryEvents()
         self._lock = threading.Lock()
         self._refused_pointer: str | None = None
+        self._warm: OrderedDict[str, tuple] = OrderedDict()  # version -> (manifest sha256, model, builder, report)
 
     def record_start(self) -> None:
         """Put the version this gateway started on at the top of the activation history (it may
@@ -190,6 +194,7 @@ class ModelManager:
         with self._lock:
             validate_version(version)
             self.store.delete(version, active=self.active)
+            self._warm.pop(version, None)
             self.pipeline.cache.drop_version(version)
 
     # -- internals ---------------------------------------------------------------------------
@@ -201,8 +206,15 @@ class ModelManager:
             raise UnknownVersion(f"version {version!r} is not in the store")
         report = None
         if version != previous:
-            model, builder, report = self._validate(self.store.path(version))
+            warm = self._take_warm(version)
+            if warm is not None:  # validated earlier in this process: swap in the very same objects
+                model, builder, _ = warm
+                report = ValidationReport(version, ["validated earlier in this process; manifest unchanged"])
+            else:
+                model, builder, report = self._validate(self.store.path(version))
+            old_model, old_builder = self.pipeline.holder.snapshot()
             self.pipeline.holder.swap(model, builder)
+            self._keep_warm(previous, old_model, old_builder, None)  # an instant rollback target
         self.store.record_activation(version, rollback=kind == "rollback")
         self.events.activated(kind, version)
         seconds = time.perf_counter() - start
@@ -222,15 +234,42 @@ class ModelManager:
                         engine=self.pipeline.engine if tokenizer is not None else None, builder_for=builder_for)
 
     def _publish_validated(self, staging: Path, version: str, activate: bool) -> dict[str, Any]:
-        _, _, report = self._validate(staging / version)
+        model, builder, report = self._validate(staging / version)
         self._check_new_version(version)
         os.rename(staging / version, self.store.path(version))
+        model.bundle = dataclasses.replace(model.bundle, root=self.store.path(version))
+        self._keep_warm(version, model, builder, report)
         log.info("model %s published to the store", version)
         result: dict[str, Any] = {"version": version, "checks": report.checks, "activated": False}
         if activate:
             activation = self._activate(version, kind="activate")
             result.update(activated=True, previous=activation.previous)
         return result
+
+    def _keep_warm(self, version: str, model, builder, report: ValidationReport | None) -> None:
+        """Keep a validated version's loaded objects (the one just pushed, the one just replaced),
+        so activating or rolling back to it is a swap instead of a reload and smoke test. Keyed
+        by the manifest's bytes: a directory changed on disk since is validated again."""
+        try:
+            digest = file_sha256(self.store.path(version) / MANIFEST_NAME)
+        except OSError:
+            return
+        self._warm[version] = (digest, model, builder, report)
+        self._warm.move_to_end(version)
+        while len(self._warm) > WARM_VERSIONS:
+            self._warm.popitem(last=False)
+
+    def _take_warm(self, version: str):
+        entry = self._warm.pop(version, None)
+        if entry is None:
+            return None
+        digest, model, builder, report = entry
+        try:
+            if file_sha256(self.store.path(version) / MANIFEST_NAME) != digest:
+                return None
+        except OSError:
+            return None
+        return model, builder, report
 
     def _check_new_version(self, version: str) -> None:
         try:

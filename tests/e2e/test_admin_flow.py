@@ -267,11 +267,17 @@ class TestLifecycle:
         for t in threads:
             t.start()
         try:
+            give_up = time.monotonic() + 120
+            while len(seen) < len(users):  # traffic is flowing on v1 before the switch
+                assert not failures and time.monotonic() < give_up, failures[:3]
+                threading.Event().wait(0.05)
             r = client.post("/admin/v1/models/v2-lora/activate")
             assert r.status_code == 200, r.text
             assert r.json()["previous"] == v1
+            assert r.json()["checks"] == ["validated earlier in this process; manifest unchanged"]  # a swap
             n_at_switch = len(seen)
             while len(seen) < n_at_switch + 2 * len(users):
+                assert not failures and time.monotonic() < give_up + 120, failures[:3]
                 threading.Event().wait(0.05)
         finally:
             stop.set()
@@ -290,6 +296,7 @@ class TestLifecycle:
         r = client.post("/admin/v1/rollback")
         assert r.status_code == 200, r.text
         assert (r.json()["version"], r.json()["previous"]) == (v1, "v2-lora")
+        assert r.json()["checks"] == ["validated earlier in this process; manifest unchanged"]  # instant
         assert {u: scores(client, u) for u in users} == before
 
         text = client.get("/metrics").text
