@@ -96,3 +96,20 @@ async def test_not_ready_while_draining(client, app):
     assert {"loc": "server", "message": "shutting down", "type": "not_ready"} in error["details"]
     response = await client.post("/v1/score", json={"user_id": "u1", "candidates": [1]})
     assert response.status_code == 200  # in-flight and late requests are still served while draining
+
+
+class ReplicaEngine:
+    """An engine reporting remote replicas, as the vLLM engine does."""
+
+    def replica_health(self) -> dict[str, bool]:
+        return {"http://vllm-0:8000": True, "http://vllm-1:8000": False}
+
+
+async def test_llm_replicas_are_reported_but_do_not_decide_readiness(settings: Settings, scorer: FormulaScorer):
+    scorer.engine = ReplicaEngine()
+    async with serving(build_app(settings, scorer=scorer)) as client:
+        response = await client.get("/readyz")
+    assert response.status_code == 200  # one replica down (or all): the gateway still answers, degraded
+    assert response.json()["llm_replicas"] == {
+        "http://vllm-0:8000": {"ok": True, "detail": "up"},
+        "http://vllm-1:8000": {"ok": False, "detail": "down (requests re-routed)"}}
