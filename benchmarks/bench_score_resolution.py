@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 import tempfile
 import time
@@ -98,18 +96,18 @@ def label_logits(engine, hook: AnswerHidden, adapter, prefix: list[int], suffix:
 
 def start_vllm(args):
     """A vLLM server on the base model (the benchmark's own start-up helper) and the engine on it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_vllm import start_server
-
     from service.engine.vllm.adapters import AdapterLifecycle, AdapterWriter
     from service.engine.vllm.client import VLLMClient
     from service.engine.vllm.engine import VLLMEngine
+    from service.engine.vllm.local_server import LocalVLLMServer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-    server = start_server(args.base_model, args.vllm_port, args.vllm_dtype, not args.vllm_bf16_head, tmp / "server.log")
+    server = LocalVLLMServer(args.base_model, args.vllm_port, tmp / "server.log", dtype=args.vllm_dtype,
+                             float32_head=not args.vllm_bf16_head, max_loras=4, max_cpu_loras=8,
+                             max_model_len=2048, kv_cache_gib=2).start()
     builder_ids = _label_ids(args)
     lifecycle = AdapterLifecycle(AdapterWriter(tmp / "adapters", base_model=str(args.base_model)), 4)
-    engine = VLLMEngine([VLLMClient(f"http://127.0.0.1:{args.vllm_port}")], lifecycle, yes_id=builder_ids[0],
+    engine = VLLMEngine([VLLMClient(server.url)], lifecycle, yes_id=builder_ids[0],
                         no_id=builder_ids[1], health_interval_s=None, request_timeout_s=120.0)
     return engine, server
 
@@ -214,8 +212,7 @@ def main() -> None:
     hook.handle.remove()
     if server is not None:
         vllm_engine.close()
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
+        server.stop()
 
     p32 = p_yes(logits)
     p16 = p_yes(to_bf16(logits))

@@ -19,17 +19,12 @@ Without --url it starts its own server (python -m vllm.entrypoints.openai.api_se
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 
@@ -39,28 +34,7 @@ from service.engine.base import UserAdapter  # noqa: E402
 from service.engine.vllm.adapters import AdapterLifecycle, AdapterWriter  # noqa: E402
 from service.engine.vllm.client import VLLMClient  # noqa: E402
 from service.engine.vllm.engine import VLLMEngine  # noqa: E402
-
-
-def start_server(model: Path, port: int, dtype: str, head_fp32: bool, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE="2")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", dtype, "--enforce-eager", "--enable-lora", "--max-lora-rank", "8",
-           "--max-loras", "4", "--max-cpu-loras", "8", "--enable-prefix-caching", "--max-model-len", "2048",
-           "--logprobs-mode", "processed_logprobs"]
-    if head_fp32:
-        cmd += ["--hf-overrides", json.dumps({"head_dtype": "float32"})]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not up; see {log}")
+from service.engine.vllm.local_server import LocalVLLMServer  # noqa: E402
 
 
 def random_adapters(model_dir: Path, n: int, rank: int = 8, std: float = 0.3) -> list[UserAdapter]:
@@ -112,12 +86,14 @@ def main() -> None:
         model_dir = build_tiny_llama(work / "tiny", hidden_size=64, heads=2, kv_heads=1, head_dim=32, layers=2)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     yes, no = tokenizer.convert_tokens_to_ids(["Yes", "No"])
-    proc = None
+    server = None
     url = args.url
     if url is None:
-        url = f"http://127.0.0.1:{args.port}"
         t0 = time.perf_counter()
-        proc = start_server(model_dir, args.port, args.dtype, args.head_fp32, work / "server.log")
+        server = LocalVLLMServer(model_dir, args.port, work / "server.log", dtype=args.dtype,
+                                 float32_head=args.head_fp32, max_loras=4, max_cpu_loras=8, max_model_len=2048,
+                                 kv_cache_gib=2).start()
+        url = server.url
         print(f"server start: {time.perf_counter() - t0:.1f} s ({args.dtype}, fp32 head: {args.head_fp32})")
     try:
         adapters = random_adapters(model_dir, args.users)
@@ -150,7 +126,6 @@ def main() -> None:
 
         # (b) one 20-candidate request: generative scoring vs per-candidate completions
         timings: dict[str, list[float]] = {"generative_scoring": [], "completions": []}
-        vllm_scores = []
         for api in timings:
             engine.replicas[url].api = api
             for r in range(args.repeat):
@@ -195,9 +170,8 @@ def main() -> None:
               f" torch bf16-rounded logits {auc(labels, ref_bf16):.4f}")
         engine.close()
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":

