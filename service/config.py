@@ -7,7 +7,6 @@ process entry point, so tests can build several differently configured apps side
 
 from __future__ import annotations
 
-import re
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,10 +14,9 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, HttpUrl, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.bundle.manifest import validate_version
+from service.bundle.manifest import SHA256_HEX, validate_version
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 BundleVersion = Annotated[str, AfterValidator(validate_version)]
 
 
@@ -118,6 +116,11 @@ class Settings(BaseSettings):
     log_level: LogLevel = "INFO"
     log_json: bool = Field(True, description="One JSON object per line; False for human-readable lines.")
 
+    @property
+    def follows_store(self) -> bool:
+        """Whether this gateway serves what the store's ACTIVE pointer names, polling it."""
+        return bool(self.model_poll_s) and self.active_version is None
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.rating_min >= self.rating_max:
@@ -128,7 +131,7 @@ class Settings(BaseSettings):
         if "{" in self.redis_prefix or "}" in self.redis_prefix:
             raise ValueError("redis_prefix must not contain braces (they would become the cluster hash tag)")
         for digest in self.admin_token_sha256:
-            if not _SHA256_HEX.fullmatch(digest):
+            if not SHA256_HEX.fullmatch(digest):
                 raise ValueError("admin_token_sha256 entries must be 64 lowercase hex characters (a sha256 digest)")
         if self.admin_enabled and not self.admin_token_sha256:
             raise ValueError("the admin API is enabled but no admin token is configured: set "

@@ -75,7 +75,7 @@ async def load_scorer(app: FastAPI) -> None:
     settings = state.settings
     # The registry manages the runtime's pipeline (its model holder); another scorer has no versions.
     manageable = hasattr(scorer, "holder")
-    if manageable and (settings.admin_enabled or (settings.model_poll_s and settings.active_version is None)):
+    if manageable and (settings.admin_enabled or settings.follows_store):
         try:
             from service.registry.manager import build_manager
 
@@ -117,7 +117,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     else:
         state.metrics.set_model_version(state.scorer.model_version)
     follower = None
-    if state.settings.model_poll_s and state.settings.active_version is None:
+    if state.settings.follows_store:
         follower = asyncio.create_task(follow_store(app), name="follow-store")
     try:
         yield

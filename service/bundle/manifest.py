@@ -22,7 +22,7 @@ PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", 
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a lowercase hex sha256 digest
 
 
 def quote_untrusted(value: object, limit: int = 80) -> str:
@@ -95,7 +95,7 @@ class FileEntry(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _check_sha256(cls, value: str) -> str:
-        if not _SHA256_RE.fullmatch(value):
+        if not SHA256_HEX.fullmatch(value):
             raise ValueError(f"sha256 {quote_untrusted(value)} must be 64 lowercase hex characters")
         return value
 

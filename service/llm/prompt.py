@@ -182,17 +182,18 @@ class PromptBuilder:
             raise ValueError("either every candidate has a history or none has")
         prefix = self.encode_text(self.prefix_text(profile, bool(histories and histories[0])))
         lines = [self.suffix_lines(h, t) for h, t in zip(histories, targets)]
-        if not self.line_cache_enabled:
-            texts = ["".join(x) for x in lines]
-            return prefix, (self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        if not self.line_cache_enabled or not lines:
+            return prefix, self._encode_whole(lines)
         self._cache_lines(lines)
         suffixes = [self._encode_suffix(x) for x in lines]
         self._encodes += 1
-        if suffixes and self._encodes % LINE_CACHE_AUDIT_EVERY == 1:
-            full = self.encode_text("".join(lines[0]))
-            if full != suffixes[0]:
-                log.error("cached line tokens differ from whole-text tokens; line cache switched off")
-                self.line_cache_enabled = False
-                suffixes[0] = full
-                suffixes[1:] = [self.encode_text("".join(x)) for x in lines[1:]]
+        if self._encodes % LINE_CACHE_AUDIT_EVERY == 1 and self.encode_text("".join(lines[0])) != suffixes[0]:
+            log.error("cached line tokens differ from whole-text tokens; line cache switched off")
+            self.line_cache_enabled = False
+            return prefix, self._encode_whole(lines)
         return prefix, suffixes
+
+    def _encode_whole(self, lines: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Each suffix tokenized as one text, all in one batched call."""
+        texts = ["".join(x) for x in lines]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []

@@ -69,7 +69,7 @@ class ModelManager:
         self.events = events or RegistryEvents()
         self._lock = threading.Lock()
         self._refused_pointer: str | None = None
-        self._warm: OrderedDict[str, tuple] = OrderedDict()  # version -> (manifest sha256, model, builder, report)
+        self._warm: OrderedDict[str, tuple] = OrderedDict()  # version -> (manifest sha256, model, builder)
 
     def record_start(self) -> None:
         """Put the version this gateway started on at the top of the activation history (it may
@@ -179,13 +179,12 @@ class ModelManager:
                 return None
             previous = self.active
             try:
-                model, builder, report = self._validate(self.store.path(target))
+                report = self._swap_in(target)
             except (ValidationFailed, UploadError) as exc:
                 self._refused_pointer = target
                 self.events.refused(exc.reason)
                 log.error("the store's ACTIVE pointer names %s, which fails validation here: %s", target, exc)
                 return None
-            self.pipeline.holder.swap(model, builder)
             self.events.activated("follow", target)
         log.info("model follow: %s -> %s (the store's ACTIVE pointer)", previous, target)
         return ActivationResult(target, previous, report, time.perf_counter() - start)
@@ -204,22 +203,27 @@ class ModelManager:
         previous = self.active
         if not self.store.exists(version):
             raise UnknownVersion(f"version {version!r} is not in the store")
-        report = None
-        if version != previous:
-            warm = self._take_warm(version)
-            if warm is not None:  # validated earlier in this process: swap in the very same objects
-                model, builder, _ = warm
-                report = ValidationReport(version, ["validated earlier in this process; manifest unchanged"])
-            else:
-                model, builder, report = self._validate(self.store.path(version))
-            old_model, old_builder = self.pipeline.holder.snapshot()
-            self.pipeline.holder.swap(model, builder)
-            self._keep_warm(previous, old_model, old_builder, None)  # an instant rollback target
+        report = self._swap_in(version) if version != previous else None
         self.store.record_activation(version, rollback=kind == "rollback")
         self.events.activated(kind, version)
         seconds = time.perf_counter() - start
         log.info("model %s: %s -> %s in %.2f s", kind, previous, version, seconds)
         return ActivationResult(version, previous, report, seconds)
+
+    def _swap_in(self, version: str) -> ValidationReport:
+        """Serve ``version``: its objects validated earlier in this process when still held and
+        unchanged, else freshly validated; the version it replaces is held for a rollback."""
+        warm = self._take_warm(version)
+        if warm is not None:
+            model, builder = warm
+            report = ValidationReport(version, ["validated earlier in this process; manifest unchanged"])
+        else:
+            model, builder, report = self._validate(self.store.path(version))
+        previous = self.active
+        old_model, old_builder = self.pipeline.holder.snapshot()
+        self.pipeline.holder.swap(model, builder)
+        self._keep_warm(previous, old_model, old_builder)
+        return report
 
     def _validate(self, bundle_dir: Path):
         _, current_builder = self.pipeline.holder.snapshot()
@@ -238,7 +242,7 @@ class ModelManager:
         self._check_new_version(version)
         os.rename(staging / version, self.store.path(version))
         model.bundle = dataclasses.replace(model.bundle, root=self.store.path(version))
-        self._keep_warm(version, model, builder, report)
+        self._keep_warm(version, model, builder)
         log.info("model %s published to the store", version)
         result: dict[str, Any] = {"version": version, "checks": report.checks, "activated": False}
         if activate:
@@ -246,7 +250,7 @@ class ModelManager:
             result.update(activated=True, previous=activation.previous)
         return result
 
-    def _keep_warm(self, version: str, model, builder, report: ValidationReport | None) -> None:
+    def _keep_warm(self, version: str, model, builder) -> None:
         """Keep a validated version's loaded objects (the one just pushed, the one just replaced),
         so activating or rolling back to it is a swap instead of a reload and smoke test. Keyed
         by the manifest's bytes: a directory changed on disk since is validated again."""
@@ -254,22 +258,23 @@ class ModelManager:
             digest = file_sha256(self.store.path(version) / MANIFEST_NAME)
         except OSError:
             return
-        self._warm[version] = (digest, model, builder, report)
+        self._warm[version] = (digest, model, builder)
         self._warm.move_to_end(version)
         while len(self._warm) > WARM_VERSIONS:
             self._warm.popitem(last=False)
 
     def _take_warm(self, version: str):
+        """(model, builder) held for ``version`` if its manifest is unchanged, else None."""
         entry = self._warm.pop(version, None)
         if entry is None:
             return None
-        digest, model, builder, report = entry
+        digest, model, builder = entry
         try:
             if file_sha256(self.store.path(version) / MANIFEST_NAME) != digest:
                 return None
         except OSError:
             return None
-        return model, builder, report
+        return model, builder
 
     def _check_new_version(self, version: str) -> None:
         try:
@@ -338,7 +343,6 @@ class ModelManager:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-
 
 
 def build_manager(settings, metrics, pipeline: ScoringPipeline) -> ModelManager:

@@ -92,7 +92,7 @@ class ModelStore:
             if not entries or entries[-1]["version"] != version:
                 entries.append({"version": version, "at": datetime.now(timezone.utc).isoformat()})
             self.root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.root / ACTIVATIONS, json.dumps(entries[-MAX_HISTORY:], indent=1).encode())
+            self._write_history(entries)
             _write_atomic(self.root / ACTIVE_POINTER, f"{version}\n".encode())
 
     def previous(self, current: str) -> str | None:
@@ -115,5 +115,7 @@ class ModelStore:
         os.rename(self.path(version), trash)
         shutil.rmtree(trash, ignore_errors=True)
         with self._lock:
-            entries = [e for e in self.history() if e["version"] != version]
-            _write_atomic(self.root / ACTIVATIONS, json.dumps(entries, indent=1).encode())
+            self._write_history([e for e in self.history() if e["version"] != version])
+
+    def _write_history(self, entries: list[dict[str, str]]) -> None:
+        _write_atomic(self.root / ACTIVATIONS, json.dumps(entries[-MAX_HISTORY:], indent=1).encode())

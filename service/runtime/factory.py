@@ -31,14 +31,21 @@ def active_version(store: Path, configured: str | None) -> str:
     return version
 
 
+def build_prompt_builder(settings: Settings, model: LoadedModel) -> PromptBuilder:
+    """Prompts of ``model``'s config on the base model's tokenizer, which every engine scores with."""
+    from transformers import AutoTokenizer
+
+    return PromptBuilder(AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True), model.prompt)
+
+
 def build_torch_engine(settings: Settings, model: LoadedModel):
     """The embedded engine on the base LLM and the prompt builder for its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from service.engine.torch_engine import TorchEngine
 
-    tokenizer = AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True)
-    builder = PromptBuilder(tokenizer, model.prompt)
+    builder = build_prompt_builder(settings, model)
+    tokenizer = builder.tokenizer
     dtype = resolve_dtype(settings.torch_dtype, settings.torch_device)
     llm = AutoModelForCausalLM.from_pretrained(settings.base_model_dir, dtype=dtype, local_files_only=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -50,15 +57,12 @@ def build_torch_engine(settings: Settings, model: LoadedModel):
 def build_vllm_engine(settings: Settings, model: LoadedModel, metrics: Metrics):
     """The remote engine over the configured vLLM replicas, and the prompt builder for the base
     model's tokenizer (the servers serve the same base model directory, so ids agree)."""
-    from transformers import AutoTokenizer
-
     from service.engine.vllm.adapters import AdapterEvents, AdapterLifecycle, AdapterWriter
     from service.engine.vllm.client import VLLMClient
     from service.engine.vllm.engine import VLLMEngine
     from service.engine.vllm.routing import AffinityRouter
 
-    tokenizer = AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True)
-    builder = PromptBuilder(tokenizer, model.prompt)
+    builder = build_prompt_builder(settings, model)
     urls = [str(u).rstrip("/") for u in settings.vllm_urls]
     if settings.vllm_url is not None and str(settings.vllm_url).rstrip("/") not in urls:
         urls.append(str(settings.vllm_url).rstrip("/"))
