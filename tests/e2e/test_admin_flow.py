@@ -156,6 +156,15 @@ class TestRefusals:
         assert_error(r, 422, "model_refused")
         assert "size mismatch" in r.json()["error"]["message"]
 
+    def test_integer_weights(self, client, world: World):
+        def to_int(w):
+            key = next(k for k in sorted(w) if k.endswith(".lora_B"))
+            w[key] = w[key].round().to(torch.int64)
+
+        r = self.push_changed(client, world, "int-lora", "lora/weights.safetensors", to_int)
+        assert_error(r, 422, "model_refused")
+        assert "must be floating point" in r.json()["error"]["message"]
+
     def test_nan_scores_fail_the_smoke_test(self, client, world: World):
         def poison(w):
             w["wide.bias"] = torch.full_like(w["wide.bias"], float("nan"))  # added to every logit
