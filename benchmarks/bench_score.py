@@ -107,12 +107,18 @@ def matmul_rate(hidden: int, inter: int, tokens: int, dtype: torch.dtype, repeat
 
 
 def engine_flops(config, lora_rank: int, work: dict) -> float:
-    """Matmul + attention FLOPs of the work the engine reports for a request (padding included)."""
+    """Matmul + attention FLOPs of the work the engine reports for a request.
+
+    The last layer needs keys and values at every token but queries, attention output, o_proj and
+    the MLP only at the answer positions, which is all the engine computes there.
+    """
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    per_token = layers * 2 * (h * h * 2 + h * kv * 2 + 3 * h * inter + lora_rank * (2 * h + h + kv))
-    attention = layers * 2 * 2 * h * work["attention_pairs"]  # q.k and p.v
-    return per_token * work["tokens"] + attention
+    keys_values = 2 * (2 * h * kv + lora_rank * (h + kv))  # k, v (with v's LoRA)
+    rest = 2 * (2 * h * h + 3 * h * inter + lora_rank * 2 * h)  # q (with its LoRA), o, MLP
+    matmuls = ((layers - 1) * (keys_values + rest) + keys_values) * work["tokens"] + rest * work["final_queries"]
+    attention = 2 * 2 * h * ((layers - 1) * work["attention_pairs"] + work["final_attention_pairs"])  # q.k, p.v
+    return matmuls + attention
 
 
 def naive_scores(peft_model, tokenizer, prompts: list[list[int]], adapter_name: str, yes: int, no: int) -> np.ndarray:

@@ -3,10 +3,11 @@
 A request's candidates share the prompt prefix (chat header, profile, instructions), so the prefix
 is computed once and its keys/values are broadcast to every suffix row instead of recomputed.
 Suffixes often share more: candidates whose retrieved histories begin with the same behaviours
-have identical leading tokens. Those shared runs (at least ``min_shared`` tokens) are computed
-once per group too, radix-tree style, and the groups' remainders are scored on the extended cache.
-Only the answer position of each row is projected, onto the two label rows of the output
-embedding, in float32 (bfloat16 logits would quantize the probabilities).
+have identical leading tokens. Those shared runs are computed once per group too, radix-tree
+style, where that saves enough work, and the groups' remainders are scored on the extended cache.
+The suffixes run packed, without padding (``RaggedDecoder``), and only the answer position of
+each row is projected, onto the two label rows of the output embedding, in float32 (bfloat16
+logits would quantize the probabilities).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from service.engine.base import UserAdapter
 from service.engine.lora_slot import LoRASlots
-from service.llm.scoring import pad_right
+from service.engine.ragged import KV, RaggedDecoder
 
 
 class DeadlineExceeded(TimeoutError):
@@ -30,26 +30,25 @@ class DeadlineExceeded(TimeoutError):
 
 class TorchEngine:
     def __init__(self, model, *, yes_id: int, no_id: int, pad_id: int, target_modules: list[str],
-                 max_batch: int = 10, min_shared: int = 24) -> None:
+                 max_batch: int = 32, min_saving: int = 48) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.decoder = model.get_decoder()
+        self.ragged = RaggedDecoder(model)
         self.label_rows = model.get_output_embeddings().weight[[yes_id, no_id]].detach().float()
-        self.pad_id = pad_id
+        self.pad_id = pad_id  # kept for the engine interface; packed rows need no padding
         self.max_batch = max_batch
-        self.min_shared = min_shared
+        self.min_saving = min_saving
         self.slots = LoRASlots(model, target_modules)
         self._lock = threading.Lock()  # one forward at a time: the installed adapter is per forward
         self._deadline: float | None = None
-        # Work of the last request: tokens run through the decoder and (query, key) pairs of
-        # attention, padding included; benchmarks turn these into FLOPs.
-        self.last_work = {"tokens": 0, "attention_pairs": 0}
-        # A late request is abandoned between layers, so it does not hold the engine (and every
-        # request queued behind it) for a forward whose answer nobody will read.
-        for layer in self.decoder.layers:
-            layer.register_forward_pre_hook(self._check_deadline)
+        # Work of the last request, which benchmarks turn into FLOPs: tokens run through the
+        # decoder, (query, key) pairs of causal attention per layer, and the queries the last
+        # layer computes (answer positions only).
+        self.last_work = _no_work()
 
-    def _check_deadline(self, module, args) -> None:
+    def _check_deadline(self) -> None:
+        """Called between layers: a late request is abandoned there, so it does not hold the engine
+        (and every request queued behind it) for a forward whose answer nobody will read."""
         if self._deadline is not None and time.perf_counter() > self._deadline:
             raise DeadlineExceeded("the request deadline passed during the LLM forward")
 
@@ -66,7 +65,7 @@ class TorchEngine:
             if deadline is not None and time.perf_counter() > deadline:
                 raise DeadlineExceeded("the request deadline passed while waiting for the engine")
             self._deadline = deadline
-            self.last_work = {"tokens": 0, "attention_pairs": 0}
+            self.last_work = _no_work()
             self.slots.install(adapter)
             try:
                 kv = self._extend(None, 0, prefix) if prefix else None  # once per request
@@ -77,15 +76,10 @@ class TorchEngine:
                 self._deadline = None
                 self.slots.install(None)
 
-    def _extend(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None, p: int,
-                tokens: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys/values of the context after appending ``tokens`` (batch of one)."""
-        ids = torch.as_tensor([list(tokens)], dtype=torch.long, device=self.device)
+    def _extend(self, kv: KV | None, p: int, tokens: Sequence[int]) -> KV:
+        """Keys/values of the context after appending ``tokens``."""
         self._count(1, len(tokens), p)
-        cache = DynamicCache(kv) if kv is not None else None
-        positions = (p + torch.arange(len(tokens), device=self.device)).unsqueeze(0)
-        out = self.decoder(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return self.ragged.forward(kv, p, [tokens], extend=True, before_layer=self._check_deadline)[1]
 
     def _count(self, rows: int, length: int, context: int) -> None:
         self.last_work["tokens"] += rows * length
@@ -93,43 +87,46 @@ class TorchEngine:
 
     def _score_group(self, kv, p: int, rows: list[int], offset: int, suffixes: Sequence[Sequence[int]],
                      out: np.ndarray) -> None:
-        """Score ``rows`` (whose suffixes agree up to ``offset``) on the context ``kv`` of length p."""
+        """Score ``rows`` (whose suffixes agree up to ``offset``) on the context ``kv`` of length p.
+
+        A run the rows share is computed once when that saves at least ``min_saving`` tokens of
+        work (a separate forward of a short run costs more than it saves). Either way the rows
+        are split where they first differ, and each subgroup that shares enough is handled the
+        same way; the rest are scored together on this context.
+        """
         shared = _common_prefix(suffixes, rows, offset)
-        if len(rows) > 1 and shared >= self.min_shared:
+        if len(rows) > 1 and shared and (len(rows) - 1) * shared >= self.min_saving:
             kv = self._extend(kv, p, suffixes[rows[0]][offset : offset + shared])
-            p, offset = p + shared, offset + shared
+            p, offset, shared = p + shared, offset + shared, 0
+        split = offset + shared  # the first position where the rows differ
         groups: dict[int, list[int]] = {}
         for r in rows:
-            groups.setdefault(suffixes[r][offset] if len(suffixes[r]) > offset + 1 else -1, []).append(r)
+            groups.setdefault(suffixes[r][split] if len(suffixes[r]) > split + 1 else -1, []).append(r)
         leaves = []
         for key, members in groups.items():
-            if key != -1 and len(members) > 1 and len(members) < len(rows) and \
-                    _common_prefix(suffixes, members, offset) >= self.min_shared:
+            if key != -1 and 1 < len(members) < len(rows) and \
+                    (len(members) - 1) * _common_prefix(suffixes, members, offset) >= self.min_saving:
                 self._score_group(kv, p, members, offset, suffixes, out)
             else:
                 leaves += members
-        # Similar lengths share a chunk, so right-padding wastes little work.
+        # Similar lengths share a chunk, so the padded layout of attention wastes little.
         leaves.sort(key=lambda r: len(suffixes[r]))
         for start in range(0, len(leaves), self.max_batch):
             chunk = leaves[start : start + self.max_batch]
             out[chunk] = self._score_chunk(kv, p, [suffixes[r][offset:] for r in chunk])
 
-    def _score_chunk(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None, p: int,
-                     suffixes: Sequence[Sequence[int]]) -> np.ndarray:
-        n = len(suffixes)
-        ids, mask, last = (t.to(self.device) for t in pad_right(suffixes, self.pad_id))
-        self._count(n, ids.shape[1], p)
-        if kv is not None:
-            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
-            mask = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=self.device), mask], 1)
-        else:
-            cache = None
-        positions = (p + torch.arange(ids.shape[1], device=self.device)).unsqueeze(0).expand(n, -1)
-        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                              use_cache=cache is not None).last_hidden_state
-        h = hidden[torch.arange(n, device=self.device), last].float()
-        logits = h @ self.label_rows.T
+    def _score_chunk(self, kv: KV | None, p: int, suffixes: Sequence[Sequence[int]]) -> np.ndarray:
+        for s in suffixes:
+            self._count(1, len(s), p)
+        self.last_work["final_queries"] += len(suffixes)
+        self.last_work["final_attention_pairs"] += sum(p + len(s) for s in suffixes)
+        hidden, _ = self.ragged.forward(kv, p, suffixes, before_layer=self._check_deadline)
+        logits = hidden.float() @ self.label_rows.T
         return torch.sigmoid(logits[:, 0] - logits[:, 1]).cpu().numpy()
+
+
+def _no_work() -> dict[str, int]:
+    return {"tokens": 0, "attention_pairs": 0, "final_queries": 0, "final_attention_pairs": 0}
 
 
 def _common_prefix(suffixes: Sequence[Sequence[int]], rows: list[int], offset: int) -> int:

@@ -109,12 +109,37 @@ def test_shared_suffix_runs_are_computed_once_and_stay_exact(setup) -> None:
     calls = []
     original = engine._extend
     engine._extend = lambda kv, p, tokens: calls.append(len(tokens)) or original(kv, p, tokens)
-    engine.min_shared = 2
+    min_saving, engine.min_saving = engine.min_saving, 2
     try:
         got = engine.score(adapter, prefix, suffixes)
     finally:
-        engine._extend, engine.min_shared = original, 24
+        engine._extend, engine.min_saving = original, min_saving
     assert len(calls) >= 3  # the prefix, then shared runs of the suffix groups
+    with lora.user(rep.reshape(1, -1)):
+        alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
+    np.testing.assert_allclose(got, alone, atol=1e-5)
+
+
+def test_runs_shared_after_a_short_common_start_are_found(setup) -> None:
+    """Histories numbered "1. ..." all share a few leading tokens and then fall into groups that
+    share whole lines; the groups' runs must still be computed once each."""
+    reference, lora, mixer, engine = setup
+    rng = np.random.default_rng(11)
+    prefix, start = rng.integers(1, 99, size=6).tolist(), [3, 4]
+    line_a, line_b = rng.integers(1, 99, size=10).tolist(), rng.integers(1, 99, size=12).tolist()
+    suffixes = [start + line_a + rng.integers(1, 99, size=n).tolist() for n in (2, 4, 3)]
+    suffixes += [start + line_b + rng.integers(1, 99, size=n).tolist() for n in (5, 1)]
+    suffixes += [start + rng.integers(1, 99, size=6).tolist()]
+    rep = torch.randn(8)
+    calls = []
+    original = engine._extend
+    engine._extend = lambda kv, p, tokens: calls.append(len(tokens)) or original(kv, p, tokens)
+    min_saving, engine.min_saving = engine.min_saving, 12  # the 2-token start alone saves 10
+    try:
+        got = engine.score(adapter_for(mixer, lora, rep, "short-start"), prefix, suffixes)
+    finally:
+        engine._extend, engine.min_saving = original, min_saving
+    assert sorted(calls) == [6, 12, 14]  # the prefix, then start + line_a and start + line_b
     with lora.user(rep.reshape(1, -1)):
         alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
     np.testing.assert_allclose(got, alone, atol=1e-5)

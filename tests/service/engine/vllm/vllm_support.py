@@ -26,7 +26,9 @@ def vllm_python() -> str | None:
     configured = os.environ.get("RECLORA_TEST_VLLM_PYTHON")
     if configured:
         return configured
-    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+    spec = importlib.util.find_spec("vllm")
+    # A test directory named vllm on sys.path is found as a namespace package (no origin).
+    return sys.executable if spec is not None and spec.origin not in (None, "namespace") else None
 
 
 def free_port() -> int:

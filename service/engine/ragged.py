@@ -1,0 +1,159 @@
+"""A Llama-family decoder forward over ragged rows: no padding in the projections and the MLP.
+
+transformers runs a batch of candidate suffixes as a right-padded rectangle, so every projection
+and MLP matmul also runs on the padding (a tenth of the tokens for a typical request: suffix
+lengths differ by title lengths and retrieved history). Here the rows are packed into one
+``(tokens, hidden)`` matrix for every matmul; only attention, which is a small part of the work,
+sees a padded layout, and the rows' shared context (the prompt prefix, radix-shared runs) is a
+key/value cache broadcast to every row.
+
+The last layer computes queries, the attention output, ``o_proj`` and the MLP only where a result
+is read: each row's answer position when scoring, nowhere when extending the cache (a cache needs
+only that layer's keys and values). transformers offers padding-free batches only through CUDA
+flash-attention kernels, which is why this forward is written out; it reuses the model's own
+modules (norms, projections, LoRA slots, MLP, rotary embedding), so weights and adapters are the
+same objects as in the transformers forward, and a test holds the two equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values as (1, kv_heads, length, head_dim)
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+class UnsupportedModel(ValueError):
+    """The ragged forward does not know this architecture."""
+
+
+class RaggedDecoder:
+    def __init__(self, model) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(f"the embedded engine runs {SUPPORTED_MODEL_TYPES} models, not {config.model_type!r}")
+        self.decoder = model.get_decoder()
+        self.layers = list(self.decoder.layers[: config.num_hidden_layers])
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.layers[0].self_attn.scaling
+
+    def forward(self, kv: KV | None, p: int, rows: Sequence[Sequence[int]], *, extend: bool = False,
+                before_layer: Callable[[], None] | None = None) -> tuple[torch.Tensor | None, KV | None]:
+        """Run ``rows`` on the context ``kv`` of length ``p`` (None when p == 0).
+
+        Scoring (``extend`` false) returns the final-norm hidden state at each row's last token,
+        ``(rows, hidden)``. Extending (one row) returns the cache of the context plus the row.
+        ``before_layer`` is called before every layer (deadline checks).
+        """
+        if extend and len(rows) != 1:
+            raise ValueError("the cache is extended by one row at a time")
+        device = self.decoder.embed_tokens.weight.device
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        layout = _Layout(lengths, device)
+        ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=device)
+        h = self.decoder.embed_tokens(ids)  # (tokens, hidden)
+        cos, sin = self.decoder.rotary_emb(h, (p + layout.col_of).unsqueeze(0))
+        cos, sin = cos[0, :, None], sin[0, :, None]  # (tokens, 1, head_dim)
+        new_kv: KV = []
+        for index, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer()
+            attn = layer.self_attn
+            x = _norm(layer.input_layernorm, h)
+            k = attn.k_proj(x).view(-1, self.n_kv, self.head_dim)
+            k = layout.to_rows(k * cos + rotate_half(k) * sin)
+            v = layout.to_rows(attn.v_proj(x).view(-1, self.n_kv, self.head_dim))
+            if extend:
+                new_kv.append((k, v) if kv is None else (torch.cat([kv[index][0], k], 2), torch.cat([kv[index][1], v], 2)))
+            final = index == len(self.layers) - 1
+            if final and extend:
+                break  # the cache needs this layer's keys and values only
+            if final:  # queries at the answer positions only
+                x, h, q_cos, q_sin = x[layout.last], h[layout.last], cos[layout.last], sin[layout.last]
+            else:
+                q_cos, q_sin = cos, sin
+            q = attn.q_proj(x).view(-1, self.n_heads, self.head_dim)
+            out = self._attend(q * q_cos + rotate_half(q) * q_sin, k, v, kv[index] if kv is not None else None,
+                               layout, answers_only=final)
+            h = h + attn.o_proj(out.reshape(len(out), -1))
+            h = h + layer.mlp(_norm(layer.post_attention_layernorm, h))
+        if extend:
+            return None, new_kv
+        return _norm(self.decoder.norm, h), None
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                context: tuple[torch.Tensor, torch.Tensor] | None, layout: "_Layout",
+                answers_only: bool) -> torch.Tensor:
+        """Attention of packed queries ``(queries, heads, dim)`` over the shared context and their
+        own rows' keys ``(rows, kv_heads, width, dim)``.
+
+        The two parts run as separate flash-attention calls and are merged by their log-sum-exps,
+        which is exact: the context is one unmasked call for every query of every row (its keys
+        are never copied per row), and the rows' own part is causal, so the kernel skips the
+        blocks above the diagonal. One call with a row-by-row mask would compute the whole
+        rectangle of (query, key) pairs, a quarter of the engine's time on a typical request.
+        """
+        if answers_only:  # one query per row, at its last token: it sees its whole row, not the padding
+            rows_q = q.unsqueeze(2)  # (rows, heads, 1, dim)
+            mask = torch.zeros(layout.n, 1, 1, layout.width, dtype=q.dtype, device=q.device)
+            mask.masked_fill_(~layout.valid[:, None, None, :], float("-inf"))
+            own, own_lse = _flash(rows_q, k, v, False, mask, self.scaling)
+            own, own_lse = own[:, :, 0].float(), own_lse[:, :, 0]
+        else:
+            own, own_lse = _flash(layout.to_rows(q), k, v, True, None, self.scaling)
+            own, own_lse = layout.to_packed(own.transpose(1, 2)).float(), layout.to_packed(own_lse.transpose(1, 2))
+        if context is None:
+            return own.to(q.dtype)
+        ctx, ctx_lse = _flash(q.transpose(0, 1).unsqueeze(0), context[0], context[1], False, None, self.scaling)
+        ctx, ctx_lse = ctx[0].transpose(0, 1).float(), ctx_lse[0].transpose(0, 1)  # (queries, heads, dim / -)
+        total = torch.logaddexp(own_lse, ctx_lse)
+        return (own * (own_lse - total).exp()[..., None] + ctx * (ctx_lse - total).exp()[..., None]).to(q.dtype)
+
+
+class _Layout:
+    """Where each packed token sits in the (rows, width) layout attention uses."""
+
+    def __init__(self, lengths: torch.Tensor, device: torch.device) -> None:
+        self.n, self.width = len(lengths), int(lengths.max())
+        row_of = torch.repeat_interleave(torch.arange(self.n), lengths)
+        col_of = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        self.col_of = col_of.to(device)
+        self.slot = (row_of * self.width + col_of).to(device)
+        self.last = (lengths.cumsum(0) - 1).to(device)  # each row's answer token, packed
+        self.valid = torch.arange(self.width, device=device)[None, :] < lengths.to(device)[:, None]
+        self.padded = self.n * self.width != len(col_of)
+
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, heads, dim) packed -> (rows, heads, width, dim), zeros where a row is shorter."""
+        if self.padded:
+            out = x.new_zeros(self.n * self.width, *x.shape[1:])
+            out[self.slot] = x
+            x = out
+        return x.view(self.n, self.width, *x.shape[1:]).transpose(1, 2)
+
+    def to_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, width, ...) -> (tokens, ...), dropping the padding."""
+        x = x.reshape(self.n * self.width, *x.shape[2:])
+        return x[self.slot] if self.padded else x
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU flash attention, which also returns the log-sum-exp that merging needs (the
+    public ``scaled_dot_product_attention`` does not); grouped-query heads are native to it."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+
+
+def _norm(module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm; in float32 as torch's fused kernel (the same arithmetic, 2.5x faster
+    here). In bfloat16 the module itself: it rounds to bfloat16 before applying the weight, which
+    the fused kernel does not, and scores must not depend on which forward ran."""
+    if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
+        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(x)

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from service.engine.base import UserAdapter
+from service.engine.lora_slot import LoRASlots
+from service.engine.ragged import RaggedDecoder, UnsupportedModel
+
+
+def make_model(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def reference_hidden(model, context: list[int], row: list[int]) -> torch.Tensor:
+    """transformers' own forward of context + row: the final-norm hidden state of the last token."""
+    with torch.inference_mode():
+        return model.get_decoder()(input_ids=torch.tensor([context + row])).last_hidden_state[0, -1]
+
+
+def rows(seed: int, lengths) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 99, size=n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("context_len", [0, 11])
+def test_packed_rows_equal_transformers_per_row(model, context_len) -> None:
+    ragged = RaggedDecoder(model)
+    context = rows(1, [context_len])[0]
+    suffixes = rows(2, [5, 1, 13, 7, 7, 2])
+    with torch.inference_mode():
+        kv = ragged.forward(None, 0, [context], extend=True)[1] if context else None
+        hidden, _ = ragged.forward(kv, len(context), suffixes)
+    for got, suffix in zip(hidden, suffixes):
+        torch.testing.assert_close(got, reference_hidden(model, context, suffix), atol=2e-5, rtol=1e-4)
+
+
+def test_extended_cache_equals_transformers_cache(model) -> None:
+    ragged = RaggedDecoder(model)
+    first, second = rows(3, [9, 6])
+    with torch.inference_mode():
+        kv = ragged.forward(ragged.forward(None, 0, [first], extend=True)[1], 9, [second], extend=True)[1]
+        expected = model.get_decoder()(input_ids=torch.tensor([first + second]), use_cache=True,
+                                       past_key_values=DynamicCache(config=model.config)).past_key_values
+    assert len(kv) == model.config.num_hidden_layers
+    for (k, v), layer in zip(kv, expected.layers):
+        torch.testing.assert_close(k, layer.keys, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(v, layer.values, atol=2e-5, rtol=1e-4)
+
+
+def test_lora_slots_act_in_the_packed_forward() -> None:
+    model = make_model()
+    ragged = RaggedDecoder(model)
+    suffixes = rows(4, [4, 8])
+    with torch.inference_mode():
+        plain, _ = ragged.forward(None, 0, suffixes)
+    slots = LoRASlots(model, ["q_proj", "v_proj", "down_proj"])
+    weights = {name: (torch.randn(slot.base.in_features, 4) * 0.3, torch.randn(4, slot.base.out_features) * 0.3)
+               for name, slot in slots.slots.items()}
+    slots.install(UserAdapter("u", weights, 1.0))
+    with torch.inference_mode():
+        adapted, _ = ragged.forward(None, 0, suffixes)
+        expected = torch.stack([reference_hidden(model, [], s) for s in suffixes])
+    assert not torch.allclose(plain, adapted, atol=1e-3)
+    torch.testing.assert_close(adapted, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_bfloat16_stays_close_to_transformers() -> None:
+    half = make_model(torch.bfloat16)
+    suffixes = rows(5, [6, 15, 3])
+    with torch.inference_mode():
+        hidden, _ = RaggedDecoder(half).forward(None, 0, suffixes)
+    for got, suffix in zip(hidden, suffixes):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), reference_hidden(half, [], suffix).float(), atol=0.1, rtol=0.05)
+
+
+def test_the_layer_hook_runs_before_every_layer(model) -> None:
+    calls = []
+    with torch.inference_mode():
+        RaggedDecoder(model).forward(None, 0, rows(6, [3, 4]), before_layer=lambda: calls.append(1))
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def test_extend_takes_one_row(model) -> None:
+    with pytest.raises(ValueError, match="one row"):
+        RaggedDecoder(model).forward(None, 0, rows(7, [2, 3]), extend=True)
+
+
+def test_unknown_architectures_are_refused() -> None:
+    cfg = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(UnsupportedModel, match="mistral"):
+        RaggedDecoder(MistralForCausalLM(cfg))
