@@ -1,10 +1,12 @@
 """One swappable LoRA slot per target module of a loaded base model.
 
-Installing a user's adapter swaps in merged weights, ``W + scaling * (A B)^T``, built once per
-adapter (and kept for the adapter installed last): a forward then costs exactly the base model's
-matmuls, instead of two thin extra matmuls, a scale and an add per target module and token. The
-base weights are never modified or reloaded; the engine serializes forwards, so a forward always
-sees exactly one user's adapter.
+In float32, installing a user's adapter swaps in merged weights, ``W + scaling * (A B)^T``, built
+once per adapter (and kept for the adapter installed last): a forward then costs exactly the base
+model's matmuls, instead of two thin extra matmuls, a scale and an add per target module and
+token. In bfloat16 a merge would lose most of the update (a LoRA delta is far below the 8-bit
+mantissa step of the weight it is added to), so there the factors are applied beside the base.
+The base weights are never modified or reloaded; the engine serializes forwards, so a forward
+always sees exactly one user's adapter.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ class LoRASlotLinear(nn.Module):
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.base = base
-        self.weight: torch.Tensor | None = None  # the installed adapter's merged weight
+        self.weight: torch.Tensor | None = None  # the installed adapter's merged weight (float32)
+        self.factors: tuple[torch.Tensor, torch.Tensor, float] | None = None  # or its A, B, scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
-            return self.base(x)
-        return F.linear(x, self.weight, self.base.bias)
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.base.bias)
+        out = self.base(x)
+        if self.factors is None:
+            return out
+        a, b, scaling = self.factors
+        return out + (x @ a) @ b * scaling
 
     def merged(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         """``W + scaling * (A B)^T`` in float32, rounded once to the base dtype."""
@@ -46,20 +53,28 @@ class LoRASlots:
                 self.slots[name] = slot
         if not self.slots:
             raise ValueError(f"no nn.Linear named {target_modules} in the model")
-        self._merged: tuple[str, dict[str, torch.Tensor]] | None = None
+        self.merge = next(model.parameters()).dtype == torch.float32
+        self._installed: tuple[str, dict] | None = None  # the last adapter's key and prepared weights
 
     @torch.no_grad()
     def install(self, adapter: UserAdapter | None) -> None:
         if adapter is None:
             for slot in self.slots.values():
-                slot.weight = None
+                slot.weight = slot.factors = None
             return
         missing = set(self.slots) - set(adapter.weights)
         if missing:
             raise ValueError(f"adapter {adapter.key} lacks modules {sorted(missing)[:3]}")
-        if self._merged is None or self._merged[0] != adapter.key:
-            self._merged = None  # free the previous adapter's weights before building these
-            self._merged = (adapter.key, {name: slot.merged(*adapter.weights[name], adapter.scaling)
-                                          for name, slot in self.slots.items()})
+        if self._installed is None or self._installed[0] != adapter.key:
+            self._installed = None  # free the previous adapter's weights before building these
+            self._installed = (adapter.key, {name: self._prepare(slot, *adapter.weights[name], adapter.scaling)
+                                             for name, slot in self.slots.items()})
         for name, slot in self.slots.items():
-            slot.weight = self._merged[1][name]
+            prepared = self._installed[1][name]
+            slot.weight, slot.factors = (prepared, None) if self.merge else (None, prepared)
+
+    def _prepare(self, slot: LoRASlotLinear, a: torch.Tensor, b: torch.Tensor, scaling: float):
+        if self.merge:
+            return slot.merged(a, b, scaling)
+        dtype = slot.base.weight.dtype
+        return a.to(dtype), b.to(dtype), scaling

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import rotate_half
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values as (1, kv_heads, length, head_dim)
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -59,7 +58,10 @@ class RaggedDecoder:
         ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=device)
         h = self.decoder.embed_tokens(ids)  # (tokens, hidden)
         cos, sin = self.decoder.rotary_emb(h, (p + layout.col_of).unsqueeze(0))
-        cos, sin = cos[0, :, None], sin[0, :, None]  # (tokens, 1, head_dim)
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): the sign
+        # moves onto sin once per forward, and each rotation is one roll and one fused multiply-add.
+        half = self.head_dim // 2
+        cos, sin = cos[0, :, None], torch.cat([-sin[0, :, None, :half], sin[0, :, None, half:]], -1)
         new_kv: KV = []
         for index, layer in enumerate(self.layers):
             if before_layer is not None:
@@ -67,7 +69,7 @@ class RaggedDecoder:
             attn = layer.self_attn
             x = _norm(layer.input_layernorm, h)
             k = attn.k_proj(x).view(-1, self.n_kv, self.head_dim)
-            k = layout.to_rows(k * cos + rotate_half(k) * sin)
+            k = layout.to_rows(_rotate(k, cos, sin))
             v = layout.to_rows(attn.v_proj(x).view(-1, self.n_kv, self.head_dim))
             if extend:
                 new_kv.append((k, v) if kv is None else (torch.cat([kv[index][0], k], 2), torch.cat([kv[index][1], v], 2)))
@@ -79,7 +81,7 @@ class RaggedDecoder:
             else:
                 q_cos, q_sin = cos, sin
             q = attn.q_proj(x).view(-1, self.n_heads, self.head_dim)
-            out = self._attend(q * q_cos + rotate_half(q) * q_sin, k, v, kv[index] if kv is not None else None,
+            out = self._attend(_rotate(q, q_cos, q_sin), k, v, kv[index] if kv is not None else None,
                                layout, answers_only=final)
             h = h + attn.o_proj(out.reshape(len(out), -1))
             h = h + layer.mlp(_norm(layer.post_attention_layernorm, h))
@@ -112,8 +114,8 @@ class RaggedDecoder:
             return own.to(q.dtype)
         ctx, ctx_lse = _flash(q.transpose(0, 1).unsqueeze(0), context[0], context[1], False, None, self.scaling)
         ctx, ctx_lse = ctx[0].transpose(0, 1).float(), ctx_lse[0].transpose(0, 1)  # (queries, heads, dim / -)
-        total = torch.logaddexp(own_lse, ctx_lse)
-        return (own * (own_lse - total).exp()[..., None] + ctx * (ctx_lse - total).exp()[..., None]).to(q.dtype)
+        # The own part's share of the softmax mass is sigmoid(own_lse - ctx_lse).
+        return torch.lerp(ctx, own, torch.sigmoid(own_lse - ctx_lse)[..., None]).to(q.dtype)
 
 
 class _Layout:
@@ -157,3 +159,8 @@ def _norm(module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
         return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
     return module(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers applies it (``x * cos + rotate_half(x) * sin``)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)

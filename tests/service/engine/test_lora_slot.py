@@ -31,6 +31,21 @@ def test_installed_adapter_equals_base_plus_low_rank_update() -> None:
     assert base_q.weight.grad is None and slots.slots["q_proj"].base is base_q  # base untouched
 
 
+def test_bfloat16_applies_the_factors_beside_the_base() -> None:
+    """A merge into bfloat16 weights would round most of a small update away."""
+    torch.manual_seed(0)
+    model = Block().to(torch.bfloat16)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    slots = LoRASlots(model, ["q_proj"])
+    a, b = torch.randn(16, 3) * 0.01, torch.randn(3, 12) * 0.01
+    slots.install(UserAdapter("u1", {"q_proj": (a, b)}, 1.0))
+    slot = slots.slots["q_proj"]
+    assert slot.weight is None and slot.factors[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        delta = slot(x).float() - slot.base(x).float()
+    torch.testing.assert_close(delta, (x.float() @ a) @ b, atol=2e-3, rtol=0.1)
+
+
 def test_merged_weights_are_kept_for_the_last_adapter_only() -> None:
     model = Block()
     slots = LoRASlots(model, ["q_proj"])
