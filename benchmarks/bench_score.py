@@ -4,7 +4,8 @@
     overhead (end to end minus the engine) for a user with 1000 history items;
 (b) the same prompts scored the naive way in the same run: transformers + peft, one
     ``set_adapter`` per request, every candidate a full left-padded prompt, logits at every
-    position; the speed ratio and the largest score difference;
+    position; the speed ratio and the largest score difference (below float32 also against the
+    naive way in float32, whose scores are exact where the other's logits are rounded);
 (c) the floor: the FLOPs the engine must do divided by a matmul rate measured in the same run,
     in the dtype the engine computes in (float32 on CPUs without native bfloat16, where
     emulated bfloat16 is far slower; the bfloat16 rate is printed too), and the engine's time
@@ -208,6 +209,10 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, "cpu")  # the naive way runs in the engine's dtype: a like-for-like comparison
     base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype)
     peft_model = None
+    # Below float32 the naive way's own scores are rounded too (its logits come out in the model's
+    # dtype), so the engine is also compared with the naive way in float32: the exact scores.
+    exact_base = None if dtype == torch.float32 else AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
+    exact_model, max_diff_exact = None, 0.0
     engine_ms, naive_ms, max_diff, flops, tmp = [], [], 0.0, [], Path(tempfile.mkdtemp())
     engine_tokens, naive_tokens = [], []
     for k, ((user, cands), stored) in enumerate(zip(requests, histories)):
@@ -243,6 +248,14 @@ def main() -> None:
         slow = naive_scores(peft_model, builder.tokenizer, [prefix + s for s in suffixes], f"u{k}", builder.yes_id, builder.no_id)
         naive_ms.append((time.perf_counter() - start) * 1000)
         max_diff = max(max_diff, float(np.abs(fast - slow).max()))
+        if exact_base is not None:
+            if exact_model is None:
+                exact_model = PeftModel.from_pretrained(exact_base, adir, adapter_name=f"u{k}").eval()
+            else:
+                exact_model.load_adapter(adir, adapter_name=f"u{k}")
+            exact = naive_scores(exact_model, builder.tokenizer, [prefix + s for s in suffixes], f"u{k}",
+                                 builder.yes_id, builder.no_id)
+            max_diff_exact = max(max_diff_exact, float(np.abs(fast - exact).max()))
 
     shape = (base.config.hidden_size, base.config.intermediate_size, 2048)
     rate = matmul_rate(*shape, dtype)  # the floor uses the rate of the dtype the engine computes in
@@ -261,6 +274,7 @@ def main() -> None:
         "engine_ms_p50": percentile(engine_ms, 50), "naive_ms_p50": percentile(naive_ms, 50),
         "speedup_vs_naive": percentile(naive_ms, 50) / percentile(engine_ms, 50),
         "max_score_diff_vs_naive": max_diff,
+        "max_score_diff_vs_naive_float32": max_diff_exact if exact_base is not None else max_diff,
         "engine_dtype": str(dtype), "matmul_gflops_engine_dtype": rate, "matmul_gflops_bf16": bf16_rate,
         "engine_gflop_p50": percentile(flops, 50) / 1e9,
         "floor_ms_p50": percentile(floor_ms, 50),

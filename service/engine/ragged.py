@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values as (1, kv_heads, length, head_dim)
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -58,10 +59,7 @@ class RaggedDecoder:
         ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=device)
         h = self.decoder.embed_tokens(ids)  # (tokens, hidden)
         cos, sin = self.decoder.rotary_emb(h, (p + layout.col_of).unsqueeze(0))
-        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): the sign
-        # moves onto sin once per forward, and each rotation is one roll and one fused multiply-add.
-        half = self.head_dim // 2
-        cos, sin = cos[0, :, None], torch.cat([-sin[0, :, None, :half], sin[0, :, None, half:]], -1)
+        cos, sin = cos[0, :, None], sin[0, :, None]  # (tokens, 1, head_dim)
         new_kv: KV = []
         for index, layer in enumerate(self.layers):
             if before_layer is not None:
@@ -161,6 +159,6 @@ def _norm(module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as transformers applies it (``x * cos + rotate_half(x) * sin``)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, as transformers applies it."""
+    return x * cos + rotate_half(x) * sin
