@@ -107,14 +107,14 @@ class RaggedDecoder:
             mask = torch.zeros(layout.n, 1, 1, layout.width, dtype=q.dtype, device=q.device)
             mask.masked_fill_(~layout.valid[:, None, None, :], float("-inf"))
             own, own_lse = _flash(rows_q, k, v, False, mask, self.scaling)
-            own, own_lse = own[:, :, 0].float(), own_lse[:, :, 0]
+            own, own_lse = own[:, :, 0], own_lse[:, :, 0]
         else:
             own, own_lse = _flash(layout.to_rows(q), k, v, True, None, self.scaling)
-            own, own_lse = layout.to_packed(own.transpose(1, 2)).float(), layout.to_packed(own_lse.transpose(1, 2))
+            own, own_lse = layout.to_packed(own.transpose(1, 2)), layout.to_packed(own_lse.transpose(1, 2))
         if context is None:
             return own.to(dtype)
         ctx, ctx_lse = _flash(q.transpose(0, 1).unsqueeze(0), context[0], context[1], False, None, self.scaling)
-        ctx, ctx_lse = ctx[0].transpose(0, 1).float(), ctx_lse[0].transpose(0, 1)  # (queries, heads, dim / -)
+        ctx, ctx_lse = ctx[0].transpose(0, 1), ctx_lse[0].transpose(0, 1)  # (queries, heads, dim / -)
         # The own part's share of the softmax mass is sigmoid(own_lse - ctx_lse).
         return torch.lerp(ctx, own, torch.sigmoid(own_lse - ctx_lse)[..., None]).to(dtype)
 

@@ -32,7 +32,6 @@ class TorchEngine:
     def __init__(self, model, *, yes_id: int, no_id: int, pad_id: int, target_modules: list[str],
                  max_batch: int = 32, min_saving: int = 48) -> None:
         self.model = model.eval()
-        self.device = next(model.parameters()).device
         self.ragged = RaggedDecoder(model)
         self.label_rows = model.get_output_embeddings().weight[[yes_id, no_id]].detach().float()
         self.pad_id = pad_id  # kept for the engine interface; packed rows need no padding
