@@ -141,7 +141,7 @@ def main() -> None:
         engine.replicas[url].api = "generative_scoring"
         tdtype = getattr(torch, args.dtype)
         llm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=tdtype)
-        torch_engine = TorchEngine(llm, yes_id=yes, no_id=no, pad_id=tokenizer.pad_token_id or 0,
+        torch_engine = TorchEngine(llm, yes_id=yes, no_id=no,
                                    target_modules=["q_proj", "v_proj"])
         got, ref, ref_bf16 = [], [], []
         for a, (prefix, suffixes) in zip(adapters, requests):

@@ -23,7 +23,7 @@ class LoRASlotLinear(nn.Module):
         super().__init__()
         self.base = base
         self.weight: torch.Tensor | None = None  # the installed adapter's merged weight (float32)
-        self.factors: tuple[torch.Tensor, torch.Tensor, float] | None = None  # or its A, B, scaling
+        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None  # or its A and scaling * B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
@@ -31,8 +31,10 @@ class LoRASlotLinear(nn.Module):
         out = self.base(x)
         if self.factors is None:
             return out
-        a, b, scaling = self.factors
-        return out + (x @ a) @ b * scaling
+        a, b = self.factors
+        # one fused multiply-add into the base output, with the scaling folded into B
+        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a, b)
+        return out
 
     def merged(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         """``W + scaling * (A B)^T`` in float32, rounded once to the base dtype."""
@@ -77,4 +79,4 @@ class LoRASlots:
         if self.merge:
             return slot.merged(a, b, scaling)
         dtype = slot.base.weight.dtype
-        return a.to(dtype), b.to(dtype), scaling
+        return a.to(dtype), (b.float() * scaling).to(dtype)

@@ -11,8 +11,14 @@ The last layer computes queries, the attention output, ``o_proj`` and the MLP on
 is read: each row's answer position when scoring, nowhere when extending the cache (a cache needs
 only that layer's keys and values). transformers offers padding-free batches only through CUDA
 flash-attention kernels, which is why this forward is written out; it reuses the model's own
-modules (norms, projections, LoRA slots, MLP, rotary embedding), so weights and adapters are the
-same objects as in the transformers forward, and a test holds the two equal.
+weights (norms, projections, LoRA slots, MLP, rotary embedding), so weights and adapters are the
+same objects as in the transformers forward, and a test holds the two equal in float32.
+
+Below float32 (bfloat16 weights) only the matmuls run in the model's dtype. The residual stream,
+the norms, rotary, attention and the key/value cache stay in float32, as mixed-precision
+inference does: a bfloat16 residual stream rounds every layer's update into 8 mantissa bits, which
+is most of what separates bfloat16 scores from exact ones, and the float32 elementwise work is
+also cheaper here (one fused norm kernel instead of eight bfloat16 passes, no casts per layer).
 """
 
 from __future__ import annotations
@@ -42,33 +48,35 @@ class RaggedDecoder:
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.layers[0].self_attn.scaling
+        self.silu = config.hidden_act == "silu"
 
     def forward(self, kv: KV | None, p: int, rows: Sequence[Sequence[int]], *, extend: bool = False,
                 before_layer: Callable[[], None] | None = None) -> tuple[torch.Tensor | None, KV | None]:
         """Run ``rows`` on the context ``kv`` of length ``p`` (None when p == 0).
 
         Scoring (``extend`` false) returns the final-norm hidden state at each row's last token,
-        ``(rows, hidden)``. Extending (one row) returns the cache of the context plus the row.
-        ``before_layer`` is called before every layer (deadline checks).
+        ``(rows, hidden)`` in float32. Extending (one row) returns the cache of the context plus
+        the row, in float32. ``before_layer`` is called before every layer (deadline checks).
         """
         if extend and len(rows) != 1:
             raise ValueError("the cache is extended by one row at a time")
-        device = self.decoder.embed_tokens.weight.device
+        embed = self.decoder.embed_tokens.weight
+        device, dtype = embed.device, embed.dtype
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         layout = _Layout(lengths, device)
         ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=device)
-        h = self.decoder.embed_tokens(ids)  # (tokens, hidden)
+        h = self.decoder.embed_tokens(ids).float()  # (tokens, hidden): the residual stream
         cos, sin = self.decoder.rotary_emb(h, (p + layout.col_of).unsqueeze(0))
-        cos, sin = cos[0, :, None], sin[0, :, None]  # (tokens, 1, head_dim)
+        cos, sin = cos[0, :, None].float(), sin[0, :, None].float()  # (tokens, 1, head_dim)
         new_kv: KV = []
         for index, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer()
             attn = layer.self_attn
-            x = _norm(layer.input_layernorm, h)
-            k = attn.k_proj(x).view(-1, self.n_kv, self.head_dim)
+            x = _norm(layer.input_layernorm, h, dtype)
+            k = attn.k_proj(x).float().view(-1, self.n_kv, self.head_dim)
             k = layout.to_rows(_rotate(k, cos, sin))
-            v = layout.to_rows(attn.v_proj(x).view(-1, self.n_kv, self.head_dim))
+            v = layout.to_rows(attn.v_proj(x).float().view(-1, self.n_kv, self.head_dim))
             if extend:
                 new_kv.append((k, v) if kv is None else (torch.cat([kv[index][0], k], 2), torch.cat([kv[index][1], v], 2)))
             final = index == len(self.layers) - 1
@@ -78,30 +86,26 @@ class RaggedDecoder:
                 x, h, q_cos, q_sin = x[layout.last], h[layout.last], cos[layout.last], sin[layout.last]
             else:
                 q_cos, q_sin = cos, sin
-            q = attn.q_proj(x).view(-1, self.n_heads, self.head_dim)
+            q = attn.q_proj(x).float().view(-1, self.n_heads, self.head_dim)
             out = self._attend(_rotate(q, q_cos, q_sin), k, v, kv[index] if kv is not None else None,
                                layout, answers_only=final)
-            h = h + attn.o_proj(out.reshape(len(out), -1))
-            h = h + layer.mlp(_norm(layer.post_attention_layernorm, h))
+            h = h + attn.o_proj(out.reshape(len(out), -1).to(dtype))
+            h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h, dtype), self.silu)
         if extend:
             return None, new_kv
-        return _norm(self.decoder.norm, h), None
+        return _norm(self.decoder.norm, h, torch.float32), None
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 context: tuple[torch.Tensor, torch.Tensor] | None, layout: "_Layout",
                 answers_only: bool) -> torch.Tensor:
         """Attention of packed queries ``(queries, heads, dim)`` over the shared context and their
-        own rows' keys ``(rows, kv_heads, width, dim)``.
+        own rows' keys ``(rows, kv_heads, width, dim)``, all in float32 (as fast here as bfloat16
+        for these shapes).
 
         The two parts run as separate flash-attention calls and are merged by their log-sum-exps,
         which is exact: the context is one unmasked call for every query of every row (its keys
         are never copied per row, and no per-row mask is built), and the rows' own part is one
         causal call on the padded layout."""
-        # In float32 whatever the model's dtype: as fast here as bfloat16 for these shapes, and
-        # the two parts are merged before the only rounding back to the model's dtype.
-        dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()
-        if context is not None:
-            context = (context[0].float(), context[1].float())
         if answers_only:  # one query per row, at its last token: it sees its whole row, not the padding
             rows_q = q.unsqueeze(2)  # (rows, heads, 1, dim)
             mask = torch.zeros(layout.n, 1, 1, layout.width, dtype=q.dtype, device=q.device)
@@ -112,11 +116,11 @@ class RaggedDecoder:
             own, own_lse = _flash(layout.to_rows(q), k, v, True, None, self.scaling)
             own, own_lse = layout.to_packed(own.transpose(1, 2)), layout.to_packed(own_lse.transpose(1, 2))
         if context is None:
-            return own.to(dtype)
+            return own
         ctx, ctx_lse = _flash(q.transpose(0, 1).unsqueeze(0), context[0], context[1], False, None, self.scaling)
         ctx, ctx_lse = ctx[0].transpose(0, 1), ctx_lse[0].transpose(0, 1)  # (queries, heads, dim / -)
         # The own part's share of the softmax mass is sigmoid(own_lse - ctx_lse).
-        return torch.lerp(ctx, own, torch.sigmoid(own_lse - ctx_lse)[..., None]).to(dtype)
+        return torch.lerp(ctx, own, torch.sigmoid(own_lse - ctx_lse)[..., None])
 
 
 class _Layout:
@@ -153,13 +157,18 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def _norm(module, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm; in float32 as torch's fused kernel (the same arithmetic, 2.5x faster
-    here). In bfloat16 the module itself: it rounds to bfloat16 before applying the weight, which
-    the fused kernel does not, and scores must not depend on which forward ran."""
-    if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
-        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
-    return module(x)
+def _norm(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The model's RMSNorm of the float32 residual stream, as torch's fused kernel (the same
+    arithmetic as the module in float32, 2.5x faster here), rounded once to ``dtype``."""
+    return F.rms_norm(x, module.weight.shape, module.weight.float(), module.variance_epsilon).to(dtype)
+
+
+def _mlp(mlp, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    """The gated MLP, ``down(act(gate(x)) * up(x))``; with SiLU the activation and the product are
+    written in place, into the largest buffer of the forward."""
+    gate = mlp.gate_proj(x)
+    gate = F.silu(gate, inplace=True) if silu else mlp.act_fn(gate)
+    return mlp.down_proj(gate.mul_(mlp.up_proj(x)))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -29,12 +29,11 @@ class DeadlineExceeded(TimeoutError):
 
 
 class TorchEngine:
-    def __init__(self, model, *, yes_id: int, no_id: int, pad_id: int, target_modules: list[str],
+    def __init__(self, model, *, yes_id: int, no_id: int, target_modules: list[str],
                  max_batch: int = 32, min_saving: int = 48) -> None:
         self.model = model.eval()
         self.ragged = RaggedDecoder(model)
         self.label_rows = model.get_output_embeddings().weight[[yes_id, no_id]].detach().float()
-        self.pad_id = pad_id  # kept for the engine interface; packed rows need no padding
         self.max_batch = max_batch
         self.min_saving = min_saving
         self.slots = LoRASlots(model, target_modules)

@@ -45,12 +45,11 @@ def build_torch_engine(settings: Settings, model: LoadedModel):
     from service.engine.torch_engine import TorchEngine
 
     builder = build_prompt_builder(settings, model)
-    tokenizer = builder.tokenizer
     dtype = resolve_dtype(settings.torch_dtype, settings.torch_device)
     llm = AutoModelForCausalLM.from_pretrained(settings.base_model_dir, dtype=dtype, local_files_only=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = TorchEngine(llm.to(settings.torch_device), yes_id=builder.yes_id, no_id=builder.no_id, pad_id=pad,
-                         target_modules=model.lora_config.target_modules)
+    engine = TorchEngine(llm.to(settings.torch_device), yes_id=builder.yes_id, no_id=builder.no_id,
+                         target_modules=model.lora_config.target_modules, max_batch=settings.torch_max_batch,
+                         min_saving=settings.torch_min_shared_tokens)
     return engine, builder
 
 

@@ -98,7 +98,7 @@ def test_engine_code_path_in_float32_equals_the_reference(world: World, referenc
     model = reference.model
     llm = AutoModelForCausalLM.from_pretrained(world.base_dir, dtype=torch.float32, local_files_only=True)
     engine = TorchEngine(llm, yes_id=reference.builder.yes_id, no_id=reference.builder.no_id,
-                         pad_id=reference.pad_id, target_modules=model.lora_config.target_modules)
+                         target_modules=model.lora_config.target_modules)
     user = world.users[0]
     adapter = build_adapter(model, user, model.mixer.mixtures(reference.crm(user, CANDIDATES).user_rep))
     prefix, suffixes = reference.sequences(user, CANDIDATES)

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     lora.eval()
     mixer = AdapterMixer(lora.cfg, lora.trainable_state_dict())
     engine = TorchEngine(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), yes_id=YES, no_id=NO,
-                         pad_id=PAD, target_modules=TARGETS, max_batch=3)
+                         target_modules=TARGETS, max_batch=3)
     return reference, lora, mixer, engine
 
 

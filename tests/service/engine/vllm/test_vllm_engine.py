@@ -55,7 +55,6 @@ class Scenario:
         self.models = {v: load_model(world.store / v) for v in (VERSION_1, VERSION_2)}
         tokenizer = AutoTokenizer.from_pretrained(world.base_dir, local_files_only=True)
         self.builder = PromptBuilder(tokenizer, self.models[VERSION_1].prompt)
-        self.pad_id = tokenizer.pad_token_id
 
     def request(self, user: str, version: str = VERSION_1, candidates=None):
         from service.scoring.stages import (UserHistoryView, build_adapter, build_prompts, retrieve_text_history,
@@ -87,7 +86,7 @@ def torch_engine(world, scenario):
     from service.engine.torch_engine import TorchEngine
 
     llm = AutoModelForCausalLM.from_pretrained(world.base_dir, dtype=torch.float32, local_files_only=True)
-    return TorchEngine(llm, yes_id=scenario.builder.yes_id, no_id=scenario.builder.no_id, pad_id=scenario.pad_id,
+    return TorchEngine(llm, yes_id=scenario.builder.yes_id, no_id=scenario.builder.no_id,
                        target_modules=scenario.models[VERSION_1].lora_config.target_modules)
 
 
