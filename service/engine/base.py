@@ -34,3 +34,8 @@ class ScoringEngine(Protocol):
         """P(Yes) per suffix, each scored as prefix + suffix with the adapter installed; work
         past ``deadline`` (a time.perf_counter() instant) may be abandoned with a TimeoutError."""
         ...
+
+    def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:
+        """How long scoring these prompts is expected to take, from the engine's recent requests;
+        None when it cannot say. The caller skips an LLM stage that would overrun its deadline."""
+        ...

@@ -152,9 +152,31 @@ class _Layout:
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None,
            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's CPU flash attention, which also returns the log-sum-exp that merging needs (the
-    public ``scaled_dot_product_attention`` does not); grouped-query heads are native to it."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    """Attention output and log-sum-exp (which merging needs, and the public
+    ``scaled_dot_product_attention`` does not return) of ``q`` (batch, heads, queries, dim) over
+    ``k``/``v`` (batch, kv_heads, keys, dim). On CPUs torch's flash kernel, with grouped-query
+    heads native to it; elsewhere the same arithmetic written out."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                           scale=scale)[:2]
+    return _attention_math(q, k, v, causal, mask, scale)
+
+
+def _attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp from plain matmuls: the portable path (GPUs, where a
+    forward is far from attention-bound at these sizes). A causal mask is top-left aligned, as in
+    the flash kernel."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    if causal:
+        n_q, n_k = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.exp(scores - lse[..., None]) @ v, lse
 
 
 def _norm(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -43,6 +43,14 @@ class TorchEngine:
         # decoder, (query, key) pairs of causal attention per layer, and the queries the last
         # layer computes (answer positions only).
         self.last_work = _no_work()
+        # Recent milliseconds per prompt token (prefix + suffixes, as a caller counts them),
+        # a moving average over successful requests: what ``expected_ms`` predicts from.
+        self._ms_per_token: float | None = None
+
+    def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:
+        if self._ms_per_token is None:
+            return None
+        return self._ms_per_token * _prompt_tokens(prefix, suffixes)
 
     def _check_deadline(self) -> None:
         """Called between layers: a late request is abandoned there, so it does not hold the engine
@@ -65,14 +73,20 @@ class TorchEngine:
             self._deadline = deadline
             self.last_work = _no_work()
             self.slots.install(adapter)
+            start = time.perf_counter()
             try:
                 kv = self._extend(None, 0, prefix) if prefix else None  # once per request
                 out = np.empty(len(suffixes), dtype=np.float32)
                 self._score_group(kv, len(prefix), list(range(len(suffixes))), 0, suffixes, out)
+                self._observe((time.perf_counter() - start) * 1000.0 / _prompt_tokens(prefix, suffixes))
                 return out
             finally:
                 self._deadline = None
                 self.slots.install(None)
+
+    def _observe(self, ms_per_token: float, weight: float = 0.3) -> None:
+        previous = self._ms_per_token
+        self._ms_per_token = ms_per_token if previous is None else previous + weight * (ms_per_token - previous)
 
     def _extend(self, kv: KV | None, p: int, tokens: Sequence[int]) -> KV:
         """Keys/values of the context after appending ``tokens``."""
@@ -121,6 +135,10 @@ class TorchEngine:
         hidden, _ = self.ragged.forward(kv, p, suffixes, before_layer=self._check_deadline)
         logits = hidden.float() @ self.label_rows.T
         return torch.sigmoid(logits[:, 0] - logits[:, 1]).cpu().numpy()
+
+
+def _prompt_tokens(prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> int:
+    return len(prefix) + sum(len(s) for s in suffixes)
 
 
 def _no_work() -> dict[str, int]:

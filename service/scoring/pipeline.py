@@ -107,7 +107,11 @@ class ScoringPipeline:
                 prefix, suffixes = build_prompts(builder, model, view, dense, histories)
                 t = lap("adapter", t)
                 remaining = deadline - time.perf_counter()
-                if remaining * 1000.0 < self.llm_min_ms:
+                expected_ms = self.engine.expected_ms(prefix, suffixes)
+                # Skipped when too little time is left, or when the engine's recent pace says the
+                # forward would overrun: an abandoned forward costs the engine time every queued
+                # request waits for, and answers no sooner than the CRM scores would.
+                if remaining * 1000.0 < max(self.llm_min_ms, expected_ms or 0.0):
                     reasons.append("deadline")
                 else:
                     future = asyncio.get_running_loop().run_in_executor(

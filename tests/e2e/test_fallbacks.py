@@ -109,6 +109,9 @@ class ExplodingEngine:
     def score(self, *args, **kwargs):
         raise RuntimeError("e2e: the LLM engine failed")
 
+    def expected_ms(self, *args) -> None:
+        return None
+
 
 def test_llm_failure_answers_with_crm_scores(world: World, live: LiveServer, http: httpx.Client,
                                              reference: Reference, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,6 +157,41 @@ class SlowEngine:
     def score(self, *args, **kwargs):
         time.sleep(self.delay_s)
         return self.inner.score(*args, **kwargs)
+
+    def expected_ms(self, *args) -> float | None:
+        return self.inner.expected_ms(*args)  # unaware of the delay: the forward starts and overruns
+
+
+class PacedEngine:
+    """The real engine whose recent requests took ``pace_ms`` each; counts the forwards it runs."""
+
+    def __init__(self, inner, pace_ms: float) -> None:
+        self.inner, self.pace_ms, self.forwards = inner, pace_ms, 0
+
+    def score(self, *args, **kwargs):
+        self.forwards += 1
+        return self.inner.score(*args, **kwargs)
+
+    def expected_ms(self, *args) -> float:
+        return self.pace_ms
+
+
+def test_llm_expected_to_overrun_is_not_started(world: World, live: LiveServer, http: httpx.Client,
+                                                reference: Reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    user = world.users[11]
+    paced = PacedEngine(live.app.state.scorer.engine, pace_ms=5000.0)
+    monkeypatch.setattr(live.app.state.scorer, "engine", paced)
+    started = time.perf_counter()
+    body = http.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES, "deadline_ms": 2000}).json()
+    elapsed = time.perf_counter() - started
+    assert body["degraded"] is True and body["degraded_reasons"] == ["deadline"], body
+    assert paced.forwards == 0 and "llm" not in body["timings"]
+    assert elapsed < 1.5, f"answered after {elapsed:.2f} s"
+    assert_crm_only(body, reference, user)
+
+    paced.pace_ms = 100.0  # fast enough again: the LLM runs
+    body = http.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES, "deadline_ms": 5000}).json()
+    assert body["degraded"] is False and paced.forwards == 1, body
 
 
 def test_llm_slower_than_the_deadline_answers_with_crm_scores_at_the_deadline(

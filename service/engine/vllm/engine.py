@@ -110,6 +110,11 @@ class VLLMEngine:
 
     # --- operations
 
+    def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:
+        """None: a remote server's time depends on its batch and cache, which this process cannot
+        see; the client's deadline-bound timeout bounds the wait instead."""
+        return None
+
     def replica_health(self) -> dict[str, bool]:
         """Replica URL -> whether it is taking requests (for /readyz)."""
         return self.router.healthy()

@@ -5,6 +5,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 
 from service.engine.base import UserAdapter
 from service.engine.lora_slot import LoRASlots
+from service.engine import ragged as ragged_module
 from service.engine.ragged import RaggedDecoder, UnsupportedModel
 
 
@@ -108,3 +109,29 @@ def test_unknown_architectures_are_refused() -> None:
                         num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(UnsupportedModel, match="mistral"):
         RaggedDecoder(MistralForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("causal,masked", [(True, False), (False, True), (False, False)])
+def test_portable_attention_equals_the_cpu_flash_kernel(causal, masked) -> None:
+    """The path devices other than CPUs take gives the flash kernel's output and log-sum-exp."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 6, 9, 8), torch.randn(3, 2, 9 if causal else 5, 8), torch.randn(3, 2, 9 if causal else 5, 8)
+    mask = None
+    if masked:
+        mask = torch.zeros(3, 1, 1, 5)
+        mask[0, ..., 3:] = float("-inf")
+        q = q[:, :, :1]
+    want = ragged_module._flash(q, k, v, causal, mask, 0.3)
+    got = ragged_module._attention_math(q, k, v, causal, mask, 0.3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_on_the_portable_attention_equal_transformers(model, monkeypatch) -> None:
+    monkeypatch.setattr(ragged_module, "_flash", ragged_module._attention_math)
+    context, suffixes = rows(3, [7])[0], rows(4, [5, 9, 1])
+    with torch.inference_mode():
+        _, kv = RaggedDecoder(model).forward(None, 0, [context], extend=True)
+        hidden, _ = RaggedDecoder(model).forward(kv, len(context), suffixes)
+    for got, suffix in zip(hidden, suffixes):
+        torch.testing.assert_close(got, reference_hidden(model, context, suffix), atol=2e-5, rtol=1e-4)

@@ -143,3 +143,20 @@ def test_runs_shared_after_a_short_common_start_are_found(setup) -> None:
     with lora.user(rep.reshape(1, -1)):
         alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
     np.testing.assert_allclose(got, alone, atol=1e-5)
+
+
+def test_expected_time_follows_the_recent_pace_per_prompt_token() -> None:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    engine = TorchEngine(LlamaForCausalLM(cfg), yes_id=YES, no_id=NO, target_modules=TARGETS)
+    prefix, suffixes = prompts(9)
+    assert engine.expected_ms(prefix, suffixes) is None  # no request yet: nothing to say
+    engine.score(None, prefix, suffixes)
+    once = engine.expected_ms(prefix, suffixes)
+    assert once is not None and once > 0
+    assert engine.expected_ms(prefix, suffixes + suffixes) == pytest.approx(
+        once * (len(prefix) + 2 * sum(map(len, suffixes))) / (len(prefix) + sum(map(len, suffixes))))
+    with pytest.raises(Exception):
+        engine.score(None, prefix, suffixes, deadline=0.0)  # an abandoned forward teaches nothing
+    assert engine.expected_ms(prefix, suffixes) == once
