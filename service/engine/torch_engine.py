@@ -80,6 +80,12 @@ class TorchEngine:
                 self._score_group(kv, len(prefix), list(range(len(suffixes))), 0, suffixes, out)
                 self._observe((time.perf_counter() - start) * 1000.0 / _prompt_tokens(prefix, suffixes))
                 return out
+            except DeadlineExceeded:
+                # An abandoned forward needed at least the time it ran: a floor for the pace, so
+                # requests with deadlines it cannot meet stop starting forwards.
+                floor = (time.perf_counter() - start) * 1000.0 / _prompt_tokens(prefix, suffixes)
+                self._ms_per_token = max(self._ms_per_token or 0.0, floor)
+                raise
             finally:
                 self._deadline = None
                 self.slots.install(None)

@@ -1,3 +1,4 @@
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.engine.base import UserAdapter
-from service.engine.torch_engine import TorchEngine
+from service.engine.torch_engine import DeadlineExceeded, TorchEngine
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRA, PersonalizedLoRAConfig
 from service.llm.scoring import score_sequences
 
@@ -157,6 +158,27 @@ def test_expected_time_follows_the_recent_pace_per_prompt_token() -> None:
     assert once is not None and once > 0
     assert engine.expected_ms(prefix, suffixes + suffixes) == pytest.approx(
         once * (len(prefix) + 2 * sum(map(len, suffixes))) / (len(prefix) + sum(map(len, suffixes))))
-    with pytest.raises(Exception):
-        engine.score(None, prefix, suffixes, deadline=0.0)  # an abandoned forward teaches nothing
+    with pytest.raises(DeadlineExceeded):  # refused before it starts: says nothing of the pace
+        engine.score(None, prefix, suffixes, deadline=0.0)
     assert engine.expected_ms(prefix, suffixes) == once
+
+
+def test_an_abandoned_forward_raises_the_expected_time_to_what_it_ran() -> None:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    engine = TorchEngine(LlamaForCausalLM(cfg), yes_id=YES, no_id=NO, target_modules=TARGETS)
+    prefix, suffixes = prompts(9)
+    calls = {"n": 0}
+    check = engine._check_deadline
+
+    def slow_second_layer() -> None:  # the deadline passes 50 ms into the forward
+        calls["n"] += 1
+        if calls["n"] == 2:
+            time.sleep(0.05)
+        check()
+
+    engine._check_deadline = slow_second_layer
+    with pytest.raises(DeadlineExceeded):
+        engine.score(None, prefix, suffixes, deadline=time.perf_counter() + 0.02)
+    assert engine.expected_ms(prefix, suffixes) >= 50.0
