@@ -127,10 +127,13 @@ class PromptBuilder:
         )
 
     def suffix_lines(self, history: Sequence[Behaviour], target: ItemText) -> list[str]:
-        """The suffix as lines: one per retrieved behaviour (each ending in a newline), then the
-        question with the turn's end and the assistant header."""
+        """The suffix as pieces that tokenize independently: per retrieved behaviour its number
+        ("3.") and the rest of its line (ending in a newline), then the question with the turn's
+        end and the assistant header. The number is a piece of its own so that a behaviour's
+        tokens are cached once, whichever rank retrieval gives it."""
         c = self.config
-        lines = [f"{i}. {b.item.render()} ({_stars(b.rating)})\n" for i, b in enumerate(history, 1)]
+        lines = [piece for i, b in enumerate(history, 1)
+                 for piece in (f"{i}.", f" {b.item.render()} ({_stars(b.rating)})\n")]
         question = (f"Based on the {c.item_noun}s the user has {c.verb_past}, deduce if the user will like the "
                     f"{c.item_noun} ***{target.render()}***.")
         return [*lines, f"{question}{self._mid}{self._tail}"]
@@ -168,7 +171,9 @@ class PromptBuilder:
 
     def _lines_are_independent(self) -> bool:
         probe = [[Behaviour(ItemText("Toy Story", 1995), 5.0), Behaviour(ItemText("Se7en (a.k.a. Seven)", 1995), 2.5),
-                  Behaviour(ItemText("L'Âge d'or", None), 1.0)], []]
+                  Behaviour(ItemText("L'Âge d'or", None), 1.0), Behaviour(ItemText('"Til There Was You"', 1997), 3.0),
+                  Behaviour(ItemText("12 Angry Men", 1957), 4.0), Behaviour(ItemText("...And Justice for All", 1979), 2.0)],
+                 []]
         for history in probe:
             lines = self.suffix_lines(history, ItemText("12 Angry Men", 1957))
             if [i for line in lines for i in self.encode_text(line)] != self.encode_text("".join(lines)):
