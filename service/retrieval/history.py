@@ -21,7 +21,11 @@ def semantic_positions(hist_items: np.ndarray, candidates: np.ndarray, embedding
     hist_items = np.asarray(hist_items, dtype=np.int64)
     if len(hist_items) == 0 or k <= 0:
         return [np.zeros(0, dtype=np.int64) for _ in candidates]
-    latest = {int(item): pos for pos, item in enumerate(hist_items)}
-    _, ids = ItemIndex(embeddings, np.fromiter(latest, dtype=np.int64)).search(
-        embeddings[np.asarray(candidates, dtype=np.int64)], min(k, len(latest)))
-    return [np.sort(np.array([latest[int(i)] for i in row if i >= 0], dtype=np.int64)) for row in ids]
+    # latest occurrence of each distinct item: first occurrence in the reversed history
+    items, first_reversed = np.unique(hist_items[::-1], return_index=True)  # items sorted
+    latest = len(hist_items) - 1 - first_reversed
+    _, ids = ItemIndex(embeddings, items).search(embeddings[np.asarray(candidates, dtype=np.int64)],
+                                                 min(k, len(items)))
+    found = ids >= 0
+    positions = latest[np.searchsorted(items, np.where(found, ids, items[0]))]
+    return [np.sort(row[ok]) for row, ok in zip(positions, found)]
