@@ -57,9 +57,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, le=512, description="torch intra-op threads; None = torch default.")
     torch_max_batch: int = Field(32, ge=1, le=1024, description=(
         "Most candidate rows the embedded engine runs in one packed forward."))
-    torch_min_shared_tokens: int = Field(48, ge=1, description=(
+    torch_min_shared_tokens: int = Field(12, ge=1, description=(
         "Tokens of work a run shared by several candidates must save before the embedded engine "
-        "computes it once for all of them (a separate short forward costs more than it saves)."))
+        "computes it once for all of them (a shared run costs a row of its own and a cache copy)."))
     adapter_cache_bytes: int = Field(256 << 20, ge=0, description="Memory bound of the materialized-adapter LRU.")
     adapter_drift_tol: float = Field(0.02, ge=0, le=1, description=(
         "Reuse a cached user adapter while no mixture weight moved by more than this."))

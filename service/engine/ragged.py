@@ -24,6 +24,7 @@ also cheaper here (one fused norm kernel instead of eight bfloat16 passes, no ca
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,23 +53,41 @@ class RaggedDecoder:
 
     def forward(self, kv: KV | None, p: int, rows: Sequence[Sequence[int]], *, extend: bool = False,
                 before_layer: Callable[[], None] | None = None) -> tuple[torch.Tensor | None, KV | None]:
-        """Run ``rows`` on the context ``kv`` of length ``p`` (None when p == 0).
+        """Run ``rows`` on one context ``kv`` of length ``p`` (None when p == 0).
 
         Scoring (``extend`` false) returns the final-norm hidden state at each row's last token,
         ``(rows, hidden)`` in float32. Extending (one row) returns the cache of the context plus
-        the row, in float32. ``before_layer`` is called before every layer (deadline checks).
+        the row, in float32.
         """
         if extend and len(rows) != 1:
             raise ValueError("the cache is extended by one row at a time")
+        if (0 if kv is None else kv[0][0].shape[2]) != p:
+            raise ValueError(f"the context holds {0 if kv is None else kv[0][0].shape[2]} tokens, not {p}")
+        hidden, caches = self.run([Row(r, kv, extend) for r in rows], before_layer=before_layer)
+        return (None, caches[0]) if extend else (hidden, None)
+
+    def run(self, rows: Sequence["Row"], *, before_layer: Callable[[], None] | None = None
+            ) -> tuple[torch.Tensor | None, list[KV]]:
+        """One packed forward of rows that may each sit on a different context (a radix tree's
+        nodes, one level at a time).
+
+        Returns the final-norm hidden state at the last token of every scoring row, ``(rows,
+        hidden)`` in float32 (None when every row extends), and for every extending row, in order,
+        the cache of its context plus the row. ``before_layer`` is called before every layer
+        (deadline checks).
+        """
         embed = self.decoder.embed_tokens.weight
         device, dtype = embed.device, embed.dtype
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        layout = _Layout(lengths, device)
-        ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=device)
+        layout = _Layout(torch.tensor([len(r.tokens) for r in rows], dtype=torch.long), device)
+        contexts = _Contexts(rows, layout, device)
+        ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=device)
         h = self.decoder.embed_tokens(ids).float()  # (tokens, hidden): the residual stream
-        cos, sin = self.decoder.rotary_emb(h, (p + layout.col_of).unsqueeze(0))
+        cos, sin = self.decoder.rotary_emb(h, contexts.positions.unsqueeze(0))
         cos, sin = cos[0, :, None].float(), sin[0, :, None].float()  # (tokens, 1, head_dim)
-        new_kv: KV = []
+        extending = [i for i, r in enumerate(rows) if r.extend]
+        scoring = [i for i, r in enumerate(rows) if not r.extend]
+        caches: dict[int, KV] = {i: [] for i in extending}
+        answers = layout.last[scoring] if len(scoring) < len(rows) else layout.last
         for index, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer()
@@ -77,50 +96,105 @@ class RaggedDecoder:
             k = attn.k_proj(x).float().view(-1, self.n_kv, self.head_dim)
             k = layout.to_rows(_rotate(k, cos, sin))
             v = layout.to_rows(attn.v_proj(x).float().view(-1, self.n_kv, self.head_dim))
-            if extend:
-                new_kv.append((k, v) if kv is None else (torch.cat([kv[index][0], k], 2), torch.cat([kv[index][1], v], 2)))
+            for i in extending:
+                n, context = len(rows[i].tokens), rows[i].context
+                k_i, v_i = k[i : i + 1, :, :n].contiguous(), v[i : i + 1, :, :n].contiguous()
+                caches[i].append((k_i, v_i) if context is None else
+                                 (torch.cat([context[index][0], k_i], 2), torch.cat([context[index][1], v_i], 2)))
             final = index == len(self.layers) - 1
-            if final and extend:
-                break  # the cache needs this layer's keys and values only
-            if final:  # queries at the answer positions only
-                x, h, q_cos, q_sin = x[layout.last], h[layout.last], cos[layout.last], sin[layout.last]
+            if final and not scoring:
+                break  # caches need this layer's keys and values only
+            if final:  # queries at the scoring rows' answer positions only
+                x, h, q_cos, q_sin = x[answers], h[answers], cos[answers], sin[answers]
             else:
                 q_cos, q_sin = cos, sin
-            q = attn.q_proj(x).float().view(-1, self.n_heads, self.head_dim)
-            out = self._attend(_rotate(q, q_cos, q_sin), k, v, kv[index] if kv is not None else None,
-                               layout, answers_only=final)
+            q = _rotate(attn.q_proj(x).float().view(-1, self.n_heads, self.head_dim), q_cos, q_sin)
+            if final:
+                if len(scoring) < len(rows):
+                    k, v = k[scoring], v[scoring]
+                own, own_lse = self._attend_answers(q, k, v, layout.valid[scoring])
+                groups = contexts.answer_groups(scoring)
+            else:
+                own, own_lse = _flash(layout.to_rows(q), k, v, True, None, self.scaling)
+                own, own_lse = layout.to_packed(own.transpose(1, 2)), layout.to_packed(own_lse.transpose(1, 2))
+                groups = contexts.token_groups
+            out = self._with_contexts(q, own, own_lse, groups, contexts.kv, index)
             h = h + attn.o_proj(out.reshape(len(out), -1).to(dtype))
             h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h, dtype), self.silu)
-        if extend:
-            return None, new_kv
-        return _norm(self.decoder.norm, h, torch.float32), None
+        hidden = _norm(self.decoder.norm, h, torch.float32) if scoring else None
+        return hidden, [caches[i] for i in extending]
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                context: tuple[torch.Tensor, torch.Tensor] | None, layout: "_Layout",
-                answers_only: bool) -> torch.Tensor:
-        """Attention of packed queries ``(queries, heads, dim)`` over the shared context and their
-        own rows' keys ``(rows, kv_heads, width, dim)``, all in float32 (as fast here as bfloat16
-        for these shapes).
+    def _attend_answers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query per row, at its last token, over its own row ``(rows, kv_heads, width, dim)``
+        but not the padding."""
+        mask = torch.zeros(len(q), 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+        mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        own, own_lse = _flash(q.unsqueeze(2), k, v, False, mask, self.scaling)
+        return own[:, :, 0], own_lse[:, :, 0]
 
-        The two parts run as separate flash-attention calls and are merged by their log-sum-exps,
-        which is exact: the context is one unmasked call for every query of every row (its keys
-        are never copied per row, and no per-row mask is built), and the rows' own part is one
-        causal call on the padded layout."""
-        if answers_only:  # one query per row, at its last token: it sees its whole row, not the padding
-            rows_q = q.unsqueeze(2)  # (rows, heads, 1, dim)
-            mask = torch.zeros(layout.n, 1, 1, layout.width, dtype=q.dtype, device=q.device)
-            mask.masked_fill_(~layout.valid[:, None, None, :], float("-inf"))
-            own, own_lse = _flash(rows_q, k, v, False, mask, self.scaling)
-            own, own_lse = own[:, :, 0], own_lse[:, :, 0]
-        else:
-            own, own_lse = _flash(layout.to_rows(q), k, v, True, None, self.scaling)
-            own, own_lse = layout.to_packed(own.transpose(1, 2)), layout.to_packed(own_lse.transpose(1, 2))
-        if context is None:
-            return own
-        ctx, ctx_lse = _flash(q.transpose(0, 1).unsqueeze(0), context[0], context[1], False, None, self.scaling)
-        ctx, ctx_lse = ctx[0].transpose(0, 1), ctx_lse[0].transpose(0, 1)  # (queries, heads, dim / -)
-        # The own part's share of the softmax mass is sigmoid(own_lse - ctx_lse).
-        return torch.lerp(ctx, own, torch.sigmoid(own_lse - ctx_lse)[..., None])
+    def _with_contexts(self, q: torch.Tensor, own: torch.Tensor, own_lse: torch.Tensor,
+                       groups: list[tuple[int, torch.Tensor | None]], contexts: list[KV], index: int) -> torch.Tensor:
+        """Merge the rows' own attention ``(queries, heads, dim)`` with their contexts'.
+
+        Each context is one unmasked flash-attention call for all the queries on it (its keys are
+        never copied per row, and no per-row mask is built), merged with the own part by the
+        log-sum-exps, which is exact. All in float32 (as fast here as bfloat16 for these shapes).
+        """
+        for j, idx in groups:  # idx None: every query sits on this context
+            keys, values = contexts[j][index]
+            q_j = q if idx is None else q[idx]
+            ctx, ctx_lse = _flash(q_j.transpose(0, 1).unsqueeze(0), keys, values, False, None, self.scaling)
+            ctx, ctx_lse = ctx[0].transpose(0, 1), ctx_lse[0].transpose(0, 1)  # (queries, heads, dim / -)
+            own_j, lse_j = (own, own_lse) if idx is None else (own[idx], own_lse[idx])
+            # The own part's share of the softmax mass is sigmoid(own_lse - ctx_lse).
+            merged = torch.lerp(ctx, own_j, torch.sigmoid(lse_j - ctx_lse)[..., None])
+            if idx is None:
+                return merged
+            own[idx] = merged
+        return own
+
+
+@dataclass(frozen=True)
+class Row:
+    """A run of tokens after ``context`` (a cache, None for none). A scoring row yields the hidden
+    state at its last token; an extending row yields ``context`` + its own keys and values."""
+
+    tokens: Sequence[int]
+    context: KV | None = None
+    extend: bool = False
+
+
+class _Contexts:
+    """The distinct contexts of a forward's rows, and which queries sit on each."""
+
+    def __init__(self, rows: Sequence[Row], layout: "_Layout", device: torch.device) -> None:
+        self.kv: list[KV] = []
+        self.device = device
+        of_row = []
+        for row in rows:
+            if row.context is None:
+                of_row.append(-1)
+                continue
+            j = next((j for j, kv in enumerate(self.kv) if kv is row.context), None)
+            if j is None:
+                self.kv.append(row.context)
+                j = len(self.kv) - 1
+            of_row.append(j)
+        self.of_row = torch.tensor(of_row, dtype=torch.long)
+        starts = torch.tensor([0 if r.context is None else r.context[0][0].shape[2] for r in rows], dtype=torch.long)
+        self.positions = (starts.to(device)[layout.row_of] + layout.col_of)
+        self.token_groups = self._groups(self.of_row[layout.row_of.cpu()])
+
+    def answer_groups(self, scoring: list[int]) -> list[tuple[int, torch.Tensor | None]]:
+        return self._groups(self.of_row[scoring])
+
+    def _groups(self, of_query: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+        """Per context, the indices of the queries on it (None: all of them)."""
+        if len(self.kv) == 1 and bool((of_query == 0).all()):
+            return [(0, None)]
+        return [(j, torch.nonzero(of_query == j).squeeze(1).to(self.device)) for j in range(len(self.kv))
+                if bool((of_query == j).any())]
 
 
 class _Layout:
@@ -129,6 +203,7 @@ class _Layout:
     def __init__(self, lengths: torch.Tensor, device: torch.device) -> None:
         self.n, self.width = len(lengths), int(lengths.max())
         row_of = torch.repeat_interleave(torch.arange(self.n), lengths)
+        self.row_of = row_of.to(device)
         col_of = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
         self.col_of = col_of.to(device)
         self.slot = (row_of * self.width + col_of).to(device)

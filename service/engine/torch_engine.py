@@ -3,11 +3,11 @@
 A request's candidates share the prompt prefix (chat header, profile, instructions), so the prefix
 is computed once and its keys/values are broadcast to every suffix row instead of recomputed.
 Suffixes often share more: candidates whose retrieved histories begin with the same behaviours
-have identical leading tokens. Those shared runs are computed once per group too, radix-tree
-style, where that saves enough work, and the groups' remainders are scored on the extended cache.
-The suffixes run packed, without padding (``RaggedDecoder``), and only the answer position of
-each row is projected, onto the two label rows of the output embedding, in float32 (bfloat16
-logits would quantize the probabilities).
+have identical leading tokens. Those shared runs are computed once too, radix-tree style, and the
+rows after them sit on the extended cache; each level of the tree is one packed forward
+(``RaggedDecoder.run``) whatever the rows' contexts, so sharing costs no extra forwards. Only the
+answer position of each row is projected, onto the two label rows of the output embedding, in
+float32 (bfloat16 logits would quantize the probabilities).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from service.engine.base import UserAdapter
 from service.engine.lora_slot import LoRASlots
-from service.engine.ragged import KV, RaggedDecoder
+from service.engine.ragged import KV, RaggedDecoder, Row
 
 
 class DeadlineExceeded(TimeoutError):
@@ -30,7 +31,7 @@ class DeadlineExceeded(TimeoutError):
 
 class TorchEngine:
     def __init__(self, model, *, yes_id: int, no_id: int, target_modules: list[str],
-                 max_batch: int = 32, min_saving: int = 48) -> None:
+                 max_batch: int = 32, min_saving: int = 12) -> None:
         self.model = model.eval()
         self.ragged = RaggedDecoder(model)
         self.label_rows = model.get_output_embeddings().weight[[yes_id, no_id]].detach().float()
@@ -43,6 +44,7 @@ class TorchEngine:
         # decoder, (query, key) pairs of causal attention per layer, and the queries the last
         # layer computes (answer positions only).
         self.last_work = _no_work()
+        self.last_extensions: list[int] = []  # lengths of the runs the last request cached (prefix first)
         # Recent milliseconds per prompt token (prefix + suffixes, as a caller counts them),
         # a moving average over successful requests: what ``expected_ms`` predicts from.
         self._ms_per_token: float | None = None
@@ -72,12 +74,12 @@ class TorchEngine:
                 raise DeadlineExceeded("the request deadline passed while waiting for the engine")
             self._deadline = deadline
             self.last_work = _no_work()
+            self.last_extensions = [len(prefix)] if prefix else []
             self.slots.install(adapter)
             start = time.perf_counter()
             try:
-                kv = self._extend(None, 0, prefix) if prefix else None  # once per request
                 out = np.empty(len(suffixes), dtype=np.float32)
-                self._score_group(kv, len(prefix), list(range(len(suffixes))), 0, suffixes, out)
+                self._score_tree(prefix, suffixes, out)
                 self._observe((time.perf_counter() - start) * 1000.0 / _prompt_tokens(prefix, suffixes))
                 return out
             except DeadlineExceeded:
@@ -94,53 +96,81 @@ class TorchEngine:
         previous = self._ms_per_token
         self._ms_per_token = ms_per_token if previous is None else previous + weight * (ms_per_token - previous)
 
-    def _extend(self, kv: KV | None, p: int, tokens: Sequence[int]) -> KV:
-        """Keys/values of the context after appending ``tokens``."""
-        self._count(1, len(tokens), p)
-        return self.ragged.forward(kv, p, [tokens], extend=True, before_layer=self._check_deadline)[1]
+    def _score_tree(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], out: np.ndarray) -> None:
+        """Score every suffix on the prefix's cache, radix-tree style, one tree level per forward.
 
-    def _count(self, rows: int, length: int, context: int) -> None:
-        self.last_work["tokens"] += rows * length
-        self.last_work["attention_pairs"] += rows * length * (context + (length + 1) / 2)
-
-    def _score_group(self, kv, p: int, rows: list[int], offset: int, suffixes: Sequence[Sequence[int]],
-                     out: np.ndarray) -> None:
-        """Score ``rows`` (whose suffixes agree up to ``offset``) on the context ``kv`` of length p.
-
-        A run the rows share is computed once when that saves at least ``min_saving`` tokens of
-        work (a separate forward of a short run costs more than it saves). Either way the rows
-        are split where they first differ, and each subgroup that shares enough is handled the
-        same way; the rest are scored together on this context.
+        A run of tokens that several suffixes share is computed once, as a row that extends its
+        parent's cache, where that saves at least ``min_saving`` tokens of work (a shared run
+        costs a row of its own and a cache copy). The rows on the next level sit on that cache.
+        Each level's rows, whatever their contexts, run packed in one forward, so a request takes
+        as many forwards as its tree is deep (typically three) rather than one per shared run.
         """
+        context = None
+        if prefix:  # once per request
+            context = self._run([Row(prefix, None, True)])[1][0]
+        level = [_Node(context, list(range(len(suffixes))), 0)]
+        while level:
+            runs: list[tuple[Row, _Node]] = []  # extending rows, each with the node that continues on it
+            leaves: list[tuple[Row, int]] = []  # scoring rows and the suffix each scores
+            for node in level:
+                self._plan(node, suffixes, runs, leaves)
+            rows = [(row, ("run", node)) for row, node in runs] + [(row, ("leaf", r)) for row, r in leaves]
+            rows.sort(key=lambda item: len(item[0].tokens))  # similar lengths share a chunk: little padding
+            level = []
+            for start in range(0, len(rows), self.max_batch):
+                chunk = rows[start : start + self.max_batch]
+                hidden, caches = self._run([row for row, _ in chunk])
+                scored = [what for _, (kind, what) in chunk if kind == "leaf"]
+                if scored:
+                    logits = hidden.float() @ self.label_rows.T
+                    out[scored] = torch.sigmoid(logits[:, 0] - logits[:, 1]).cpu().numpy()
+                grown = [what for _, (kind, what) in chunk if kind == "run"]
+                level += [_Node(cache, node.rows, node.offset) for cache, node in zip(caches, grown)]
+
+    def _plan(self, node: "_Node", suffixes: Sequence[Sequence[int]], runs: list, leaves: list) -> None:
+        """Place ``node``'s rows (suffixes agreeing up to ``node.offset``) on this level: its shared
+        run as one extending row when that saves enough (the node then continues on the next
+        level), else each subgroup that shares enough is planned the same way and the other rows
+        are scored here."""
+        rows, offset = node.rows, node.offset
         shared = _common_prefix(suffixes, rows, offset)
         if len(rows) > 1 and shared and (len(rows) - 1) * shared >= self.min_saving:
-            kv = self._extend(kv, p, suffixes[rows[0]][offset : offset + shared])
-            p, offset, shared = p + shared, offset + shared, 0
-        split = offset + shared  # the first position where the rows differ
+            run = suffixes[rows[0]][offset : offset + shared]
+            runs.append((Row(run, node.context, True), _Node(None, rows, offset + shared)))
+            self.last_extensions.append(len(run))
+            return
         groups: dict[int, list[int]] = {}
-        for r in rows:
-            groups.setdefault(suffixes[r][split] if len(suffixes[r]) > split + 1 else -1, []).append(r)
-        leaves = []
+        for r in rows:  # split where the rows first differ
+            groups.setdefault(suffixes[r][offset + shared] if len(suffixes[r]) > offset + shared + 1 else -1, []).append(r)
         for key, members in groups.items():
             if key != -1 and 1 < len(members) < len(rows) and \
                     (len(members) - 1) * _common_prefix(suffixes, members, offset) >= self.min_saving:
-                self._score_group(kv, p, members, offset, suffixes, out)
+                self._plan(_Node(node.context, members, offset), suffixes, runs, leaves)
             else:
-                leaves += members
-        # Similar lengths share a chunk, so the padded layout of attention wastes little.
-        leaves.sort(key=lambda r: len(suffixes[r]))
-        for start in range(0, len(leaves), self.max_batch):
-            chunk = leaves[start : start + self.max_batch]
-            out[chunk] = self._score_chunk(kv, p, [suffixes[r][offset:] for r in chunk])
+                leaves += [(Row(suffixes[r][offset:], node.context), r) for r in members]
 
-    def _score_chunk(self, kv: KV | None, p: int, suffixes: Sequence[Sequence[int]]) -> np.ndarray:
-        for s in suffixes:
-            self._count(1, len(s), p)
-        self.last_work["final_queries"] += len(suffixes)
-        self.last_work["final_attention_pairs"] += sum(p + len(s) for s in suffixes)
-        hidden, _ = self.ragged.forward(kv, p, suffixes, before_layer=self._check_deadline)
-        logits = hidden.float() @ self.label_rows.T
-        return torch.sigmoid(logits[:, 0] - logits[:, 1]).cpu().numpy()
+    def _run(self, rows: list[Row]) -> tuple[torch.Tensor | None, list[KV]]:
+        for row in rows:
+            n, p = len(row.tokens), _context_length(row.context)
+            self.last_work["tokens"] += n
+            self.last_work["attention_pairs"] += n * (p + (n + 1) / 2)
+            if not row.extend:
+                self.last_work["final_queries"] += 1
+                self.last_work["final_attention_pairs"] += p + n
+        return self.ragged.run(rows, before_layer=self._check_deadline)
+
+
+@dataclass
+class _Node:
+    """Suffixes ``rows`` that agree up to ``offset``, on the cache ``context`` of what precedes."""
+
+    context: KV | None
+    rows: list[int]
+    offset: int
+
+
+def _context_length(context: KV | None) -> int:
+    return 0 if context is None else int(context[0][0].shape[2])
 
 
 def _prompt_tokens(prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> int:

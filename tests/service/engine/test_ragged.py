@@ -6,7 +6,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 from service.engine.base import UserAdapter
 from service.engine.lora_slot import LoRASlots
 from service.engine import ragged as ragged_module
-from service.engine.ragged import RaggedDecoder, UnsupportedModel
+from service.engine.ragged import RaggedDecoder, Row, UnsupportedModel
 
 
 def make_model(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -135,3 +135,28 @@ def test_packed_rows_on_the_portable_attention_equal_transformers(model, monkeyp
         hidden, _ = RaggedDecoder(model).forward(kv, len(context), suffixes)
     for got, suffix in zip(hidden, suffixes):
         torch.testing.assert_close(got, reference_hidden(model, context, suffix), atol=2e-5, rtol=1e-4)
+
+
+def test_one_forward_of_rows_on_different_contexts_equals_transformers_per_row(model) -> None:
+    """A radix level: rows that extend or score, on no context, on one cache, or on another."""
+    ragged = RaggedDecoder(model)
+    first, second = rows(6, [5])[0], rows(7, [9])[0]
+    with torch.inference_mode():
+        ctx_a = ragged.forward(None, 0, [first], extend=True)[1]
+        ctx_b = ragged.forward(None, 0, [second], extend=True)[1]
+        level = [Row(r, ctx_a) for r in rows(8, [3, 7])] + [Row(rows(9, [4])[0], ctx_b, extend=True)]
+        level += [Row(rows(10, [6])[0], None), Row(rows(11, [2])[0], ctx_b), Row(rows(12, [8])[0], ctx_a, extend=True)]
+        hidden, caches = ragged.run(level)
+    contexts = {id(ctx_a): first, id(ctx_b): second, id(None): []}
+    scored = [r for r in level if not r.extend]
+    assert hidden.shape[0] == len(scored) and len(caches) == 2
+    for got, row in zip(hidden, scored):
+        torch.testing.assert_close(got, reference_hidden(model, contexts[id(row.context)], list(row.tokens)),
+                                   atol=2e-5, rtol=1e-4)
+    for cache, row in zip(caches, [r for r in level if r.extend]):
+        tokens = contexts[id(row.context)] + list(row.tokens)
+        with torch.inference_mode():
+            reference = model.get_decoder()(input_ids=torch.tensor([tokens]), use_cache=True).past_key_values
+        for (k, v), layer in zip(cache, reference.layers):
+            torch.testing.assert_close(k, layer.keys, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(v, layer.values, atol=2e-5, rtol=1e-4)

@@ -107,15 +107,14 @@ def test_shared_suffix_runs_are_computed_once_and_stay_exact(setup) -> None:
     suffixes += [rng.integers(1, 99, size=n).tolist() for n in (3, 7)] + [shared_a[:3]]
     rep = torch.randn(8)
     adapter = adapter_for(mixer, lora, rep, "radix")
-    calls = []
-    original = engine._extend
-    engine._extend = lambda kv, p, tokens: calls.append(len(tokens)) or original(kv, p, tokens)
     min_saving, engine.min_saving = engine.min_saving, 2
     try:
         got = engine.score(adapter, prefix, suffixes)
     finally:
-        engine._extend, engine.min_saving = original, min_saving
-    assert len(calls) >= 3  # the prefix, then shared runs of the suffix groups
+        engine.min_saving = min_saving
+    # the prefix; shared_a[:2] once for the six rows that start with it (shared_a[:3] is one), the
+    # rest of shared_a once for the five that go on with it, then shared_b once for its two
+    assert engine.last_extensions == [9, 2, 4, 5]
     with lora.user(rep.reshape(1, -1)):
         alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
     np.testing.assert_allclose(got, alone, atol=1e-5)
@@ -132,15 +131,12 @@ def test_runs_shared_after_a_short_common_start_are_found(setup) -> None:
     suffixes += [start + line_b + rng.integers(1, 99, size=n).tolist() for n in (5, 1)]
     suffixes += [start + rng.integers(1, 99, size=6).tolist()]
     rep = torch.randn(8)
-    calls = []
-    original = engine._extend
-    engine._extend = lambda kv, p, tokens: calls.append(len(tokens)) or original(kv, p, tokens)
     min_saving, engine.min_saving = engine.min_saving, 12  # the 2-token start alone saves 10
     try:
         got = engine.score(adapter_for(mixer, lora, rep, "short-start"), prefix, suffixes)
     finally:
-        engine._extend, engine.min_saving = original, min_saving
-    assert sorted(calls) == [6, 12, 14]  # the prefix, then start + line_a and start + line_b
+        engine.min_saving = min_saving
+    assert sorted(engine.last_extensions) == [6, 12, 14]  # the prefix, then start + line_a and start + line_b
     with lora.user(rep.reshape(1, -1)):
         alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
     np.testing.assert_allclose(got, alone, atol=1e-5)
