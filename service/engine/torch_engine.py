@@ -25,6 +25,9 @@ from service.engine.lora_slot import LoRASlots
 from service.engine.ragged import KV, RaggedDecoder, Row
 
 
+PACE_STALE_S = 10.0  # a pace older than this predicts nothing (see ``TorchEngine.expected_ms``)
+
+
 class DeadlineExceeded(TimeoutError):
     """The engine stopped a forward because the request's deadline passed."""
 
@@ -48,9 +51,14 @@ class TorchEngine:
         # Recent milliseconds per prompt token (prefix + suffixes, as a caller counts them),
         # a moving average over successful requests: what ``expected_ms`` predicts from.
         self._ms_per_token: float | None = None
+        self._last_forward = float("-inf")  # time.monotonic() when the last forward ended
 
     def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:
-        if self._ms_per_token is None:
+        """None (no prediction: the caller tries) when no forward ran for ``PACE_STALE_S``: a pace
+        measured in a slow moment would otherwise keep requests whose deadlines it rules out from
+        ever running the forward that would correct it. Such a probe either finishes and updates
+        the pace, or is abandoned and confirms it."""
+        if self._ms_per_token is None or time.monotonic() - self._last_forward > PACE_STALE_S:
             return None
         return self._ms_per_token * _prompt_tokens(prefix, suffixes)
 
@@ -90,6 +98,7 @@ class TorchEngine:
                 raise
             finally:
                 self._deadline = None
+                self._last_forward = time.monotonic()
                 self.slots.install(None)
 
     def _observe(self, ms_per_token: float, weight: float = 0.3) -> None:

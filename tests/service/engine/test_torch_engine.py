@@ -157,6 +157,8 @@ def test_expected_time_follows_the_recent_pace_per_prompt_token() -> None:
     with pytest.raises(DeadlineExceeded):  # refused before it starts: says nothing of the pace
         engine.score(None, prefix, suffixes, deadline=0.0)
     assert engine.expected_ms(prefix, suffixes) == once
+    engine._last_forward -= 60.0  # a minute without a forward: a stale pace predicts nothing
+    assert engine.expected_ms(prefix, suffixes) is None
 
 
 def test_an_abandoned_forward_raises_the_expected_time_to_what_it_ran() -> None:
