@@ -14,7 +14,7 @@ from prometheus_client.exposition import choose_encoder
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("history", "retrieval", "crm", "adapter", "llm", "total")
-DEGRADED_REASONS = ("history_unavailable", "deadline", "llm_timeout", "llm_error")
+DEGRADED_REASONS = ("history_unavailable", "deadline", "llm_overrun_expected", "llm_timeout", "llm_error")
 # Why a model push or activation was refused (service.registry): a bounded label set.
 REFUSAL_REASONS = ("unauthorized", "name", "exists", "too_large", "archive", "bundle", "incompatible",
                    "rank_limit", "prompt_mismatch", "smoke_test", "no_engine")

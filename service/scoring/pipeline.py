@@ -111,8 +111,10 @@ class ScoringPipeline:
                 # Skipped when too little time is left, or when the engine's recent pace says the
                 # forward would overrun: an abandoned forward costs the engine time every queued
                 # request waits for, and answers no sooner than the CRM scores would.
-                if remaining * 1000.0 < max(self.llm_min_ms, expected_ms or 0.0):
+                if remaining * 1000.0 < self.llm_min_ms:
                     reasons.append("deadline")
+                elif expected_ms is not None and remaining * 1000.0 < expected_ms:
+                    reasons.append("llm_overrun_expected")
                 else:
                     future = asyncio.get_running_loop().run_in_executor(
                         self._engine_pool, self.engine.score, adapter, prefix, suffixes, deadline)

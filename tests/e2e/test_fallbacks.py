@@ -184,7 +184,7 @@ def test_llm_expected_to_overrun_is_not_started(world: World, live: LiveServer, 
     started = time.perf_counter()
     body = http.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES, "deadline_ms": 2000}).json()
     elapsed = time.perf_counter() - started
-    assert body["degraded"] is True and body["degraded_reasons"] == ["deadline"], body
+    assert body["degraded"] is True and body["degraded_reasons"] == ["llm_overrun_expected"], body
     assert paced.forwards == 0 and "llm" not in body["timings"]
     assert elapsed < 1.5, f"answered after {elapsed:.2f} s"
     assert_crm_only(body, reference, user)
