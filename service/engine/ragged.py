@@ -34,6 +34,11 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values as (1, k
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
+def context_length(context: KV | None) -> int:
+    """Tokens a cache holds (0 for none)."""
+    return 0 if context is None else int(context[0][0].shape[2])
+
+
 class UnsupportedModel(ValueError):
     """The ragged forward does not know this architecture."""
 
@@ -61,8 +66,8 @@ class RaggedDecoder:
         """
         if extend and len(rows) != 1:
             raise ValueError("the cache is extended by one row at a time")
-        if (0 if kv is None else kv[0][0].shape[2]) != p:
-            raise ValueError(f"the context holds {0 if kv is None else kv[0][0].shape[2]} tokens, not {p}")
+        if context_length(kv) != p:
+            raise ValueError(f"the context holds {context_length(kv)} tokens, not {p}")
         hidden, caches = self.run([Row(r, kv, extend) for r in rows], before_layer=before_layer)
         return (None, caches[0]) if extend else (hidden, None)
 
@@ -182,7 +187,7 @@ class _Contexts:
                 j = len(self.kv) - 1
             of_row.append(j)
         self.of_row = torch.tensor(of_row, dtype=torch.long)
-        starts = torch.tensor([0 if r.context is None else r.context[0][0].shape[2] for r in rows], dtype=torch.long)
+        starts = torch.tensor([context_length(r.context) for r in rows], dtype=torch.long)
         self.positions = (starts.to(device)[layout.row_of] + layout.col_of)
         self.token_groups = self._groups(self.of_row[layout.row_of.cpu()])
 

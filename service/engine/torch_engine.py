@@ -22,7 +22,7 @@ import torch
 
 from service.engine.base import UserAdapter
 from service.engine.lora_slot import LoRASlots
-from service.engine.ragged import KV, RaggedDecoder, Row
+from service.engine.ragged import KV, RaggedDecoder, Row, context_length
 
 
 PACE_STALE_S = 10.0  # a pace older than this predicts nothing (see ``TorchEngine.expected_ms``)
@@ -85,16 +85,19 @@ class TorchEngine:
             self.last_extensions = [len(prefix)] if prefix else []
             self.slots.install(adapter)
             start = time.perf_counter()
+
+            def pace() -> float:  # milliseconds per prompt token so far
+                return (time.perf_counter() - start) * 1000.0 / _prompt_tokens(prefix, suffixes)
+
             try:
                 out = np.empty(len(suffixes), dtype=np.float32)
                 self._score_tree(prefix, suffixes, out)
-                self._observe((time.perf_counter() - start) * 1000.0 / _prompt_tokens(prefix, suffixes))
+                self._observe(pace())
                 return out
             except DeadlineExceeded:
                 # An abandoned forward needed at least the time it ran: a floor for the pace, so
                 # requests with deadlines it cannot meet stop starting forwards.
-                floor = (time.perf_counter() - start) * 1000.0 / _prompt_tokens(prefix, suffixes)
-                self._ms_per_token = max(self._ms_per_token or 0.0, floor)
+                self._ms_per_token = max(self._ms_per_token or 0.0, pace())
                 raise
             finally:
                 self._deadline = None
@@ -119,11 +122,12 @@ class TorchEngine:
             context = self._run([Row(prefix, None, True)])[1][0]
         level = [_Node(context, list(range(len(suffixes))), 0)]
         while level:
-            runs: list[tuple[Row, _Node]] = []  # extending rows, each with the node that continues on it
+            runs: list[tuple[Row, list[int], int]] = []  # extending rows, with the suffixes and offset that continue on each
             leaves: list[tuple[Row, int]] = []  # scoring rows and the suffix each scores
             for node in level:
                 self._plan(node, suffixes, runs, leaves)
-            rows = [(row, ("run", node)) for row, node in runs] + [(row, ("leaf", r)) for row, r in leaves]
+            rows = [(row, ("run", (members, offset))) for row, members, offset in runs]
+            rows += [(row, ("leaf", r)) for row, r in leaves]
             rows.sort(key=lambda item: len(item[0].tokens))  # similar lengths share a chunk: little padding
             level = []
             for start in range(0, len(rows), self.max_batch):
@@ -131,10 +135,10 @@ class TorchEngine:
                 hidden, caches = self._run([row for row, _ in chunk])
                 scored = [what for _, (kind, what) in chunk if kind == "leaf"]
                 if scored:
-                    logits = hidden.float() @ self.label_rows.T
+                    logits = hidden @ self.label_rows.T  # float32 hidden states
                     out[scored] = torch.sigmoid(logits[:, 0] - logits[:, 1]).cpu().numpy()
                 grown = [what for _, (kind, what) in chunk if kind == "run"]
-                level += [_Node(cache, node.rows, node.offset) for cache, node in zip(caches, grown)]
+                level += [_Node(cache, members, offset) for cache, (members, offset) in zip(caches, grown)]
 
     def _plan(self, node: "_Node", suffixes: Sequence[Sequence[int]], runs: list, leaves: list) -> None:
         """Place ``node``'s rows (suffixes agreeing up to ``node.offset``) on this level: its shared
@@ -145,7 +149,7 @@ class TorchEngine:
         shared = _common_prefix(suffixes, rows, offset)
         if len(rows) > 1 and shared and (len(rows) - 1) * shared >= self.min_saving:
             run = suffixes[rows[0]][offset : offset + shared]
-            runs.append((Row(run, node.context, True), _Node(None, rows, offset + shared)))
+            runs.append((Row(run, node.context, True), rows, offset + shared))
             self.last_extensions.append(len(run))
             return
         groups: dict[int, list[int]] = {}
@@ -160,7 +164,7 @@ class TorchEngine:
 
     def _run(self, rows: list[Row]) -> tuple[torch.Tensor | None, list[KV]]:
         for row in rows:
-            n, p = len(row.tokens), _context_length(row.context)
+            n, p = len(row.tokens), context_length(row.context)
             self.last_work["tokens"] += n
             self.last_work["attention_pairs"] += n * (p + (n + 1) / 2)
             if not row.extend:
@@ -176,10 +180,6 @@ class _Node:
     context: KV | None
     rows: list[int]
     offset: int
-
-
-def _context_length(context: KV | None) -> int:
-    return 0 if context is None else int(context[0][0].shape[2])
 
 
 def _prompt_tokens(prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> int:

@@ -15,13 +15,22 @@ YES, NO, PAD = 5, 7, 0
 TARGETS = ["q_proj", "v_proj"]
 
 
+def tiny_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def fresh_engine() -> TorchEngine:
+    """An engine no request has run on yet (the module's ``setup`` engine has a history)."""
+    torch.manual_seed(0)
+    return TorchEngine(LlamaForCausalLM(tiny_config()), yes_id=YES, no_id=NO, target_modules=TARGETS)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     torch.manual_seed(0)
     base = tmp_path_factory.mktemp("base")
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(base)
+    LlamaForCausalLM(tiny_config()).save_pretrained(base)
     reference = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     lora = PersonalizedLoRA(reference, PersonalizedLoRAConfig(n_meta=4, user_dim=8))
     with torch.no_grad():
@@ -143,10 +152,7 @@ def test_runs_shared_after_a_short_common_start_are_found(setup) -> None:
 
 
 def test_expected_time_follows_the_recent_pace_per_prompt_token() -> None:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    engine = TorchEngine(LlamaForCausalLM(cfg), yes_id=YES, no_id=NO, target_modules=TARGETS)
+    engine = fresh_engine()
     prefix, suffixes = prompts(9)
     assert engine.expected_ms(prefix, suffixes) is None  # no request yet: nothing to say
     engine.score(None, prefix, suffixes)
@@ -162,10 +168,7 @@ def test_expected_time_follows_the_recent_pace_per_prompt_token() -> None:
 
 
 def test_an_abandoned_forward_raises_the_expected_time_to_what_it_ran() -> None:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    engine = TorchEngine(LlamaForCausalLM(cfg), yes_id=YES, no_id=NO, target_modules=TARGETS)
+    engine = fresh_engine()
     prefix, suffixes = prompts(9)
     calls = {"n": 0}
     check = engine._check_deadline
