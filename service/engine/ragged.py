@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
+from service.engine.native import RaggedAttentionKernel
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values as (1, kv_heads, length, head_dim)
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -44,7 +46,10 @@ class UnsupportedModel(ValueError):
 
 
 class RaggedDecoder:
-    def __init__(self, model) -> None:
+    """The packed forward; ``kernel`` is the native CPU attention (``service.engine.native``), or
+    None for torch's kernels (and on devices other than CPUs)."""
+
+    def __init__(self, model, kernel: RaggedAttentionKernel | None = None) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(f"the embedded engine runs {SUPPORTED_MODEL_TYPES} models, not {config.model_type!r}")
@@ -55,6 +60,7 @@ class RaggedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.layers[0].self_attn.scaling
         self.silu = config.hidden_act == "silu"
+        self.kernel = kernel
 
     def forward(self, kv: KV | None, p: int, rows: Sequence[Sequence[int]], *, extend: bool = False,
                 before_layer: Callable[[], None] | None = None) -> tuple[torch.Tensor | None, KV | None]:
@@ -83,7 +89,9 @@ class RaggedDecoder:
         """
         embed = self.decoder.embed_tokens.weight
         device, dtype = embed.device, embed.dtype
-        layout = _Layout(torch.tensor([len(r.tokens) for r in rows], dtype=torch.long), device)
+        lengths = torch.tensor([len(r.tokens) for r in rows], dtype=torch.long)
+        starts = lengths.cumsum(0) - lengths
+        layout = _Layout(lengths, device)
         contexts = _Contexts(rows, layout, device)
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=device)
         h = self.decoder.embed_tokens(ids).float()  # (tokens, hidden): the residual stream
@@ -93,17 +101,20 @@ class RaggedDecoder:
         scoring = [i for i, r in enumerate(rows) if not r.extend]
         caches: dict[int, KV] = {i: [] for i in extending}
         answers = layout.last[scoring] if len(scoring) < len(rows) else layout.last
+        attend = (_NativeAttention(self.kernel, lengths, starts, contexts, scoring, self.scaling)
+                  if self.kernel is not None and device.type == "cpu" else
+                  _TorchAttention(layout, contexts, scoring, len(rows), self.scaling))
         for index, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer()
             attn = layer.self_attn
             x = _norm(layer.input_layernorm, h, dtype)
-            k = attn.k_proj(x).float().view(-1, self.n_kv, self.head_dim)
-            k = layout.to_rows(_rotate(k, cos, sin))
-            v = layout.to_rows(attn.v_proj(x).float().view(-1, self.n_kv, self.head_dim))
+            k = _rotate(attn.k_proj(x).float().view(-1, self.n_kv, self.head_dim), cos, sin)
+            v = attn.v_proj(x).float().view(-1, self.n_kv, self.head_dim)
             for i in extending:
-                n, context = len(rows[i].tokens), rows[i].context
-                k_i, v_i = k[i : i + 1, :, :n].contiguous(), v[i : i + 1, :, :n].contiguous()
+                n, context, at = len(rows[i].tokens), rows[i].context, int(starts[i])
+                k_i = k[at : at + n].transpose(0, 1).unsqueeze(0).contiguous()
+                v_i = v[at : at + n].transpose(0, 1).unsqueeze(0).contiguous()
                 caches[i].append((k_i, v_i) if context is None else
                                  (torch.cat([context[index][0], k_i], 2), torch.cat([context[index][1], v_i], 2)))
             final = index == len(self.layers) - 1
@@ -114,20 +125,58 @@ class RaggedDecoder:
             else:
                 q_cos, q_sin = cos, sin
             q = _rotate(attn.q_proj(x).float().view(-1, self.n_heads, self.head_dim), q_cos, q_sin)
-            if final:
-                if len(scoring) < len(rows):
-                    k, v = k[scoring], v[scoring]
-                own, own_lse = self._attend_answers(q, k, v, layout.valid[scoring])
-                groups = contexts.answer_groups(scoring)
-            else:
-                own, own_lse = _flash(layout.to_rows(q), k, v, True, None, self.scaling)
-                own, own_lse = layout.to_packed(own.transpose(1, 2)), layout.to_packed(own_lse.transpose(1, 2))
-                groups = contexts.token_groups
-            out = self._with_contexts(q, own, own_lse, groups, contexts.kv, index)
+            out = attend(q, k, v, index, final)
             h = h + attn.o_proj(out.reshape(len(out), -1).to(dtype))
             h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h, dtype), self.silu)
         hidden = _norm(self.decoder.norm, h, torch.float32) if scoring else None
         return hidden, [caches[i] for i in extending]
+
+
+class _NativeAttention:
+    """Attention of a forward's rows by the native kernel: each query over its context and its
+    own row's keys (causal) in one call per layer, on the packed layout."""
+
+    def __init__(self, kernel: RaggedAttentionKernel, lengths: torch.Tensor, starts: torch.Tensor,
+                 contexts: "_Contexts", scoring: list[int], scale: float) -> None:
+        self.kernel, self.contexts, self.scale = kernel, contexts, scale
+        of_row = contexts.of_row
+        zeros = torch.zeros_like(lengths)
+        # per row: query start, query count, first query's position, key start, context
+        self.every = torch.stack([starts, lengths, zeros, starts, of_row], 1).contiguous()
+        picked = torch.tensor(scoring, dtype=torch.long)
+        self.answers = torch.stack([torch.arange(len(scoring)), torch.ones(len(scoring), dtype=torch.long),
+                                    lengths[picked] - 1, starts[picked], of_row[picked]], 1).contiguous()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: int, final: bool) -> torch.Tensor:
+        layer = [kv[index] for kv in self.contexts.kv]
+        table = torch.tensor([[keys.data_ptr(), values.data_ptr(), keys.shape[2]] for keys, values in layer],
+                             dtype=torch.long).reshape(-1, 3)
+        return self.kernel(q.contiguous(), k, v.contiguous(), self.answers if final else self.every, table,
+                           self.scale)
+
+
+class _TorchAttention:
+    """Attention of a forward's rows by torch's kernels: each row's own keys (causal) on a padded
+    layout, then each context as one call for all its queries, merged by log-sum-exps."""
+
+    def __init__(self, layout: "_Layout", contexts: "_Contexts", scoring: list[int], n_rows: int,
+                 scale: float) -> None:
+        self.layout, self.contexts, self.scoring, self.scale = layout, contexts, scoring, scale
+        self.subset = len(scoring) < n_rows
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: int, final: bool) -> torch.Tensor:
+        layout = self.layout
+        k, v = layout.to_rows(k), layout.to_rows(v)
+        if final:
+            if self.subset:
+                k, v = k[self.scoring], v[self.scoring]
+            own, own_lse = self._attend_answers(q, k, v, layout.valid[self.scoring])
+            groups = self.contexts.answer_groups(self.scoring)
+        else:
+            own, own_lse = _flash(layout.to_rows(q), k, v, True, None, self.scale)
+            own, own_lse = layout.to_packed(own.transpose(1, 2)), layout.to_packed(own_lse.transpose(1, 2))
+            groups = self.contexts.token_groups
+        return self._with_contexts(q, own, own_lse, groups, self.contexts.kv, index)
 
     def _attend_answers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +184,7 @@ class RaggedDecoder:
         but not the padding."""
         mask = torch.zeros(len(q), 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
         mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
-        own, own_lse = _flash(q.unsqueeze(2), k, v, False, mask, self.scaling)
+        own, own_lse = _flash(q.unsqueeze(2), k, v, False, mask, self.scale)
         return own[:, :, 0], own_lse[:, :, 0]
 
     def _with_contexts(self, q: torch.Tensor, own: torch.Tensor, own_lse: torch.Tensor,
@@ -149,7 +198,7 @@ class RaggedDecoder:
         for j, idx in groups:  # idx None: every query sits on this context
             keys, values = contexts[j][index]
             q_j = q if idx is None else q[idx]
-            ctx, ctx_lse = _flash(q_j.transpose(0, 1).unsqueeze(0), keys, values, False, None, self.scaling)
+            ctx, ctx_lse = _flash(q_j.transpose(0, 1).unsqueeze(0), keys, values, False, None, self.scale)
             ctx, ctx_lse = ctx[0].transpose(0, 1), ctx_lse[0].transpose(0, 1)  # (queries, heads, dim / -)
             own_j, lse_j = (own, own_lse) if idx is None else (own[idx], own_lse[idx])
             # The own part's share of the softmax mass is sigmoid(own_lse - ctx_lse).

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from service.engine.base import UserAdapter
+from service.engine import native
 from service.engine.lora_slot import LoRASlots
 from service.engine.ragged import KV, RaggedDecoder, Row, context_length
 
@@ -34,9 +35,10 @@ class DeadlineExceeded(TimeoutError):
 
 class TorchEngine:
     def __init__(self, model, *, yes_id: int, no_id: int, target_modules: list[str],
-                 max_batch: int = 32, min_saving: int = 12) -> None:
+                 max_batch: int = 32, min_saving: int = 12, native_attention: bool = True) -> None:
         self.model = model.eval()
-        self.ragged = RaggedDecoder(model)
+        on_cpu = model.get_output_embeddings().weight.device.type == "cpu"
+        self.ragged = RaggedDecoder(model, native.load() if native_attention and on_cpu else None)
         self.label_rows = model.get_output_embeddings().weight[[yes_id, no_id]].detach().float()
         self.max_batch = max_batch
         self.min_saving = min_saving

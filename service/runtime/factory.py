@@ -49,7 +49,8 @@ def build_torch_engine(settings: Settings, model: LoadedModel):
     llm = AutoModelForCausalLM.from_pretrained(settings.base_model_dir, dtype=dtype, local_files_only=True)
     engine = TorchEngine(llm.to(settings.torch_device), yes_id=builder.yes_id, no_id=builder.no_id,
                          target_modules=model.lora_config.target_modules, max_batch=settings.torch_max_batch,
-                         min_saving=settings.torch_min_shared_tokens)
+                         min_saving=settings.torch_min_shared_tokens,
+                         native_attention=settings.torch_native_attention)
     return engine, builder
 
 

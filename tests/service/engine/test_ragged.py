@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 
 from service.engine.base import UserAdapter
 from service.engine.lora_slot import LoRASlots
+from service.engine import native
 from service.engine import ragged as ragged_module
 from service.engine.ragged import RaggedDecoder, Row, UnsupportedModel
 
@@ -21,6 +24,19 @@ def model():
     return make_model()
 
 
+@pytest.fixture(scope="module", params=["torch", "native"])
+def kernel(request):
+    """Both attention paths of the CPU forward: torch's kernels, and the native kernel (which a
+    machine with a C++ compiler must build)."""
+    if request.param == "torch":
+        return None
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler to build the native attention")
+    built = native.load()
+    assert built is not None, "the native attention failed to build"
+    return built
+
+
 def reference_hidden(model, context: list[int], row: list[int]) -> torch.Tensor:
     """transformers' own forward of context + row: the final-norm hidden state of the last token."""
     with torch.inference_mode():
@@ -33,8 +49,8 @@ def rows(seed: int, lengths) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("context_len", [0, 11])
-def test_packed_rows_equal_transformers_per_row(model, context_len) -> None:
-    ragged = RaggedDecoder(model)
+def test_packed_rows_equal_transformers_per_row(model, kernel, context_len) -> None:
+    ragged = RaggedDecoder(model, kernel)
     context = rows(1, [context_len])[0]
     suffixes = rows(2, [5, 1, 13, 7, 7, 2])
     with torch.inference_mode():
@@ -44,8 +60,8 @@ def test_packed_rows_equal_transformers_per_row(model, context_len) -> None:
         torch.testing.assert_close(got, reference_hidden(model, context, suffix), atol=2e-5, rtol=1e-4)
 
 
-def test_extended_cache_equals_transformers_cache(model) -> None:
-    ragged = RaggedDecoder(model)
+def test_extended_cache_equals_transformers_cache(model, kernel) -> None:
+    ragged = RaggedDecoder(model, kernel)
     first, second = rows(3, [9, 6])
     with torch.inference_mode():
         kv = ragged.forward(ragged.forward(None, 0, [first], extend=True)[1], 9, [second], extend=True)[1]
@@ -137,9 +153,9 @@ def test_packed_rows_on_the_portable_attention_equal_transformers(model, monkeyp
         torch.testing.assert_close(got, reference_hidden(model, context, suffix), atol=2e-5, rtol=1e-4)
 
 
-def test_one_forward_of_rows_on_different_contexts_equals_transformers_per_row(model) -> None:
+def test_one_forward_of_rows_on_different_contexts_equals_transformers_per_row(model, kernel) -> None:
     """A radix level: rows that extend or score, on no context, on one cache, or on another."""
-    ragged = RaggedDecoder(model)
+    ragged = RaggedDecoder(model, kernel)
     first, second = rows(6, [5])[0], rows(7, [9])[0]
     with torch.inference_mode():
         ctx_a = ragged.forward(None, 0, [first], extend=True)[1]

@@ -1,0 +1,111 @@
+"""The embedded engine's native CPU attention kernel (``ragged_attention.cpp``), built on first use.
+
+It is compiled for the machine it runs on (``-march=native``) into a cache directory keyed by the
+source, the compiler flags and the CPU's features, so a build is never reused on a different CPU.
+Where no C++ compiler is found, or the build or a call fails, ``load`` returns None and the engine
+uses torch's attention kernels instead: the kernel is a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("ragged_attention.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+ROW_FIELDS = 5  # query start, query count, first query's position, key start, context index
+
+_lock = threading.Lock()
+_loaded: dict[str, "RaggedAttentionKernel | None"] = {}
+
+
+class RaggedAttentionKernel:
+    """ctypes binding of ``ragged_attention``: float32 CPU tensors in, the attention output out."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        fn = library.ragged_attention
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, ctypes.c_float, i64]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                 contexts: torch.Tensor, scale: float) -> torch.Tensor:
+        """``q`` (queries, heads, dim), ``k``/``v`` (tokens, kv_heads, dim), ``rows`` (rows, 5) and
+        ``contexts`` (contexts, 3) int64 as the kernel documents them. The caller keeps the
+        context tensors whose addresses ``contexts`` holds alive for the call."""
+        for t in (q, k, v):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("the native attention takes contiguous float32 CPU tensors")
+        out = torch.empty_like(q)
+        code = self._fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), len(rows), rows.data_ptr(),
+                        len(contexts), contexts.data_ptr() if len(contexts) else None, q.shape[1], k.shape[1],
+                        q.shape[2], scale, torch.get_num_threads())
+        if code != 0:
+            raise RuntimeError(f"native attention failed with code {code}")
+        return out
+
+
+def load(cache_dir: Path | None = None) -> RaggedAttentionKernel | None:
+    """The kernel, built into ``cache_dir`` when not built yet; None where it cannot be built."""
+    target = (Path(cache_dir) if cache_dir else _default_cache()) / f"ragged_attention-{_build_key()}.so"
+    with _lock:
+        if str(target) not in _loaded:
+            _loaded[str(target)] = _build_and_load(target)
+        return _loaded[str(target)]
+
+
+def _build_and_load(target: Path) -> RaggedAttentionKernel | None:
+    try:
+        if not target.exists():
+            compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+            if compiler is None:
+                log.warning("no C++ compiler found: the engine uses torch's attention kernels")
+                return None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True,
+                               capture_output=True, text=True, timeout=300)
+                os.replace(built, target)
+        return RaggedAttentionKernel(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        log.warning("native attention unavailable, the engine uses torch's attention kernels: %s", detail)
+        return None
+
+
+def _build_key() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    digest.update(platform.machine().encode())
+    digest.update(_cpu_features().encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (Linux), so a cached build made for another CPU is not reused."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "reclora-serving" / "native"

@@ -1,0 +1,100 @@
+"""The native CPU attention kernel against attention written out in torch, and its build."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from service.engine import native
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler to build the native attention")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> native.RaggedAttentionKernel:
+    built = native.load()
+    assert built is not None, "the native attention failed to build"
+    return built
+
+
+def reference(q, k, v, rows, contexts, scale):
+    """Per row: softmax over the context's keys and the own keys up to each query's position."""
+    out = torch.empty_like(q)
+    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+    for q0, nq, pos, k0, c in rows.tolist():
+        ck, cv = contexts[c] if c >= 0 else (torch.zeros(1, kv_heads, 0, dim), torch.zeros(1, kv_heads, 0, dim))
+        keys = torch.cat([ck[0], k[k0 : k0 + pos + nq].transpose(0, 1)], 1).repeat_interleave(heads // kv_heads, 0)
+        values = torch.cat([cv[0], v[k0 : k0 + pos + nq].transpose(0, 1)], 1).repeat_interleave(heads // kv_heads, 0)
+        scores = q[q0 : q0 + nq].transpose(0, 1) @ keys.transpose(1, 2) * scale  # (heads, nq, keys)
+        seen = ck.shape[2] + pos + torch.arange(nq) + 1
+        scores.masked_fill_(torch.arange(keys.shape[1])[None, None, :] >= seen[None, :, None], float("-inf"))
+        out[q0 : q0 + nq] = (torch.softmax(scores, -1) @ values).transpose(0, 1)
+    return out
+
+
+def table(contexts):
+    return torch.tensor([[k.data_ptr(), v.data_ptr(), k.shape[2]] for k, v in contexts], dtype=torch.long).reshape(-1, 3)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 24), (6, 2, 8), (2, 1, 130)])
+def test_rows_on_contexts_equal_written_out_attention(kernel, heads, kv_heads, dim) -> None:
+    """Rows on no context, on one cache and on another; every token a query, or only some (the
+    answer positions, a tail of the row)."""
+    torch.manual_seed(heads * dim)
+    contexts = [(torch.randn(1, kv_heads, n, dim), torch.randn(1, kv_heads, n, dim)) for n in (40, 3, 150)]
+    lengths, context_of = [5, 120, 1, 33, 70, 17], [0, 1, -1, 2, 0, -1]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    k, v = torch.randn(sum(lengths), kv_heads, dim), torch.randn(sum(lengths), kv_heads, dim)
+    every = torch.tensor([[s, n, 0, s, c] for s, n, c in zip(starts, lengths, context_of)], dtype=torch.long)
+    answers = torch.tensor([[i, 1, n - 1, s, c] for i, (s, n, c) in enumerate(zip(starts, lengths, context_of))],
+                           dtype=torch.long)
+    tails = torch.tensor([[3 * i, 3, n - 3, s, c] for i, (s, n, c) in enumerate(zip(starts, lengths, context_of))
+                          if n >= 3], dtype=torch.long)
+    tails[:, 0] = torch.arange(len(tails)) * 3
+    for rows in (every, answers, tails):
+        q = torch.randn(int(rows[:, 1].sum()), heads, dim)
+        got = kernel(q, k, v, rows, table(contexts), 0.2)
+        torch.testing.assert_close(got, reference(q, k, v, rows, contexts, 0.2), atol=1e-5, rtol=1e-4)
+
+
+def test_large_scores_stay_finite(kernel) -> None:
+    """Softmax is taken after the largest score is subtracted: scores in the thousands neither
+    overflow nor lose the row."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(20, 2, 16) * 40, torch.randn(20, 2, 16) * 40, torch.randn(20, 2, 16)
+    rows = torch.tensor([[0, 20, 0, 0, -1]], dtype=torch.long)
+    got = kernel(q, k, v, rows, table([]), 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference(q, k, v, rows, [], 1.0), atol=1e-5, rtol=1e-5)
+
+
+def test_only_contiguous_float32_tensors_are_taken(kernel) -> None:
+    rows = torch.tensor([[0, 4, 0, 0, -1]], dtype=torch.long)
+    q, k = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    with pytest.raises(ValueError, match="float32"):
+        kernel(q.double(), k, k, rows, table([]), 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel(torch.randn(2, 4, 16).transpose(0, 1), k, k, rows, table([]), 1.0)
+
+
+def test_a_context_index_out_of_range_is_an_error_not_a_read(kernel) -> None:
+    rows = torch.tensor([[0, 4, 0, 0, 2]], dtype=torch.long)
+    q, k = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    with pytest.raises(RuntimeError, match="code 2"):
+        kernel(q, k, k, rows, table([]), 1.0)
+
+
+def test_a_build_is_cached_per_directory(tmp_path) -> None:
+    built = native.load(tmp_path)
+    assert built is not None
+    assert len(list(tmp_path.glob("ragged_attention-*.so"))) == 1
+    assert native.load(tmp_path) is built
+
+
+def test_without_a_compiler_the_engine_falls_back(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING):
+        assert native.load(tmp_path / "cache") is None
+    assert "torch's attention kernels" in caplog.text
