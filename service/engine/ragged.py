@@ -3,9 +3,13 @@
 transformers runs a batch of candidate suffixes as a right-padded rectangle, so every projection
 and MLP matmul also runs on the padding (a tenth of the tokens for a typical request: suffix
 lengths differ by title lengths and retrieved history). Here the rows are packed into one
-``(tokens, hidden)`` matrix for every matmul; only attention, which is a small part of the work,
-sees a padded layout, and the rows' shared context (the prompt prefix, radix-shared runs) is a
-key/value cache broadcast to every row.
+``(tokens, hidden)`` matrix for every matmul, and the rows' shared context (the prompt prefix,
+radix-shared runs) is a key/value cache broadcast to every row. On CPUs attention is the native
+kernel (``service.engine.native``): every query over its context and its own row's keys up to its
+position, on the packed rows, in one call per layer. Elsewhere, or without a compiler, it is
+torch's kernels: each row's own keys (causal) on a padded layout and each context as one call for
+all its queries, merged by log-sum-exps; torch's CPU flash kernel computes every pair of a causal
+row shorter than 512 tokens, twice the useful work, which is what the native kernel saves.
 
 The last layer computes queries, the attention output, ``o_proj`` and the MLP only where a result
 is read: each row's answer position when scoring, nowhere when extending the cache (a cache needs

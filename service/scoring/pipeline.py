@@ -53,6 +53,9 @@ class ScoringPipeline:
         self.observe_stage, self.observe_degraded = observe_stage, observe_degraded
         # The engine serializes forwards; one worker keeps requests queued in arrival order.
         self._engine_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # The CRM on a thread of its own too: torch gives every thread that runs ops its own pool of
+        # intra-op threads, so one thread (rather than asyncio's shared pool) keeps one pool warm.
+        self._crm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm")
 
     def known_items(self, ids: Sequence[int]) -> list[int]:
         """The ids in ``ids`` that the active catalog does not know."""
@@ -64,6 +67,7 @@ class ScoringPipeline:
 
     def close(self) -> None:
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
+        self._crm_pool.shutdown(wait=False, cancel_futures=True)
         close_engine = getattr(self.engine, "close", None)  # remote engines hold connections and a monitor
         if callable(close_engine):
             close_engine()
@@ -93,7 +97,7 @@ class ScoringPipeline:
         t = lap("history", t)
         view = UserHistoryView.from_raw(model, raw_items, ratings, profile)
         dense = model.catalog.to_dense(candidates)
-        crm = await asyncio.to_thread(run_crm, model, view, dense)
+        crm = await asyncio.get_running_loop().run_in_executor(self._crm_pool, run_crm, model, view, dense)
         t = lap("crm", t)
 
         llm = None
