@@ -43,7 +43,7 @@ FROM ${PYTHON_IMAGE}
 
 # A C++ compiler, so the engine builds its native attention kernel for the host's CPU on first
 # start (into the user's cache, well under a second). With NATIVE_ATTENTION=0 the image is smaller
-# and the engine uses torch's attention kernels instead, which are slower (README, Performance).
+# and the engine uses torch's attention kernels instead, which are slower (README, Gateway).
 ARG NATIVE_ATTENTION=1
 RUN if [ "${NATIVE_ATTENTION}" = 1 ]; then \
         apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \

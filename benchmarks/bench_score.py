@@ -5,7 +5,8 @@
 (b) the same prompts scored the naive way in the same run: transformers + peft, one
     ``set_adapter`` per request, every candidate a full left-padded prompt, logits at every
     position; the speed ratio and the largest score difference (below float32 also against the
-    naive way in float32, whose scores are exact where the other's logits are rounded);
+    naive way in float32, whose scores are exact where the other's logits are rounded); and the
+    same engine on torch's attention kernels instead of its native one (on CPUs), time and scores;
 (c) the floor: the FLOPs the engine must do divided by a matmul rate measured in the same run,
     in the dtype the engine computes in (float32 on CPUs without native bfloat16, where
     emulated bfloat16 is far slower; the bfloat16 rate is printed too), and the engine's time
@@ -215,6 +216,7 @@ def main() -> None:
     exact_model, max_diff_exact = None, 0.0
     engine_ms, naive_ms, max_diff, flops, tmp = [], [], 0.0, [], Path(tempfile.mkdtemp())
     engine_tokens, naive_tokens = [], []
+    kernel, torch_attention_ms, max_diff_torch_attention = engine.ragged.kernel, [], 0.0
     for k, ((user, cands), stored) in enumerate(zip(requests, histories)):
         view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile)
         dense = model.catalog.to_dense(cands)
@@ -224,6 +226,13 @@ def main() -> None:
         start = time.perf_counter()
         fast = engine.score(adapter, prefix, suffixes)
         engine_ms.append((time.perf_counter() - start) * 1000)
+        if kernel is not None:  # the same engine on torch's attention kernels instead of the native one
+            engine.ragged.kernel = None
+            start = time.perf_counter()
+            torch_attention = engine.score(adapter, prefix, suffixes)
+            torch_attention_ms.append((time.perf_counter() - start) * 1000)
+            engine.ragged.kernel = kernel
+            max_diff_torch_attention = max(max_diff_torch_attention, float(np.abs(fast - torch_attention).max()))
         flops.append(engine_flops(base.config, model.lora_config.r, engine.last_work))
         naive_tokens.append(len(suffixes) * max(len(prefix) + len(s) for s in suffixes))
         engine_tokens.append(engine.last_work["tokens"])
@@ -272,6 +281,9 @@ def main() -> None:
                                 "long_history_user_requests": len(long_overheads)},
         "tokens_p50": {"engine": percentile(engine_tokens, 50), "naive_padded": percentile(naive_tokens, 50)},
         "engine_ms_p50": percentile(engine_ms, 50), "naive_ms_p50": percentile(naive_ms, 50),
+        "native_attention": kernel is not None,
+        "engine_torch_attention_ms_p50": percentile(torch_attention_ms, 50) if torch_attention_ms else None,
+        "max_score_diff_native_vs_torch_attention": max_diff_torch_attention if torch_attention_ms else None,
         "speedup_vs_naive": percentile(naive_ms, 50) / percentile(engine_ms, 50),
         "max_score_diff_vs_naive": max_diff,
         "max_score_diff_vs_naive_float32": max_diff_exact if exact_base is not None else max_diff,
