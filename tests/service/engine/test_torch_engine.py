@@ -1,3 +1,4 @@
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -183,3 +184,25 @@ def test_an_abandoned_forward_raises_the_expected_time_to_what_it_ran() -> None:
     with pytest.raises(DeadlineExceeded):
         engine.score(None, prefix, suffixes, deadline=time.perf_counter() + 0.02)
     assert engine.expected_ms(prefix, suffixes) >= 50.0
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_the_native_attention_is_used_on_cpus_and_scores_as_torch_attention_does(setup) -> None:
+    """The default CPU engine runs the native kernel (a build failure would otherwise pass
+    unnoticed as the fallback), and scores as the engine on torch's attention kernels does,
+    shared runs and several contexts in one forward included."""
+    reference, lora, mixer, engine = setup
+    assert engine.ragged.kernel is not None
+    torch.manual_seed(0)
+    plain = TorchEngine(LlamaForCausalLM.from_pretrained(reference.name_or_path, dtype=torch.float32), yes_id=YES,
+                        no_id=NO, target_modules=TARGETS, max_batch=3, native_attention=False)
+    assert plain.ragged.kernel is None
+    adapter = adapter_for(mixer, lora, torch.randn(8), "u-native")
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(1, 99, size=11).tolist()
+    shared = rng.integers(1, 99, size=14).tolist()
+    suffixes = [shared + rng.integers(1, 99, size=n).tolist() for n in (3, 8, 1)]
+    suffixes += [rng.integers(1, 99, size=n).tolist() for n in (5, 20, 2)]
+    got = engine.score(adapter, prefix, suffixes)
+    assert len(engine.last_extensions) > 1  # a shared run was cached
+    np.testing.assert_allclose(got, plain.score(adapter, prefix, suffixes), atol=1e-5)
