@@ -93,9 +93,7 @@ class RaggedDecoder:
         """
         embed = self.decoder.embed_tokens.weight
         device, dtype = embed.device, embed.dtype
-        lengths = torch.tensor([len(r.tokens) for r in rows], dtype=torch.long)
-        starts = lengths.cumsum(0) - lengths
-        layout = _Layout(lengths, device)
+        layout = _Layout(torch.tensor([len(r.tokens) for r in rows], dtype=torch.long), device)
         contexts = _Contexts(rows, layout, device)
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=device)
         h = self.decoder.embed_tokens(ids).float()  # (tokens, hidden): the residual stream
@@ -105,9 +103,9 @@ class RaggedDecoder:
         scoring = [i for i, r in enumerate(rows) if not r.extend]
         caches: dict[int, KV] = {i: [] for i in extending}
         answers = layout.last[scoring] if len(scoring) < len(rows) else layout.last
-        attend = (_NativeAttention(self.kernel, lengths, starts, contexts, scoring, self.scaling)
+        attend = (_NativeAttention(self.kernel, layout, contexts, scoring, self.scaling)
                   if self.kernel is not None and device.type == "cpu" else
-                  _TorchAttention(layout, contexts, scoring, len(rows), self.scaling))
+                  _TorchAttention(layout, contexts, scoring, self.scaling))
         for index, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer()
@@ -116,7 +114,7 @@ class RaggedDecoder:
             k = _rotate(attn.k_proj(x).float().view(-1, self.n_kv, self.head_dim), cos, sin)
             v = attn.v_proj(x).float().view(-1, self.n_kv, self.head_dim)
             for i in extending:
-                n, context, at = len(rows[i].tokens), rows[i].context, int(starts[i])
+                n, context, at = len(rows[i].tokens), rows[i].context, int(layout.starts[i])
                 k_i = k[at : at + n].transpose(0, 1).unsqueeze(0).contiguous()
                 v_i = v[at : at + n].transpose(0, 1).unsqueeze(0).contiguous()
                 caches[i].append((k_i, v_i) if context is None else
@@ -140,10 +138,10 @@ class _NativeAttention:
     """Attention of a forward's rows by the native kernel: each query over its context and its
     own row's keys (causal) in one call per layer, on the packed layout."""
 
-    def __init__(self, kernel: RaggedAttentionKernel, lengths: torch.Tensor, starts: torch.Tensor,
-                 contexts: "_Contexts", scoring: list[int], scale: float) -> None:
+    def __init__(self, kernel: RaggedAttentionKernel, layout: "_Layout", contexts: "_Contexts", scoring: list[int],
+                 scale: float) -> None:
         self.kernel, self.contexts, self.scale = kernel, contexts, scale
-        of_row = contexts.of_row
+        lengths, starts, of_row = layout.lengths, layout.starts, contexts.of_row
         zeros = torch.zeros_like(lengths)
         # per row: query start, query count, first query's position, key start, context
         self.every = torch.stack([starts, lengths, zeros, starts, of_row], 1).contiguous()
@@ -163,10 +161,9 @@ class _TorchAttention:
     """Attention of a forward's rows by torch's kernels: each row's own keys (causal) on a padded
     layout, then each context as one call for all its queries, merged by log-sum-exps."""
 
-    def __init__(self, layout: "_Layout", contexts: "_Contexts", scoring: list[int], n_rows: int,
-                 scale: float) -> None:
+    def __init__(self, layout: "_Layout", contexts: "_Contexts", scoring: list[int], scale: float) -> None:
         self.layout, self.contexts, self.scoring, self.scale = layout, contexts, scoring, scale
-        self.subset = len(scoring) < n_rows
+        self.subset = len(scoring) < layout.n
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: int, final: bool) -> torch.Tensor:
         layout = self.layout
@@ -262,7 +259,9 @@ class _Layout:
         self.n, self.width = len(lengths), int(lengths.max())
         row_of = torch.repeat_interleave(torch.arange(self.n), lengths)
         self.row_of = row_of.to(device)
-        col_of = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        self.lengths = lengths
+        self.starts = lengths.cumsum(0) - lengths  # each row's first token, packed (on the CPU)
+        col_of = torch.arange(int(lengths.sum())) - torch.repeat_interleave(self.starts, lengths)
         self.col_of = col_of.to(device)
         self.slot = (row_of * self.width + col_of).to(device)
         self.last = (lengths.cumsum(0) - 1).to(device)  # each row's answer token, packed
