@@ -13,7 +13,7 @@ from prometheus_client import gc_collector, platform_collector, process_collecto
 from prometheus_client.exposition import choose_encoder
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-STAGES = ("history", "retrieval", "crm", "adapter", "llm", "total")
+STAGES = ("history", "crm", "retrieval", "prompts", "adapter", "llm", "total")
 DEGRADED_REASONS = ("history_unavailable", "deadline", "llm_overrun_expected", "llm_timeout", "llm_error")
 # Why a model push or activation was refused (service.registry): a bounded label set.
 REFUSAL_REASONS = ("unauthorized", "name", "exists", "too_large", "archive", "bundle", "incompatible",

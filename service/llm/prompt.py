@@ -9,6 +9,7 @@ derived from the tokenizer and checked when the builder is made.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -161,11 +162,14 @@ class PromptBuilder:
         """Tokenize the lines not cached yet, all in one batched call (one call per line would cost
         more in per-call overhead than the cache saves on a cold request)."""
         cache = self._line_cache
-        missing = list({line: None for group in lines for line in group if line not in cache})
+        needed = {line: None for group in lines for line in group}
+        missing = [line for line in needed if line not in cache]
         if not missing:
             return
-        while len(cache) + len(missing) > LINE_CACHE_SIZE and cache:
-            cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
+        excess = len(cache) + len(missing) - LINE_CACHE_SIZE
+        if excess > 0:  # oldest first (dicts keep insertion order), never a line this request reads
+            for line in list(itertools.islice((line for line in cache if line not in needed), excess)):
+                del cache[line]
         for line, ids in zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]):
             cache[line] = tuple(ids)
 
@@ -185,11 +189,14 @@ class PromptBuilder:
         """Token ids of the shared prefix and of each candidate's suffix."""
         if len({bool(h) for h in histories}) > 1:
             raise ValueError("either every candidate has a history or none has")
-        prefix = self.encode_text(self.prefix_text(profile, bool(histories and histories[0])))
+        prefix_text = self.prefix_text(profile, bool(histories and histories[0]))
         lines = [self.suffix_lines(h, t) for h, t in zip(histories, targets)]
         if not self.line_cache_enabled or not lines:
-            return prefix, self._encode_whole(lines)
-        self._cache_lines(lines)
+            return self.encode_text(prefix_text), self._encode_whole(lines)
+        # The prefix is cached whole (a user's is the same on every request), filled in the same
+        # batched call as the lines.
+        self._cache_lines([*lines, [prefix_text]])
+        prefix = list(self._line_cache[prefix_text])
         suffixes = [self._encode_suffix(x) for x in lines]
         self._encodes += 1
         if self._encodes % LINE_CACHE_AUDIT_EVERY == 1 and self.encode_text("".join(lines[0])) != suffixes[0]:

@@ -1,10 +1,12 @@
 """POST /v1/score as a sequence of timed stages inside one deadline, degrading instead of failing.
 
-history (Redis, one round trip) -> CRM over the long history (scores + user vector) -> per
-candidate semantic retrieval of the short text history -> the user's adapter (gate, cache,
-materialize) -> the LLM engine on all candidates at once -> fusion. When Redis is unreachable the
-user is scored as cold start; when the LLM fails or would overrun the deadline the CRM scores
-are returned; both say ``degraded`` and why.
+history (Redis, one round trip) -> two branches at once: the CRM over the long history (scores
++ user vector), and per candidate semantic retrieval of the short text history then the prompts
+-> the user's adapter (gate on the CRM's user vector, cache, materialize) -> the LLM engine on all
+candidates at once -> fusion. The branches need nothing from each other, so they overlap on two
+threads (torch, FAISS and the tokenizer release the GIL) instead of adding up. When Redis is
+unreachable the user is scored as cold start; when the LLM fails or would overrun the deadline
+the CRM scores are returned; both say ``degraded`` and why.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class ScoringPipeline:
         # The CRM on a thread of its own too: torch gives every thread that runs ops its own pool of
         # intra-op threads, so one thread (rather than asyncio's shared pool) keeps one pool warm.
         self._crm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm")
+        # Retrieval and prompts beside the CRM; one worker, so the prompt builder's token cache
+        # is only ever touched by one thread.
+        self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text")
 
     def known_items(self, ids: Sequence[int]) -> list[int]:
         """The ids in ``ids`` that the active catalog does not know."""
@@ -68,6 +73,7 @@ class ScoringPipeline:
     def close(self) -> None:
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
         self._crm_pool.shutdown(wait=False, cancel_futures=True)
+        self._text_pool.shutdown(wait=False, cancel_futures=True)
         close_engine = getattr(self.engine, "close", None)  # remote engines hold connections and a monitor
         if callable(close_engine):
             close_engine()
@@ -80,10 +86,12 @@ class ScoringPipeline:
         timings: dict[str, float] = {}
         reasons: list[str] = []
 
-        def lap(stage: str, t0: float) -> float:
-            ms = (time.perf_counter() - t0) * 1000.0
+        def record(stage: str, ms: float) -> None:
             timings[stage] = ms
             self.observe_stage(stage, ms)
+
+        def lap(stage: str, t0: float) -> float:
+            record(stage, (time.perf_counter() - t0) * 1000.0)
             return time.perf_counter()
 
         t = time.perf_counter()
@@ -97,19 +105,30 @@ class ScoringPipeline:
         t = lap("history", t)
         view = UserHistoryView.from_raw(model, raw_items, ratings, profile)
         dense = model.catalog.to_dense(candidates)
-        crm = await asyncio.get_running_loop().run_in_executor(self._crm_pool, run_crm, model, view, dense)
-        t = lap("crm", t)
+        loop = asyncio.get_running_loop()
+        uses_llm = model.mixer is not None and self.engine is not None and builder is not None  # else CRM only
+        text = (loop.run_in_executor(self._text_pool, _text_side, builder, model, view, dense)
+                if uses_llm else None)
+        try:
+            crm, crm_ms = await loop.run_in_executor(self._crm_pool, _timed, run_crm, model, view, dense)
+        except BaseException:
+            if text is not None:
+                text.cancel()
+            raise
+        record("crm", crm_ms)
 
         llm = None
-        if model.mixer is not None and self.engine is not None and builder is not None:  # else a CRM-only setup
+        if text is not None:
             try:
-                histories = retrieve_text_history(model, view, dense)
-                t = lap("retrieval", t)
+                prompts, retrieval_ms, prompts_ms = await text
+                record("retrieval", retrieval_ms)
+                record("prompts", prompts_ms)
+                t = time.perf_counter()
                 alphas = model.mixer.mixtures(crm.user_rep)
                 adapter, _ = self.cache.get_or_build(user_id, model.version, alphas,
                                                      lambda a: build_adapter(model, user_id, a))
-                prefix, suffixes = build_prompts(builder, model, view, dense, histories)
                 t = lap("adapter", t)
+                prefix, suffixes = prompts
                 remaining = deadline - time.perf_counter()
                 expected_ms = self.engine.expected_ms(prefix, suffixes)
                 # Skipped when too little time is left, or when the engine's recent pace says the
@@ -120,8 +139,8 @@ class ScoringPipeline:
                 elif expected_ms is not None and remaining * 1000.0 < expected_ms:
                     reasons.append("llm_overrun_expected")
                 else:
-                    future = asyncio.get_running_loop().run_in_executor(
-                        self._engine_pool, self.engine.score, adapter, prefix, suffixes, deadline)
+                    future = loop.run_in_executor(self._engine_pool, self.engine.score, adapter, prefix, suffixes,
+                                                  deadline)
                     llm = await asyncio.wait_for(future, remaining)
                     t = lap("llm", t)
             except (asyncio.TimeoutError, TimeoutError):  # waited too long, or the engine gave up
@@ -145,3 +164,19 @@ class ScoringPipeline:
             candidates=[CandidateResult(int(c), float(s), None if llm is None else float(l), float(k))
                         for c, s, l, k in zip(candidates, final, llm if llm is not None else [None] * len(dense), crm.scores)],
             degraded=bool(reasons), degraded_reasons=reasons, cold_start=not exists, timings_ms=timings)
+
+
+def _timed(fn: Callable, *args):
+    """``(fn(*args), milliseconds it took)``, timed on the thread that runs it."""
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, (time.perf_counter() - start) * 1000.0
+
+
+def _text_side(builder: PromptBuilder, model: LoadedModel, view: UserHistoryView,
+               dense: np.ndarray) -> tuple[tuple[list[int], list[list[int]]], float, float]:
+    """The LLM's inputs that need nothing from the CRM: per candidate retrieval, then the prompts;
+    returns the prompts and each step's milliseconds."""
+    histories, retrieval_ms = _timed(retrieve_text_history, model, view, dense)
+    prompts, prompts_ms = _timed(build_prompts, builder, model, view, dense, histories)
+    return prompts, retrieval_ms, prompts_ms

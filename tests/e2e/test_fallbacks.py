@@ -105,6 +105,24 @@ def test_a_model_that_cannot_load_keeps_the_service_not_ready(world: World, tmp_
         server.stop()
 
 
+def test_retrieval_failure_answers_with_crm_scores(world: World, live: LiveServer, http: httpx.Client,
+                                                   reference: Reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retrieval and prompts run beside the CRM, on a thread of their own: a failure there still
+    ends in the CRM's answer, not a 5xx."""
+    user = world.users[12]  # a user no other test writes events for
+
+    def failing(*args):
+        raise RuntimeError("e2e: retrieval failed")
+
+    monkeypatch.setattr("service.scoring.pipeline.retrieve_text_history", failing)
+    response = http.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["degraded"] is True and body["degraded_reasons"] == ["llm_error"]
+    assert "crm" in body["timings"] and "llm" not in body["timings"]
+    assert_crm_only(body, reference, user)
+
+
 class ExplodingEngine:
     def score(self, *args, **kwargs):
         raise RuntimeError("e2e: the LLM engine failed")

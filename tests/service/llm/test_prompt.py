@@ -64,3 +64,16 @@ def test_audit_switches_the_cache_off_on_a_difference(tokenizer):
     _, suffixes = builder.encode(PROFILE, HISTORIES, TARGETS)  # the first request is audited
     assert suffixes == whole(builder)
     assert not builder.line_cache_enabled
+
+
+def test_a_full_cache_evicts_oldest_lines_but_never_those_the_request_reads(tokenizer, monkeypatch):
+    builder = PromptBuilder(tokenizer)
+    builder.encode(PROFILE, HISTORIES, TARGETS)
+    kept = set(builder._line_cache)
+    monkeypatch.setattr("service.llm.prompt.LINE_CACHE_SIZE", len(kept))  # full: every new line evicts one
+    other = [ItemText("Heat", 1995), ItemText("Casino", 1995)]
+    prefix, suffixes = builder.encode({"gender": "M"}, HISTORIES, other)  # reuses lines, adds new ones
+    assert suffixes == [builder.encode_text(builder.suffix_text(h, t)) for h, t in zip(HISTORIES, other)]
+    assert prefix == builder.encode_text(builder.prefix_text({"gender": "M"}))
+    assert len(builder._line_cache) == len(kept)
+    assert kept - set(builder._line_cache)  # older lines made room
