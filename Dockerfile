@@ -41,11 +41,11 @@ RUN pip install --no-deps . \
 # ---- runtime
 FROM ${PYTHON_IMAGE}
 
-# A C++ compiler, so the engine builds its native attention kernel for the host's CPU on first
-# start (into the user's cache, well under a second). With NATIVE_ATTENTION=0 the image is smaller
-# and the engine uses torch's attention kernels instead, which are slower (README, Gateway).
-ARG NATIVE_ATTENTION=1
-RUN if [ "${NATIVE_ATTENTION}" = 1 ]; then \
+# A C++ compiler, so the engine builds its native kernels (attention, the MLP's SiLU product) for
+# the host's CPU on first start (into the user's cache, well under a second). With NATIVE_KERNELS=0
+# the image is smaller and the engine uses torch's kernels instead, which are slower (README, Gateway).
+ARG NATIVE_KERNELS=1
+RUN if [ "${NATIVE_KERNELS}" = 1 ]; then \
         apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
     fi
 

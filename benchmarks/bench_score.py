@@ -5,8 +5,10 @@
 (b) the same prompts scored the naive way in the same run: transformers + peft, one
     ``set_adapter`` per request, every candidate a full left-padded prompt, logits at every
     position; the speed ratio and the largest score difference (below float32 also against the
-    naive way in float32, whose scores are exact where the other's logits are rounded); and the
-    same engine on torch's attention kernels instead of its native one (on CPUs), time and scores;
+    naive way in float32, whose scores are exact where the other's logits are rounded, with the
+    distribution of the differences and how often a pair of candidates is ranked as the exact
+    scores rank it); and the same engine on torch's kernels instead of its native ones (on
+    CPUs), time and scores;
 (c) the floor: the FLOPs the engine must do divided by a matmul rate measured in the same run,
     in the dtype the engine computes in (float32 on CPUs without native bfloat16, where
     emulated bfloat16 is far slower; the bfloat16 rate is printed too), and the engine's time
@@ -138,6 +140,19 @@ def naive_scores(peft_model, tokenizer, prompts: list[list[int]], adapter_name: 
     return torch.softmax(last, -1)[:, 0].numpy()
 
 
+def error_summary(scores: list[np.ndarray], exact: list[np.ndarray]) -> dict:
+    """How far ``scores`` are from the exact ones: the absolute differences' mean, p99 and max, and
+    the share of candidate pairs (within a request) that the two rank the same way."""
+    diff = np.abs(np.concatenate(scores) - np.concatenate(exact))
+    same, pairs = 0, 0
+    for got, ref in zip(scores, exact):
+        i, j = np.triu_indices(len(ref), 1)
+        same += int((np.sign(got[i] - got[j]) == np.sign(ref[i] - ref[j])).sum())
+        pairs += len(i)
+    return {"mean": float(diff.mean()), "p99": percentile(diff, 99), "max": float(diff.max()),
+            "pairs_ranked_as_exact": same / max(pairs, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--version", default="reclora-ml100k-v1")
@@ -216,7 +231,8 @@ def main() -> None:
     exact_model, max_diff_exact = None, 0.0
     engine_ms, naive_ms, max_diff, flops, tmp = [], [], 0.0, [], Path(tempfile.mkdtemp())
     engine_tokens, naive_tokens = [], []
-    kernel, torch_attention_ms, max_diff_torch_attention = engine.ragged.kernel, [], 0.0
+    kernel, torch_kernels_ms, max_diff_torch_kernels = engine.ragged.kernel, [], 0.0
+    scored = {"engine": [], "naive": [], "exact": []}  # per request, for the error distribution
     for k, ((user, cands), stored) in enumerate(zip(requests, histories)):
         view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile)
         dense = model.catalog.to_dense(cands)
@@ -226,13 +242,13 @@ def main() -> None:
         start = time.perf_counter()
         fast = engine.score(adapter, prefix, suffixes)
         engine_ms.append((time.perf_counter() - start) * 1000)
-        if kernel is not None:  # the same engine on torch's attention kernels instead of the native one
+        if kernel is not None:  # the same engine on torch's kernels instead of the native ones
             engine.ragged.kernel = None
             start = time.perf_counter()
-            torch_attention = engine.score(adapter, prefix, suffixes)
-            torch_attention_ms.append((time.perf_counter() - start) * 1000)
+            torch_kernels = engine.score(adapter, prefix, suffixes)
+            torch_kernels_ms.append((time.perf_counter() - start) * 1000)
             engine.ragged.kernel = kernel
-            max_diff_torch_attention = max(max_diff_torch_attention, float(np.abs(fast - torch_attention).max()))
+            max_diff_torch_kernels = max(max_diff_torch_kernels, float(np.abs(fast - torch_kernels).max()))
         flops.append(engine_flops(base.config, model.lora_config.r, engine.last_work))
         naive_tokens.append(len(suffixes) * max(len(prefix) + len(s) for s in suffixes))
         engine_tokens.append(engine.last_work["tokens"])
@@ -257,6 +273,8 @@ def main() -> None:
         slow = naive_scores(peft_model, builder.tokenizer, [prefix + s for s in suffixes], f"u{k}", builder.yes_id, builder.no_id)
         naive_ms.append((time.perf_counter() - start) * 1000)
         max_diff = max(max_diff, float(np.abs(fast - slow).max()))
+        scored["engine"].append(fast)
+        scored["naive"].append(slow)
         if exact_base is not None:
             if exact_model is None:
                 exact_model = PeftModel.from_pretrained(exact_base, adir, adapter_name=f"u{k}").eval()
@@ -265,6 +283,7 @@ def main() -> None:
             exact = naive_scores(exact_model, builder.tokenizer, [prefix + s for s in suffixes], f"u{k}",
                                  builder.yes_id, builder.no_id)
             max_diff_exact = max(max_diff_exact, float(np.abs(fast - exact).max()))
+            scored["exact"].append(exact)
 
     shape = (base.config.hidden_size, base.config.intermediate_size, 2048)
     rate = matmul_rate(*shape, dtype)  # the floor uses the rate of the dtype the engine computes in
@@ -281,12 +300,14 @@ def main() -> None:
                                 "long_history_user_requests": len(long_overheads)},
         "tokens_p50": {"engine": percentile(engine_tokens, 50), "naive_padded": percentile(naive_tokens, 50)},
         "engine_ms_p50": percentile(engine_ms, 50), "naive_ms_p50": percentile(naive_ms, 50),
-        "native_attention": kernel is not None,
-        "engine_torch_attention_ms_p50": percentile(torch_attention_ms, 50) if torch_attention_ms else None,
-        "max_score_diff_native_vs_torch_attention": max_diff_torch_attention if torch_attention_ms else None,
+        "native_kernels": kernel is not None,
+        "engine_torch_kernels_ms_p50": percentile(torch_kernels_ms, 50) if torch_kernels_ms else None,
+        "max_score_diff_native_vs_torch_kernels": max_diff_torch_kernels if torch_kernels_ms else None,
         "speedup_vs_naive": percentile(naive_ms, 50) / percentile(engine_ms, 50),
         "max_score_diff_vs_naive": max_diff,
         "max_score_diff_vs_naive_float32": max_diff_exact if exact_base is not None else max_diff,
+        "vs_exact": {way: error_summary(scored[way], scored["exact"] or scored["naive"])
+                     for way in ("engine", "naive")},
         "engine_dtype": str(dtype), "matmul_gflops_engine_dtype": rate, "matmul_gflops_bf16": bf16_rate,
         "engine_gflop_p50": percentile(flops, 50) / 1e9,
         "floor_ms_p50": percentile(floor_ms, 50),

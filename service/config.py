@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     torch_min_shared_tokens: int = Field(12, ge=1, description=(
         "Tokens of work a run shared by several candidates must save before the embedded engine "
         "computes it once for all of them (a shared run costs a row of its own and a cache copy)."))
-    torch_native_attention: bool = Field(True, description=(
-        "On CPUs, the engine's attention runs in a native kernel built on first use with the local "
-        "C++ compiler (cached under XDG_CACHE_HOME); without a compiler, or when false, torch's kernels."))
+    torch_native_kernels: bool = Field(True, description=(
+        "On CPUs, the engine's attention and the MLP's SiLU product run in native kernels built on "
+        "first use with the local C++ compiler (cached under XDG_CACHE_HOME); without a compiler, or "
+        "when false, torch's kernels."))
     adapter_cache_bytes: int = Field(256 << 20, ge=0, description="Memory bound of the materialized-adapter LRU.")
     adapter_drift_tol: float = Field(0.02, ge=0, le=1, description=(
         "Reuse a cached user adapter while no mixture weight moved by more than this."))

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
-from service.engine.native import RaggedAttentionKernel
+from service.engine.native import NativeKernels
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values as (1, kv_heads, length, head_dim)
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -50,10 +50,10 @@ class UnsupportedModel(ValueError):
 
 
 class RaggedDecoder:
-    """The packed forward; ``kernel`` is the native CPU attention (``service.engine.native``), or
-    None for torch's kernels (and on devices other than CPUs)."""
+    """The packed forward; ``kernel`` holds the native CPU kernels (``service.engine.native``:
+    attention, the MLP's SiLU product), or None for torch's (and on devices other than CPUs)."""
 
-    def __init__(self, model, kernel: RaggedAttentionKernel | None = None) -> None:
+    def __init__(self, model, kernel: NativeKernels | None = None) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(f"the embedded engine runs {SUPPORTED_MODEL_TYPES} models, not {config.model_type!r}")
@@ -106,6 +106,7 @@ class RaggedDecoder:
         attend = (_NativeAttention(self.kernel, layout, contexts, scoring, self.scaling)
                   if self.kernel is not None and device.type == "cpu" else
                   _TorchAttention(layout, contexts, scoring, self.scaling))
+        mlp_kernel = self.kernel if device.type == "cpu" else None
         for index, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer()
@@ -129,7 +130,7 @@ class RaggedDecoder:
             q = _rotate(attn.q_proj(x).float().view(-1, self.n_heads, self.head_dim), q_cos, q_sin)
             out = attend(q, k, v, index, final)
             h = h + attn.o_proj(out.reshape(len(out), -1).to(dtype))
-            h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h, dtype), self.silu)
+            h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h, dtype), self.silu, mlp_kernel)
         hidden = _norm(self.decoder.norm, h, torch.float32) if scoring else None
         return hidden, [caches[i] for i in extending]
 
@@ -138,7 +139,7 @@ class _NativeAttention:
     """Attention of a forward's rows by the native kernel: each query over its context and its
     own row's keys (causal) in one call per layer, on the packed layout."""
 
-    def __init__(self, kernel: RaggedAttentionKernel, layout: "_Layout", contexts: "_Contexts", scoring: list[int],
+    def __init__(self, kernel: NativeKernels, layout: "_Layout", contexts: "_Contexts", scoring: list[int],
                  scale: float) -> None:
         self.kernel, self.contexts, self.scale = kernel, contexts, scale
         lengths, starts, of_row = layout.lengths, layout.starts, contexts.of_row
@@ -153,8 +154,8 @@ class _NativeAttention:
         layer = [kv[index] for kv in self.contexts.kv]
         table = torch.tensor([[keys.data_ptr(), values.data_ptr(), keys.shape[2]] for keys, values in layer],
                              dtype=torch.long).reshape(-1, 3)
-        return self.kernel(q.contiguous(), k, v.contiguous(), self.answers if final else self.every, table,
-                           self.scale)
+        return self.kernel.attention(q.contiguous(), k, v.contiguous(), self.answers if final else self.every,
+                                     table, self.scale)
 
 
 class _TorchAttention:
@@ -317,12 +318,15 @@ def _norm(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return F.rms_norm(x, module.weight.shape, module.weight.float(), module.variance_epsilon).to(dtype)
 
 
-def _mlp(mlp, x: torch.Tensor, silu: bool) -> torch.Tensor:
+def _mlp(mlp, x: torch.Tensor, silu: bool, kernel: NativeKernels | None) -> torch.Tensor:
     """The gated MLP, ``down(act(gate(x)) * up(x))``; with SiLU the activation and the product are
-    written in place, into the largest buffer of the forward."""
-    gate = mlp.gate_proj(x)
+    written in place, into the largest buffer of the forward: in bfloat16 on CPUs by the native
+    kernel in one float32 pass rounded once (torch's two bfloat16 passes round twice)."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    if silu and kernel is not None and gate.dtype == torch.bfloat16 and gate.device.type == "cpu":
+        return mlp.down_proj(kernel.silu_mul_(gate, up))
     gate = F.silu(gate, inplace=True) if silu else mlp.act_fn(gate)
-    return mlp.down_proj(gate.mul_(mlp.up_proj(x)))
+    return mlp.down_proj(gate.mul_(up))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

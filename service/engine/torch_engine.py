@@ -35,10 +35,10 @@ class DeadlineExceeded(TimeoutError):
 
 class TorchEngine:
     def __init__(self, model, *, yes_id: int, no_id: int, target_modules: list[str],
-                 max_batch: int = 32, min_saving: int = 12, native_attention: bool = True) -> None:
+                 max_batch: int = 32, min_saving: int = 12, native_kernels: bool = True) -> None:
         self.model = model.eval()
         on_cpu = model.get_output_embeddings().weight.device.type == "cpu"
-        self.ragged = RaggedDecoder(model, native.load() if native_attention and on_cpu else None)
+        self.ragged = RaggedDecoder(model, native.load() if native_kernels and on_cpu else None)
         self.label_rows = model.get_output_embeddings().weight[[yes_id, no_id]].detach().float()
         self.max_batch = max_batch
         self.min_saving = min_saving

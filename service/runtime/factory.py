@@ -50,7 +50,7 @@ def build_torch_engine(settings: Settings, model: LoadedModel):
     engine = TorchEngine(llm.to(settings.torch_device), yes_id=builder.yes_id, no_id=builder.no_id,
                          target_modules=model.lora_config.target_modules, max_batch=settings.torch_max_batch,
                          min_saving=settings.torch_min_shared_tokens,
-                         native_attention=settings.torch_native_attention)
+                         native_kernels=settings.torch_native_kernels)
     return engine, builder
 
 

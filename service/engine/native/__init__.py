@@ -1,9 +1,10 @@
-"""The embedded engine's native CPU attention kernel (``ragged_attention.cpp``), built on first use.
+"""The embedded engine's native CPU kernels (``kernels.cpp``: ragged attention, the MLP's fused
+SiLU-and-product), built on first use.
 
 It is compiled for the machine it runs on (``-march=native``) into a cache directory keyed by the
 source, the compiler flags and the CPU's features, so a build is never reused on a different CPU.
 Where no C++ compiler is found, or the build or a call fails, ``load`` returns None and the engine
-uses torch's attention kernels instead: the kernel is a speed-up, never a requirement.
+uses torch's kernels instead: the kernels are a speed-up, never a requirement.
 """
 
 from __future__ import annotations
@@ -23,56 +24,71 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("ragged_attention.cpp")
+SOURCE = Path(__file__).with_name("kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ROW_FIELDS = 5  # query start, query count, first query's position, key start, context index
 
 _lock = threading.Lock()
-_loaded: dict[str, "RaggedAttentionKernel | None"] = {}
+_loaded: dict[str, "NativeKernels | None"] = {}
 
 
-class RaggedAttentionKernel:
-    """ctypes binding of ``ragged_attention``: float32 CPU tensors in, the attention output out."""
+class NativeKernels:
+    """ctypes bindings of ``kernels.cpp``: CPU tensors in, results out."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        fn = library.ragged_attention
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, ctypes.c_float, i64]
-        fn.restype = ctypes.c_int
-        self._fn = fn
+        self._attention = library.ragged_attention
+        self._attention.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, ctypes.c_float, i64]
+        self._attention.restype = ctypes.c_int
+        self._silu_mul = library.silu_mul_bf16
+        self._silu_mul.argtypes = [p, p, p, i64, i64]
+        self._silu_mul.restype = ctypes.c_int
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                 contexts: torch.Tensor, scale: float) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                  contexts: torch.Tensor, scale: float) -> torch.Tensor:
         """``q`` (queries, heads, dim), ``k``/``v`` (tokens, kv_heads, dim), ``rows`` (rows, 5) and
         ``contexts`` (contexts, 3) int64 as the kernel documents them. The caller keeps the
         context tensors whose addresses ``contexts`` holds alive for the call."""
-        for t in (q, k, v):
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError("the native attention takes contiguous float32 CPU tensors")
+        _check((q, k, v), torch.float32, "the native attention")
         out = torch.empty_like(q)
-        code = self._fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), len(rows), rows.data_ptr(),
-                        len(contexts), contexts.data_ptr() if len(contexts) else None, q.shape[1], k.shape[1],
-                        q.shape[2], scale, torch.get_num_threads())
+        code = self._attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), len(rows), rows.data_ptr(),
+                               len(contexts), contexts.data_ptr() if len(contexts) else None, q.shape[1], k.shape[1],
+                               q.shape[2], scale, torch.get_num_threads())
         if code != 0:
             raise RuntimeError(f"native attention failed with code {code}")
         return out
 
+    def silu_mul_(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``gate`` overwritten with ``silu(gate) * up``, computed in float32 and rounded once to
+        bfloat16; both bfloat16 of one shape."""
+        _check((gate, up), torch.bfloat16, "the native SiLU product")
+        if gate.shape != up.shape:
+            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.data_ptr(), gate.numel(), torch.get_num_threads())
+        return gate
 
-def load(cache_dir: Path | None = None) -> RaggedAttentionKernel | None:
-    """The kernel, built into ``cache_dir`` when not built yet; None where it cannot be built."""
-    target = (Path(cache_dir) if cache_dir else _default_cache()) / f"ragged_attention-{_build_key()}.so"
+
+def _check(tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, what: str) -> None:
+    for t in tensors:
+        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{what} takes contiguous {str(dtype).removeprefix('torch.')} CPU tensors")
+
+
+def load(cache_dir: Path | None = None) -> NativeKernels | None:
+    """The kernels, built into ``cache_dir`` when not built yet; None where it cannot be built."""
+    target = (Path(cache_dir) if cache_dir else _default_cache()) / f"kernels-{_build_key()}.so"
     with _lock:
         if str(target) not in _loaded:
             _loaded[str(target)] = _build_and_load(target)
         return _loaded[str(target)]
 
 
-def _build_and_load(target: Path) -> RaggedAttentionKernel | None:
+def _build_and_load(target: Path) -> NativeKernels | None:
     try:
         if not target.exists():
             compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
             if compiler is None:
-                log.warning("no C++ compiler found: the engine uses torch's attention kernels")
+                log.warning("no C++ compiler found: the engine uses torch's kernels")
                 return None
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic
@@ -80,10 +96,10 @@ def _build_and_load(target: Path) -> RaggedAttentionKernel | None:
                 subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True,
                                capture_output=True, text=True, timeout=300)
                 os.replace(built, target)
-        return RaggedAttentionKernel(ctypes.CDLL(str(target)))
+        return NativeKernels(ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
-        log.warning("native attention unavailable, the engine uses torch's attention kernels: %s", detail)
+        log.warning("native kernels unavailable, the engine uses torch's kernels: %s", detail)
         return None
 
 

@@ -1,7 +1,9 @@
-"""The native CPU attention kernel against attention written out in torch, and its build."""
+"""The native CPU kernels (attention, the MLP's SiLU product) against torch, and their build."""
 
 import logging
 import shutil
+
+import torch.nn.functional as F
 
 import pytest
 import torch
@@ -9,13 +11,13 @@ import torch
 from service.engine import native
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                reason="no C++ compiler to build the native attention")
+                                reason="no C++ compiler to build the native kernels")
 
 
 @pytest.fixture(scope="module")
-def kernel() -> native.RaggedAttentionKernel:
+def kernel() -> native.NativeKernels:
     built = native.load()
-    assert built is not None, "the native attention failed to build"
+    assert built is not None, "the native kernels failed to build"
     return built
 
 
@@ -55,7 +57,7 @@ def test_rows_on_contexts_equal_written_out_attention(kernel, heads, kv_heads, d
     tails[:, 0] = torch.arange(len(tails)) * 3
     for rows in (every, answers, tails):
         q = torch.randn(int(rows[:, 1].sum()), heads, dim)
-        got = kernel(q, k, v, rows, table(contexts), 0.2)
+        got = kernel.attention(q, k, v, rows, table(contexts), 0.2)
         torch.testing.assert_close(got, reference(q, k, v, rows, contexts, 0.2), atol=1e-5, rtol=1e-4)
 
 
@@ -65,7 +67,7 @@ def test_large_scores_stay_finite(kernel) -> None:
     torch.manual_seed(3)
     q, k, v = torch.randn(20, 2, 16) * 40, torch.randn(20, 2, 16) * 40, torch.randn(20, 2, 16)
     rows = torch.tensor([[0, 20, 0, 0, -1]], dtype=torch.long)
-    got = kernel(q, k, v, rows, table([]), 1.0)
+    got = kernel.attention(q, k, v, rows, table([]), 1.0)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, reference(q, k, v, rows, [], 1.0), atol=1e-5, rtol=1e-5)
 
@@ -74,22 +76,22 @@ def test_only_contiguous_float32_tensors_are_taken(kernel) -> None:
     rows = torch.tensor([[0, 4, 0, 0, -1]], dtype=torch.long)
     q, k = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
     with pytest.raises(ValueError, match="float32"):
-        kernel(q.double(), k, k, rows, table([]), 1.0)
+        kernel.attention(q.double(), k, k, rows, table([]), 1.0)
     with pytest.raises(ValueError, match="contiguous"):
-        kernel(torch.randn(2, 4, 16).transpose(0, 1), k, k, rows, table([]), 1.0)
+        kernel.attention(torch.randn(2, 4, 16).transpose(0, 1), k, k, rows, table([]), 1.0)
 
 
 def test_a_context_index_out_of_range_is_an_error_not_a_read(kernel) -> None:
     rows = torch.tensor([[0, 4, 0, 0, 2]], dtype=torch.long)
     q, k = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
     with pytest.raises(RuntimeError, match="code 2"):
-        kernel(q, k, k, rows, table([]), 1.0)
+        kernel.attention(q, k, k, rows, table([]), 1.0)
 
 
 def test_a_build_is_cached_per_directory(tmp_path) -> None:
     built = native.load(tmp_path)
     assert built is not None
-    assert len(list(tmp_path.glob("ragged_attention-*.so"))) == 1
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 1
     assert native.load(tmp_path) is built
 
 
@@ -97,4 +99,39 @@ def test_without_a_compiler_the_engine_falls_back(tmp_path, monkeypatch, caplog)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with caplog.at_level(logging.WARNING):
         assert native.load(tmp_path / "cache") is None
-    assert "torch's attention kernels" in caplog.text
+    assert "torch's kernels" in caplog.text
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4 * 1536 + 5])
+def test_silu_product_is_float32_arithmetic_rounded_once(kernel, n) -> None:
+    gate = (torch.randn(n) * 6).bfloat16()
+    gate[: min(n, 4)] = torch.tensor([0.0, -90.0, 90.0, -0.5])[: min(n, 4)].bfloat16()
+    up = (torch.randn(n) * 3).bfloat16()
+    exact = (F.silu(gate.double()) * up.double()).float()
+    got = kernel.silu_mul_(gate.clone(), up)
+    assert got.dtype == torch.bfloat16
+    # one rounding of the float32 result: within half a bfloat16 step, 2^-8 relative
+    torch.testing.assert_close(got.float(), exact, rtol=2.0 ** -8 + 1e-6, atol=1e-30)
+    if n > 1000:  # and nearer the exact product than torch's two bfloat16 passes, which round twice
+        two_pass = F.silu(gate.clone(), inplace=True).mul_(up).float()
+        assert (got.float() - exact).abs().mean() < (two_pass - exact).abs().mean()
+
+
+def test_silu_product_overwrites_gate_and_keeps_nan(kernel) -> None:
+    gate = torch.tensor([1.0, float("nan"), -2.0, 3.0]).bfloat16()
+    up = torch.tensor([2.0, 1.0, float("nan"), 0.5]).bfloat16()
+    out = kernel.silu_mul_(gate, up)
+    assert out.data_ptr() == gate.data_ptr()
+    assert torch.isnan(out[1:3]).all()
+    torch.testing.assert_close(out[[0, 3]].float(), (F.silu(torch.tensor([1.0, 3.0])) * torch.tensor([2.0, 0.5])),
+                               rtol=2.0 ** -8, atol=0.0)
+
+
+def test_silu_product_takes_only_matching_contiguous_bfloat16(kernel) -> None:
+    g = torch.randn(4, 8).bfloat16()
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernel.silu_mul_(g.float(), g.float())
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernel.silu_mul_(g.t(), g)
+    with pytest.raises(ValueError, match="shape"):
+        kernel.silu_mul_(g, g[:2].contiguous())

@@ -176,3 +176,18 @@ def test_one_forward_of_rows_on_different_contexts_equals_transformers_per_row(m
         for (k, v), layer in zip(cache, reference.layers):
             torch.testing.assert_close(k, layer.keys, atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(v, layer.values, atol=2e-5, rtol=1e-4)
+
+
+def test_bfloat16_mlp_on_the_native_kernel_rounds_the_silu_product_once(kernel) -> None:
+    """In bfloat16 on CPUs the gated MLP's SiLU and product come from the native kernel, in float32
+    rounded once; torch's path is kept where there is no kernel."""
+    mlp = make_model(torch.bfloat16).model.layers[0].mlp
+    x = torch.randn(37, 48).bfloat16()
+    with torch.inference_mode():
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        once = mlp.down_proj((torch.nn.functional.silu(gate.float()) * up.float()).bfloat16())
+        twice = mlp.down_proj(torch.nn.functional.silu(gate) * up)
+        got = ragged_module._mlp(mlp, x, True, kernel)
+    torch.testing.assert_close(got, once if kernel is not None else twice, atol=1e-2, rtol=1e-2)
+    if kernel is not None:
+        assert (got.float() - once.float()).abs().max() < (twice.float() - once.float()).abs().max()

@@ -187,15 +187,15 @@ def test_an_abandoned_forward_raises_the_expected_time_to_what_it_ran() -> None:
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
-def test_the_native_attention_is_used_on_cpus_and_scores_as_torch_attention_does(setup) -> None:
-    """The default CPU engine runs the native kernel (a build failure would otherwise pass
-    unnoticed as the fallback), and scores as the engine on torch's attention kernels does,
-    shared runs and several contexts in one forward included."""
+def test_the_native_kernels_are_used_on_cpus_and_score_as_torch_kernels_do(setup) -> None:
+    """The default CPU engine runs the native kernels (a build failure would otherwise pass
+    unnoticed as the fallback), and scores as the engine on torch's kernels does, shared runs
+    and several contexts in one forward included."""
     reference, lora, mixer, engine = setup
     assert engine.ragged.kernel is not None
     torch.manual_seed(0)
     plain = TorchEngine(LlamaForCausalLM.from_pretrained(reference.name_or_path, dtype=torch.float32), yes_id=YES,
-                        no_id=NO, target_modules=TARGETS, max_batch=3, native_attention=False)
+                        no_id=NO, target_modules=TARGETS, max_batch=3, native_kernels=False)
     assert plain.ragged.kernel is None
     adapter = adapter_for(mixer, lora, torch.randn(8), "u-native")
     rng = np.random.default_rng(5)
