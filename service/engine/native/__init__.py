@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -43,6 +44,9 @@ class NativeKernels:
         self._silu_mul = library.silu_mul_bf16
         self._silu_mul.argtypes = [p, p, p, i64, i64]
         self._silu_mul.restype = ctypes.c_int
+        self._rotary = library.rotary_bf16
+        self._rotary.argtypes = [p, p, p, p, i64, i64, i64, i64]
+        self._rotary.restype = ctypes.c_int
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                   contexts: torch.Tensor, scale: float) -> torch.Tensor:
@@ -68,6 +72,21 @@ class NativeKernels:
         return gate
 
 
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` (tokens, heads, dim) bfloat16 as float32 with the rotary embedding of ``cos`` and
+        ``sin`` (tokens, dim) float32 applied, as transformers' ``apply_rotary_pos_emb``."""
+        _check((x,), torch.bfloat16, "the native rotary")
+        _check((cos, sin), torch.float32, "the native rotary")
+        tokens, heads, dim = x.shape
+        if cos.shape != (tokens, dim) or sin.shape != (tokens, dim) or dim % 2:
+            raise ValueError(f"rotary of {tuple(x.shape)} needs even dim and cos/sin of {(tokens, dim)}, "
+                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        out = torch.empty(x.shape, dtype=torch.float32)
+        self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim,
+                     torch.get_num_threads())
+        return out
+
+
 def _check(tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, what: str) -> None:
     for t in tensors:
         if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
@@ -75,7 +94,12 @@ def _check(tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, what: str) -> 
 
 
 def load(cache_dir: Path | None = None) -> NativeKernels | None:
-    """The kernels, built into ``cache_dir`` when not built yet; None where it cannot be built."""
+    """The kernels, built into ``cache_dir`` when not built yet; None where they cannot be built.
+
+    A library is only loaded from a directory that this user owns and nobody else may write to
+    (nor may anyone else write the file): loading a planted library would run its code here. A
+    cache that fails the check is left alone, and the kernels are built for this process in a
+    private temporary directory instead."""
     target = (Path(cache_dir) if cache_dir else _default_cache()) / f"kernels-{_build_key()}.so"
     with _lock:
         if str(target) not in _loaded:
@@ -85,12 +109,16 @@ def load(cache_dir: Path | None = None) -> NativeKernels | None:
 
 def _build_and_load(target: Path) -> NativeKernels | None:
     try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private(target.parent) or (target.exists() and not _private(target)):
+            log.warning("%s may be written by other users: the native kernels are built in a private "
+                        "directory for this process instead", target.parent)
+            target = Path(tempfile.mkdtemp(prefix="reclora-native-")) / target.name
         if not target.exists():
             compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
             if compiler is None:
                 log.warning("no C++ compiler found: the engine uses torch's kernels")
                 return None
-            target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic
                 built = Path(tmp) / target.name
                 subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True,
@@ -101,6 +129,12 @@ def _build_and_load(target: Path) -> NativeKernels | None:
         detail = getattr(exc, "stderr", None) or exc
         log.warning("native kernels unavailable, the engine uses torch's kernels: %s", detail)
         return None
+
+
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else (symlinks not followed)."""
+    st = path.lstat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode)
 
 
 def _build_key() -> str:

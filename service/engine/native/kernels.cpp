@@ -11,6 +11,10 @@
 // float32 and rounded once, where torch takes two bfloat16 passes (SiLU, then the product), each
 // rounding to bfloat16.
 //
+// rotary_bf16: a bfloat16 query or key projection to float32 with the rotary embedding applied,
+// in one pass, where torch takes a cast and five elementwise passes (two products, the halves'
+// swap, a negation and a sum).
+//
 // Built with the compiler's vector extensions (AVX-512, AVX2 or NEON, whichever -march=native
 // gives) and OpenMP, which resolves to the OpenMP runtime torch has already loaded.
 
@@ -59,6 +63,13 @@ static inline float hsum(v16 x) {
     float s = 0.0f;
     for (int i = 0; i < 16; i++) s += x[i];
     return s;
+}
+
+static inline float bf16_to_float(uint16_t b) {
+    const uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 struct Item { int64_t row, group, first; };
@@ -227,6 +238,30 @@ int silu_mul_bf16(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64
         const bf16x16 o = __builtin_convertvector(rounded, bf16x16);
         if (m == 16) *(bf16x16 *)(out + at) = o;
         else for (int64_t i = 0; i < m; i++) out[at + i] = o[i];
+    }
+    return 0;
+}
+
+// out[t, h, i] = x[t, h, i] * cos[t, i] + r[t, h, i] * sin[t, i], r = (-x[.., d/2:], x[.., :d/2]):
+// rotate_half as transformers applies it. x: (tokens, heads, dim) bfloat16; cos, sin: (tokens,
+// dim) float32; out: (tokens, heads, dim) float32. dim must be even.
+int rotary_bf16(const uint16_t *__restrict__ x, const float *__restrict__ cos, const float *__restrict__ sin,
+                float *__restrict__ out, int64_t tokens,
+                int64_t heads, int64_t dim, int64_t threads) {
+    if (dim % 2 != 0) return 1;
+    const int64_t half = dim / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos + t * dim, *s = sin + t * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *__restrict__ xi = x + (t * heads + h) * dim;
+            float *__restrict__ o = out + (t * heads + h) * dim;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = bf16_to_float(xi[i]), b = bf16_to_float(xi[i + half]);
+                o[i] = a * c[i] - b * s[i];
+                o[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
     }
     return 0;
 }

@@ -135,3 +135,50 @@ def test_silu_product_takes_only_matching_contiguous_bfloat16(kernel) -> None:
         kernel.silu_mul_(g.t(), g)
     with pytest.raises(ValueError, match="shape"):
         kernel.silu_mul_(g, g[:2].contiguous())
+
+
+def test_a_cache_others_may_write_is_never_loaded_from(tmp_path, caplog) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    planted = shared / f"kernels-{native._build_key()}.so"
+    planted.write_bytes(b"not a library")  # what another user could leave there
+    with caplog.at_level(logging.WARNING):
+        built = native.load(shared)
+    assert built is not None, "the kernels are built privately instead"
+    assert "may be written by other users" in caplog.text
+    assert planted.read_bytes() == b"not a library"  # left alone, and not loaded
+
+
+def test_a_cache_file_others_may_write_is_not_loaded(tmp_path, monkeypatch) -> None:
+    native.load(tmp_path / "own")
+    library = tmp_path / "own" / f"kernels-{native._build_key()}.so"
+    library.chmod(0o666)
+    library.write_bytes(b"rewritten by someone else")
+    monkeypatch.setattr(native, "_loaded", {})  # forget the load above
+    assert native.load(tmp_path / "own") is not None  # a load of the rewritten file would have failed
+    assert native._private(tmp_path / "own") and not native._private(library)
+
+
+@pytest.mark.parametrize("heads,dim", [(9, 64), (3, 64), (2, 6), (1, 130)])
+def test_rotary_equals_transformers_on_the_bfloat16_projection(kernel, heads, dim) -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    tokens = 23
+    x = torch.randn(tokens, heads, dim).bfloat16()
+    angles = torch.rand(tokens, dim // 2) * 40
+    cos, sin = torch.cat([angles.cos()] * 2, 1), torch.cat([angles.sin()] * 2, 1)
+    # transformers' layout: (batch, heads, tokens, dim) with cos/sin (batch, tokens, dim)
+    expected, _ = apply_rotary_pos_emb(x.float().transpose(0, 1)[None], x.float().transpose(0, 1)[None],
+                                       cos[None], sin[None])
+    got = kernel.rotary(x, cos, sin)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got, expected[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_refuses_mismatched_shapes(kernel) -> None:
+    x = torch.randn(4, 2, 8).bfloat16()
+    with pytest.raises(ValueError, match="cos/sin"):
+        kernel.rotary(x, torch.randn(4, 6), torch.randn(4, 6))
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernel.rotary(x.float(), torch.randn(4, 8), torch.randn(4, 8))

@@ -90,20 +90,25 @@ def test_lora_slots_act_in_the_packed_forward() -> None:
     torch.testing.assert_close(adapted, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_bfloat16_weights_score_closer_to_exact_than_a_bfloat16_forward() -> None:
+@pytest.mark.parametrize("context_len", [0, 9])
+def test_bfloat16_weights_score_closer_to_exact_than_a_bfloat16_forward(kernel, context_len) -> None:
     """bfloat16 weights, float32 residual stream: nearer the exact (float32) forward of the same
-    weights than transformers' all-bfloat16 forward is."""
+    weights than transformers' all-bfloat16 forward is, on torch's kernels and on the native ones
+    (rotary and the SiLU product from bfloat16 projections), with and without a cached context."""
     half = make_model(torch.bfloat16)
     exact = make_model(torch.bfloat16).float()  # the same rounded weights, computed in float32
+    context = rows(4, [context_len])[0]
     suffixes = rows(5, [6, 15, 3, 40])
+    ragged = RaggedDecoder(half, kernel)
     with torch.inference_mode():
-        hidden, _ = RaggedDecoder(half).forward(None, 0, suffixes)
+        kv = ragged.forward(None, 0, [context], extend=True)[1] if context else None
+        hidden, _ = ragged.forward(kv, len(context), suffixes)
     assert hidden.dtype == torch.float32
     ours, theirs = [], []
     for got, suffix in zip(hidden, suffixes):
-        reference = reference_hidden(exact, [], suffix)
+        reference = reference_hidden(exact, context, suffix)
         ours.append((got - reference).abs().max().item())
-        theirs.append((reference_hidden(half, [], suffix).float() - reference).abs().max().item())
+        theirs.append((reference_hidden(half, context, suffix).float() - reference).abs().max().item())
         torch.testing.assert_close(got, reference, atol=0.05, rtol=0.02)
     assert max(ours) < max(theirs)
 
