@@ -129,8 +129,10 @@ class RaggedDecoder:
                 x, h = x[answers], h[answers]
             q = rope(attn.q_proj(x).view(-1, self.n_heads, self.head_dim), answers if final else None)
             out = attend(q, k, v, index, final)
-            h = h + attn.o_proj(out.reshape(len(out), -1).to(dtype))
-            h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h, dtype), self.silu, native)
+            # in place: the residual stream is this forward's own tensor, and a new one per add
+            # would be a fresh multi-megabyte allocation (page faults included) twice per layer
+            h.add_(attn.o_proj(out.reshape(len(out), -1).to(dtype)))
+            h.add_(_mlp(layer.mlp, _norm(layer.post_attention_layernorm, h, dtype), self.silu, native))
         hidden = _norm(self.decoder.norm, h, torch.float32) if scoring else None
         return hidden, [caches[i] for i in extending]
 
