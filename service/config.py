@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         "Tokens of work a run shared by several candidates must save before the embedded engine "
         "computes it once for all of them (a shared run costs a row of its own and a cache copy)."))
     torch_native_kernels: bool = Field(True, description=(
-        "On CPUs, the engine's attention and the MLP's SiLU product run in native kernels built on "
+        "On CPUs, the engine's attention, rotary and the MLP's SiLU product run in native kernels built on "
         "first use with the local C++ compiler (cached under XDG_CACHE_HOME); without a compiler, or "
         "when false, torch's kernels."))
     adapter_cache_bytes: int = Field(256 << 20, ge=0, description="Memory bound of the materialized-adapter LRU.")

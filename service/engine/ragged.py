@@ -51,7 +51,7 @@ class UnsupportedModel(ValueError):
 
 class RaggedDecoder:
     """The packed forward; ``kernel`` holds the native CPU kernels (``service.engine.native``:
-    attention, the MLP's SiLU product), or None for torch's (and on devices other than CPUs)."""
+    attention, rotary, the MLP's SiLU product), or None for torch's (and on devices other than CPUs)."""
 
     def __init__(self, model, kernel: NativeKernels | None = None) -> None:
         config = model.config
@@ -103,10 +103,9 @@ class RaggedDecoder:
         scoring = [i for i, r in enumerate(rows) if not r.extend]
         caches: dict[int, KV] = {i: [] for i in extending}
         answers = layout.last[scoring] if len(scoring) < len(rows) else layout.last
-        attend = (_NativeAttention(self.kernel, layout, contexts, scoring, self.scaling)
-                  if self.kernel is not None and device.type == "cpu" else
+        native = self.kernel if device.type == "cpu" else None  # a model moved off the CPU uses torch's
+        attend = (_NativeAttention(native, layout, contexts, scoring, self.scaling) if native is not None else
                   _TorchAttention(layout, contexts, scoring, self.scaling))
-        native = self.kernel if device.type == "cpu" else None  # the MLP's and rotary's kernels
         rope = (_NativeRotary(native, cos, sin) if native is not None and dtype == torch.bfloat16 else
                 _TorchRotary(cos, sin))
         for index, layer in enumerate(self.layers):
@@ -322,10 +321,11 @@ def _norm(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _mlp(mlp, x: torch.Tensor, silu: bool, kernel: NativeKernels | None) -> torch.Tensor:
     """The gated MLP, ``down(act(gate(x)) * up(x))``; with SiLU the activation and the product are
-    written in place, into the largest buffer of the forward: in bfloat16 on CPUs by the native
-    kernel in one float32 pass rounded once (torch's two bfloat16 passes round twice)."""
+    written in place, into the largest buffer of the forward: in bfloat16 by the native kernel
+    (CPUs only: the caller passes None elsewhere) in one float32 pass rounded once (torch's two
+    bfloat16 passes round twice)."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    if silu and kernel is not None and gate.dtype == torch.bfloat16 and gate.device.type == "cpu":
+    if silu and kernel is not None and gate.dtype == torch.bfloat16:
         return mlp.down_proj(kernel.silu_mul_(gate, up))
     gate = F.silu(gate, inplace=True) if silu else mlp.act_fn(gate)
     return mlp.down_proj(gate.mul_(up))

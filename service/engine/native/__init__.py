@@ -1,5 +1,5 @@
-"""The embedded engine's native CPU kernels (``kernels.cpp``: ragged attention, the MLP's fused
-SiLU-and-product), built on first use.
+"""The embedded engine's native CPU kernels (``kernels.cpp``: ragged attention, rotary from a
+bfloat16 projection, the MLP's fused SiLU-and-product), built on first use.
 
 It is compiled for the machine it runs on (``-march=native``) into a cache directory keyed by the
 source, the compiler flags and the CPU's features, so a build is never reused on a different CPU.
@@ -71,7 +71,6 @@ class NativeKernels:
         self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.data_ptr(), gate.numel(), torch.get_num_threads())
         return gate
 
-
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x`` (tokens, heads, dim) bfloat16 as float32 with the rotary embedding of ``cos`` and
         ``sin`` (tokens, dim) float32 applied, as transformers' ``apply_rotary_pos_emb``."""
@@ -82,8 +81,10 @@ class NativeKernels:
             raise ValueError(f"rotary of {tuple(x.shape)} needs even dim and cos/sin of {(tokens, dim)}, "
                              f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
         out = torch.empty(x.shape, dtype=torch.float32)
-        self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim,
-                     torch.get_num_threads())
+        code = self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim,
+                            torch.get_num_threads())
+        if code != 0:
+            raise RuntimeError(f"native rotary failed with code {code}")
         return out
 
 
