@@ -41,10 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 from service.config import Settings  # noqa: E402
 from service.engine.base import UserAdapter  # noqa: E402
-from service.history.store import Event, HistoryStore  # noqa: E402
+from service.engine.ragged import context_length  # noqa: E402
+from service.history import Event, HistoryStore  # noqa: E402
 from service.llm.precision import resolve_dtype  # noqa: E402
-from service.runtime.factory import build_torch_engine  # noqa: E402
-from service.runtime.model import load_model  # noqa: E402
+from service.api.wiring import build_torch_engine  # noqa: E402
+from service.model import load_model  # noqa: E402
 from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm  # noqa: E402
 
 LONG_USER = "bench-long-history"
@@ -108,6 +109,27 @@ def matmul_rate(hidden: int, inter: int, tokens: int, dtype: torch.dtype, repeat
     seconds = time.perf_counter() - start
     flops = repeats * 2 * tokens * (hidden * hidden + 2 * hidden * inter)
     return flops / seconds / 1e9
+
+
+class WorkCounter:
+    """The work of the engine's packed forwards (``TorchEngine.observe_rows``): tokens run through
+    the decoder, (query, key) pairs of causal attention per layer, and the queries the last layer
+    computes (answer positions only)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.work = {"tokens": 0, "attention_pairs": 0, "final_queries": 0, "final_attention_pairs": 0}
+
+    def __call__(self, rows) -> None:
+        for row in rows:
+            n, p = len(row.tokens), context_length(row.context)
+            self.work["tokens"] += n
+            self.work["attention_pairs"] += n * (p + (n + 1) / 2)
+            if not row.extend:
+                self.work["final_queries"] += 1
+                self.work["final_attention_pairs"] += p + n
 
 
 def engine_flops(config, lora_rank: int, work: dict) -> float:
@@ -230,7 +252,7 @@ def main() -> None:
     exact_base = None if dtype == torch.float32 else AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
     exact_model, max_diff_exact = None, 0.0
     engine_ms, naive_ms, max_diff, flops, tmp = [], [], 0.0, [], Path(tempfile.mkdtemp())
-    engine_tokens, naive_tokens = [], []
+    engine_tokens, naive_tokens, counter = [], [], WorkCounter()
     kernel, torch_kernels_ms, max_diff_torch_kernels = engine.ragged.kernel, [], 0.0
     scored = {"engine": [], "naive": [], "exact": []}  # per request, for the error distribution
     for k, ((user, cands), stored) in enumerate(zip(requests, histories)):
@@ -239,9 +261,12 @@ def main() -> None:
         crm = run_crm(model, view, dense)
         adapter: UserAdapter = build_adapter(model, user, model.mixer.mixtures(crm.user_rep))
         prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
+        counter.reset()
+        engine.observe_rows = counter
         start = time.perf_counter()
         fast = engine.score(adapter, prefix, suffixes)
         engine_ms.append((time.perf_counter() - start) * 1000)
+        engine.observe_rows = None
         if kernel is not None:  # the same engine on torch's kernels instead of the native ones
             engine.ragged.kernel = None
             start = time.perf_counter()
@@ -249,9 +274,9 @@ def main() -> None:
             torch_kernels_ms.append((time.perf_counter() - start) * 1000)
             engine.ragged.kernel = kernel
             max_diff_torch_kernels = max(max_diff_torch_kernels, float(np.abs(fast - torch_kernels).max()))
-        flops.append(engine_flops(base.config, model.lora_config.r, engine.last_work))
+        flops.append(engine_flops(base.config, model.lora_config.r, counter.work))
         naive_tokens.append(len(suffixes) * max(len(prefix) + len(s) for s in suffixes))
-        engine_tokens.append(engine.last_work["tokens"])
+        engine_tokens.append(counter.work["tokens"])
         # the naive way: a PEFT adapter per user on disk, loaded once, then set_adapter per request
         from safetensors.torch import save_file
 

@@ -59,8 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.config import Settings  # noqa: E402
-from service.runtime.factory import build_torch_engine  # noqa: E402
-from service.runtime.model import load_model  # noqa: E402
+from service.api.wiring import build_torch_engine  # noqa: E402
+from service.model import load_model  # noqa: E402
 from service.scoring.stages import (  # noqa: E402
     UserHistoryView,
     build_adapter,

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from service.engine.base import UserAdapter  # noqa: E402
 from service.engine.vllm.adapters import AdapterLifecycle, AdapterWriter  # noqa: E402
@@ -76,12 +77,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from service.engine.torch_engine import TorchEngine
-    from service.llm.scoring import label_logits, pad_right
+    from training.llm.scoring import label_logits, pad_right
 
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     model_dir = args.model
     if model_dir is None:
-        from service.llm.tiny import build_tiny_llama
+        sys.path.insert(0, str(ROOT / "tests"))  # the tiny random Llama the tests build
+        from tiny_llama import build_tiny_llama
 
         model_dir = build_tiny_llama(work / "tiny", hidden_size=64, heads=2, kv_heads=1, head_dim=32, layers=2)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -12,12 +12,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import gc_collector, platform_collector, process_collector
 from prometheus_client.exposition import choose_encoder
 
+from service.registry.errors import RefusalReason
+from service.scoring.contracts import DegradedReason
+
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("history", "crm", "retrieval", "prompts", "adapter", "llm", "total")
-DEGRADED_REASONS = ("history_unavailable", "deadline", "llm_overrun_expected", "llm_timeout", "llm_error")
-# Why a model push or activation was refused (service.registry): a bounded label set.
-REFUSAL_REASONS = ("unauthorized", "name", "exists", "too_large", "archive", "bundle", "incompatible",
-                   "rank_limit", "prompt_mismatch", "smoke_test", "no_engine")
+DEGRADED_REASONS = tuple(DegradedReason)  # why an answer was degraded (service.scoring.contracts)
+REFUSAL_REASONS = tuple(RefusalReason)  # why a model push or activation was refused (service.registry)
 ACTIVATION_KINDS = ("activate", "rollback", "follow")
 
 
@@ -84,7 +85,7 @@ class Metrics:
     def observe_stage(self, stage: str, ms: float) -> None:
         self.stage_latency.labels(stage).observe(ms / 1000.0)
 
-    def observe_degraded(self, reason: str) -> None:
+    def observe_degraded(self, reason: DegradedReason) -> None:
         self.degraded.labels(reason).inc()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:

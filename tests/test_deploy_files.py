@@ -11,10 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service.config import Settings
-
-yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from training.admin.commands import register as register_admin
+from training.cli_support import DataDir, fail, timed
+from training.llm.commands import register as register_llm
+
 app = typer.Typer(help="RecLoRA serving: offline data, training, evaluation and model bundles.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-
-DataDir = Annotated[Path, typer.Option("--data", help="prepared dataset directory (from `reclora prepare`)")]
-
-
-@contextmanager
-def timed(what: str):
-    """Every command reports its wall time: operators size jobs from these figures."""
-    start = time.perf_counter()
-    yield
-    typer.echo(f"{what}: {time.perf_counter() - start:.1f} s wall time")
-
-
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -214,15 +201,6 @@ def load_histories(
     typer.echo(f"histories loaded (until {until_split}): {json.dumps(counts)}")
 
 
-from training.llm.commands import register as register_llm  # noqa: E402
-
-register_llm(app, timed, fail)
-
-from training.admin.commands import register as register_admin  # noqa: E402
-
-register_admin(app, timed, fail)
-
-
 @app.command("base-model")
 def base_model(
     out: Annotated[Path, typer.Option(help="base model directory to write")] = Path("models/smollm2-135m-instruct"),
@@ -240,6 +218,10 @@ def base_model(
             fail(str(exc))
     typer.echo(f"base model in {out}: {info.architecture}, {info.n_parameters:,} parameters ({info.dtype}), "
                f"model hash {info.model_hash}")
+
+
+register_llm(app)  # train-llm, llm-report
+register_admin(app)  # push, models, activate, rollback, delete-model, admin-token
 
 
 def main() -> None:

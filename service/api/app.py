@@ -8,19 +8,23 @@ from service.api.admin.router import router as admin_router
 from service.api.errors import install_error_handlers
 from service.api.events.router import router as events_router
 from service.api.health.router import router as health_router
-from service.api.lifecycle import Lifecycle, lifespan
+from service.api.lifecycle import Lifecycle, RuntimeFactory, lifespan
 from service.api.metrics.router import router as metrics_router
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.api.score.router import router as score_router
-from service.api.score.serving import Scorer
 from service.config import Settings, get_settings
 from service.history import HistoryStore
 from service.metrics import Metrics
+from service.scoring.contracts import Scorer
 
 
-def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None, history: HistoryStore | None = None,
-              metrics: Metrics | None = None) -> FastAPI:
-    """The service app. Services not given are built in the lifespan (the model in the background)."""
+def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None, runtime: RuntimeFactory | None = None,
+              history: HistoryStore | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The service app, serving ``scorer`` or else what ``runtime`` builds in the lifespan (in the
+    background: a model takes seconds to load). ``service.api.wiring.create_app`` passes the
+    production runtime; the history store is built from settings when not given."""
+    if scorer is None and runtime is None:
+        raise ValueError("build_app needs a scorer or a runtime factory (service.api.wiring.create_app passes one)")
     settings = settings or get_settings()
     metrics = metrics or Metrics()
     app = FastAPI(title="RecLoRA serving", version="0.1.0", lifespan=lifespan,
@@ -28,7 +32,9 @@ def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.scorer = scorer
+    app.state.runtime_factory = runtime
     app.state.models = None  # the model registry, built with the scorer by the lifespan
+    app.state.replica_health = None  # remote LLM replicas' health, when the runtime has them
     app.state.history = history
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)

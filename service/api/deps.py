@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.api.errors import Unavailable
-from service.api.score.serving import Scorer
 from service.config import Settings
 from service.history import HistoryStore
 from service.logging import request_id_var
 from service.metrics import Metrics
+from service.scoring.contracts import Scorer
 
 
 def _settings(request: Request) -> Settings:

@@ -23,6 +23,7 @@ from service.logging import request_id_var
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_PROBLEMS = 5
+MAX_LISTED_IDS = 20  # unknown item ids named in a message; details name every one
 _HTTP_CODES = {413: "content_too_large", 422: "invalid_request"}  # RFC 9110 names, whatever the Python version
 
 
@@ -66,6 +67,18 @@ class InvalidRequest(ApiError):
 
     def __init__(self, details: Sequence[ErrorDetail], *, code: str | None = None, message: str | None = None) -> None:
         super().__init__(message or summarize(details), code=code, details=details)
+
+
+def unknown_items_error(located: Iterable[tuple[str, int]], unknown: Iterable[int], model_version: str) -> InvalidRequest:
+    """The 422 naming every (location, item id) pair whose item the catalog of ``model_version``
+    does not know."""
+    unknown = set(unknown)
+    details = [ErrorDetail(loc=loc, message=f"unknown item {item}", type="unknown_item")
+               for loc, item in located if item in unknown]
+    ids = sorted(unknown)
+    listed = ", ".join(map(str, ids[:MAX_LISTED_IDS])) + (", ..." if len(ids) > MAX_LISTED_IDS else "")
+    return InvalidRequest(details, code="unknown_items",
+                          message=f"{len(ids)} item id(s) not in the catalog of model {model_version}: {listed}")
 
 
 class Conflict(ApiError):

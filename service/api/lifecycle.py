@@ -1,28 +1,45 @@
 """Startup and shutdown of the app's services (the FastAPI lifespan).
 
-The history store is built at startup; the model loads in the background (it takes seconds to
-minutes) so ``/livez`` and ``/readyz`` answer meanwhile and readiness tells the truth. Services
-passed into ``build_app`` belong to the caller and are not closed here.
+The history store is built at startup; the runtime (model, engine, registry) is built in the
+background by the ``RuntimeFactory`` the app was given (it takes seconds to minutes), so
+``/livez`` and ``/readyz`` answer meanwhile and readiness tells the truth. Services passed into
+``build_app`` belong to the caller and are not closed here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from service.api.score.serving import Scorer
 from service.config import Settings
 from service.history import HistorySettings, HistoryStore
+from service.metrics import Metrics
+from service.scoring.contracts import Scorer
+
+if TYPE_CHECKING:  # the registry loads models (torch); the app imports without building one
+    from service.registry.manager import ModelManager
 
 log = logging.getLogger(__name__)
 
-FACTORY_MODULE = "service.runtime.factory"
+
+@dataclass
+class Runtime:
+    """What the app serves with, as the wiring built it: the scorer, the model registry (None when
+    this gateway neither administers nor follows the store), and the remote LLM replicas' health
+    (None for an embedded engine)."""
+
+    scorer: Scorer
+    models: "ModelManager | None" = None
+    replica_health: Callable[[], dict[str, bool]] | None = None
+
+
+RuntimeFactory = Callable[[Settings, Metrics, HistoryStore], Runtime]
 
 
 @dataclass
@@ -46,48 +63,21 @@ def history_settings(settings: Settings) -> HistorySettings:
                            max_connections=settings.redis_max_connections)
 
 
-def import_scorer_factory() -> Callable[..., Scorer]:
-    """``service.runtime.factory.build_scorer``, imported only when the app has to build a model."""
-    try:
-        module = importlib.import_module(FACTORY_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != FACTORY_MODULE:
-            raise
-        raise RuntimeError(f"{FACTORY_MODULE} is missing: this installation has no model runtime; "
-                           "pass a scorer to build_app()") from exc
-    factory = getattr(module, "build_scorer", None)
-    if not callable(factory):
-        raise RuntimeError(f"{FACTORY_MODULE} defines no build_scorer(settings, metrics, history=...)")
-    return factory
-
-
-async def load_scorer(app: FastAPI) -> None:
-    """Build the scorer in a worker thread and publish it; a failure is logged and kept for /readyz."""
+async def load_runtime(app: FastAPI, factory: RuntimeFactory) -> None:
+    """Build the runtime in a worker thread and publish it; a failure is logged and kept for /readyz."""
     state = app.state
     try:
-        factory = import_scorer_factory()
-        scorer = await asyncio.to_thread(factory, state.settings, state.metrics, history=state.history)
+        runtime = await asyncio.to_thread(factory, state.settings, state.metrics, state.history)
     except Exception as exc:
         log.exception("model load failed; the service stays not ready")
         state.lifecycle.model_error = f"{type(exc).__name__}: {exc}"
         return
     state.lifecycle.owned.add("scorer")
-    settings = state.settings
-    # The registry manages the runtime's pipeline (its model holder); another scorer has no versions.
-    manageable = hasattr(scorer, "holder")
-    if manageable and (settings.admin_enabled or settings.follows_store):
-        try:
-            from service.registry.manager import build_manager
-
-            state.models = await asyncio.to_thread(build_manager, settings, state.metrics, scorer)
-        except Exception as exc:
-            log.exception("model registry failed to start; the service stays not ready")
-            state.lifecycle.model_error = f"model registry: {type(exc).__name__}: {exc}"
-            scorer.close()
-            return
-    state.scorer = scorer
-    state.metrics.set_model_version(scorer.model_version)
-    log.info("model loaded", extra={"model_version": scorer.model_version})
+    state.models = runtime.models
+    state.replica_health = runtime.replica_health
+    state.scorer = runtime.scorer
+    state.metrics.set_model_version(runtime.scorer.model_version)
+    log.info("model loaded", extra={"model_version": runtime.scorer.model_version})
 
 
 async def follow_store(app: FastAPI) -> None:
@@ -113,7 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle.owned.add("history")
     loader = None
     if state.scorer is None:
-        loader = asyncio.create_task(load_scorer(app), name="load-scorer")
+        loader = asyncio.create_task(load_runtime(app, state.runtime_factory), name="load-runtime")
     else:
         state.metrics.set_model_version(state.scorer.model_version)
     follower = None

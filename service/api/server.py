@@ -14,7 +14,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.api.app import build_app
+from service.api.wiring import create_app
 from service.config import Settings, get_settings
 from service.logging import configure_logging
 
@@ -41,7 +41,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def make_server(settings: Settings, app: FastAPI | None = None) -> DrainingServer:
-    app = app or build_app(settings)
+    app = app or create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.graceful_timeout_s, lifespan="on")
     return DrainingServer(config, app, settings.shutdown_delay_s)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from service.engine.base import UserAdapter
 from service.engine import native
 from service.engine.lora_slot import LoRASlots
-from service.engine.ragged import KV, RaggedDecoder, Row, context_length
+from service.engine.ragged import KV, RaggedDecoder, Row
 
 
 PACE_STALE_S = 10.0  # a pace older than this predicts nothing (see ``TorchEngine.expected_ms``)
@@ -45,10 +45,8 @@ class TorchEngine:
         self.slots = LoRASlots(model, target_modules)
         self._lock = threading.Lock()  # one forward at a time: the installed adapter is per forward
         self._deadline: float | None = None
-        # Work of the last request, which benchmarks turn into FLOPs: tokens run through the
-        # decoder, (query, key) pairs of causal attention per layer, and the queries the last
-        # layer computes (answer positions only).
-        self.last_work = _no_work()
+        # Called with every packed forward's rows before it runs (benchmarks count FLOPs from them).
+        self.observe_rows: Callable[[list[Row]], None] | None = None
         self.last_extensions: list[int] = []  # lengths of the runs the last request cached (prefix first)
         # Recent milliseconds per prompt token (prefix + suffixes, as a caller counts them),
         # a moving average over successful requests: what ``expected_ms`` predicts from.
@@ -83,7 +81,6 @@ class TorchEngine:
             if deadline is not None and time.perf_counter() > deadline:
                 raise DeadlineExceeded("the request deadline passed while waiting for the engine")
             self._deadline = deadline
-            self.last_work = _no_work()
             self.last_extensions = [len(prefix)] if prefix else []
             self.slots.install(adapter)
             start = time.perf_counter()
@@ -165,13 +162,8 @@ class TorchEngine:
                 leaves += [(Row(suffixes[r][offset:], node.context), r) for r in members]
 
     def _run(self, rows: list[Row]) -> tuple[torch.Tensor | None, list[KV]]:
-        for row in rows:
-            n, p = len(row.tokens), context_length(row.context)
-            self.last_work["tokens"] += n
-            self.last_work["attention_pairs"] += n * (p + (n + 1) / 2)
-            if not row.extend:
-                self.last_work["final_queries"] += 1
-                self.last_work["final_attention_pairs"] += p + n
+        if self.observe_rows is not None:
+            self.observe_rows(rows)
         return self.ragged.run(rows, before_layer=self._check_deadline)
 
 
@@ -186,10 +178,6 @@ class _Node:
 
 def _prompt_tokens(prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> int:
     return len(prefix) + sum(len(s) for s in suffixes)
-
-
-def _no_work() -> dict[str, int]:
-    return {"tokens": 0, "attention_pairs": 0, "final_queries": 0, "final_attention_pairs": 0}
 
 
 def _common_prefix(suffixes: Sequence[Sequence[int]], rows: list[int], offset: int) -> int:

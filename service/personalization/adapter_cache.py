@@ -20,11 +20,13 @@ from service.engine.base import UserAdapter
 
 @dataclass
 class CacheEvents:
-    """Hooks for metrics; each is called with no arguments."""
+    """Hooks for metrics: ``hit``, ``miss`` and ``evict`` with no arguments, ``size`` with the bytes
+    held after every change."""
 
     hit: Callable[[], None] = lambda: None
     miss: Callable[[], None] = lambda: None
     evict: Callable[[], None] = lambda: None
+    size: Callable[[int], None] = lambda nbytes: None
 
 
 class AdapterCache:
@@ -67,6 +69,7 @@ class AdapterCache:
                     _, (_, evicted) = self._entries.popitem(last=False)
                     self._bytes -= evicted.nbytes
                     self.events.evict()
+            self.events.size(self._bytes)
         return adapter, False
 
     def drop_version(self, version: str) -> None:
@@ -74,3 +77,4 @@ class AdapterCache:
         with self._lock:
             for key in [k for k in self._entries if k[0] == version]:
                 self._bytes -= self._entries.pop(key)[1].nbytes
+            self.events.size(self._bytes)

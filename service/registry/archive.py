@@ -15,15 +15,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from service.bundle import MANIFEST_NAME, validate_relpath
+from service.registry.errors import RefusalReason
 
 MAX_MEMBERS = 10_000
 _CHUNK = 1 << 20
 
 
 class UploadError(ValueError):
-    """The upload is not an acceptable archive; ``reason`` is a metrics label."""
+    """The upload is not an acceptable archive; ``reason`` is a metrics label (``RefusalReason``)."""
 
-    def __init__(self, message: str, reason: str = "archive") -> None:
+    def __init__(self, message: str, reason: RefusalReason = RefusalReason.ARCHIVE) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -35,7 +36,7 @@ async def receive(stream: AsyncIterator[bytes], dest: Path, max_bytes: int) -> i
         async for chunk in stream:
             size += len(chunk)
             if size > max_bytes:
-                raise UploadError(f"the upload exceeds the {max_bytes}-byte limit", reason="too_large")
+                raise UploadError(f"the upload exceeds the {max_bytes}-byte limit", reason=RefusalReason.TOO_LARGE)
             f.write(chunk)
     if size == 0:
         raise UploadError("the upload is empty: send a tar archive of the bundle directory")
@@ -73,7 +74,7 @@ def unpack(archive: Path, dest: Path, *, max_bytes: int, allow_manifest: bool = 
                     raise UploadError(f"archive member: {exc}") from None
             total += member.size
             if total > max_bytes:
-                raise UploadError(f"the archive unpacks to more than {max_bytes} bytes", reason="too_large")
+                raise UploadError(f"the archive unpacks to more than {max_bytes} bytes", reason=RefusalReason.TOO_LARGE)
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             try:

@@ -1,11 +1,31 @@
-"""Why a push or activation is refused; importable without the model runtime (no torch)."""
+"""Why a push or activation is refused; importable without the model runtime (no torch).
+
+``RefusalReason`` values are the ``reason`` label of ``reclora_model_refusals`` and the ``type``
+of the 422's detail: one definition for the registry, the admin API and the metrics.
+"""
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class RefusalReason(StrEnum):
+    UNAUTHORIZED = "unauthorized"  # admin API: missing or wrong bearer token
+    NAME = "name"  # the version name is not a valid name
+    EXISTS = "exists"  # the version exists already (versions are immutable)
+    TOO_LARGE = "too_large"  # the upload exceeds its byte limit
+    ARCHIVE = "archive"  # the upload is not a valid archive of bundle files
+    BUNDLE = "bundle"  # manifest schema, sizes, hashes or file kinds
+    INCOMPATIBLE = "incompatible"  # the parts do not fit together or the base model
+    RANK_LIMIT = "rank_limit"  # LoRA rank above the serving limit
+    PROMPT_MISMATCH = "prompt_mismatch"  # the prompt's answer tokens differ from the engine's
+    SMOKE_TEST = "smoke_test"  # golden requests failed to score or gave bad probabilities
+    NO_ENGINE = "no_engine"  # a LoRA version on a service without an LLM engine
+
 
 class ValidationFailed(ValueError):
-    """A version failed a check; ``reason`` is a bounded metrics label (``REFUSAL_REASONS``)."""
+    """A version failed a check; ``reason`` is a bounded metrics label."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: RefusalReason | str, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = RefusalReason(reason)

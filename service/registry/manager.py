@@ -22,15 +22,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.bundle import MANIFEST_NAME, BundleError, file_sha256, validate_version
 from service.bundle.writer import BundleWriter
 from service.registry.archive import UploadError, unpack
 from service.registry.store import ModelStore, StoreError, UnknownVersion
-from service.registry.errors import ValidationFailed
+from service.registry.errors import RefusalReason, ValidationFailed
 from service.registry.validation import BaseModelSpec, ValidationReport, validate
-from service.scoring.pipeline import ScoringPipeline
+
+if TYPE_CHECKING:
+    from service.engine.base import ScoringEngine
+    from service.model import ModelHolder
+    from service.personalization.adapter_cache import AdapterCache
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +66,13 @@ class RegistryEvents:
 
 
 class ModelManager:
-    def __init__(self, store: ModelStore, pipeline: ScoringPipeline, spec: BaseModelSpec | None, *,
-                 max_rank: int, max_upload_bytes: int, events: RegistryEvents | None = None) -> None:
-        self.store, self.pipeline, self.spec = store, pipeline, spec
+    """The versions of one service: ``holder`` is what its requests read, ``engine`` (None without
+    an LLM) scores the smoke tests, ``cache`` holds adapters keyed by version."""
+
+    def __init__(self, store: ModelStore, holder: "ModelHolder", engine: "ScoringEngine | None",
+                 cache: "AdapterCache", spec: BaseModelSpec | None, *, max_rank: int, max_upload_bytes: int,
+                 events: RegistryEvents | None = None) -> None:
+        self.store, self.holder, self.engine, self.cache, self.spec = store, holder, engine, cache, spec
         self.max_rank, self.max_upload_bytes = max_rank, max_upload_bytes
         self.events = events or RegistryEvents()
         self._lock = threading.Lock()
@@ -80,7 +88,7 @@ class ModelManager:
 
     @property
     def active(self) -> str:
-        return self.pipeline.model_version
+        return self.holder.version
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -194,7 +202,7 @@ class ModelManager:
             validate_version(version)
             self.store.delete(version, active=self.active)
             self._warm.pop(version, None)
-            self.pipeline.cache.drop_version(version)
+            self.cache.drop_version(version)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -219,14 +227,12 @@ class ModelManager:
             report = ValidationReport(version, ["validated earlier in this process; manifest unchanged"])
         else:
             model, builder, report = self._validate(self.store.path(version))
-        previous = self.active
-        old_model, old_builder = self.pipeline.holder.snapshot()
-        self.pipeline.holder.swap(model, builder)
-        self._keep_warm(previous, old_model, old_builder)
+        old = self.holder.swap(model, builder)
+        self._keep_warm(old.version, old.model, old.builder)
         return report
 
     def _validate(self, bundle_dir: Path):
-        _, current_builder = self.pipeline.holder.snapshot()
+        current_builder = self.holder.snapshot().builder
         tokenizer = getattr(current_builder, "tokenizer", None)
 
         def builder_for(prompt_config):
@@ -235,7 +241,7 @@ class ModelManager:
             return PromptBuilder(tokenizer, prompt_config)
 
         return validate(bundle_dir, self.spec if tokenizer is not None else None, max_rank=self.max_rank,
-                        engine=self.pipeline.engine if tokenizer is not None else None, builder_for=builder_for)
+                        engine=self.engine if tokenizer is not None else None, builder_for=builder_for)
 
     def _publish_validated(self, staging: Path, version: str, activate: bool) -> dict[str, Any]:
         model, builder, report = self._validate(staging / version)
@@ -280,9 +286,9 @@ class ModelManager:
         try:
             validate_version(version)
         except ValueError as exc:
-            raise ValidationFailed("name", str(exc)) from None
+            raise ValidationFailed(RefusalReason.NAME, str(exc)) from None
         if self.store.exists(version) or os.path.lexists(self.store.root / version):
-            raise ValidationFailed("exists", f"version {version!r} already exists; versions are immutable, "
+            raise ValidationFailed(RefusalReason.EXISTS, f"version {version!r} already exists; versions are immutable, "
                                    "push under a new name")
 
     def _staging(self) -> Path:
@@ -321,7 +327,7 @@ class ModelManager:
                 # Offline metrics described the base's weights; they do not carry over.
                 writer.set_extra({"derived_from": base, "replaced": sorted(names)})
         except BundleError as exc:
-            raise ValidationFailed("bundle", str(exc)) from None
+            raise ValidationFailed(RefusalReason.BUNDLE, str(exc)) from None
 
     @contextmanager
     def _refusals(self) -> Iterator[None]:
@@ -343,23 +349,3 @@ class ModelManager:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-
-
-def build_manager(settings, metrics, pipeline: ScoringPipeline) -> ModelManager:
-    """The registry of a running service: store, base-model spec for adapter checks, metrics hooks."""
-    _, builder = pipeline.holder.snapshot()
-    spec = None
-    if builder is not None:
-        spec = BaseModelSpec.from_pretrained_config(settings.base_model_dir, yes_id=builder.yes_id, no_id=builder.no_id)
-
-    def activated(kind: str, version: str) -> None:
-        metrics.model_activations.labels(kind).inc()
-        metrics.set_model_version(version)
-
-    events = RegistryEvents(activated=activated, refused=lambda reason: metrics.model_refusals.labels(reason).inc())
-    manager = ModelManager(ModelStore(settings.model_store), pipeline, spec, max_rank=settings.max_lora_rank,
-                           max_upload_bytes=settings.admin_max_upload_bytes, events=events)
-    if settings.admin_enabled:  # only a gateway that administers the store writes to it
-        manager.clean_stale()
-        manager.record_start()
-    return manager

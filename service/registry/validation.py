@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from service.bundle import BundleError
 from service.engine.base import ScoringEngine
 from service.llm.prompt import PromptBuilder
-from service.registry.errors import ValidationFailed
-from service.runtime.model import LoadedModel, load_model
+from service.registry.errors import RefusalReason, ValidationFailed
+from service.model import LoadedModel, load_model
 from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
 
 SMOKE_CANDIDATES = 5
@@ -63,12 +63,12 @@ def load_candidate(bundle_dir: Path) -> LoadedModel:
     try:
         return load_model(bundle_dir)
     except BundleError as exc:
-        raise ValidationFailed("bundle", str(exc)) from None
+        raise ValidationFailed(RefusalReason.BUNDLE, str(exc)) from None
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ValidationFailed("incompatible", f"{exc.title}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"{exc.title}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise ValidationFailed("incompatible", f"{type(exc).__name__}: {_short(str(exc))}") from None
+        raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"{type(exc).__name__}: {_short(str(exc))}") from None
 
 
 def check_lora(model: LoadedModel, spec: BaseModelSpec, max_rank: int) -> list[str]:
@@ -77,23 +77,23 @@ def check_lora(model: LoadedModel, spec: BaseModelSpec, max_rank: int) -> list[s
         return ["no LoRA in this version (CRM only)"]
     cfg = model.lora_config
     if cfg.r > max_rank:
-        raise ValidationFailed("rank_limit", f"LoRA rank {cfg.r} exceeds the serving limit of {max_rank}")
+        raise ValidationFailed(RefusalReason.RANK_LIMIT, f"LoRA rank {cfg.r} exceeds the serving limit of {max_rank}")
     expected = {n for n in spec.linear_shapes if n.rsplit(".", 1)[-1] in cfg.target_modules}
     names = set(model.mixer.module_names)
     if not expected:
-        raise ValidationFailed("incompatible", f"the base model has no Linear layers named {cfg.target_modules}")
+        raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"the base model has no Linear layers named {cfg.target_modules}")
     if names != expected:
         missing, unknown = sorted(expected - names), sorted(names - expected)
-        raise ValidationFailed("incompatible", "LoRA modules do not match the base model: "
+        raise ValidationFailed(RefusalReason.INCOMPATIBLE, "LoRA modules do not match the base model: "
                                f"missing {missing[:3]}, not in the base model {unknown[:3]}")
     for name, a, b in zip(model.mixer.module_names, model.mixer.banks_a, model.mixer.banks_b):
         d_in, d_out = spec.linear_shapes[name]
         want_a, want_b = (cfg.n_meta, d_in, cfg.r), (cfg.n_meta, cfg.r, d_out)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise ValidationFailed("incompatible", f"{name}: LoRA shapes {tuple(a.shape)} / {tuple(b.shape)}, "
+            raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"{name}: LoRA shapes {tuple(a.shape)} / {tuple(b.shape)}, "
                                    f"the base model needs {want_a} / {want_b}")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ValidationFailed("incompatible", f"{name}: LoRA weights contain NaN or infinity")
+            raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"{name}: LoRA weights contain NaN or infinity")
     return [f"LoRA: {len(names)} modules, rank {cfg.r} (limit {max_rank}), {cfg.n_meta} meta-LoRAs"]
 
 
@@ -109,7 +109,7 @@ def check_weight_dtypes(model: LoadedModel) -> list[str]:
             for name in weights.keys():
                 dtype = weights.get_slice(name).get_dtype()
                 if dtype not in FLOAT_DTYPES and not name.endswith("num_batches_tracked"):
-                    raise ValidationFailed("incompatible", f"{rel}: tensor {name!r} has dtype {dtype}; "
+                    raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"{rel}: tensor {name!r} has dtype {dtype}; "
                                            "weights must be floating point")
     return ["weights: floating dtypes"]
 
@@ -149,9 +149,9 @@ def smoke_test(model: LoadedModel, engine: ScoringEngine | None, builder: Prompt
 def _check_probabilities(p: np.ndarray, what: str) -> None:
     p = np.asarray(p, dtype=np.float64)
     if not np.isfinite(p).all():
-        raise ValidationFailed("smoke_test", f"{what} produced NaN or infinite scores")
+        raise ValidationFailed(RefusalReason.SMOKE_TEST, f"{what} produced NaN or infinite scores")
     if (p < 0).any() or (p > 1).any():
-        raise ValidationFailed("smoke_test", f"{what} produced scores outside [0, 1]")
+        raise ValidationFailed(RefusalReason.SMOKE_TEST, f"{what} produced scores outside [0, 1]")
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -171,18 +171,18 @@ def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, eng
     builder = None
     if model.mixer is not None:
         if spec is None or engine is None:
-            raise ValidationFailed("no_engine", "this version has a LoRA but the service runs no LLM engine "
+            raise ValidationFailed(RefusalReason.NO_ENGINE, "this version has a LoRA but the service runs no LLM engine "
                                    "(it was started with a CRM-only version); restart it on an LLM version")
         report.checks += check_lora(model, spec, max_rank)
         builder = builder_for(model.prompt)
         if (spec.yes_id, spec.no_id) != (builder.yes_id, builder.no_id):
-            raise ValidationFailed("prompt_mismatch", f"the prompt's answer tokens ({builder.yes_id}, {builder.no_id}) "
+            raise ValidationFailed(RefusalReason.PROMPT_MISMATCH, f"the prompt's answer tokens ({builder.yes_id}, {builder.no_id}) "
                                    f"differ from the engine's ({spec.yes_id}, {spec.no_id})")
     try:
         smoke_test(model, engine, builder, report)
     except ValidationFailed:
         raise
     except Exception as exc:  # any failure to score is a refusal, never a crash of the service
-        raise ValidationFailed("smoke_test", f"scoring a golden request failed: {type(exc).__name__}: "
+        raise ValidationFailed(RefusalReason.SMOKE_TEST, f"scoring a golden request failed: {type(exc).__name__}: "
                                f"{_short(str(exc))}") from None
     return model, builder, report

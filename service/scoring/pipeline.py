@@ -21,33 +21,37 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from service.engine.base import ScoringEngine
+from service.history import HistoryReader
 from service.llm.prompt import PromptBuilder
+from service.model import LoadedModel, ModelHolder
 from service.personalization.adapter_cache import AdapterCache
-from service.runtime.model import LoadedModel
-from service.scoring.result import CandidateResult, ScoreResult
+from service.scoring.contracts import CandidateResult, DegradedReason, ScoreResult, UnknownItems
 from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
 
 log = logging.getLogger(__name__)
 
 
-class ModelHolder:
-    """The active model version; requests take a reference once, so a swap never mixes versions."""
+def llm_admission(remaining_ms: float, expected_ms: float | None, llm_min_ms: float) -> DegradedReason | None:
+    """Why the LLM stage is skipped with ``remaining_ms`` left, or None to run it.
 
-    def __init__(self, model: LoadedModel, builder: PromptBuilder | None) -> None:
-        self.model, self.builder = model, builder
-
-    def snapshot(self) -> tuple[LoadedModel, PromptBuilder | None]:
-        return self.model, self.builder
-
-    def swap(self, model: LoadedModel, builder: PromptBuilder | None) -> None:
-        self.model, self.builder = model, builder
+    Skipped when too little time is left, or when the engine's recent pace says the forward would
+    overrun: an abandoned forward costs the engine time every queued request waits for, and
+    answers no sooner than the CRM scores would."""
+    if remaining_ms < llm_min_ms:
+        return DegradedReason.DEADLINE
+    if expected_ms is not None and remaining_ms < expected_ms:
+        return DegradedReason.LLM_OVERRUN_EXPECTED
+    return None
 
 
 class ScoringPipeline:
-    def __init__(self, *, history, holder: ModelHolder, engine: ScoringEngine | None, cache: AdapterCache,
+    """The ``Scorer`` of the service: one request's stages inside its deadline."""
+
+    def __init__(self, *, history: HistoryReader, holder: ModelHolder, engine: ScoringEngine | None,
+                 cache: AdapterCache,
                  default_deadline_ms: int, history_budget_ms: float, llm_min_ms: float,
                  observe_stage: Callable[[str, float], None] = lambda stage, ms: None,
-                 observe_degraded: Callable[[str], None] = lambda reason: None) -> None:
+                 observe_degraded: Callable[[DegradedReason], None] = lambda reason: None) -> None:
         self.history, self.holder, self.engine, self.cache = history, holder, engine, cache
         self.default_deadline_ms = default_deadline_ms
         self.history_budget_ms = history_budget_ms
@@ -62,13 +66,13 @@ class ScoringPipeline:
         # is only ever touched by one thread.
         self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text")
 
-    def known_items(self, ids: Sequence[int]) -> list[int]:
+    def unknown_items(self, ids: Sequence[int]) -> list[int]:
         """The ids in ``ids`` that the active catalog does not know."""
-        return self.holder.model.catalog.unknown(ids)
+        return self.holder.snapshot().model.catalog.unknown(ids)
 
     @property
     def model_version(self) -> str:
-        return self.holder.model.version
+        return self.holder.version
 
     def close(self) -> None:
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
@@ -82,9 +86,13 @@ class ScoringPipeline:
                     request_id: str = "") -> ScoreResult:
         start = time.perf_counter()
         deadline = start + (deadline_ms or self.default_deadline_ms) / 1000.0
-        model, builder = self.holder.snapshot()
+        snapshot = self.holder.snapshot()  # the one version this request sees, from the catalog check on
+        model, builder = snapshot.model, snapshot.builder
+        unknown = model.catalog.unknown(candidates)
+        if unknown:
+            raise UnknownItems(unknown, model.version)
         timings: dict[str, float] = {}
-        reasons: list[str] = []
+        reasons: list[DegradedReason] = []
 
         def record(stage: str, ms: float) -> None:
             timings[stage] = ms
@@ -101,7 +109,7 @@ class ScoringPipeline:
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.warning("history unavailable, scoring as cold start", extra={"error": repr(exc)})
             raw_items, ratings, profile, exists = np.zeros(0, np.int64), np.zeros(0, np.float32), {}, False
-            reasons.append("history_unavailable")
+            reasons.append(DegradedReason.HISTORY_UNAVAILABLE)
         t = lap("history", t)
         view = UserHistoryView.from_raw(model, raw_items, ratings, profile)
         dense = model.catalog.to_dense(candidates)
@@ -130,24 +138,19 @@ class ScoringPipeline:
                 t = lap("adapter", t)
                 prefix, suffixes = prompts
                 remaining = deadline - time.perf_counter()
-                expected_ms = self.engine.expected_ms(prefix, suffixes)
-                # Skipped when too little time is left, or when the engine's recent pace says the
-                # forward would overrun: an abandoned forward costs the engine time every queued
-                # request waits for, and answers no sooner than the CRM scores would.
-                if remaining * 1000.0 < self.llm_min_ms:
-                    reasons.append("deadline")
-                elif expected_ms is not None and remaining * 1000.0 < expected_ms:
-                    reasons.append("llm_overrun_expected")
+                skip = llm_admission(remaining * 1000.0, self.engine.expected_ms(prefix, suffixes), self.llm_min_ms)
+                if skip is not None:
+                    reasons.append(skip)
                 else:
                     future = loop.run_in_executor(self._engine_pool, self.engine.score, adapter, prefix, suffixes,
                                                   deadline)
                     llm = await asyncio.wait_for(future, remaining)
                     t = lap("llm", t)
             except (asyncio.TimeoutError, TimeoutError):  # waited too long, or the engine gave up
-                reasons.append("llm_timeout")
+                reasons.append(DegradedReason.LLM_TIMEOUT)
             except Exception:  # the LLM stage must never turn an answer into a 5xx
                 log.exception("LLM stage failed; answering with CRM scores")
-                reasons.append("llm_error")
+                reasons.append(DegradedReason.LLM_ERROR)
 
         if llm is not None and model.fusion is not None:
             final = model.fusion(llm, crm.scores)

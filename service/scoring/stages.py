@@ -17,7 +17,7 @@ from service.crm.inputs import build_inputs
 from service.engine.base import UserAdapter
 from service.llm.prompt import Behaviour, PromptBuilder
 from service.retrieval.history import semantic_positions
-from service.runtime.model import LoadedModel
+from service.model import LoadedModel
 
 
 @dataclass

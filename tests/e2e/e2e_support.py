@@ -6,28 +6,26 @@ Imported by ``conftest.py`` and the tests (pytest puts this directory on ``sys.p
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from service.api import build_app
+from service.api import create_app
 from service.api.server import DrainingServer, make_server
 from service.config import Settings
-from service.runtime.model import Fusion, LoadedModel, load_model
+from service.model import Fusion, LoadedModel, load_model
 from http_support import assert_error  # noqa: F401  (re-exported for the tests)
-
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+from redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
+from world_support import EMBEDDING_DIM, FUSION, VERSION, World, train_lora  # noqa: F401  (re-exported)
 
 
 def closed_port() -> int:
@@ -57,13 +55,13 @@ class LiveServer:
 
     @classmethod
     def start(cls, settings: Settings, *, model_timeout: float = 120.0, require_model: bool = True) -> "LiveServer":
-        """Build the app (no scorer given: the lifespan builds it from ``settings`` through
-        ``service.runtime.factory.build_scorer``), serve it, and wait until the model is loaded
+        """Build the app (the lifespan builds its runtime from ``settings`` through
+        ``service.api.wiring.build_runtime``), serve it, and wait until the model is loaded
         (or, with ``require_model=False``, until its load has finished either way)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        app = build_app(settings)
+        app = create_app(settings)
         server = make_server(settings, app)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="e2e-uvicorn")
         thread.start()
@@ -105,67 +103,6 @@ def metric_value(text: str, sample_name: str, labels: dict[str, str] | None = No
             if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
-
-
-VERSION = "e2e-v1"
-FUSION = {"w_llm": 0.8, "w_crm": 0.6, "bias": -0.1}
-EMBEDDING_DIM = 16
-# user_dim = the CRM's default user_dim; a low gate temperature makes the per-user mixtures of the
-# barely trained gates distinct (near-uniform at T = 1), so users really get different adapters.
-LORA = dict(n_meta=4, user_dim=64, r=4, lora_alpha=8.0, temperature=0.1)
-B_NOISE_STD = 0.3
-
-UserRecords = tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]
-
-
-@dataclass
-class World:
-    root: Path
-    data: object  # training.data.samples.PreparedData
-    base_dir: Path
-    store: Path
-    version: str
-    bundle_dir: Path
-    prefix: str
-    histories: dict[str, UserRecords]  # raw user id -> (raw items, ratings, timestamps, profile), as loaded
-    users: list[str]  # known users, longest history first
-    n_items: int
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def crm_dir(self) -> Path:
-        return self.root / "crm"
-
-    def settings(self, **overrides) -> Settings:
-        values = dict(redis_url=REDIS_URL, redis_prefix=self.prefix, model_store=self.store,
-                      active_version=self.version, base_model_dir=self.base_dir,
-                      # Generous deadlines: a loaded 2-core CI box must not turn the happy path into
-                      # a degraded answer. The deadline fallbacks ask for tiny deadlines explicitly.
-                      default_deadline_ms=20_000, max_deadline_ms=30_000, history_budget_ms=2_000,
-                      log_json=True, log_level="WARNING")
-        values.update(overrides)
-        return Settings(**values)
-
-
-def train_lora(data, embeddings: np.ndarray, crm_dir: Path, base_dir: Path, out_dir: Path) -> None:
-    from training.llm.train import LLMTrainConfig, train_llm
-
-    cfg = LLMTrainConfig(n_samples=8, k_text=3, mixed=False, epochs=1, batch_size=8, grad_accum=1, lr=5e-3,
-                         valid_samples=8, evals_per_epoch=1, dtype="float32", device="cpu", progress=False,
-                         lora=LORA)
-    train_llm(data, embeddings, crm_dir, base_dir, out_dir, cfg)
-    # One optimizer step leaves the B banks (zero-initialized) tiny, so every user's adapter would be
-    # nearly the identity. Perturb them, differently per meta-LoRA, so the gate's per-user mixture
-    # changes the LLM's answer visibly: the suite then checks that personalization is really live.
-    weights = load_file(out_dir / "weights.safetensors")
-    gen = torch.Generator().manual_seed(1)
-    for key, value in weights.items():
-        if key.endswith(".lora_B"):
-            weights[key] = (value + B_NOISE_STD * torch.randn(value.shape, generator=gen)).contiguous()
-    save_file(weights, out_dir / "weights.safetensors")
 
 
 class Reference:
@@ -222,7 +159,7 @@ class Reference:
 
     def llm_scores(self, user_id: str, candidates: Sequence[int], adapter_user: str | None = None) -> np.ndarray:
         """P(Yes) of ``user_id``'s prompts with the adapter of ``adapter_user`` (default: the same user)."""
-        from service.llm.scoring import score_sequences
+        from training.llm.scoring import score_sequences
 
         rep = self.crm(adapter_user or user_id, candidates).user_rep.reshape(1, -1)
         prefix, suffixes = self.sequences(user_id, candidates)
@@ -240,7 +177,7 @@ class Reference:
 
     def score_prompts(self, prompts: Sequence[Sequence[int]], user_reps: torch.Tensor) -> np.ndarray:
         """Float32 P(Yes) of full prompts, row i with the adapter of user representation ``user_reps[i]``."""
-        from service.llm.scoring import score_sequences
+        from training.llm.scoring import score_sequences
 
         return score_sequences(self.llm, prompts, self.builder.yes_id, self.builder.no_id, self.pad_id,
                                rows_context=lambda rows: self.lora.user(user_reps[rows])).numpy()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from e2e_support import LiveServer, World
 
-from service.runtime.model import load_model
+from service.model import load_model
 from service.scoring.stages import UserHistoryView, run_crm
 
 CANDIDATES = [2, 13, 29, 64]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
-from redis_support import scratch_prefix
+from redis_support import REDIS_URL, scratch_prefix
 import redis
 from typer.testing import CliRunner
 
@@ -16,7 +15,6 @@ from training.data.samples import prepare
 from training.data.synthetic import generate_synthetic
 from training.history_loader import histories_from_prepared, split_start_order
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture(scope="module")

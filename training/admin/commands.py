@@ -9,114 +9,117 @@ from typing import Annotated, Optional
 
 import typer
 
+from training.admin.client import AdminClient, AdminError
+from training.cli_support import fail, timed
+
 Url = Annotated[str, typer.Option(envvar="RECLORA_ADMIN_URL", help="the gateway's base URL")]
 Token = Annotated[str, typer.Option(envvar="RECLORA_ADMIN_TOKEN", show_default=False,
                                     help="admin bearer token (or RECLORA_ADMIN_TOKEN)")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def register(app: typer.Typer, timed, fail) -> None:
-    from training.admin.client import AdminClient, AdminError
+def _client(url: str, token: str) -> AdminClient:
+    """The admin client, or one line saying why the URL or token is unusable."""
+    try:
+        return AdminClient(url, token)
+    except ValueError as exc:
+        fail(str(exc))
+        raise
 
-    def client(url: str, token: str) -> AdminClient:
-        try:
-            return AdminClient(url, token)
-        except ValueError as exc:
-            fail(str(exc))
-            raise
 
-    def call(what, *args, **kwargs):
-        try:
-            return what(*args, **kwargs)
-        except AdminError as exc:
-            fail(str(exc))
+def _call(what, *args, **kwargs):
+    """``what(*args, **kwargs)``; a refusal by the service becomes one line and exit code 2."""
+    try:
+        return what(*args, **kwargs)
+    except AdminError as exc:
+        fail(str(exc))
 
-    @app.command()
-    def push(
-        version: Annotated[str, typer.Argument(help="the new version's name (immutable once pushed)")],
-        bundle: Annotated[Optional[Path], typer.Option(help="a whole bundle directory (from `reclora export`)")] = None,
-        lora: Annotated[Optional[Path], typer.Option(help="parts: a `reclora train-llm` output directory")] = None,
-        crm: Annotated[Optional[Path], typer.Option(help="parts: a CRM checkpoint directory")] = None,
-        fusion: Annotated[Optional[Path], typer.Option(help="parts: a fusion.json to go with them")] = None,
-        base: Annotated[Optional[str], typer.Option(help="parts: the version they go on (default: active)")] = None,
-        activate: Annotated[bool, typer.Option(help="activate once the service has validated it")] = False,
-        description: str = "",
-        url: Url = DEFAULT_URL,
-        token: Token = "",
-    ) -> None:
-        """Upload a bundle, or new LoRA / CRM parts on top of a served version; the service validates it."""
-        from tqdm import tqdm
 
-        from training.admin.client import parts_dir
+def push(
+    version: Annotated[str, typer.Argument(help="the new version's name (immutable once pushed)")],
+    bundle: Annotated[Optional[Path], typer.Option(help="a whole bundle directory (from `reclora export`)")] = None,
+    lora: Annotated[Optional[Path], typer.Option(help="parts: a `reclora train-llm` output directory")] = None,
+    crm: Annotated[Optional[Path], typer.Option(help="parts: a CRM checkpoint directory")] = None,
+    fusion: Annotated[Optional[Path], typer.Option(help="parts: a fusion.json to go with them")] = None,
+    base: Annotated[Optional[str], typer.Option(help="parts: the version they go on (default: active)")] = None,
+    activate: Annotated[bool, typer.Option(help="activate once the service has validated it")] = False,
+    description: str = "",
+    url: Url = DEFAULT_URL,
+    token: Token = "",
+) -> None:
+    """Upload a bundle, or new LoRA / CRM parts on top of a served version; the service validates it."""
+    from tqdm import tqdm
 
-        if (bundle is None) == (lora is None and crm is None):
-            fail("push: give either --bundle DIR or parts (--lora DIR and/or --crm DIR)")
-        with timed("push"), client(url, token) as admin, tempfile.TemporaryDirectory() as tmp:
-            source = bundle
-            if source is None:
-                try:
-                    source = parts_dir(lora, crm, fusion, Path(tmp) / "parts")
-                except (ValueError, FileNotFoundError) as exc:
-                    fail(str(exc))
-            with tqdm(unit="B", unit_scale=True, desc=f"upload {version}") as bar:
-                def progress(sent: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(sent - bar.n)
+    from training.admin.client import parts_dir
 
-                result = call(admin.push, source, version, parts=bundle is None, activate=activate, base=base,
-                              description=description, progress=progress)
-        for check in result["checks"]:
-            typer.echo(f"  ok  {check}")
-        state = f"active (was {result['previous']})" if result["activated"] else "stored, not active"
-        typer.echo(f"{version}: validated in {result['seconds']:.2f} s, {state}")
+    if (bundle is None) == (lora is None and crm is None):
+        fail("push: give either --bundle DIR or parts (--lora DIR and/or --crm DIR)")
+    with timed("push"), _client(url, token) as admin, tempfile.TemporaryDirectory() as tmp:
+        source = bundle
+        if source is None:
+            try:
+                source = parts_dir(lora, crm, fusion, Path(tmp) / "parts")
+            except (ValueError, FileNotFoundError) as exc:
+                fail(str(exc))
+        with tqdm(unit="B", unit_scale=True, desc=f"upload {version}") as bar:
+            def progress(sent: int, total: int) -> None:
+                bar.total = total
+                bar.update(sent - bar.n)
 
-    @app.command()
-    def models(url: Url = DEFAULT_URL, token: Token = "",
-               as_json: Annotated[bool, typer.Option("--json", help="print the raw answer")] = False) -> None:
-        """List the service's model versions."""
-        with client(url, token) as admin:
-            listing = call(admin.models)
-        if as_json:
-            typer.echo(json.dumps(listing, indent=2))
-            return
-        typer.echo(f"{'':2}{'version':<28}{'created':<22}{'size':>10}  components / metrics")
-        for v in listing["versions"]:
-            mark = "*" if v["active"] else ("<" if v.get("previous") else " ")
-            size = f"{(v.get('size_bytes') or 0) / 1e6:.1f} MB"
-            metrics = ", ".join(f"{k}={val:.4f}" for k, val in _flat_metrics(v.get("metrics", {})).items())
-            typer.echo(f"{mark:<2}{v['version']:<28}{(v.get('created_at') or '')[:19]:<22}{size:>10}  "
-                       f"{','.join(v.get('components', {}))} {metrics}".rstrip())
-        typer.echo("(* active, < rollback target)")
+            result = _call(admin.push, source, version, parts=bundle is None, activate=activate, base=base,
+                          description=description, progress=progress)
+    for check in result["checks"]:
+        typer.echo(f"  ok  {check}")
+    state = f"active (was {result['previous']})" if result["activated"] else "stored, not active"
+    typer.echo(f"{version}: validated in {result['seconds']:.2f} s, {state}")
 
-    @app.command()
-    def activate(version: str, url: Url = DEFAULT_URL, token: Token = "") -> None:
-        """Validate and serve VERSION; requests in flight finish on the version they started with."""
-        with timed("activate"), client(url, token) as admin:
-            result = call(admin.activate, version)
-        typer.echo(f"{result['version']} active (was {result['previous']}), {result['seconds']:.2f} s")
 
-    @app.command()
-    def rollback(url: Url = DEFAULT_URL, token: Token = "") -> None:
-        """Serve the previously active version again."""
-        with timed("rollback"), client(url, token) as admin:
-            result = call(admin.rollback)
-        typer.echo(f"{result['version']} active again (was {result['previous']}), {result['seconds']:.2f} s")
+def models(url: Url = DEFAULT_URL, token: Token = "",
+           as_json: Annotated[bool, typer.Option("--json", help="print the raw answer")] = False) -> None:
+    """List the service's model versions."""
+    with _client(url, token) as admin:
+        listing = _call(admin.models)
+    if as_json:
+        typer.echo(json.dumps(listing, indent=2))
+        return
+    typer.echo(f"{'':2}{'version':<28}{'created':<22}{'size':>10}  components / metrics")
+    for v in listing["versions"]:
+        mark = "*" if v["active"] else ("<" if v.get("previous") else " ")
+        size = f"{(v.get('size_bytes') or 0) / 1e6:.1f} MB"
+        metrics = ", ".join(f"{k}={val:.4f}" for k, val in _flat_metrics(v.get("metrics", {})).items())
+        typer.echo(f"{mark:<2}{v['version']:<28}{(v.get('created_at') or '')[:19]:<22}{size:>10}  "
+                   f"{','.join(v.get('components', {}))} {metrics}".rstrip())
+    typer.echo("(* active, < rollback target)")
 
-    @app.command("delete-model")
-    def delete_model(version: str, url: Url = DEFAULT_URL, token: Token = "") -> None:
-        """Delete an inactive version from the service's store."""
-        with client(url, token) as admin:
-            call(admin.delete, version)
-        typer.echo(f"{version} deleted")
 
-    @app.command("admin-token")
-    def admin_token() -> None:
-        """Make an admin token; configure its digest on the service, keep the token secret."""
-        from service.api.admin.auth import new_token
+def activate(version: str, url: Url = DEFAULT_URL, token: Token = "") -> None:
+    """Validate and serve VERSION; requests in flight finish on the version they started with."""
+    with timed("activate"), _client(url, token) as admin:
+        result = _call(admin.activate, version)
+    typer.echo(f"{result['version']} active (was {result['previous']}), {result['seconds']:.2f} s")
 
-        token, digest = new_token()
-        typer.echo(f"token (give to ML engineers as RECLORA_ADMIN_TOKEN): {token}")
-        typer.echo(f'service setting: RECLORA_ADMIN_TOKEN_SHA256=\'["{digest}"]\'')
+
+def rollback(url: Url = DEFAULT_URL, token: Token = "") -> None:
+    """Serve the previously active version again."""
+    with timed("rollback"), _client(url, token) as admin:
+        result = _call(admin.rollback)
+    typer.echo(f"{result['version']} active again (was {result['previous']}), {result['seconds']:.2f} s")
+
+
+def delete_model(version: str, url: Url = DEFAULT_URL, token: Token = "") -> None:
+    """Delete an inactive version from the service's store."""
+    with _client(url, token) as admin:
+        _call(admin.delete, version)
+    typer.echo(f"{version} deleted")
+
+
+def admin_token() -> None:
+    """Make an admin token; configure its digest on the service, keep the token secret."""
+    from service.api.admin.auth import new_token
+
+    token, digest = new_token()
+    typer.echo(f"token (give to ML engineers as RECLORA_ADMIN_TOKEN): {token}")
+    typer.echo(f'service setting: RECLORA_ADMIN_TOKEN_SHA256=\'["{digest}"]\'')
 
 
 def _flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -128,3 +131,19 @@ def _flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and "auc" in key.lower():
             out[f"{prefix}{key}"] = float(value)
     return dict(list(out.items())[:4])
+
+
+COMMANDS = {
+    "push": push,
+    "models": models,
+    "activate": activate,
+    "rollback": rollback,
+    "delete-model": delete_model,
+    "admin-token": admin_token,
+}
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the ``reclora`` app."""
+    for name, command in COMMANDS.items():
+        app.command(name)(command)

@@ -7,66 +7,81 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from training.cli_support import fail, timed
+
 Mode = Literal["reclora", "rella"]
 
 
-def register(app: typer.Typer, timed, fail) -> None:
-    @app.command("train-llm")
-    def train_llm(
-        data: Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")],
-        base_model: Annotated[Path, typer.Option(help="base LLM directory (from `reclora base-model`)")],
-        out: Annotated[Path, typer.Option(help="output directory for the LoRA weights")],
-        mode: Annotated[str, typer.Option(help="reclora (personalized, gated meta-LoRAs) or rella (one shared LoRA)")] = "reclora",
-        crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
-        n_samples: Annotated[int, typer.Option(help="training samples drawn from the train split")] = 2048,
-        mixed: Annotated[bool, typer.Option(help="ReiT: train on recent-K and semantic views of every sample")] = True,
-        k_text: int = 10, epochs: int = 1, batch_size: int = 8, grad_accum: int = 4, lr: float = 1e-3,
-        n_meta: Annotated[int, typer.Option(help="meta-LoRAs per target module (RecLoRA)")] = 8,
-        temperature: float = 1.0, rank: int = 8, valid_samples: int = 400, evals_per_epoch: int = 2,
-        dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")] = "auto",
-        seed: int = 0, threads: Optional[int] = None,
-    ) -> None:
-        """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM."""
-        import numpy as np
-        import torch
+def train_llm(
+    data: Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")],
+    base_model: Annotated[Path, typer.Option(help="base LLM directory (from `reclora base-model`)")],
+    out: Annotated[Path, typer.Option(help="output directory for the LoRA weights")],
+    mode: Annotated[str, typer.Option(help="reclora (personalized, gated meta-LoRAs) or rella (one shared LoRA)")] = "reclora",
+    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
+    n_samples: Annotated[int, typer.Option(help="training samples drawn from the train split")] = 2048,
+    mixed: Annotated[bool, typer.Option(help="ReiT: train on recent-K and semantic views of every sample")] = True,
+    k_text: int = 10, epochs: int = 1, batch_size: int = 8, grad_accum: int = 4, lr: float = 1e-3,
+    n_meta: Annotated[int, typer.Option(help="meta-LoRAs per target module (RecLoRA)")] = 8,
+    temperature: float = 1.0, rank: int = 8, valid_samples: int = 400, evals_per_epoch: int = 2,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")] = "auto",
+    seed: int = 0, threads: Optional[int] = None,
+) -> None:
+    """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM."""
+    import numpy as np
+    import torch
 
-        from training.data.samples import PreparedData
-        from training.llm.train import LLMTrainConfig
-        from training.llm.train import train_llm as fit
+    from training.data.samples import PreparedData
+    from training.llm.train import LLMTrainConfig
+    from training.llm.train import train_llm as fit
 
-        if mode not in ("reclora", "rella"):
-            fail(f"--mode must be reclora or rella, not {mode!r}")
-        if threads:
-            torch.set_num_threads(threads)
-        lora = dict(r=rank, lora_alpha=2.0 * rank, n_meta=n_meta if mode == "reclora" else 1,
-                    gated=mode == "reclora", temperature=temperature)
-        cfg = LLMTrainConfig(n_samples=n_samples, k_text=k_text, mixed=mixed, epochs=epochs, batch_size=batch_size,
-                             grad_accum=grad_accum, lr=lr, valid_samples=valid_samples, evals_per_epoch=evals_per_epoch,
-                             seed=seed, dtype=dtype, lora=lora)
-        with timed("train-llm"):
-            prepared = PreparedData.load(data)
-            summary = fit(prepared, np.load(data / "embeddings.npy", allow_pickle=False), crm or data / "crm",
-                          base_model, out, cfg)
-        typer.echo(f"{mode}: best valid AUC {summary['best_valid_auc']:.4f} on {summary['instances']} instances, "
-                   f"{summary['train_seconds']:.0f} s training")
+    if mode not in ("reclora", "rella"):
+        fail(f"--mode must be reclora or rella, not {mode!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    lora = dict(r=rank, lora_alpha=2.0 * rank, n_meta=n_meta if mode == "reclora" else 1,
+                gated=mode == "reclora", temperature=temperature)
+    cfg = LLMTrainConfig(n_samples=n_samples, k_text=k_text, mixed=mixed, epochs=epochs, batch_size=batch_size,
+                         grad_accum=grad_accum, lr=lr, valid_samples=valid_samples, evals_per_epoch=evals_per_epoch,
+                         seed=seed, dtype=dtype, lora=lora)
+    with timed("train-llm"):
+        prepared = PreparedData.load(data)
+        summary = fit(prepared, np.load(data / "embeddings.npy", allow_pickle=False), crm or data / "crm",
+                      base_model, out, cfg)
+    typer.echo(f"{mode}: best valid AUC {summary['best_valid_auc']:.4f} on {summary['instances']} instances, "
+               f"{summary['train_seconds']:.0f} s training")
 
-    @app.command("llm-report")
-    def llm_report(
-        data: Annotated[Path, typer.Option("--data", help="prepared dataset directory")],
-        base_model: Annotated[Path, typer.Option(help="base LLM directory")],
-        out: Annotated[Path, typer.Option(help="report directory")],
-        rella: Annotated[Optional[Path], typer.Option(help="ReLLa-style LoRA directory")] = None,
-        reclora: Annotated[Optional[Path], typer.Option(help="RecLoRA directory")] = None,
-        crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
-        n_test: int = 2000, n_valid: int = 1000, seed: int = 0, k_text: int = 10,
-        dtype: Annotated[str, typer.Option(help="scoring dtype; float32 keeps probabilities unquantized")] = "float32",
-        batch_size: int = 16,
-    ) -> None:
-        """CRM, zero-shot, ReLLa-style, RecLoRA and fused on one seeded test subset (Markdown, JSON, ROC)."""
-        from training.llm.report import run_report
 
-        with timed("llm-report"):
-            result = run_report(data, crm or data / "crm", base_model, rella, reclora, out, n_test=n_test,
-                                n_valid=n_valid, seed=seed, k_text=k_text, dtype=dtype, batch_size=batch_size)
-        typer.echo((out / "report.md").read_text())
-        typer.echo(f"fusion: {result['fusion']}")
+def llm_report(
+    data: Annotated[Path, typer.Option("--data", help="prepared dataset directory")],
+    base_model: Annotated[Path, typer.Option(help="base LLM directory")],
+    out: Annotated[Path, typer.Option(help="report directory")],
+    rella: Annotated[Optional[Path], typer.Option(help="ReLLa-style LoRA directory")] = None,
+    reclora: Annotated[Optional[Path], typer.Option(help="RecLoRA directory")] = None,
+    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
+    n_test: int = 2000, n_valid: int = 1000, seed: int = 0, k_text: int = 10,
+    dtype: Annotated[str, typer.Option(help="scoring dtype; float32 keeps probabilities unquantized")] = "float32",
+    batch_size: int = 16,
+) -> None:
+    """CRM, zero-shot, ReLLa-style, RecLoRA and fused on one seeded test subset (Markdown, JSON, ROC)."""
+    from training.llm.report import run_report
+
+    with timed("llm-report"):
+        result = run_report(data, crm or data / "crm", base_model, rella, reclora, out, n_test=n_test,
+                            n_valid=n_valid, seed=seed, k_text=k_text, dtype=dtype, batch_size=batch_size)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"fusion: {result['fusion']}")
+
+
+
+
+
+COMMANDS = {
+    "train-llm": train_llm,
+    "llm-report": llm_report,
+}
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the ``reclora`` app."""
+    for name, command in COMMANDS.items():
+        app.command(name)(command)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from service.model.fusion import FUSION_FILE, Fusion, logit
 from training.crm.checkpoint import load_checkpoint
 from training.crm.dataset import encode_samples
 from training.crm.train import predict
@@ -24,26 +24,10 @@ from training.llm.train import LLMScorer, load_base, load_trained, user_represen
 from training.metrics import binary_metrics
 
 
-@dataclass
-class Fusion:
-    """P = sigmoid(w_llm * logit(p_llm) + w_crm * logit(p_crm) + bias)."""
-
-    w_llm: float
-    w_crm: float
-    bias: float
-
-    @classmethod
-    def fit(cls, p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray) -> "Fusion":
-        lr = LogisticRegression(C=10.0).fit(np.stack([_logit(p_llm), _logit(p_crm)], 1), labels)
-        return cls(float(lr.coef_[0, 0]), float(lr.coef_[0, 1]), float(lr.intercept_[0]))
-
-    def __call__(self, p_llm: np.ndarray, p_crm: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(self.w_llm * _logit(p_llm) + self.w_crm * _logit(p_crm) + self.bias)))
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+def fit_fusion(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray) -> Fusion:
+    """The serving fusion fitted on validation: a logistic regression on the two logits."""
+    lr = LogisticRegression(C=10.0).fit(np.stack([logit(p_llm), logit(p_crm)], 1), labels)
+    return Fusion(float(lr.coef_[0, 0]), float(lr.coef_[0, 1]), float(lr.intercept_[0]))
 
 
 def crm_probabilities(data: PreparedData, samples: pd.DataFrame, crm_dir: Path, embeddings: np.ndarray) -> np.ndarray:
@@ -81,7 +65,7 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
         probs[name] = {s: scorer.score(prompts[s], reps[s], batch_size) for s in ("test", "valid")}
         seconds[name] = time.perf_counter() - start
     fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))
-    fusion = Fusion.fit(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"])
+    fusion = fit_fusion(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"])
     probs[f"fused ({fused_from.split(' (')[0]} + CRM)"] = {
         s: fusion(probs[fused_from][s], probs["CRM"][s]) for s in ("test", "valid")}
 
@@ -89,13 +73,13 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
              "seconds": seconds.get(name, 0.0)} for name, p in probs.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"n_test": len(test), "n_valid": len(valid), "seed": seed, "k_text": k_text, "rows": rows,
-              "fusion": fusion.__dict__, "fused_from": fused_from}
+              "fusion": fusion.to_json(), "fused_from": fused_from}
     for name, d in (("ReLLa-style (shared LoRA)", rella_dir), ("RecLoRA (personalized LoRA)", reclora_dir)):
         if d is not None and (d / "train.json").is_file():
             t = json.loads((d / "train.json").read_text())
             result.setdefault("training", {})[name] = {k: t[k] for k in ("train_seconds", "instances", "best_valid_auc")}
     (out_dir / "report.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "fusion.json").write_text(json.dumps(fusion.__dict__, indent=2))
+    (out_dir / FUSION_FILE).write_text(json.dumps(fusion.to_json(), indent=2))
     (out_dir / "report.md").write_text(markdown(result))
     roc_plot({n: (labels["test"], p["test"]) for n, p in probs.items()}, out_dir / "roc.png")
     return result

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from service.llm.personalized_lora import PersonalizedLoRA, PersonalizedLoRAConfig
 from service.llm.precision import resolve_dtype
 from service.llm.prompt import PromptBuilder, PromptConfig
-from service.llm.scoring import answer_hidden, pad_right, score_sequences
+from training.llm.scoring import answer_hidden, pad_right, score_sequences
 from training.crm.checkpoint import load_checkpoint
 from training.crm.dataset import encode_samples
 from training.crm.train import seed_everything

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.errors import ApiError
+from service.registry.errors import RefusalReason
 
 _bearer = HTTPBearer(auto_error=False, description="An admin token; the service stores its sha256 only.")
 
@@ -50,8 +51,8 @@ async def require_admin(request: Request) -> None:
     settings = request.app.state.settings
     credentials: HTTPAuthorizationCredentials | None = await _bearer(request)
     if credentials is None:
-        request.app.state.metrics.model_refusals.labels("unauthorized").inc()
+        request.app.state.metrics.model_refusals.labels(RefusalReason.UNAUTHORIZED).inc()
         raise Unauthorized("admin requests need an 'Authorization: Bearer <token>' header")
     if not token_matches(credentials.credentials, settings.admin_token_sha256):
-        request.app.state.metrics.model_refusals.labels("unauthorized").inc()
+        request.app.state.metrics.model_refusals.labels(RefusalReason.UNAUTHORIZED).inc()
         raise Unauthorized("the admin token is not valid")

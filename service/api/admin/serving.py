@@ -16,7 +16,7 @@ from fastapi import HTTPException
 from service.api.admin.protocol import ActivationResponse, PushResult, VersionInfo, VersionList
 from service.api.errors import ApiError, Conflict, ErrorDetail, InvalidRequest
 from service.registry.archive import UploadError, receive
-from service.registry.errors import ValidationFailed
+from service.registry.errors import RefusalReason, ValidationFailed
 from service.registry.store import StoreError, UnknownVersion
 
 if TYPE_CHECKING:  # the registry loads models (torch); the app imports without it
@@ -37,12 +37,12 @@ class TooLarge(ApiError):
 
 def _refusal(exc: Exception) -> ApiError:
     if isinstance(exc, ValidationFailed):
-        if exc.reason == "exists":
+        if exc.reason == RefusalReason.EXISTS:
             return Conflict(str(exc), code="version_exists")
         return InvalidRequest([ErrorDetail(loc="bundle", message=str(exc), type=exc.reason)],
                               code="model_refused", message=f"model refused ({exc.reason}): {exc}")
     if isinstance(exc, UploadError):
-        if exc.reason == "too_large":
+        if exc.reason == RefusalReason.TOO_LARGE:
             return TooLarge(str(exc))
         return InvalidRequest([ErrorDetail(loc="body", message=str(exc), type=exc.reason)],
                               code="model_refused", message=f"model refused ({exc.reason}): {exc}")
@@ -76,7 +76,7 @@ async def push(manager: ModelManager, body: AsyncIterator[bytes], version: str, 
             raise _refusal(exc) from None
         except HTTPException as exc:  # the body limit middleware cut the stream
             if exc.status_code == 413:
-                manager.events.refused("too_large")
+                manager.events.refused(RefusalReason.TOO_LARGE)
             raise
         if parts:
             result = await _run(manager.push_parts, path, version, base=base, activate=activate,

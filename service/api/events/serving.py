@@ -12,12 +12,12 @@ import time
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.api.errors import Conflict, ErrorDetail, InvalidRequest, Unavailable
+from service.api.errors import Conflict, ErrorDetail, InvalidRequest, Unavailable, unknown_items_error
 from service.api.events.protocol import EventsRequest, EventsResponse, ProfileRequest, ProfileResponse
-from service.api.score.serving import Scorer, require_known_items
 from service.config import Settings
 from service.history import Event, HistoryOrderError, HistoryStore
 from service.metrics import Metrics
+from service.scoring.contracts import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ def check_batch(request: EventsRequest, settings: Settings, now: float) -> None:
 async def append_events(request: EventsRequest, *, history: HistoryStore, scorer: Scorer, settings: Settings,
                         metrics: Metrics) -> EventsResponse:
     check_batch(request, settings, time.time())
-    require_known_items(scorer, ((f"events[{i}].item_id", e.item_id) for i, e in enumerate(request.events)))
+    unknown = scorer.unknown_items(list(dict.fromkeys(e.item_id for e in request.events)))
+    if unknown:
+        located = ((f"events[{i}].item_id", e.item_id) for i, e in enumerate(request.events))
+        raise unknown_items_error(located, unknown, scorer.model_version)
     events = [Event(item=e.item_id, rating=e.rating, timestamp=e.timestamp) for e in request.events]
     try:
         stored = await history.append(request.user_id, events)

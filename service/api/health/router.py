@@ -57,8 +57,8 @@ async def readyz(request: Request, history: HistoryDep, settings: SettingsDep) -
 
 
 def _replica_status(state: State) -> dict[str, Component]:
-    health = getattr(getattr(state.scorer, "engine", None), "replica_health", None)
-    if not callable(health):
+    health = state.replica_health
+    if health is None:
         return {}
     return {url: Component(ok=up, detail="up" if up else "down (requests re-routed)") for url, up in health().items()}
 

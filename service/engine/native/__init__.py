@@ -68,7 +68,9 @@ class NativeKernels:
         _check((gate, up), torch.bfloat16, "the native SiLU product")
         if gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
-        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.data_ptr(), gate.numel(), torch.get_num_threads())
+        code = self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.data_ptr(), gate.numel(), torch.get_num_threads())
+        if code != 0:
+            raise RuntimeError(f"native SiLU product failed with code {code}")
         return gate
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

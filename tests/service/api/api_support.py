@@ -7,7 +7,6 @@ model. It is never used by the runtime.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,11 +14,11 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI
 
-from service.api.score.serving import CandidateResult, ScoreResult
+from service.scoring.contracts import CandidateResult, ScoreResult, UnknownItems
 from service.history import HistoryStore
 from http_support import assert_error  # noqa: F401  (re-exported for the tests)
+from redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 KNOWN_ITEMS = range(1, 101)
 
@@ -40,7 +39,7 @@ class FormulaScorer:
     def model_version(self) -> str:
         return self.version
 
-    def known_items(self, ids: Sequence[int]) -> list[int]:
+    def unknown_items(self, ids: Sequence[int]) -> list[int]:
         return [i for i in ids if i not in KNOWN_ITEMS]
 
     @staticmethod
@@ -53,10 +52,14 @@ class FormulaScorer:
 
     async def score(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None,
                     request_id: str = "") -> ScoreResult:
+        unknown = self.unknown_items(candidates)
+        if unknown:  # checked before anything is scored, as the pipeline does
+            raise UnknownItems(unknown, self.version)
         self.calls.append({"user_id": user_id, "candidates": list(candidates), "deadline_ms": deadline_ms,
                            "request_id": request_id})
         if self.fail:
             raise RuntimeError("secret internal detail: engine exploded")
+
         exists = (await self.history.read(user_id)).exists if self.history is not None else False
         degraded = bool(self.degraded_reasons)
         results = [CandidateResult(item_id=c, score=self.crm(c) if degraded else (self.crm(c) + self.llm(c)) / 2,

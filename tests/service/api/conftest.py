@@ -1,5 +1,5 @@
-"""Fixtures for the HTTP layer: a real Redis under a per-test key prefix, the app with its
-lifespan running, and an in-process HTTP client (``httpx.ASGITransport``)."""
+"""Fixtures for the HTTP layer: settings on a per-test Redis key prefix (``redis_prefix``, shared),
+the app with its lifespan running, and an in-process HTTP client (``httpx.ASGITransport``)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,11 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from redis_support import scratch_prefix
 from api_support import REDIS_URL, FormulaScorer, serving
 from fastapi import FastAPI
 
 from service.api import build_app
 from service.config import Settings
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def redis_prefix():
-    """A fresh key prefix on the real Redis; its keys are deleted afterwards."""
-    with scratch_prefix() as prefix:
-        yield prefix
 
 
 @pytest.fixture

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-import types
+import threading
+from types import SimpleNamespace
 
 import pytest
 from api_support import DEAD_REDIS_URL, FormulaScorer, assert_error, serving
 
 from service.api import build_app
+from service.api.lifecycle import Runtime
 from service.config import Settings
 
 pytestmark = pytest.mark.anyio
@@ -32,53 +33,49 @@ async def test_not_ready_when_redis_is_unreachable(settings: Settings, scorer: F
         assert [(d["loc"], d["type"]) for d in error["details"]] == [("redis", "not_ready")]
 
 
-async def test_not_ready_when_the_model_runtime_is_missing(settings: Settings, monkeypatch):
-    monkeypatch.setattr("service.api.lifecycle.FACTORY_MODULE", "service.runtime.no_such_factory")
-    async with serving(build_app(settings)) as client:
+def failing_runtime(settings, metrics, history) -> Runtime:
+    raise FileNotFoundError("no model bundle in /nowhere: export one with `reclora export`")
+
+
+async def test_not_ready_when_the_runtime_fails_to_build(settings: Settings):
+    async with serving(build_app(settings, runtime=failing_runtime)) as client:
         for _ in range(100):
             error = assert_error(await client.get("/readyz"), 503, "not_ready")
             if "load failed" in error["message"]:
                 break
             await asyncio.sleep(0.01)
-        assert "service.runtime.no_such_factory is missing" in error["message"]
+        assert "FileNotFoundError: no model bundle in /nowhere" in error["message"]
         assert (await client.get("/livez")).status_code == 200
 
 
 @pytest.fixture
-def factory_module(monkeypatch):
-    """A stand-in ``service.runtime.factory`` whose build_scorer waits for the test's go-ahead."""
-    module = types.ModuleType("service.runtime.factory")
-    module.built = []
+def gated_runtime():
+    """A runtime factory that waits for the test's go-ahead, recording what it was given."""
+    factory = SimpleNamespace(built=[], gate=threading.Event())
 
-    def build_scorer(settings, metrics, *, history):
-        import threading
-        gate = threading.Event()
-        module.gate = gate
-        gate.wait(5)
+    def build(settings, metrics, history) -> Runtime:
+        factory.gate.wait(5)
         scorer = FormulaScorer(history=history, version="loaded-v2")
-        module.built.append((settings, metrics, scorer))
-        return scorer
+        factory.built.append((settings, metrics, scorer))
+        return Runtime(scorer=scorer)
 
-    module.build_scorer = build_scorer
-    monkeypatch.setitem(sys.modules, "service.runtime.factory", module)
-    return module
+    factory.build = build
+    return factory
 
 
-async def test_model_loads_in_the_background(settings: Settings, factory_module):
-    app = build_app(settings)
+async def test_model_loads_in_the_background(settings: Settings, gated_runtime):
+    app = build_app(settings, runtime=gated_runtime.build)
     async with serving(app) as client:
         error = assert_error(await client.get("/readyz"), 503, "not_ready")
         assert {"loc": "model", "message": "loading", "type": "not_ready"} in error["details"]
-        while not hasattr(factory_module, "gate"):
-            await asyncio.sleep(0.01)
-        factory_module.gate.set()
+        gated_runtime.gate.set()
         for _ in range(200):
             response = await client.get("/readyz")
             if response.status_code == 200:
                 break
             await asyncio.sleep(0.01)
         assert response.json()["model_version"] == "loaded-v2"
-        built_settings, built_metrics, scorer = factory_module.built[0]
+        built_settings, built_metrics, scorer = gated_runtime.built[0]
         assert built_settings is settings and built_metrics is app.state.metrics and scorer.history is app.state.history
         assert app.state.metrics.registry.get_sample_value("reclora_model_info", {"version": "loaded-v2"}) == 1
     assert scorer.closed  # built by the lifespan, so closed by it
@@ -98,16 +95,18 @@ async def test_not_ready_while_draining(client, app):
     assert response.status_code == 200  # in-flight and late requests are still served while draining
 
 
-class ReplicaEngine:
-    """An engine reporting remote replicas, as the vLLM engine does."""
-
-    def replica_health(self) -> dict[str, bool]:
-        return {"http://vllm-0:8000": True, "http://vllm-1:8000": False}
+def replica_health() -> dict[str, bool]:
+    """Remote replicas as the vLLM engine reports them."""
+    return {"http://vllm-0:8000": True, "http://vllm-1:8000": False}
 
 
 async def test_llm_replicas_are_reported_but_do_not_decide_readiness(settings: Settings, scorer: FormulaScorer):
-    scorer.engine = ReplicaEngine()
-    async with serving(build_app(settings, scorer=scorer)) as client:
+    app = build_app(settings, runtime=lambda settings, metrics, history: Runtime(scorer, replica_health=replica_health))
+    async with serving(app) as client:
+        for _ in range(200):
+            if app.state.scorer is not None:
+                break
+            await asyncio.sleep(0.01)
         response = await client.get("/readyz")
     assert response.status_code == 200  # one replica down (or all): the gateway still answers, degraded
     assert response.json()["llm_replicas"] == {

@@ -7,7 +7,8 @@ import pytest
 from api_support import FormulaScorer, assert_error, serving
 
 from service.api import build_app
-from service.api.score.serving import Scorer
+from service.api.lifecycle import Runtime
+from service.scoring.contracts import Scorer
 from service.config import Settings
 
 pytestmark = pytest.mark.anyio
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.anyio
 
 def test_formula_scorer_satisfies_the_protocol():
     scorer: Scorer = FormulaScorer()  # a static check as much as a runtime one
-    assert scorer.known_items([1, 100, 101, 0]) == [101, 0]
+    assert scorer.unknown_items([1, 100, 101, 0]) == [101, 0]
 
 
 async def test_scores_every_candidate_in_request_order(client: httpx.AsyncClient, scorer: FormulaScorer):
@@ -75,9 +76,12 @@ async def test_limits_come_from_settings(settings: Settings, scorer: FormulaScor
         assert error["details"][0]["loc"] == "deadline_ms"
 
 
-async def test_score_is_503_until_a_model_is_loaded(settings: Settings, monkeypatch):
-    monkeypatch.setattr("service.api.lifecycle.FACTORY_MODULE", "service.runtime.no_such_factory")
-    async with serving(build_app(settings)) as client:
+def never_loads(settings, metrics, history) -> Runtime:
+    raise RuntimeError("this test's runtime never loads")
+
+
+async def test_score_is_503_until_a_model_is_loaded(settings: Settings):
+    async with serving(build_app(settings, runtime=never_loads)) as client:
         response = await client.post("/v1/score", json={"user_id": "u1", "candidates": [1]})
         error = assert_error(response, 503, "model_not_ready")
         assert response.headers["retry-after"] == "5"

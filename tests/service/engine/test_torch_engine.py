@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from service.engine.base import UserAdapter
 from service.engine.torch_engine import DeadlineExceeded, TorchEngine
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRA, PersonalizedLoRAConfig
-from service.llm.scoring import score_sequences
+from training.llm.scoring import score_sequences
 
 YES, NO, PAD = 5, 7, 0
 TARGETS = ["q_proj", "v_proj"]

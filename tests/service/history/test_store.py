@@ -7,13 +7,12 @@ share the server's default db with others safely.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 
 import numpy as np
 import pytest
-from redis_support import scratch_prefix
+from redis_support import REDIS_URL, scratch_prefix
 import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -34,13 +33,7 @@ from service.history import (
     profile_key,
 )
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.llm.prompt import AnswerTokenError, PromptBuilder, PromptConfig
-from service.llm.tiny import build_tiny_llama
+from tiny_llama import build_tiny_llama
 from service.retrieval.history import semantic_positions
 from training.crm.checkpoint import save_checkpoint
 from training.crm.train import TrainConfig, train_crm

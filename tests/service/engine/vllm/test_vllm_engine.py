@@ -49,7 +49,7 @@ class Scenario:
         from transformers import AutoTokenizer
 
         from service.llm.prompt import PromptBuilder
-        from service.runtime.model import load_model
+        from service.model import load_model
 
         self.world = world
         self.models = {v: load_model(world.store / v) for v in (VERSION_1, VERSION_2)}
@@ -200,9 +200,9 @@ def test_killed_server_degrades_to_crm_then_recovers(world, server, scenario, to
 
 
 def _kill_and_recover(settings, metrics, history, world, server, scenario, torch_engine, loop) -> None:
-    from service.runtime.factory import build_scorer
+    from service.api.wiring import build_pipeline
 
-    pipeline = build_scorer(settings, metrics, history=history)
+    pipeline = build_pipeline(settings, metrics, history)
     engine = pipeline.engine
     user = world.users[2]
 

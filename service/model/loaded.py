@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from service.bundle import Bundle, load_bundle
@@ -18,26 +17,11 @@ from service.crm.loading import build_crm
 from service.crm.model import CRM, CRMConfig
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
 from service.llm.prompt import PromptConfig
-from service.runtime.catalog import Catalog
+from service.model.catalog import Catalog
+from service.model.fusion import FUSION_FILE, Fusion
 
 LORA_CONFIG, LORA_WEIGHTS = "lora/config.json", "lora/weights.safetensors"
-PROMPT_CONFIG, FUSION = "prompt/config.json", "fusion.json"
-
-
-@dataclass(frozen=True)
-class Fusion:
-    """score = sigmoid(w_llm * logit(llm) + w_crm * logit(crm) + bias), fitted offline on valid."""
-
-    w_llm: float
-    w_crm: float
-    bias: float
-
-    def __call__(self, llm: np.ndarray, crm: np.ndarray) -> np.ndarray:
-        def logit(p: np.ndarray) -> np.ndarray:
-            p = np.clip(p, 1e-6, 1 - 1e-6)
-            return np.log(p / (1 - p))
-
-        return 1.0 / (1.0 + np.exp(-(self.w_llm * logit(llm) + self.w_crm * logit(crm) + self.bias)))
+PROMPT_CONFIG = "prompt/config.json"
 
 
 @dataclass
@@ -72,7 +56,7 @@ def load_model(bundle_dir: str | Path) -> LoadedModel:
             raise ValueError(f"the gate reads {lora_config.user_dim}-d users, the CRM gives {config.user_dim}-d")
         mixer = AdapterMixer(lora_config, bundle.load_safetensors(LORA_WEIGHTS))
     prompt = PromptConfig.model_validate(bundle.load_json(PROMPT_CONFIG)) if PROMPT_CONFIG in files else PromptConfig()
-    fusion = Fusion(**bundle.load_json(FUSION)) if FUSION in files else None
+    fusion = Fusion.from_json(bundle.load_json(FUSION_FILE)) if FUSION_FILE in files else None
     llm = bundle.manifest.components.get("llm")
     k_text = int(llm.config.get("k_text", 10)) if llm else 10
     with torch.no_grad():

@@ -1,4 +1,9 @@
-"""Build the scoring pipeline from settings: active bundle, base LLM, engine, adapter cache."""
+"""The one place that knows the concrete classes: settings -> history store, model, engine,
+adapter cache, pipeline, model registry -> the app.
+
+Everything else receives its parts through constructor arguments; ``create_app`` is what
+``python -m service.api`` serves.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,21 @@ import logging
 from pathlib import Path
 
 import torch
+from fastapi import FastAPI
 
-from service.config import Settings
+from service.api.app import build_app
+from service.api.lifecycle import Runtime
+from service.config import Settings, get_settings
+from service.history import HistoryStore
 from service.llm.precision import resolve_dtype
 from service.llm.prompt import PromptBuilder
 from service.metrics import Metrics
+from service.model import LoadedModel, ModelHolder, load_model
 from service.personalization.adapter_cache import AdapterCache, CacheEvents
+from service.registry.manager import ModelManager, RegistryEvents
 from service.registry.store import ModelStore
-from service.runtime.model import LoadedModel, load_model
-from service.scoring.pipeline import ModelHolder, ScoringPipeline
+from service.registry.validation import BaseModelSpec
+from service.scoring.pipeline import ScoringPipeline
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +98,15 @@ def build_vllm_engine(settings: Settings, model: LoadedModel, metrics: Metrics):
     return engine, builder
 
 
-def build_scorer(settings: Settings, metrics: Metrics, *, history) -> ScoringPipeline:
+def build_adapter_cache(settings: Settings, metrics: Metrics) -> AdapterCache:
+    return AdapterCache(settings.adapter_cache_bytes, settings.adapter_drift_tol, CacheEvents(
+        hit=metrics.adapter_cache_hits.inc, miss=metrics.adapter_cache_misses.inc,
+        evict=metrics.adapter_cache_evictions.inc, size=metrics.adapter_cache_bytes.set))
+
+
+def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore) -> ScoringPipeline:
+    """The scoring pipeline on the active version: its model, the engine (when it has an LLM part),
+    the adapter cache."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     version = active_version(settings.model_store, settings.active_version)
@@ -98,11 +117,49 @@ def build_scorer(settings: Settings, metrics: Metrics, *, history) -> ScoringPip
             engine, builder = build_vllm_engine(settings, model, metrics)
         else:
             engine, builder = build_torch_engine(settings, model)
-    cache = AdapterCache(settings.adapter_cache_bytes, settings.adapter_drift_tol, CacheEvents(
-        hit=metrics.adapter_cache_hits.inc, miss=metrics.adapter_cache_misses.inc,
-        evict=metrics.adapter_cache_evictions.inc))
     log.info("model %s loaded (llm: %s)", version, "yes" if engine else "no")
     return ScoringPipeline(
-        history=history, holder=ModelHolder(model, builder), engine=engine, cache=cache,
+        history=history, holder=ModelHolder(model, builder), engine=engine, cache=build_adapter_cache(settings, metrics),
         default_deadline_ms=settings.default_deadline_ms, history_budget_ms=settings.history_budget_ms,
         llm_min_ms=settings.llm_min_ms, observe_stage=metrics.observe_stage, observe_degraded=metrics.observe_degraded)
+
+
+def build_manager(settings: Settings, metrics: Metrics, pipeline: ScoringPipeline) -> ModelManager:
+    """The registry of a running service over the pipeline's holder, engine and adapter cache."""
+    builder = pipeline.holder.snapshot().builder
+    spec = None
+    if builder is not None:
+        spec = BaseModelSpec.from_pretrained_config(settings.base_model_dir, yes_id=builder.yes_id, no_id=builder.no_id)
+
+    def activated(kind: str, version: str) -> None:
+        metrics.model_activations.labels(kind).inc()
+        metrics.set_model_version(version)
+
+    events = RegistryEvents(activated=activated, refused=lambda reason: metrics.model_refusals.labels(reason).inc())
+    manager = ModelManager(ModelStore(settings.model_store), pipeline.holder, pipeline.engine, pipeline.cache, spec,
+                           max_rank=settings.max_lora_rank, max_upload_bytes=settings.admin_max_upload_bytes,
+                           events=events)
+    if settings.admin_enabled:  # only a gateway that administers the store writes to it
+        manager.clean_stale()
+        manager.record_start()
+    return manager
+
+
+def build_runtime(settings: Settings, metrics: Metrics, history: HistoryStore) -> Runtime:
+    """The production runtime: the pipeline, its registry when this gateway administers or follows
+    the store, and the remote replicas' health when the engine has replicas."""
+    pipeline = build_pipeline(settings, metrics, history)
+    models = None
+    if settings.admin_enabled or settings.follows_store:
+        try:
+            models = build_manager(settings, metrics, pipeline)
+        except Exception as exc:
+            pipeline.close()
+            raise RuntimeError(f"model registry: {type(exc).__name__}: {exc}") from exc
+    remote = settings.engine == "vllm" and pipeline.engine is not None  # a VLLMEngine: replicas to report
+    return Runtime(scorer=pipeline, models=models, replica_health=pipeline.engine.replica_health if remote else None)
+
+
+def create_app(settings: Settings | None = None, **services) -> FastAPI:
+    """The service app on the production runtime (``services``: a history store or metrics to use)."""
+    return build_app(settings or get_settings(), runtime=build_runtime, **services)
