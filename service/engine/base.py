@@ -39,3 +39,7 @@ class ScoringEngine(Protocol):
         """How long scoring these prompts is expected to take, from the engine's recent requests;
         None when it cannot say. The caller skips an LLM stage that would overrun its deadline."""
         ...
+
+    def close(self) -> None:
+        """Release connections and threads (called once, when the service stops)."""
+        ...

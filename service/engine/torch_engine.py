@@ -62,6 +62,9 @@ class TorchEngine:
             return None
         return self._ms_per_token * _prompt_tokens(prefix, suffixes)
 
+    def close(self) -> None:
+        """Nothing to release: the model lives as long as the process."""
+
     def _check_deadline(self) -> None:
         """Called between layers: a late request is abandoned there, so it does not hold the engine
         (and every request queued behind it) for a forward whose answer nobody will read."""

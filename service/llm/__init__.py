@@ -1,1 +1,2 @@
-"""LLM scoring: ReLLa-style prompts, P("Yes") from a causal LM, personalized LoRA, tiny test models."""
+"""The LLM side both training and serving share: ReLLa-style prompts with Yes/No answer tokens,
+personalized LoRA (meta-LoRA banks, gates, mixing), precision choice."""

@@ -233,7 +233,7 @@ class ModelManager:
 
     def _validate(self, bundle_dir: Path):
         current_builder = self.holder.snapshot().builder
-        tokenizer = getattr(current_builder, "tokenizer", None)
+        tokenizer = current_builder.tokenizer if current_builder is not None else None
 
         def builder_for(prompt_config):
             from service.llm.prompt import PromptBuilder

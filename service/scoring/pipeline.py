@@ -78,9 +78,8 @@ class ScoringPipeline:
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
         self._crm_pool.shutdown(wait=False, cancel_futures=True)
         self._text_pool.shutdown(wait=False, cancel_futures=True)
-        close_engine = getattr(self.engine, "close", None)  # remote engines hold connections and a monitor
-        if callable(close_engine):
-            close_engine()
+        if self.engine is not None:  # remote engines hold connections and a monitor
+            self.engine.close()
 
     async def score(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None,
                     request_id: str = "") -> ScoreResult:

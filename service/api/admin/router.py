@@ -23,7 +23,7 @@ VersionPath = Annotated[str, Path(pattern=VERSION_PATTERN, description="Bundle v
 
 
 def _manager(request: Request) -> "ModelManager":
-    manager = getattr(request.app.state, "models", None)
+    manager = request.app.state.models
     if manager is None:
         raise Unavailable("model management is not available until the model is loaded",
                           code="model_not_ready", retry_after_s=5)

@@ -50,6 +50,9 @@ class ScriptedEngine:
             raise self.error
         return np.linspace(0.2, 0.8, len(suffixes)).astype(np.float32)
 
+    def close(self) -> None:
+        pass
+
 
 class DeadHistory:
     """A history store whose Redis is down."""
