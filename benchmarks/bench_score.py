@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -39,6 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import gateway_support  # noqa: E402
+from gateway_support import peak_rss_mb  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine.base import UserAdapter  # noqa: E402
 from service.engine.ragged import context_length  # noqa: E402
@@ -56,31 +57,10 @@ def percentile(xs, q):
 
 
 def start_gateway(args) -> subprocess.Popen:
-    env = dict(os.environ, RECLORA_PORT=str(args.port), RECLORA_ACTIVE_VERSION=args.version,
-               RECLORA_MODEL_STORE=str(args.store), RECLORA_BASE_MODEL_DIR=str(args.base_model),
-               RECLORA_DEFAULT_DEADLINE_MS="30000", RECLORA_MAX_DEADLINE_MS="60000", RECLORA_LOG_JSON="false",
-               RECLORA_LOG_LEVEL="WARNING", RECLORA_TORCH_THREADS=str(args.threads), RECLORA_TORCH_DTYPE=args.dtype)
-    proc = subprocess.Popen([sys.executable, "-m", "service.api"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(args.log, "w"))
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{args.port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"gateway did not become ready; see {args.log}")
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return gateway_support.start_gateway(args.port, args.log, dict(
+        active_version=args.version, model_store=args.store, base_model_dir=args.base_model,
+        default_deadline_ms=30000, max_deadline_ms=60000, log_level="WARNING", torch_threads=args.threads,
+        torch_dtype=args.dtype), ready_timeout_s=180)
 
 
 async def seed_long_user(settings: Settings, catalog_items: np.ndarray, n: int, rng) -> None:

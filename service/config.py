@@ -7,6 +7,7 @@ process entry point, so tests can build several differently configured apps side
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -102,6 +103,34 @@ class Settings(BaseSettings):
         "Least time left before the deadline for the LLM stage to start; with less the answer is the "
         "CRM scores, marked degraded."))
 
+    # --- load: admission, shedding, nearline LLM scores
+    max_inflight_score: int | None = Field(None, ge=1, le=100_000, description=(
+        "Score requests served at once by one gateway; past it POST /v1/score answers 429 with "
+        "Retry-After at once instead of queueing. None = 8 per CPU core."))
+    max_inflight_events: int | None = Field(None, ge=1, le=100_000, description=(
+        "Event and profile writes served at once; past it 429 with Retry-After. None = 16 per CPU core."))
+    max_cpu_queue: int | None = Field(None, ge=1, le=100_000, description=(
+        "Score requests waiting for the CRM worker; past it 429. None = max_inflight_score."))
+    shed_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a shed (429) answer, seconds.")
+    llm_admission: Literal["queue", "pace"] = Field("queue", description=(
+        "queue = the LLM stage runs only when the work queued on the engine plus the request's own forward "
+        "fit in the time left; pace = only its own forward is counted (an older rule, kept for comparison: "
+        "under concurrency most forwards it starts are abandoned)."))
+    llm_score_cache: bool = Field(True, description=(
+        "Keep LLM scores in Redis, shared by every gateway replica, keyed by model version and a fingerprint "
+        "of the prompt, adapter and history; candidates without one are scored in the background for the "
+        "user's next request. False = every LLM score is computed live."))
+    llm_score_cache_ttl_s: int = Field(600, ge=1, le=30 * 86_400, description="Lifetime of cached LLM scores.")
+    llm_score_cache_budget_ms: float = Field(50.0, gt=0, description=(
+        "Redis read budget of the LLM score cache; beyond it every candidate is a miss."))
+    background_max_jobs: int = Field(256, ge=1, le=1_000_000, description=(
+        "Background engine jobs queued at most; the oldest are dropped first."))
+    background_max_age_s: float = Field(60.0, gt=0, description=(
+        "A background job older than this when the engine is free is dropped (its user has moved on)."))
+    events_durable: bool = Field(False, description=(
+        "Acknowledge POST /v1/events only after Redis reports the write on disk (WAITAOF; Redis 7.2+ with "
+        "appendonly yes). The gateway refuses to start when the server cannot."))
+
     # --- events intake
     max_event_batch: int = Field(100, ge=1, le=10_000, description="Most events per POST /v1/events.")
     rating_min: float = Field(0.5, description="Lowest rating an event may carry.")
@@ -124,6 +153,18 @@ class Settings(BaseSettings):
     # --- logging
     log_level: LogLevel = "INFO"
     log_json: bool = Field(True, description="One JSON object per line; False for human-readable lines.")
+
+    @property
+    def score_inflight_limit(self) -> int:
+        return self.max_inflight_score or 8 * (os.cpu_count() or 1)
+
+    @property
+    def events_inflight_limit(self) -> int:
+        return self.max_inflight_events or 16 * (os.cpu_count() or 1)
+
+    @property
+    def cpu_queue_limit(self) -> int:
+        return self.max_cpu_queue or self.score_inflight_limit
 
     @property
     def follows_store(self) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -75,3 +77,33 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
         logger.handlers.clear()
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+
+
+class BurstLog:
+    """One log line per burst of the same failure: the first occurrence is logged (with its
+    traceback when ``exc_info``), repeats within ``interval_s`` are counted, and the next line
+    after the interval says how many were suppressed. A failing backend then writes a line every
+    few seconds instead of one per request; the metrics carry the per-request counts.
+
+    Written here rather than with a logging filter: the count of what was suppressed belongs in
+    the next line, which a filter that drops records cannot write."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self.logger, self.interval_s = logger, interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def log(self, level: int, key: str, message: str, *, exc_info: bool = False, **extra: object) -> bool:
+        """Log ``message`` unless ``key`` was logged within the interval; returns whether it logged."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, float("-inf")) < self.interval_s:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            message = f"{message} ({suppressed} more since the last report, not logged)"
+        self.logger.log(level, message, exc_info=exc_info, extra={"suppressed": suppressed, **extra})
+        return True

@@ -13,13 +13,16 @@ from prometheus_client import gc_collector, platform_collector, process_collecto
 from prometheus_client.exposition import choose_encoder
 
 from service.registry.errors import RefusalReason
-from service.scoring.contracts import DegradedReason
+from service.scoring.contracts import Admission, CandidateSource, DegradedReason
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-STAGES = ("history", "crm", "retrieval", "prompts", "adapter", "llm", "total")
+STAGES = ("history", "crm", "retrieval", "prompts", "adapter", "llm_cache", "llm", "total")
 DEGRADED_REASONS = tuple(DegradedReason)  # why an answer was degraded (service.scoring.contracts)
 REFUSAL_REASONS = tuple(RefusalReason)  # why a model push or activation was refused (service.registry)
 ACTIVATION_KINDS = ("activate", "rollback", "follow")
+SHED_ROUTES = ("/v1/score", "/v1/events")
+SCORE_CACHE_OUTCOMES = ("hit", "miss", "error", "write_error")
+BACKGROUND_OUTCOMES = ("scored", "failed", "dropped", "expired")
 
 
 class Metrics:
@@ -52,6 +55,38 @@ class Metrics:
         self.events_appended = Counter(
             "reclora_events_appended", "Behaviour events appended to user histories.", registry=r)
         self.model = Info("reclora_model", "The model bundle version being served.", registry=r)
+        # --- load: admission, shedding, the engine's queue, nearline LLM scores
+        self.inflight = Gauge(
+            "reclora_inflight_requests", "Requests being served now, by route (bounded routes only).", ["route"],
+            registry=r)
+        self.shed = Counter(
+            "reclora_shed_responses", "Requests answered 429 at once because the route was at its bound.",
+            ["route"], registry=r)
+        self.llm_admissions = Counter(
+            "reclora_llm_admissions", "What score requests' LLM stages decided for their uncached candidates.",
+            ["outcome"], registry=r)
+        self.llm_abandoned = Counter(
+            "reclora_llm_abandoned_forwards", "LLM forwards started for a request and stopped at its deadline.",
+            registry=r)
+        self.llm_expired = Counter(
+            "reclora_llm_expired_requests", "Request work that reached the engine after its deadline (not started).",
+            registry=r)
+        self.engine_queue_requests = Gauge(
+            "reclora_engine_queue_requests", "Requests waiting for or running on the LLM engine.", registry=r)
+        self.engine_queue_ms = Gauge(
+            "reclora_engine_queue_predicted_ms", "Predicted milliseconds of request work queued on the LLM engine.",
+            registry=r)
+        self.background_queue = Gauge(
+            "reclora_background_queue_jobs", "Background engine jobs waiting for an idle engine.", registry=r)
+        self.background_jobs = Counter(
+            "reclora_background_jobs", "Background engine jobs by outcome (scored, failed, dropped, expired).",
+            ["outcome"], registry=r)
+        self.score_cache = Counter(
+            "reclora_llm_score_cache_lookups", "Candidates looked up in the LLM score cache, by outcome.",
+            ["outcome"], registry=r)
+        self.candidates = Counter(
+            "reclora_candidates", "Scored candidates by where their LLM score came from (live, cached, none).",
+            ["llm"], registry=r)
         # --- vLLM engine (labelled by replica URL: a bounded, configured set)
         self.vllm_adapter_load_latency = Histogram(
             "reclora_vllm_adapter_load_seconds", "Time to register a user adapter on a vLLM replica.",
@@ -81,12 +116,28 @@ class Metrics:
             self.model_activations.labels(kind)
         for reason in REFUSAL_REASONS:
             self.model_refusals.labels(reason)
+        for route in SHED_ROUTES:
+            self.shed.labels(route)
+            self.inflight.labels(route)
+        for outcome in Admission:
+            self.llm_admissions.labels(outcome)
+        for outcome in BACKGROUND_OUTCOMES:
+            self.background_jobs.labels(outcome)
+        for outcome in SCORE_CACHE_OUTCOMES:
+            self.score_cache.labels(outcome)
+        for source in CandidateSource:
+            self.candidates.labels(source)
 
     def observe_stage(self, stage: str, ms: float) -> None:
         self.stage_latency.labels(stage).observe(ms / 1000.0)
 
     def observe_degraded(self, reason: DegradedReason) -> None:
         self.degraded.labels(reason).inc()
+
+    def observe_engine_queue(self, requests: int, jobs: int, backlog_ms: float) -> None:
+        self.engine_queue_requests.set(requests)
+        self.background_queue.set(jobs)
+        self.engine_queue_ms.set(backlog_ms)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.request_latency.labels(method, route, str(status)).observe(seconds)

@@ -57,7 +57,9 @@ class World:
                       # Generous deadlines: a loaded 2-core CI box must not turn the happy path into
                       # a degraded answer. The deadline fallbacks ask for tiny deadlines explicitly.
                       default_deadline_ms=20_000, max_deadline_ms=30_000, history_budget_ms=2_000,
-                      log_json=True, log_level="WARNING")
+                      # Every LLM score live, so each test sees its own request's decisions; the
+                      # score cache has tests of its own.
+                      llm_score_cache=False, log_json=True, log_level="WARNING")
         values.update(overrides)
         return Settings(**values)
 

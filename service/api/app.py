@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service.api.admin.router import router as admin_router
+from service.api.admission import InflightLimit, LoadShedMiddleware
 from service.api.errors import install_error_handlers
 from service.api.events.router import router as events_router
 from service.api.health.router import router as health_router
@@ -40,6 +41,9 @@ def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None,
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        limits={admin_router.prefix: settings.admin_max_upload_bytes})
+    app.add_middleware(LoadShedMiddleware, metrics=metrics, retry_after_s=settings.shed_retry_after_s,
+                       score=InflightLimit("/v1/score", settings.score_inflight_limit),
+                       writes=InflightLimit("/v1/events", settings.events_inflight_limit))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # added last = outermost
     for router in (health_router, metrics_router, score_router, events_router):
         app.include_router(router)

@@ -97,6 +97,16 @@ class Unavailable(ApiError):
         super().__init__(message, code=code, details=details, headers={"Retry-After": str(retry_after_s)})
 
 
+class Overloaded(ApiError):
+    """Past a bound of this gateway (requests in flight, work queued): retry after the header's seconds."""
+
+    status_code = HTTPStatus.TOO_MANY_REQUESTS
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 def summarize(details: Sequence[ErrorDetail]) -> str:
     """'candidates[3]: ...; deadline_ms: ...' for the first few problems."""
     parts = [f"{d.loc}: {d.message}" if d.loc else d.message for d in details[:MAX_MESSAGE_PROBLEMS]]
@@ -166,5 +176,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Invalid request; `details` lists each problem."},
+    429: {"model": ErrorResponse, "description": "Overloaded: nothing was done; retry after `Retry-After` seconds."},
     503: {"model": ErrorResponse, "description": "A dependency is unavailable; retry after `Retry-After`."},
 }

@@ -60,7 +60,7 @@ class Lifecycle:
 def history_settings(settings: Settings) -> HistorySettings:
     return HistorySettings(prefix=settings.redis_prefix, max_events=settings.history_max_events,
                            socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s,
-                           max_connections=settings.redis_max_connections)
+                           max_connections=settings.redis_max_connections, durable=settings.events_durable)
 
 
 async def load_runtime(app: FastAPI, factory: RuntimeFactory) -> None:
@@ -101,6 +101,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if state.history is None:
         state.history = HistoryStore.from_url(state.settings.redis_url, history_settings(state.settings))
         lifecycle.owned.add("history")
+    if state.settings.events_durable:  # a promise the server cannot keep is refused at startup
+        await state.history.check_durable()
     loader = None
     if state.scorer is None:
         loader = asyncio.create_task(load_runtime(app, state.runtime_factory), name="load-runtime")

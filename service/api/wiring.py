@@ -25,7 +25,9 @@ from service.personalization.adapter_cache import AdapterCache, CacheEvents
 from service.registry.manager import ModelManager, RegistryEvents
 from service.registry.store import ModelStore
 from service.registry.validation import BaseModelSpec
-from service.scoring.pipeline import ScoringPipeline
+from service.nearline.score_cache import LLMScoreCache
+from service.scoring.engine_scheduler import EngineScheduler, SchedulerEvents
+from service.scoring.pipeline import ScoringEvents, ScoringPipeline
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +120,26 @@ def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore) 
         else:
             engine, builder = build_torch_engine(settings, model)
     log.info("model %s loaded (llm: %s)", version, "yes" if engine else "no")
+    scheduler = scores = None
+    if engine is not None:
+        scheduler = EngineScheduler(
+            max_background=settings.background_max_jobs, background_max_age_s=settings.background_max_age_s,
+            events=SchedulerEvents(abandoned=metrics.llm_abandoned.inc, expired=metrics.llm_expired.inc,
+                                   background_done=lambda outcome: metrics.background_jobs.labels(outcome).inc(),
+                                   depth=metrics.observe_engine_queue))
+        if settings.llm_score_cache:
+            scores = LLMScoreCache(history.client, prefix=settings.redis_prefix, ttl_s=settings.llm_score_cache_ttl_s)
+    events = ScoringEvents(
+        stage=metrics.observe_stage, degraded=metrics.observe_degraded,
+        admission=lambda outcome: metrics.llm_admissions.labels(outcome).inc(),
+        candidates=lambda source, n: metrics.candidates.labels(source).inc(n),
+        score_cache=lambda outcome, n: metrics.score_cache.labels(outcome).inc(n))
     return ScoringPipeline(
         history=history, holder=ModelHolder(model, builder), engine=engine, cache=build_adapter_cache(settings, metrics),
         default_deadline_ms=settings.default_deadline_ms, history_budget_ms=settings.history_budget_ms,
-        llm_min_ms=settings.llm_min_ms, observe_stage=metrics.observe_stage, observe_degraded=metrics.observe_degraded)
+        llm_min_ms=settings.llm_min_ms, scheduler=scheduler, scores=scores,
+        score_cache_budget_ms=settings.llm_score_cache_budget_ms, max_cpu_queue=settings.cpu_queue_limit,
+        queue_aware=settings.llm_admission == "queue", events=events)
 
 
 def build_manager(settings: Settings, metrics: Metrics, pipeline: ScoringPipeline) -> ModelManager:

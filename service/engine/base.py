@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,11 +28,17 @@ class UserAdapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
+class ForwardInterrupted(Exception):
+    """A forward stopped because ``interrupted()`` said more urgent work is waiting."""
+
+
 class ScoringEngine(Protocol):
     def score(self, adapter: UserAdapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-              deadline: float | None = None) -> np.ndarray:
+              deadline: float | None = None, interrupted: Callable[[], bool] | None = None) -> np.ndarray:
         """P(Yes) per suffix, each scored as prefix + suffix with the adapter installed; work
-        past ``deadline`` (a time.perf_counter() instant) may be abandoned with a TimeoutError."""
+        past ``deadline`` (a time.perf_counter() instant) may be abandoned with a TimeoutError, and
+        work for which ``interrupted()`` turns true with ForwardInterrupted (background scoring
+        yields the engine to a request that waits; engines that cannot stop early ignore it)."""
         ...
 
     def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:

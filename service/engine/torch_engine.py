@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.engine.base import UserAdapter
+from service.engine.base import ForwardInterrupted, UserAdapter
 from service.engine import native
 from service.engine.lora_slot import LoRASlots
 from service.engine.ragged import KV, RaggedDecoder, Row
@@ -45,6 +45,7 @@ class TorchEngine:
         self.slots = LoRASlots(model, target_modules)
         self._lock = threading.Lock()  # one forward at a time: the installed adapter is per forward
         self._deadline: float | None = None
+        self._interrupted: Callable[[], bool] | None = None
         # Called with every packed forward's rows before it runs (benchmarks count FLOPs from them).
         self.observe_rows: Callable[[list[Row]], None] | None = None
         self.last_extensions: list[int] = []  # lengths of the runs the last request cached (prefix first)
@@ -67,15 +68,19 @@ class TorchEngine:
 
     def _check_deadline(self) -> None:
         """Called between layers: a late request is abandoned there, so it does not hold the engine
-        (and every request queued behind it) for a forward whose answer nobody will read."""
+        (and every request queued behind it) for a forward whose answer nobody will read; and
+        background work yields there to a request that waits."""
         if self._deadline is not None and time.perf_counter() > self._deadline:
             raise DeadlineExceeded("the request deadline passed during the LLM forward")
+        if self._interrupted is not None and self._interrupted():
+            raise ForwardInterrupted("a request is waiting for the engine")
 
     @torch.inference_mode()
     def score(self, adapter: UserAdapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-              deadline: float | None = None) -> np.ndarray:
+              deadline: float | None = None, interrupted: Callable[[], bool] | None = None) -> np.ndarray:
         """P(Yes) per suffix; ``deadline`` is a ``time.perf_counter()`` instant after which the
-        forward stops with DeadlineExceeded."""
+        forward stops with DeadlineExceeded; ``interrupted()`` true between layers stops it with
+        ForwardInterrupted."""
         if not suffixes:
             return np.zeros(0, dtype=np.float32)
         if any(len(s) == 0 for s in suffixes):
@@ -83,7 +88,7 @@ class TorchEngine:
         with self._lock:
             if deadline is not None and time.perf_counter() > deadline:
                 raise DeadlineExceeded("the request deadline passed while waiting for the engine")
-            self._deadline = deadline
+            self._deadline, self._interrupted = deadline, interrupted
             self.last_extensions = [len(prefix)] if prefix else []
             self.slots.install(adapter)
             start = time.perf_counter()
@@ -102,7 +107,7 @@ class TorchEngine:
                 self._ms_per_token = max(self._ms_per_token or 0.0, pace())
                 raise
             finally:
-                self._deadline = None
+                self._deadline = self._interrupted = None
                 self._last_forward = time.monotonic()
                 self.slots.install(None)
 

@@ -60,18 +60,19 @@ def check_layout(prefix: str, max_events: int) -> None:
         raise ValueError(f"max_events must be at least 1, got {max_events}")
 
 
-def _tag(prefix: str, user_id: str) -> str:
+def user_tag(prefix: str, user_id: str) -> str:
+    """``<prefix>{u:<user_id>}``: the start of every key of one user (one Redis Cluster slot)."""
     if not isinstance(user_id, str) or not user_id:
         raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
     return f"{prefix}{{u:{user_id}}}"
 
 
 def events_key(prefix: str, user_id: str) -> str:
-    return f"{_tag(prefix, user_id)}:events"
+    return f"{user_tag(prefix, user_id)}:events"
 
 
 def profile_key(prefix: str, user_id: str) -> str:
-    return f"{_tag(prefix, user_id)}:profile"
+    return f"{user_tag(prefix, user_id)}:profile"
 
 
 def encode_records(items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray) -> list[bytes]:

@@ -19,7 +19,8 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.history.layout import (Event, HistoryFormatError, HistoryOrderError, UserHistory, check_layout,
                                     check_order, decode_records, encode_records, events_key, profile_key)
@@ -55,6 +56,8 @@ class HistorySettings:
     socket_timeout: float = 0.5
     socket_connect_timeout: float = 0.5
     max_connections: int | None = None
+    durable: bool = False  # an append returns only once Redis has the write on disk (WAITAOF)
+    durable_timeout_ms: int = 2000
 
     def __post_init__(self) -> None:
         check_layout(self.prefix, self.max_events)
@@ -90,6 +93,11 @@ class HistoryStore:
                                          retry=AsyncRetry(NoBackoff(), 0), decode_responses=False, **extra)
         return cls(client, settings)
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection pool, for other per-user data kept beside the histories."""
+        return self._redis
+
     def _keys(self, user_id: str) -> tuple[str, str]:
         return events_key(self.settings.prefix, user_id), profile_key(self.settings.prefix, user_id)
 
@@ -122,11 +130,32 @@ class HistoryStore:
             raise ValueError(f"events of user {user_id!r} carry a non-finite rating")
         cap = self.settings.max_events
         records = encode_records(items[-cap:], ratings[-cap:], timestamps[-cap:])
-        ok, value = await self._append(keys=[ev_key], args=[cap, int(timestamps[0]), *records])
+        args = [cap, int(timestamps[0]), *records]
+        if self.settings.durable:
+            # WAITAOF waits for the writes of its own connection: one pipeline keeps both on one.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self._append(keys=[ev_key], args=args, client=pipe)
+                pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_timeout_ms)
+                (ok, value), (local, _) = await pipe.execute()
+        else:
+            ok, value = await self._append(keys=[ev_key], args=args)
+            local = 1
         if not ok:
             raise HistoryOrderError(f"event at {int(timestamps[0])} is older than the latest stored event "
                                     f"of user {user_id!r} at {int(value)}; nothing was written")
+        if int(local) < 1:
+            raise RedisTimeoutError(f"the events were written but not confirmed on disk within "
+                                    f"{self.settings.durable_timeout_ms} ms")
         return int(value)
+
+    async def check_durable(self) -> None:
+        """Refuse (RuntimeError, saying why) when the server cannot confirm writes on disk: WAITAOF
+        needs Redis 7.2+ with ``appendonly yes``."""
+        try:
+            await self._redis.execute_command("WAITAOF", 1, 0, self.settings.durable_timeout_ms)
+        except ResponseError as exc:
+            raise RuntimeError(f"events_durable needs a Redis that confirms writes on disk (WAITAOF, Redis 7.2+ "
+                               f"with appendonly yes); this server answered: {exc}") from None
 
     async def set_profile(self, user_id: str, profile: Mapping[str, str], replace: bool = True) -> None:
         """Write profile fields; ``replace`` drops fields not in ``profile`` (atomically, MULTI/EXEC)."""

@@ -20,8 +20,28 @@ class DegradedReason(StrEnum):
     HISTORY_UNAVAILABLE = "history_unavailable"  # Redis failed or exceeded its budget: scored as cold start
     DEADLINE = "deadline"  # too little time left for the LLM stage (under ``llm_min_ms``)
     LLM_OVERRUN_EXPECTED = "llm_overrun_expected"  # the engine's pace predicts the forward would overrun
+    LLM_QUEUE = "llm_queue"  # the work queued on the engine would not let this request finish in time
     LLM_TIMEOUT = "llm_timeout"  # the forward was abandoned at the deadline
     LLM_ERROR = "llm_error"  # the engine failed
+    LLM_PARTIAL = "llm_partial"  # some candidates carry LLM scores (from the cache), the rest the CRM's
+
+
+class Admission(StrEnum):
+    """What a request's LLM stage decided for the candidates without a cached LLM score."""
+
+    LIVE = "live"  # scored by the engine now
+    CACHED = "cached"  # every candidate had a cached score: no engine work
+    DEADLINE = "deadline"
+    OVERRUN = "overrun"  # its own forward would overrun
+    QUEUE = "queue"  # its forward after the queued work would overrun
+
+
+class CandidateSource(StrEnum):
+    """Where a candidate's LLM score came from."""
+
+    LIVE = "live"
+    CACHED = "cached"
+    NONE = "none"  # no LLM score: the CRM's
 
 
 @dataclass
@@ -52,6 +72,14 @@ class UnknownItems(ValueError):
         super().__init__(f"{len(self.items)} item id(s) not in the catalog of model {model_version}")
 
 
+class Overloaded(RuntimeError):
+    """The service is past a bound (requests in flight, work queued): nothing was scored; retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Scorer(Protocol):
     """What the HTTP layer needs from the model runtime."""
 
@@ -69,7 +97,8 @@ class Scorer(Protocol):
         """Score every candidate for the user within the deadline; degrade instead of raising.
 
         Raises ``UnknownItems`` (and scores nothing) when a candidate is not in the catalog of the
-        version the request was given: the check and the scoring read one snapshot."""
+        version the request was given: the check and the scoring read one snapshot; raises
+        ``Overloaded`` when its work queues are full."""
         ...
 
     def close(self) -> None:

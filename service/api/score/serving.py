@@ -7,9 +7,10 @@ input and "no model loaded yet" are errors here.
 
 from __future__ import annotations
 
-from service.api.errors import ErrorDetail, InvalidRequest, unknown_items_error
+from service.api.errors import ErrorDetail, InvalidRequest, Overloaded, unknown_items_error
 from service.api.score.protocol import CandidateScore, ScoreRequest, ScoreResponse
 from service.config import Settings
+from service.scoring.contracts import Overloaded as ScorerOverloaded
 from service.scoring.contracts import ScoreResult, Scorer, UnknownItems
 
 
@@ -44,4 +45,6 @@ async def score(request: ScoreRequest, *, scorer: Scorer, settings: Settings, re
     except UnknownItems as exc:
         located = ((f"candidates[{i}]", item) for i, item in enumerate(request.candidates))
         raise unknown_items_error(located, exc.items, exc.model_version) from None
+    except ScorerOverloaded as exc:
+        raise Overloaded(str(exc), retry_after_s=max(exc.retry_after_s, settings.shed_retry_after_s)) from None
     return to_response(result)

@@ -79,8 +79,9 @@ class VLLMEngine:
     # --- ScoringEngine
 
     def score(self, adapter: UserAdapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-              deadline: float | None = None) -> np.ndarray:
-        """P(Yes) per suffix; ``deadline`` is a ``time.perf_counter()`` instant."""
+              deadline: float | None = None, interrupted: Callable[[], bool] | None = None) -> np.ndarray:
+        """P(Yes) per suffix; ``deadline`` is a ``time.perf_counter()`` instant. ``interrupted`` is
+        not consulted: the servers batch requests themselves, so background work never holds them."""
         if not suffixes:
             return np.zeros(0, dtype=np.float32)
         if any(len(s) == 0 for s in suffixes):

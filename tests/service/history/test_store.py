@@ -47,7 +47,10 @@ def sync_client() -> redis.Redis:
 
 
 def make_store(prefix: str, max_events: int = 1000) -> HistoryStore:
-    return HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=prefix, max_events=max_events))
+    # Generous socket timeouts: these tests are about the data, and a loaded CI host must not turn
+    # 50 concurrent connects into a timeout (the timeouts have tests of their own below).
+    return HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=prefix, max_events=max_events,
+                                                            socket_timeout=10.0, socket_connect_timeout=10.0))
 
 
 def events(*triples: tuple[int, float, int]) -> list[Event]:

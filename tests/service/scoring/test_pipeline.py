@@ -19,7 +19,7 @@ from service.llm.prompt import PromptBuilder
 from service.model import ModelHolder, load_model
 from service.personalization.adapter_cache import AdapterCache
 from service.scoring.contracts import DegradedReason, UnknownItems
-from service.scoring.pipeline import ScoringPipeline, llm_admission
+from service.scoring.pipeline import ScoringEvents, ScoringPipeline, llm_admission
 from service.scoring.stages import UserHistoryView, run_crm
 from redis_support import REDIS_URL
 
@@ -105,8 +105,8 @@ def make_pipeline(loaded, history, engine, **overrides) -> tuple[ScoringPipeline
     options.update(overrides)
     holder = options.pop("holder", None) or ModelHolder(model, builder)
     pipeline = ScoringPipeline(history=history, holder=holder, engine=engine, cache=AdapterCache(64 << 20),
-                               observe_stage=lambda stage, ms: stages.append(stage),
-                               observe_degraded=degraded.append, **options)
+                               events=ScoringEvents(stage=lambda stage, ms: stages.append(stage),
+                                                    degraded=degraded.append), **options)
     return pipeline, stages, degraded
 
 

@@ -1,0 +1,88 @@
+"""Typed mirrors of the gateway's wire types.
+
+Fields the gateway adds later are ignored rather than refused, so an older client keeps working
+against a newer gateway; a field it drops or retypes fails loudly (``UnexpectedResponse``).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class CandidateScore(_Wire):
+    item_id: int
+    score: float = Field(description="The final P(like), fused from the LLM and CRM when both ran.")
+    llm_score: float | None = Field(description="P('Yes') from the personalized LLM; None when degraded.")
+    crm_score: float = Field(description="P(like) from the conventional recommender.")
+
+
+class ScoreResponse(_Wire):
+    """``POST /v1/score``: one score per candidate, in request order."""
+
+    user_id: str
+    model_version: str
+    scores: list[CandidateScore]
+    degraded: bool = Field(description="A stage was skipped or failed; see degraded_reasons.")
+    degraded_reasons: list[str]
+    cold_start: bool = Field(description="No stored history or profile was found for the user.")
+    timings: dict[str, float] = Field(description="Milliseconds per stage, and 'total'.")
+
+    def by_item(self) -> dict[int, CandidateScore]:
+        """The scores keyed by item id, for callers that rank or join on ids."""
+        return {s.item_id: s for s in self.scores}
+
+
+class Event(_Wire):
+    """One behaviour: a rating of an item at a Unix time in seconds."""
+
+    item_id: int
+    rating: float
+    timestamp: int
+
+
+class EventsResponse(_Wire):
+    """``POST /v1/events``."""
+
+    appended: int = Field(description="Events written (all of the request's).")
+    history_length: int = Field(description="Behaviours stored for the user afterwards (capped).")
+
+
+class ProfileResponse(_Wire):
+    """``PUT /v1/users/{id}/profile``."""
+
+    user_id: str
+    fields: int = Field(description="Profile fields stored.")
+
+
+class HistoryResponse(_Wire):
+    """``GET /v1/users/{id}/history``: one page, newest first."""
+
+    user_id: str
+    events: list[Event]
+    profile: dict[str, str]
+    next_cursor: str | None = Field(description="Pass as ``cursor`` for the next (older) page; None at the end.")
+
+
+class ErrorDetail(_Wire):
+    """One problem of a refused request, e.g. ``loc='candidates[3]'``, ``type='unknown_item'``."""
+
+    loc: str | None = None
+    message: str
+    type: str
+
+
+class ErrorBody(_Wire):
+    code: str
+    message: str
+    details: list[ErrorDetail] = Field(default_factory=list)
+    request_id: str | None = None
+
+
+class ErrorResponse(_Wire):
+    """The gateway's one error schema for every non-2xx answer."""
+
+    error: ErrorBody

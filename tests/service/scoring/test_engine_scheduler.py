@@ -1,0 +1,177 @@
+"""EngineScheduler: requests before background work, background work yields and is re-queued,
+de-duplicated, bounded, aged out; the backlog admission reads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from service.engine.base import ForwardInterrupted
+from service.scoring.engine_scheduler import EngineScheduler, SchedulerEvents
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+        self.abandoned = self.expired = 0
+        self.events = SchedulerEvents(abandoned=self._abandoned, expired=self._expired,
+                                      background_done=self.outcomes.append)
+
+    def _abandoned(self) -> None:
+        self.abandoned += 1
+
+    def _expired(self) -> None:
+        self.expired += 1
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def scheduler(recorder):
+    s = EngineScheduler(max_background=3, background_max_age_s=30.0, events=recorder.events)
+    yield s
+    s.close()
+
+
+def blocker():
+    """Work that holds the engine until released; ``entered`` is set once it runs."""
+    entered, release = threading.Event(), threading.Event()
+
+    def work(interrupted):
+        entered.set()
+        assert release.wait(10)
+        return "held"
+
+    return work, entered, release
+
+
+def test_requests_run_in_arrival_order_before_background_work(scheduler):
+    order: list[str] = []
+    hold, entered, release = blocker()
+    first = scheduler.submit(hold, 50.0)
+    assert entered.wait(5)
+    scheduler.submit_background("b1", lambda interrupted: order.append("b1"), 10.0)
+    futures = [scheduler.submit(lambda interrupted, i=i: order.append(f"r{i}"), 10.0) for i in range(3)]
+    release.set()
+    assert first.result(5) == "held"
+    for f in futures:
+        f.result(5)
+    deadline = time.monotonic() + 5
+    while "b1" not in order and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert order == ["r0", "r1", "r2", "b1"]
+
+
+def test_backlog_counts_queued_requests_and_the_rest_of_the_running_one(scheduler):
+    assert scheduler.backlog_ms() == 0.0
+    hold, entered, release = blocker()
+    scheduler.submit(hold, 1000.0)
+    assert entered.wait(5)
+    queued = scheduler.submit(lambda interrupted: None, 300.0)
+    scheduler.submit_background("b", lambda interrupted: None, 5000.0)  # background counts nothing
+    backlog = scheduler.backlog_ms()
+    assert 1000.0 < backlog <= 1300.0
+    assert scheduler.depth() == (2, 1)
+    release.set()
+    queued.result(5)
+
+
+def test_background_work_yields_to_a_request_and_runs_again_later(scheduler, recorder):
+    runs: list[str] = []
+    started = threading.Event()
+
+    def background(interrupted):
+        runs.append("start")
+        started.set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if interrupted():
+                runs.append("interrupted")
+                raise ForwardInterrupted("a request waits")
+            if runs.count("start") >= 2:  # the second run: finish
+                return
+            time.sleep(0.005)
+        raise AssertionError("never interrupted")
+
+    assert scheduler.submit_background("job", background, 100.0)
+    assert started.wait(5)
+    t0 = time.perf_counter()
+    assert scheduler.submit(lambda interrupted: "request", 10.0).result(5) == "request"
+    assert time.perf_counter() - t0 < 1.0  # it did not wait for the background work to finish
+    deadline = time.monotonic() + 5
+    while "scored" not in recorder.outcomes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runs[:3] == ["start", "interrupted", "start"] and recorder.outcomes == ["scored"]
+
+
+def test_background_jobs_are_deduplicated_bounded_and_the_oldest_dropped(scheduler, recorder):
+    hold, entered, release = blocker()
+    scheduler.submit(hold, 10.0)
+    assert entered.wait(5)
+    done: list[str] = []
+    assert scheduler.submit_background("a", lambda interrupted: done.append("a"), 1.0)
+    assert not scheduler.submit_background("a", lambda interrupted: done.append("a again"), 1.0)
+    for key in ("b", "c", "d"):  # the queue holds 3: "a" goes
+        assert scheduler.submit_background(key, lambda interrupted, key=key: done.append(key), 1.0)
+    assert recorder.outcomes == ["dropped"]
+    release.set()
+    deadline = time.monotonic() + 5
+    while len(done) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == ["b", "c", "d"]
+
+
+def test_stale_background_jobs_are_dropped(recorder):
+    scheduler = EngineScheduler(background_max_age_s=0.05, events=recorder.events)
+    try:
+        hold, entered, release = blocker()
+        scheduler.submit(hold, 10.0)
+        assert entered.wait(5)
+        ran: list[str] = []
+        scheduler.submit_background("old", lambda interrupted: ran.append("old"), 1.0)
+        time.sleep(0.1)
+        release.set()
+        deadline = time.monotonic() + 5
+        while not recorder.outcomes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert recorder.outcomes == ["expired"] and ran == []
+    finally:
+        scheduler.close()
+
+
+def test_late_requests_are_not_started_and_overruns_are_counted(scheduler, recorder):
+    hold, entered, release = blocker()
+    scheduler.submit(hold, 10.0)
+    assert entered.wait(5)
+    ran: list[str] = []
+    late = scheduler.submit(lambda interrupted: ran.append("late"), 10.0, deadline=time.perf_counter() + 0.01)
+    time.sleep(0.05)
+    release.set()
+    with pytest.raises(TimeoutError):
+        late.result(5)
+    assert ran == [] and recorder.expired == 1
+
+    def overrun(interrupted):
+        raise TimeoutError("the deadline passed during the forward")
+
+    with pytest.raises(TimeoutError):
+        scheduler.submit(overrun, 10.0).result(5)
+    assert recorder.abandoned == 1
+
+
+def test_a_cancelled_request_is_skipped(scheduler):
+    hold, entered, release = blocker()
+    scheduler.submit(hold, 10.0)
+    assert entered.wait(5)
+    ran: list[str] = []
+    gone = scheduler.submit(lambda interrupted: ran.append("gone"), 10.0)
+    assert gone.cancel()
+    after = scheduler.submit(lambda interrupted: ran.append("after"), 10.0)
+    release.set()
+    after.result(5)
+    assert ran == ["after"]
