@@ -221,7 +221,8 @@ def main() -> None:
 
     users, items = load_users(args)
     base = dict(active_version=args.version, model_store=args.store, base_model_dir=args.base_model,
-                redis_url=args.redis_url, redis_prefix=args.prefix, log_level="WARNING", model_poll_s=0)
+                redis_url=args.redis_url, redis_prefix=args.prefix, log_level="WARNING", model_poll_s=0,
+                max_deadline_ms=60_000)
     url = f"http://127.0.0.1:{args.port}"
     results: dict = {"candidates": args.candidates, "duration_s": args.duration_s, "deadline_ms": args.deadline_ms}
     cursor = 0

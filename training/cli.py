@@ -41,43 +41,74 @@ def prepare(
     items: Annotated[Optional[Path], typer.Option(help="csv: items file")] = None,
     users: Annotated[Optional[Path], typer.Option(help="csv: optional users file")] = None,
     user_col: str = "user", item_col: str = "item", rating_col: str = "rating", timestamp_col: str = "timestamp",
-    item_id_col: str = "item", title_col: str = "title", genres_col: str = "genres",
+    item_id_col: Annotated[Optional[str], typer.Option(
+        help="csv: the items file's id column (default: --item-col)")] = None,
+    title_col: str = "title",
+    genres_col: Annotated[str, typer.Option(help="csv: the items' genres column; '' when they have none")] = "genres",
     year_col: Optional[str] = None, genre_sep: str = "|", sep: str = ",", encoding: str = "utf-8",
-    rating_min: float = 0.0, rating_max: float = 5.0,
+    rating_min: Annotated[Optional[float], typer.Option(help="csv: lowest rating (default: the lowest in the file)")]
+        = None,
+    rating_max: Annotated[Optional[float], typer.Option(help="csv: highest rating (default: the highest in the file)")]
+        = None,
+    drop_unknown_items: Annotated[bool, typer.Option(
+        help="csv: leave out (and count) ratings of items the items file lacks, instead of refusing the data")] = False,
+    item_noun: Annotated[Optional[str], typer.Option(
+        help="csv, synthetic: what prompts call an item, e.g. book (default movie)")] = None,
+    item_plural: Annotated[Optional[str], typer.Option(help="csv, synthetic: its plural (default: noun + s)")] = None,
+    item_verb: Annotated[Optional[str], typer.Option(
+        help="csv, synthetic: what a user did with one, e.g. read (default: from the noun)")] = None,
     label_threshold: Annotated[float, typer.Option(help="label = rating > threshold")] = 3.0,
     min_history: int = 5,
     seed: Annotated[int, typer.Option(help="synthetic: generator seed")] = 0,
     n_users: int = 300, n_items: int = 200, n_interactions: int = 12000,
 ) -> None:
     """Load a dataset, label it, split it 8:1:1 in time order and write columnar tables."""
-    from training.data.errors import DataFormatError
     from training.data.loaders import load_dataset
     from training.data.samples import SplitConfig
     from training.data.samples import prepare as prepare_samples
 
+    words = {k: v for k, v in (("item_noun", item_noun), ("item_plural", item_plural), ("item_verb", item_verb))
+             if v is not None}
     if format in ("ml-100k", "ml-1m", "ml-latest"):
         if data_dir is None:
             fail(f"--data-dir is required for {format} (or fetch it with `reclora download {format}`)")
+        if words:
+            fail(f"--item-noun, --item-plural and --item-verb apply to csv and synthetic data; {format} is movies")
         kwargs: dict = {"directory": data_dir}
     elif format == "csv":
         if interactions is None or items is None:
             fail("--interactions and --items are required for --format csv")
         kwargs = dict(interactions_path=interactions, items_path=items, users_path=users, user_col=user_col,
                       item_col=item_col, rating_col=rating_col, timestamp_col=timestamp_col,
-                      item_id_col=item_id_col, title_col=title_col, genres_col=genres_col, year_col=year_col,
-                      genre_sep=genre_sep, sep=sep, encoding=encoding, rating_min=rating_min, rating_max=rating_max)
+                      item_id_col=item_id_col, title_col=title_col, genres_col=genres_col or None, year_col=year_col,
+                      genre_sep=genre_sep, sep=sep, encoding=encoding, rating_min=rating_min, rating_max=rating_max,
+                      drop_unknown_items=drop_unknown_items, **words)
     elif format == "synthetic":
-        kwargs = dict(n_users=n_users, n_items=n_items, n_interactions=n_interactions, seed=seed)
+        kwargs = dict(n_users=n_users, n_items=n_items, n_interactions=n_interactions, seed=seed, **words)
     else:
         fail(f"unknown format {format!r}")
     with timed("prepare"):
         try:
             raw = load_dataset(format, **kwargs)
-        except DataFormatError as exc:
+        except ValueError as exc:  # DataFormatError names the file and line
             fail(str(exc))
         data = prepare_samples(raw, SplitConfig(label_threshold=label_threshold, min_history=min_history))
         data.save(out)
     typer.echo(json.dumps(data.meta["n_samples"]) + f" samples written to {out}")
+    inferred = [name for name, bound in (("lowest", rating_min), ("highest", rating_max)) if bound is None]
+    _echo_dataset_summary(data.meta, inferred=inferred if format == "csv" else [], items_file=items)
+
+
+def _echo_dataset_summary(meta: dict, *, inferred: list[str], items_file: Optional[Path]) -> None:
+    """What ``prepare`` decided on the user's behalf: the rating range, the item words, dropped rows."""
+    source = f" ({' and '.join(inferred)} in the file)" if inferred else ""
+    typer.echo(f"rating range {meta['rating_min']:g}..{meta['rating_max']:g}{source}; items are "
+               f"{meta['item_plural']} (\"the user {meta['item_verb']} the following {meta['item_plural']}\")")
+    dropped = meta["dropped_rows"].get("unknown_item")
+    if dropped is not None:
+        where = items_file.name if items_file is not None else "the items file"
+        typer.echo(f"dropped {dropped} rating row{'s' if dropped != 1 else ''} naming items not in {where} "
+                   "(recorded in meta.json as dropped_rows)")
 
 
 @app.command()
@@ -170,18 +201,32 @@ def export(
     typer.echo(f"bundle written to {path}")
 
 
+def _redis_where(url: str) -> str:
+    """Where a Redis URL points, for messages: host:port and database, never the credentials."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname}:{parts.port or 6379} db {parts.path.strip('/') or 0}"
+
+
 @app.command("load-histories")
 def load_histories(
     data: DataDir,
-    redis_url: Annotated[str, typer.Option(help="the serving history store")] = "redis://127.0.0.1:6379/0",
-    prefix: Annotated[str, typer.Option(help="key prefix, the same as the gateway's")] = "",
+    redis_url: Annotated[str, typer.Option(envvar="RECLORA_REDIS_URL", help="the serving history store")]
+        = "redis://127.0.0.1:6379/0",
+    prefix: Annotated[str, typer.Option(envvar="RECLORA_REDIS_PREFIX",
+                                        help="key prefix, the same as the gateway's")] = "",
     max_events: Annotated[int, typer.Option(help="most recent behaviours kept per user")] = 1000,
     until_split: Annotated[str, typer.Option(
         help="all, or valid/test: only interactions before that split starts (offline replay)")] = "all",
 ) -> None:
-    """Write every user's behaviour history and profile (raw ids) to Redis; re-running is idempotent."""
-    from urllib.parse import urlsplit
+    """Write every user's behaviour history and profile (raw ids) to Redis; re-running is idempotent.
 
+    The Redis URL and key prefix default to the gateway's settings (RECLORA_REDIS_URL,
+    RECLORA_REDIS_PREFIX), so both read and write the same keys.
+    """
     from redis.exceptions import RedisError
 
     from service.history import bulk_load
@@ -190,15 +235,16 @@ def load_histories(
 
     if until_split not in UNTIL_SPLITS:
         fail(f"--until-split must be one of {', '.join(UNTIL_SPLITS)}, got {until_split!r}")
+    where = _redis_where(redis_url)
     with timed("load-histories"):
         prepared = PreparedData.load(data)
         try:
             counts = bulk_load(redis_url, histories_from_prepared(prepared, until_split=until_split), prefix=prefix,
                                max_events=max_events, total=len(prepared.users))
         except RedisError as exc:
-            where = urlsplit(redis_url)  # host and port only: the URL may carry a password
-            fail(f"cannot write histories to Redis at {where.hostname}:{where.port or 6379}: {exc}")
-    typer.echo(f"histories loaded (until {until_split}): {json.dumps(counts)}")
+            fail(f"cannot write histories to Redis at {where}: {exc}")
+    keys = f"key prefix {prefix!r}" if prefix else "no key prefix"
+    typer.echo(f"histories loaded into Redis at {where}, {keys} (until {until_split}): {json.dumps(counts)}")
 
 
 @app.command("base-model")

@@ -9,12 +9,14 @@ derived from the tokenizer and checked when the builder is made.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +27,62 @@ _PREFIX, _SUFFIX = "\x00RECLORA_PREFIX\x00", "\x00RECLORA_SUFFIX\x00"
 
 
 class PromptConfig(BaseModel):
-    """Recorded in the bundle; a change of wording is a change of ``version``."""
+    """The prompt's words, recorded in the bundle as ``prompt/config.json``.
+
+    ``item_noun`` / ``item_plural`` (default the noun + "s") name the catalog's items and
+    ``verb_past`` what a user did with one ("watched", "read"; it must read as the simple past and
+    as the participle). ``version`` follows from the words: the default (movie) wording is
+    ``PROMPT_VERSION``, any other wording that plus a hash of its words, so the same words always
+    give the same version and other words another one. Left out, it is derived; given (as in a
+    bundle), it must be the one the words give.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     version: str = PROMPT_VERSION
     item_noun: str = "movie"
+    item_plural: str | None = None
     verb_past: str = "watched"
     system: str = "You are a recommender system. You answer only Yes or No."
     yes: str = "Yes"
     no: str = "No"
+
+    @property
+    def items_noun(self) -> str:
+        """The plural of the item noun."""
+        return self.item_plural or f"{self.item_noun}s"
+
+    def wording(self) -> dict[str, str]:
+        """Every word the template takes from the config, as the prompt uses it."""
+        return {"item_noun": self.item_noun, "item_plural": self.items_noun, "verb_past": self.verb_past,
+                "system": self.system, "yes": self.yes, "no": self.no}
+
+    @model_validator(mode="after")
+    def _version_follows_the_words(self) -> "PromptConfig":
+        expected = wording_version(self.wording())
+        if "version" not in self.model_fields_set:
+            self.version = expected
+        elif self.version != expected:
+            raise ValueError(f"prompt version {self.version!r} does not match its words, which are version "
+                             f"{expected!r}")
+        return self
+
+
+# The words of PROMPT_VERSION itself: a config with exactly these words is that version.
+_DEFAULT_WORDING = {"item_noun": "movie", "item_plural": "movies", "verb_past": "watched",
+                    "system": "You are a recommender system. You answer only Yes or No.", "yes": "Yes", "no": "No"}
+
+
+def wording_version(wording: Mapping[str, str]) -> str:
+    """``PROMPT_VERSION`` for the default words, else ``PROMPT_VERSION+<12 hex of their sha256>``."""
+    if dict(wording) == _DEFAULT_WORDING:
+        return PROMPT_VERSION
+    digest = hashlib.sha256(json.dumps(dict(wording), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return f"{PROMPT_VERSION}+{digest[:12]}"
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
 
 
 @dataclass(frozen=True)
@@ -119,12 +167,12 @@ class PromptBuilder:
         """The shared part; it ends with the history header, which is the same for every candidate
         (each candidate's history is non-empty exactly when the user's is)."""
         c = self.config
-        seen = (f"The user {c.verb_past} the following {c.item_noun}s in order in the past, and rated them:\n"
-                if has_history else f"The user has not rated any {c.item_noun}s yet.\n")
+        seen = (f"The user {c.verb_past} the following {c.items_noun} in order in the past, and rated them:\n"
+                if has_history else f"The user has not rated any {c.items_noun} yet.\n")
         return (
             f"{self._head}{profile_sentence(profile)}\n"
-            f"Note that the more stars the user rated a {c.item_noun}, the more the user liked it. "
-            f"You should ONLY tell me yes or no.\n{seen}"
+            f"Note that the more stars the user rated {_article(c.item_noun)} {c.item_noun}, the more the user "
+            f"liked it. You should ONLY tell me yes or no.\n{seen}"
         )
 
     def suffix_lines(self, history: Sequence[Behaviour], target: ItemText) -> list[str]:
@@ -135,7 +183,7 @@ class PromptBuilder:
         c = self.config
         lines = [piece for i, b in enumerate(history, 1)
                  for piece in (f"{i}.", f" {b.item.render()} ({_stars(b.rating)})\n")]
-        question = (f"Based on the {c.item_noun}s the user has {c.verb_past}, deduce if the user will like the "
+        question = (f"Based on the {c.items_noun} the user has {c.verb_past}, deduce if the user will like the "
                     f"{c.item_noun} ***{target.render()}***.")
         return [*lines, f"{question}{self._mid}{self._tail}"]
 

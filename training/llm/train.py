@@ -27,7 +27,7 @@ from training.crm.checkpoint import load_checkpoint
 from training.crm.dataset import encode_samples
 from training.crm.train import seed_everything
 from training.data.samples import PreparedData
-from training.llm.prompts import View, sample_prompts
+from training.llm.prompts import View, prompt_config_for, sample_prompts
 from training.metrics import binary_metrics
 
 
@@ -77,15 +77,28 @@ def user_representations(data: PreparedData, samples: pd.DataFrame, crm_dir: Pat
 
 
 class LLMScorer:
-    """Base model + optional (personalized) LoRA + prompt builder: scores dataset samples."""
+    """Base model + optional (personalized) LoRA + prompt builder: scores dataset samples.
 
-    def __init__(self, model, tokenizer, lora: PersonalizedLoRA | None, k_text: int) -> None:
+    ``prompt`` is the wording the LoRA was trained with; None words each dataset's prompts as its
+    ``meta.json`` says (``prompt_config_for``).
+    """
+
+    def __init__(self, model, tokenizer, lora: PersonalizedLoRA | None, k_text: int,
+                 prompt: PromptConfig | None = None) -> None:
         self.model, self.tokenizer, self.lora, self.k_text = model, tokenizer, lora, k_text
-        self.builder = PromptBuilder(tokenizer, PromptConfig())
+        self.prompt = prompt
+        self.builder = PromptBuilder(tokenizer, prompt or PromptConfig())
         self.pad_id = pad_id_of(tokenizer)
 
+    def builder_for(self, data: PreparedData) -> PromptBuilder:
+        """The builder of ``data``'s prompts (this scorer's own wording when it has one)."""
+        config = self.prompt or prompt_config_for(data.meta)
+        if config.version != self.builder.config.version:  # the version names the words
+            self.builder = PromptBuilder(self.tokenizer, config)
+        return self.builder
+
     def prompts(self, data: PreparedData, samples: pd.DataFrame, embeddings: np.ndarray, view: View) -> list[list[int]]:
-        return sample_prompts(data, samples, self.builder, embeddings, self.k_text, view)
+        return sample_prompts(data, samples, self.builder_for(data), embeddings, self.k_text, view)
 
     def score(self, prompts: list[list[int]], user_reps: torch.Tensor | None, batch_size: int = 16) -> np.ndarray:
         ctx = None
@@ -107,7 +120,8 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     lora_cfg = PersonalizedLoRAConfig(**cfg.lora)
     model, tokenizer = load_base(base_dir, cfg.dtype, cfg.device)
     lora = PersonalizedLoRA(model, lora_cfg).to(model.device)
-    scorer = LLMScorer(model, tokenizer, lora, cfg.k_text)
+    prompt = prompt_config_for(data.meta)  # the dataset names its items ("movie", "book", ...)
+    scorer = LLMScorer(model, tokenizer, lora, cfg.k_text, prompt)
 
     train = data.split("train").sample(n=min(cfg.n_samples, len(data.split("train"))), random_state=cfg.seed)
     valid = data.split("valid").sample(n=min(cfg.valid_samples, len(data.split("valid"))), random_state=cfg.seed)
@@ -176,7 +190,7 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
                     save_file({k: v.detach().cpu().contiguous() for k, v in lora.trainable_state_dict().items()},
                               out_dir / "weights.safetensors")
     bar.close()
-    summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": PromptConfig().model_dump(),
+    summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": prompt.model_dump(),
                "best_valid_auc": best_auc, "history": history, "train_seconds": time.perf_counter() - start,
                "instances": len(prompts)}
     (out_dir / "config.json").write_text(lora_cfg.model_dump_json(indent=2))
@@ -186,8 +200,11 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
 
 def load_trained(out_dir: Path, base_dir: Path, dtype: str = "float32", k_text: int = 10,
                  device: str = "auto") -> LLMScorer:
+    """A trained LoRA directory as a scorer, worded as it was trained (``train.json``'s prompt)."""
     model, tokenizer = load_base(base_dir, dtype, device)
     lora = PersonalizedLoRA(model, PersonalizedLoRAConfig.model_validate_json((out_dir / "config.json").read_text()))
     lora.load_trainable_state_dict(load_file(out_dir / "weights.safetensors"))
     lora.to(model.device)
-    return LLMScorer(model, tokenizer, lora, k_text)
+    train = out_dir / "train.json"
+    prompt = PromptConfig.model_validate(json.loads(train.read_text())["prompt"]) if train.is_file() else None
+    return LLMScorer(model, tokenizer, lora, k_text, prompt)

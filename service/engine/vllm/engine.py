@@ -30,8 +30,10 @@ from service.engine.vllm.adapters import AdapterLifecycle, split_key
 from service.engine.vllm.client import AdapterNotLoaded, ReplicaUnavailable, VLLMClient, VLLMTimeout
 from service.engine.vllm.protocol import CompletionRequest, GenerativeScoringRequest
 from service.engine.vllm.routing import AffinityRouter
+from service.logging import BurstLog
 
 log = logging.getLogger(__name__)
+burst = BurstLog(log)  # a failing replica logs once per burst, not once per request
 SCORING_APIS = ("auto", "generative_scoring", "completions")
 
 
@@ -101,7 +103,8 @@ class VLLMEngine:
                 self.last_replica = replica
                 return np.asarray(scores, dtype=np.float32)
             except ReplicaUnavailable as exc:
-                log.warning("vLLM replica failed; routing elsewhere", extra={"replica": replica, "error": str(exc)})
+                burst.log(logging.WARNING, f"replica:{replica}", "vLLM replica failed; routing elsewhere",
+                          replica=replica, error=str(exc))
                 self._mark_down(replica)
                 failures.append(str(exc))
                 if len(failures) >= len(self.replicas):

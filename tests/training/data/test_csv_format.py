@@ -232,3 +232,129 @@ def test_missing_column_names_the_header_line_after_blank_lines(tmp_path):
     with pytest.raises(DataFormatError) as info:
         load_csv_dataset(ratings, write(tmp_path / "movies.csv", MOVIES), **LATEST)
     assert_error(info.value, ratings, 2, "missing column 'movieId'")
+
+
+# ---- column defaults, items without genres, unknown items, inferred rating range -------------------
+
+BOOK_RATINGS = ["user_id,book_id,rating,timestamp", "1,10,4.5,100", "1,20,1.5,200", "2,10,3,300",
+                "2,99,2,400", "3,20,5,500", "3,98,0.5,600"]
+BOOKS = ["book_id,title,author", "10,Middlemarch (1871),Eliot", "20,Beloved (1987),Morrison"]
+BOOK_COLUMNS = dict(user_col="user_id", item_col="book_id", genres_col="")
+
+
+def test_items_id_column_defaults_to_the_ratings_item_column(tmp_path):
+    books = write(tmp_path / "books.csv", BOOKS)
+    ratings = write(tmp_path / "ratings.csv", [line for line in BOOK_RATINGS if ",9" not in line])
+    ds = load_csv_dataset(ratings, books, **BOOK_COLUMNS)
+    assert ds.items["item"].tolist() == [10, 20] and ds.interactions["item"].tolist() == [10, 20, 10, 20]
+    # an explicit --item-id-col still names another column
+    other = write(tmp_path / "other.csv", ["id,title", "10,A", "20,B"])
+    assert load_csv_dataset(ratings, other, item_id_col="id", **BOOK_COLUMNS).items["title"].tolist() == ["A", "B"]
+
+
+@pytest.mark.parametrize("genres_col", ["", None])
+def test_items_without_genres_load_with_empty_genres(tmp_path, genres_col):
+    ratings = write(tmp_path / "ratings.csv", [line for line in BOOK_RATINGS if ",9" not in line])
+    ds = load_csv_dataset(ratings, write(tmp_path / "books.csv", BOOKS), user_col="user_id",
+                          item_col="book_id", genres_col=genres_col)
+    assert ds.items["genres"].tolist() == ["", ""]
+    assert ds.items["title"].tolist() == ["Middlemarch", "Beloved"] and ds.items["year"].tolist() == [1871, 1987]
+    assert ds.items["author"].tolist() == ["Eliot", "Morrison"]  # kept as an extra text column
+
+
+def test_a_missing_genres_column_names_the_way_out(tmp_path):
+    books = write(tmp_path / "books.csv", BOOKS)
+    with pytest.raises(DataFormatError) as info:
+        load_csv_dataset(write(tmp_path / "ratings.csv", BOOK_RATINGS), books, user_col="user_id",
+                         item_col="book_id")
+    assert_error(info.value, books, 1, "missing column 'genres' (found: book_id, title, author)")
+    assert "--genres-col ''" in info.value.problem
+
+
+def test_unknown_items_are_refused_by_default_with_the_flag_named(tmp_path):
+    ratings = write(tmp_path / "ratings.csv", BOOK_RATINGS)
+    with pytest.raises(DataFormatError) as info:
+        load_csv_dataset(ratings, write(tmp_path / "books.csv", BOOKS), **BOOK_COLUMNS)
+    assert_error(info.value, ratings, 5, "item 99 is not in books.csv")
+    assert "--drop-unknown-items" in info.value.problem
+
+
+def test_drop_unknown_items_leaves_them_out_and_counts_them(tmp_path):
+    ds = load_csv_dataset(write(tmp_path / "ratings.csv", BOOK_RATINGS), write(tmp_path / "books.csv", BOOKS),
+                          drop_unknown_items=True, **BOOK_COLUMNS)
+    assert ds.dropped_rows == {"unknown_item": 2}
+    assert ds.interactions.to_dict("list") == {"user": [1, 1, 2, 3], "item": [10, 20, 10, 20],
+                                               "rating": [4.5, 1.5, 3.0, 5.0], "timestamp": [100, 200, 300, 500]}
+    assert ds.interactions.index.tolist() == [0, 1, 2, 3]
+
+
+def test_after_dropping_a_users_file_error_still_names_the_right_line(tmp_path):
+    ratings = write(tmp_path / "ratings.csv", BOOK_RATINGS)
+    users = write(tmp_path / "users.csv", ["user_id,country", "1,FR", "2,DE"])
+    with pytest.raises(DataFormatError) as info:
+        load_csv_dataset(ratings, write(tmp_path / "books.csv", BOOKS), users_path=users,
+                         drop_unknown_items=True, **BOOK_COLUMNS)
+    assert_error(info.value, ratings, 6, "user 3 is not in users.csv")
+
+
+def test_dropping_every_rating_is_refused(tmp_path):
+    ratings = write(tmp_path / "ratings.csv", ["user_id,book_id,rating,timestamp", "1,99,4,1"])
+    with pytest.raises(DataFormatError) as info:
+        load_csv_dataset(ratings, write(tmp_path / "books.csv", BOOKS), drop_unknown_items=True, **BOOK_COLUMNS)
+    assert_error(info.value, ratings, None, "no rating names an item of books.csv")
+
+
+def test_rating_range_is_inferred_where_not_stated(tmp_path):
+    ratings, movies = write(tmp_path / "ratings.csv", RATINGS), write(tmp_path / "movies.csv", MOVIES)
+    columns = dict(user_col="userId", item_col="movieId")
+    ds = load_csv_dataset(ratings, movies, rating_min=None, rating_max=None, **columns)
+    assert (ds.rating_min, ds.rating_max) == (0.5, 5.0)  # MovieLens "latest" needs no flags
+    ds = load_csv_dataset(ratings, movies, rating_min=0.0, rating_max=None, **columns)
+    assert (ds.rating_min, ds.rating_max) == (0.0, 5.0)
+    ds = load_csv_dataset(ratings, movies, rating_min=None, rating_max=10, **columns)
+    assert (ds.rating_min, ds.rating_max) == (0.5, 10.0)
+
+
+@pytest.mark.parametrize(("bounds", "line_no", "problem"), [
+    (dict(rating_min=1.0, rating_max=None), 3, "rating '0.5' is outside 1..5"),
+    (dict(rating_min=None, rating_max=4.5), 5, "rating '5' is outside 0.5..4.5"),
+    (dict(rating_min=6.0, rating_max=None), 2, "rating '4.0' is below the stated minimum rating 6"),
+    (dict(rating_min=None, rating_max=0.25), 2, "rating '4.0' is above the stated maximum rating 0.25"),
+])
+def test_a_stated_bound_is_checked_against_every_rating(tmp_path, bounds, line_no, problem):
+    ratings = write(tmp_path / "ratings.csv", RATINGS)
+    with pytest.raises(DataFormatError) as info:
+        load_csv_dataset(ratings, write(tmp_path / "movies.csv", MOVIES), user_col="userId", item_col="movieId",
+                         **bounds)
+    assert_error(info.value, ratings, line_no, problem)
+
+
+@pytest.mark.parametrize(("which", "index", "line", "line_no", "problem"), [
+    ("ratings", 2, "1,3,0.5,964981247.0", 3, "timestamp '964981247.0' is not an integer"),
+    ("ratings", 2, "1,3,0.5,1e9", 3, "timestamp '1e9' is not an integer"),
+    ("ratings", 3, "u2,11,3.5,964982224", 4, "user id 'u2' is not an integer"),
+    ("ratings", 3, "2,B011,3.5,964982224", 4, "item id 'B011' is not an integer"),
+    ("movies", 3, "11.5,Untitled Short,(no genres listed)", 4, "item id '11.5' is not an integer"),
+])
+def test_ids_and_timestamps_must_be_integers(tmp_path, which, index, line, line_no, problem):
+    lines = {"ratings": RATINGS, "movies": MOVIES}
+    files = {name: write(tmp_path / f"{name}.csv", replaced(content, index, line) if name == which else content)
+             for name, content in lines.items()}
+    with pytest.raises(DataFormatError) as info:
+        load_csv_dataset(files["ratings"], files["movies"], **LATEST)
+    assert_error(info.value, files[which], line_no, problem)
+
+
+def test_item_words_are_recorded_and_checked(tmp_path):
+    ratings = write(tmp_path / "ratings.csv", [line for line in BOOK_RATINGS if ",9" not in line])
+    books = write(tmp_path / "books.csv", BOOKS)
+    ds = load_csv_dataset(ratings, books, item_noun="book", **BOOK_COLUMNS)
+    assert (ds.words.noun, ds.words.plural, ds.words.verb) == ("book", "books", "read")
+    default = load_csv_dataset(ratings, books, **BOOK_COLUMNS).words
+    assert (default.noun, default.plural, default.verb) == ("movie", "movies", "watched")
+    odd = load_csv_dataset(ratings, books, item_noun="series", item_plural="series", **BOOK_COLUMNS).words
+    assert (odd.plural, odd.verb) == ("series", "watched")
+    assert load_csv_dataset(ratings, books, item_noun="gadget", **BOOK_COLUMNS).words.verb == "interacted with"
+    for bad in ("", " book", "two\nlines", "***"):
+        with pytest.raises(ValueError, match="item noun"):
+            load_csv_dataset(ratings, books, item_noun=bad, **BOOK_COLUMNS)

@@ -68,3 +68,21 @@ def test_ml100k_protocol_counts() -> None:
     data = prepare(load_ml100k(ML100K))
     assert data.meta["n_samples"]["test"] == 9616
     assert np.isclose(data.meta["positive_rate"]["test"], 0.5622, atol=1e-3)
+
+
+def test_meta_records_the_item_words_and_dropped_rows(tmp_path: Path) -> None:
+    from training.llm.prompts import prompt_config_for
+
+    movies = prepare(generate_synthetic(n_users=30, n_items=20, n_interactions=300))
+    assert (movies.meta["item_noun"], movies.meta["item_plural"], movies.meta["item_verb"]) == \
+        ("movie", "movies", "watched")
+    assert movies.meta["dropped_rows"] == {}
+    books = PreparedData.load(prepare(generate_synthetic(n_users=30, n_items=20, n_interactions=300,
+                                                         item_noun="book")).save(tmp_path))
+    assert (books.meta["item_noun"], books.meta["item_plural"], books.meta["item_verb"]) == ("book", "books", "read")
+    # the words carried into the prompt: the movie wording is the original prompt version
+    assert prompt_config_for(movies.meta).version == "rella-chat-v1"
+    assert prompt_config_for({}) == prompt_config_for(movies.meta)  # datasets prepared before the words
+    book_prompt = prompt_config_for(books.meta)
+    assert (book_prompt.item_noun, book_prompt.items_noun, book_prompt.verb_past) == ("book", "books", "read")
+    assert book_prompt.version != "rella-chat-v1"

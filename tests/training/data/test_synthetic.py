@@ -66,3 +66,17 @@ def test_label_is_learnable_from_history():
     inter["score"] = (groups.cumsum() - inter["label"] + 0.5) / (groups.cumcount() + 1)
     test = inter.iloc[int(0.9 * len(inter)):]
     assert auc(test["label"].to_numpy(), test["score"].to_numpy()) > 0.75
+
+
+def test_a_book_catalog_keeps_the_ratings_and_renames_the_items():
+    movies, books = generate_synthetic(seed=5), generate_synthetic(seed=5, item_noun="book")
+    pd.testing.assert_frame_equal(movies.interactions, books.interactions)
+    pd.testing.assert_frame_equal(movies.users, books.users)
+    assert books.items["title"].str.fullmatch(r"Synthetic Book \d+: .+ Story").all()
+    assert not books.items["title"].str.contains("Movie").any()
+    genres = set(books.items["genres"].str.split("|").explode())
+    assert genres <= {"Fantasy", "Mystery", "Romance", "Science Fiction"}
+    assert (books.words.noun, books.words.plural, books.words.verb) == ("book", "books", "read")
+    assert (movies.words.noun, movies.words.verb) == ("movie", "watched")
+    with pytest.raises(ValueError, match="item noun"):
+        generate_synthetic(item_noun="")
