@@ -191,6 +191,13 @@ def load_users(args) -> tuple[list[str], np.ndarray]:
     from training.data.samples import PreparedData
     from training.history_loader import histories_from_prepared
 
+    import redis
+
+    client = redis.Redis.from_url(args.redis_url)
+    stale = list(client.scan_iter(match=f"{args.prefix}*", count=10_000))  # an earlier run's histories and scores
+    for start in range(0, len(stale), 10_000):
+        client.delete(*stale[start:start + 10_000])
+    client.close()
     data = PreparedData.load(args.data)
     records = list(histories_from_prepared(data, until_split="test"))
     bulk_load(args.redis_url, records, prefix=args.prefix, progress=False, total=len(records))

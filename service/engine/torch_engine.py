@@ -35,8 +35,10 @@ class DeadlineExceeded(TimeoutError):
 
 class TorchEngine:
     def __init__(self, model, *, yes_id: int, no_id: int, target_modules: list[str],
-                 max_batch: int = 32, min_saving: int = 12, native_kernels: bool = True) -> None:
+                 max_batch: int = 32, min_saving: int = 12, native_kernels: bool = True,
+                 pace_max_age_s: float | None = PACE_STALE_S) -> None:
         self.model = model.eval()
+        self.pace_max_age_s = pace_max_age_s
         on_cpu = model.get_output_embeddings().weight.device.type == "cpu"
         self.ragged = RaggedDecoder(model, native.load() if native_kernels and on_cpu else None)
         self.label_rows = model.get_output_embeddings().weight[[yes_id, no_id]].detach().float()
@@ -55,11 +57,16 @@ class TorchEngine:
         self._last_forward = float("-inf")  # time.monotonic() when the last forward ended
 
     def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:
-        """None (no prediction: the caller tries) when no forward ran for ``PACE_STALE_S``: a pace
-        measured in a slow moment would otherwise keep requests whose deadlines it rules out from
-        ever running the forward that would correct it. Such a probe either finishes and updates
-        the pace, or is abandoned and confirms it."""
-        if self._ms_per_token is None or time.monotonic() - self._last_forward > PACE_STALE_S:
+        """None (no prediction: the caller tries) before the first forward, and when no forward ran
+        for ``pace_max_age_s``: a pace measured in a slow moment would otherwise keep requests
+        whose deadlines it rules out from ever running the forward that would correct it. Such a
+        probe either finishes and updates the pace, or is abandoned and confirms it. Where
+        background forwards run (the LLM score cache scores what requests skipped), they keep the
+        pace measured, so it never ages out (``pace_max_age_s=None``) and no request is spent on a
+        probe."""
+        if self._ms_per_token is None:
+            return None
+        if self.pace_max_age_s is not None and time.monotonic() - self._last_forward > self.pace_max_age_s:
             return None
         return self._ms_per_token * _prompt_tokens(prefix, suffixes)
 

@@ -6,6 +6,7 @@ Imported by ``conftest.py`` and the tests (pytest puts this directory on ``sys.p
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from service.api import create_app
 from service.api.server import DrainingServer, make_server
 from service.config import Settings
+from service.history import HistorySettings, HistoryStore, UserHistory
 from service.model import Fusion, LoadedModel, load_model
 from http_support import assert_error  # noqa: F401  (re-exported for the tests)
 from redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
@@ -93,6 +95,19 @@ class LiveServer:
             raise RuntimeError("uvicorn did not shut down within 30 s")
 
 
+
+
+def read_history(world: World, user: str) -> UserHistory:
+    """The user's stored history, read back through the service's own store class."""
+
+    async def read() -> UserHistory:
+        store = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=world.prefix))
+        try:
+            return await store.read(user)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(read())
 
 
 def metric_value(text: str, sample_name: str, labels: dict[str, str] | None = None) -> float:

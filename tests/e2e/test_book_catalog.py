@@ -9,7 +9,6 @@ about books, never movies, and that the served LLM scores are those of the book 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from e2e_support import EMBEDDING_DIM, REDIS_URL, LiveServer, Reference, World, train_lora
+from e2e_support import EMBEDDING_DIM, REDIS_URL, LiveServer, Reference, World, read_history, train_lora
 from redis_support import scratch_prefix
 from typer.testing import CliRunner
 
 from service.bundle import BundleError
-from service.history import HistorySettings, HistoryStore, UserHistory, bulk_load
+from service.history import bulk_load
 from service.llm.prompt import PROMPT_VERSION, PromptBuilder, PromptConfig
 from service.model import load_model
 
@@ -102,17 +101,6 @@ def books(tmp_path_factory) -> Iterator[Books]:
             yield Books(world, live, csv_dir)
         finally:
             live.stop()
-
-
-def read_history(world: World, user: str) -> UserHistory:
-    async def read() -> UserHistory:
-        store = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=world.prefix))
-        try:
-            return await store.read(user)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(read())
 
 
 def test_a_book_catalog_is_prepared_trained_exported_and_served(books: Books) -> None:

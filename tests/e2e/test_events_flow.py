@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
 import httpx
 import numpy as np
-from e2e_support import REDIS_URL, Reference, World, assert_error
+from e2e_support import Reference, World, assert_error, read_history
 
-from service.history import HistorySettings, HistoryStore, UserHistory
 
 CANDIDATES = [4, 19, 33, 47, 66]
 CRM_ATOL = 1e-5
-
-
-def read_history(world: World, user: str) -> UserHistory:
-    """The user's stored history, read back through the service's own store class."""
-
-    async def read() -> UserHistory:
-        store = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=world.prefix))
-        try:
-            return await store.read(user)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(read())
 
 
 def score(http: httpx.Client, user: str) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from service.engine.base import UserAdapter
+from service.engine.base import ForwardInterrupted, UserAdapter
 from service.engine.torch_engine import DeadlineExceeded, TorchEngine
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRA, PersonalizedLoRAConfig
 from training.llm.scoring import score_sequences
@@ -166,6 +166,23 @@ def test_expected_time_follows_the_recent_pace_per_prompt_token() -> None:
     assert engine.expected_ms(prefix, suffixes) == once
     engine._last_forward -= 60.0  # a minute without a forward: a stale pace predicts nothing
     assert engine.expected_ms(prefix, suffixes) is None
+    engine.pace_max_age_s = None  # background forwards keep it measured: it never ages out
+    assert engine.expected_ms(prefix, suffixes) == once
+
+
+def test_a_background_forward_yields_when_interrupted() -> None:
+    engine = fresh_engine()
+    prefix, suffixes = prompts(9)
+    calls = []
+
+    def interrupted() -> bool:
+        calls.append(1)
+        return len(calls) > 1  # a request arrives after the first layer
+
+    with pytest.raises(ForwardInterrupted):
+        engine.score(None, prefix, suffixes, None, interrupted)
+    assert len(calls) == 2
+    np.testing.assert_allclose(engine.score(None, prefix, suffixes), engine.score(None, prefix, suffixes))
 
 
 def test_an_abandoned_forward_raises_the_expected_time_to_what_it_ran() -> None:
