@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway_support import peak_rss_mb, start_gateway, stop_gateway  # noqa: E402
+from gateway_support import metric, peak_rss_mb, start_gateway, stop_gateway  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 MECHANISMS_OFF = {"llm_admission": "pace", "llm_score_cache": "false", "max_inflight_score": "100000",
@@ -128,6 +128,15 @@ async def run_rate(url: str, workload: Workload, rate: float, duration_s: float,
         return outcomes, time.perf_counter() - start
 
 
+async def run_burst(url: str, workload: Workload, n: int, deadline_ms: int | None) -> tuple[list[Outcome], float]:
+    """``n`` requests at the same instant: a spike far past any bound."""
+    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(client, workload.next(0.0), deadline_ms) for _ in range(n)))
+        return list(outcomes), time.perf_counter() - start
+
+
 def capacity(url: str, users: list[str], items: np.ndarray, n_candidates: int, requests: int,
              seed: int) -> tuple[float, float]:
     """Requests per second one caller gets with every candidate LLM-scored (long deadline), and
@@ -147,12 +156,27 @@ def capacity(url: str, users: list[str], items: np.ndarray, n_candidates: int, r
     return 1.0 / median, median * 1000.0
 
 
-def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                return float(sample.value)
-    return 0.0
+def server_quantile_ms(before: str, after: str, status: str, q: float) -> float | None:
+    """The gateway's own latency quantile of /v1/score answers with ``status`` over the run, as the
+    upper bound of the histogram bucket that holds it (the client's figure adds its own waiting)."""
+    def buckets(text: str) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = sample.labels
+                if (sample.name == "reclora_http_request_duration_seconds_bucket" and labels.get("route") == "/v1/score"
+                        and labels.get("status") == status):
+                    out[float(labels["le"])] = float(sample.value)
+        return out
+
+    b, a = buckets(before), buckets(after)
+    counts = sorted((le, a[le] - b.get(le, 0.0)) for le in a)
+    if not counts or counts[-1][1] == 0:
+        return None
+    for le, cumulative in counts:
+        if cumulative >= q * counts[-1][1]:
+            return le * 1000.0
+    return None
 
 
 def summarize(outcomes: list[Outcome], wall_s: float, metrics: tuple[str, str], rss_mb: float) -> dict:
@@ -174,6 +198,8 @@ def summarize(outcomes: list[Outcome], wall_s: float, metrics: tuple[str, str], 
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
         "shed_share": len(shed) / len(outcomes) if outcomes else 0.0,
         "shed_p99_ms": float(np.percentile([o.latency_ms for o in shed], 99)) if shed else None,
+        "server_p99_ms": server_quantile_ms(before, after, "200", 0.99),
+        "server_shed_p99_ms": server_quantile_ms(before, after, "429", 0.99),
         "llm_share_first": share(False), "llm_share_repeat": share(True),
         "llm_answers_per_s": sum(o.with_llm > 0 for o in admitted) / wall_s,
         "abandoned_forwards": delta("reclora_llm_abandoned_forwards_total"),
@@ -221,6 +247,7 @@ def main() -> None:
     ap.add_argument("--deadline-ms", type=int, default=None, help="default: the gateway's default deadline")
     ap.add_argument("--capacity-requests", type=int, default=4)
     ap.add_argument("--modes", default="on,off", help="on = the load mechanisms, off = without them")
+    ap.add_argument("--burst", type=int, default=0, help="then this many requests at once (0 = none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "work/bench-load.json")
     args = ap.parse_args()
@@ -237,14 +264,14 @@ def main() -> None:
         settings = dict(base, **(MECHANISMS_OFF if mode == "off" else {}))
         proc = start_gateway(args.port, ROOT / f"work/bench-load-{mode}.log", settings)
         try:
-            if "capacity_rps" not in results:
+            if "capacity_rps" not in results and args.rates:
                 probe = users[cursor:cursor + args.capacity_requests]
                 cursor += args.capacity_requests
                 results["capacity_rps"], results["forward_ms"] = capacity(url, probe, items, args.candidates,
                                                                           len(probe), args.seed)
                 print(f"LLM capacity: {results['capacity_rps']:.3f} requests/s "
                       f"({results['forward_ms']:.0f} ms per {args.candidates}-candidate pass)", flush=True)
-            for multiple in [float(x) for x in args.rates.split(",")]:
+            for multiple in [float(x) for x in args.rates.split(",") if x]:
                 rate = multiple * results["capacity_rps"]
                 # Each mode and rate gets users of its own: no cache carries over between runs.
                 workload = Workload(users[cursor:], items, args.candidates, args.keep, args.seed)
@@ -258,6 +285,16 @@ def main() -> None:
                 results.setdefault(mode, []).append(summary)
                 print(f"[{mode}] {multiple}x ({rate:.3f}/s): {json.dumps(summary)}", flush=True)
                 time.sleep(5)  # background work of this rate drains before the next
+            if args.burst:
+                workload = Workload(users[cursor:], items, args.candidates, 0.0, args.seed)
+                before = httpx.get(f"{url}/metrics").text
+                outcomes, wall = asyncio.run(run_burst(url, workload, args.burst, args.deadline_ms))
+                cursor += len(users[cursor:]) - len(workload.users)
+                summary = summarize(outcomes, wall, (before, httpx.get(f"{url}/metrics").text),
+                                    peak_rss_mb(proc.pid))
+                summary.update(burst=args.burst)
+                results.setdefault(f"{mode}_burst", summary)
+                print(f"[{mode}] burst of {args.burst}: {json.dumps(summary)}", flush=True)
         finally:
             stop_gateway(proc)
     args.out.write_text(json.dumps(results, indent=2))
@@ -265,16 +302,19 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\nLLM capacity {results['capacity_rps']:.3f} req/s; {results['candidates']} candidates; "
-          f"deadline {results['deadline_ms'] or 'gateway default'}")
+    if "capacity_rps" in results:
+        print(f"\nLLM capacity {results['capacity_rps']:.3f} req/s; {results['candidates']} candidates; "
+              f"deadline {results['deadline_ms'] or 'gateway default'}")
     header = ("mode", "rate", "req", "p50", "p99", "max", "5xx", "shed", "shed p99", "LLM 1st", "LLM rep",
               "LLM ans/s", "abandoned", "hist_unav", "RSS MB")
     print(" | ".join(header))
-    for mode in ("on", "off"):
-        for r in results.get(mode, []):
+    for mode in ("on", "off", "on_burst", "off_burst"):
+        rows = results.get(mode, [])
+        for r in rows if isinstance(rows, list) else [dict(rows, multiple=f"burst of {rows['burst']}")]:
             fivexx = sum(n for s, n in r["statuses"].items() if int(s) >= 500 or int(s) == 0)
             pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-            print(" | ".join([mode, f"{r['multiple']}x", str(r["requests"]), f"{r['p50_ms']:.0f}",
+            rate = r["multiple"] if isinstance(r["multiple"], str) else f"{r['multiple']}x"
+            print(" | ".join([mode.removesuffix("_burst"), rate, str(r["requests"]), f"{r['p50_ms']:.0f}",
                               f"{r['p99_ms']:.0f}", f"{r['max_ms']:.0f}", str(fivexx), pct(r["shed_share"]),
                               "-" if r["shed_p99_ms"] is None else f"{r['shed_p99_ms']:.1f}",
                               pct(r["llm_share_first"]), pct(r["llm_share_repeat"]),

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
         "stop routing here before connections close (set a few seconds under Kubernetes)."))
     graceful_timeout_s: float = Field(20.0, gt=0, description="Then wait this long for in-flight requests.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    docs_enabled: bool = Field(True, description=(
+        "Serve the OpenAPI document (/openapi.json) and its pages (/docs, /redoc, assets shipped with the "
+        "service, no CDN); false answers 404 on all of them."))
 
     # --- history store (Redis)
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL of the history store.")
@@ -106,7 +109,8 @@ class Settings(BaseSettings):
     # --- load: admission, shedding, nearline LLM scores
     max_inflight_score: int | None = Field(None, ge=1, le=100_000, description=(
         "Score requests served at once by one gateway; past it POST /v1/score answers 429 with "
-        "Retry-After at once instead of queueing. None = 8 per CPU core."))
+        "Retry-After at once instead of queueing. None = as many as one CRM worker serves within the "
+        "default deadline (default_deadline_ms / crm_budget_ms, at least 2)."))
     max_inflight_events: int | None = Field(None, ge=1, le=100_000, description=(
         "Event and profile writes served at once; past it 429 with Retry-After. None = 16 per CPU core."))
     max_cpu_queue: int | None = Field(None, ge=1, le=100_000, description=(
@@ -150,13 +154,51 @@ class Settings(BaseSettings):
         "Check the store's ACTIVE pointer this often and serve what it names, so every gateway sharing "
         "a store follows an activation made through any of them; 0 = off. Off when active_version is set."))
 
+    # --- canary and online evaluation
+    served_log: bool = Field(True, description=(
+        "Record every served score (request, user, item, version, scores, time) in a bounded Redis stream "
+        "and per user for the label join, off the request path; False = no log, so neither online evaluation "
+        "nor shadow scoring."))
+    served_log_max_len: int = Field(1_000_000, ge=100, le=100_000_000, description=(
+        "Entries the served-score stream keeps at most (trimmed approximately, XADD MAXLEN ~)."))
+    served_log_max_age_s: int = Field(86_400, ge=60, le=90 * 86_400, description=(
+        "Entries older than this are trimmed from the served-score stream (XTRIM MINID ~)."))
+    served_log_queue: int = Field(1024, ge=1, le=1_000_000, description=(
+        "Responses waiting for the log writer at most; past it a response's scores are dropped from the "
+        "log (counted), never delaying or failing the response."))
+    online_label_window_s: int = Field(1800, ge=1, le=7 * 86_400, description=(
+        "An event labels the score served to the same user for the same item at most this long before it."))
+    online_window_s: int = Field(3600, ge=60, le=30 * 86_400, description=(
+        "Sliding window of the online metrics (AUC, LogLoss, calibration) per version."))
+    online_max_labels: int = Field(200_000, ge=100, le=10_000_000, description=(
+        "Labelled scores kept and evaluated per window at most (the oldest go first)."))
+    online_eval_interval_s: float = Field(5.0, ge=0.05, le=3600, description=(
+        "Recompute the online metrics (and the canary's online guard rail) at most this often."))
+    online_label_threshold: float | None = Field(None, description=(
+        "label = rating > threshold, as in training; None = the served version's dataset.json."))
+    canary_guard: bool = Field(True, description="Abort a canary automatically when a guard rail trips.")
+    canary_min_requests: int = Field(500, ge=1, le=10_000_000, description=(
+        "Responses each side of a canary must have served before its error, degraded and latency rails apply."))
+    canary_max_error_excess: float = Field(0.01, ge=0, le=1, description=(
+        "Abort when the candidate's share of failed requests exceeds the stable version's by more than this."))
+    canary_max_degraded_excess: float = Field(0.05, ge=0, le=1, description=(
+        "Abort when the candidate's share of degraded answers exceeds the stable version's by more than this."))
+    canary_max_p99_excess_ms: float = Field(50.0, ge=0, description=(
+        "Abort when the candidate's p99 latency exceeds the stable version's by more than this."))
+    canary_min_labels: int = Field(500, ge=10, le=10_000_000, description=(
+        "Labelled scores each side needs in the online window before the online AUC rail applies."))
+    canary_max_auc_drop: float = Field(0.02, ge=0, le=1, description=(
+        "Abort when the candidate's online AUC is below the stable version's by more than this."))
+
     # --- logging
     log_level: LogLevel = "INFO"
     log_json: bool = Field(True, description="One JSON object per line; False for human-readable lines.")
 
     @property
     def score_inflight_limit(self) -> int:
-        return self.max_inflight_score or 8 * (os.cpu_count() or 1)
+        """Requests queue for one CRM worker; more than it serves within the deadline would
+        answer late, so they are shed instead."""
+        return self.max_inflight_score or max(2, int(self.default_deadline_ms // self.crm_budget_ms))
 
     @property
     def events_inflight_limit(self) -> int:

@@ -8,12 +8,15 @@ unit) with buckets from 0.5 ms to 10 s, the range of a scoring request. Labels a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import gc_collector, platform_collector, process_collector
 from prometheus_client.exposition import choose_encoder
 
 from service.registry.errors import RefusalReason
-from service.scoring.contracts import Admission, CandidateSource, DegradedReason
+from service.registry.guard import GuardRail
+from service.scoring.contracts import Admission, CandidateSource, DegradedReason, ServedOutcome, VersionMetrics
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("history", "crm", "retrieval", "prompts", "adapter", "llm_cache", "llm", "total")
@@ -23,6 +26,11 @@ ACTIVATION_KINDS = ("activate", "rollback", "follow")
 SHED_ROUTES = ("/v1/score", "/v1/events")
 SCORE_CACHE_OUTCOMES = ("hit", "miss", "error", "write_error")
 BACKGROUND_OUTCOMES = ("scored", "failed", "dropped", "expired")
+CANARY_SIDES = ("stable", "candidate")
+ABORT_RAILS = (*GuardRail, "operator")
+SERVED_LOG_OUTCOMES = ("written", "dropped", "failed")
+SHADOW_OUTCOMES = ("queued", "not_queued", "unscorable")
+LABEL_OUTCOMES = ("joined", "unmatched", "expired", "error")
 
 
 class Metrics:
@@ -107,6 +115,56 @@ class Metrics:
             ["kind"], registry=r)
         self.model_refusals = Counter(
             "reclora_model_refusals", "Model pushes and activations refused, by reason.", ["reason"], registry=r)
+        # --- canary and online evaluation (online gauges by version: only the loaded ones, a bounded set)
+        self.canary_percent = Gauge(
+            "reclora_canary_percent", "Share of users routed to the canary's candidate (or shadowed by it); 0 without "
+            "a canary.", registry=r)
+        self.canary_shadow = Gauge(
+            "reclora_canary_shadow", "1 while the running canary only shadows (its scores are recorded, not served).",
+            registry=r)
+        self.canary_responses = Counter(
+            "reclora_canary_responses", "Score answers during a canary by side (stable, candidate) and outcome.",
+            ["side", "outcome"], registry=r)
+        self.canary_aborts = Counter(
+            "reclora_canary_aborts", "Canaries aborted, by the guard rail that tripped (or operator).", ["rail"],
+            registry=r)
+        self.served_log = Counter(
+            "reclora_served_log_scores", "Served scores for the log, by outcome (written; dropped: the writer's "
+            "queue was full; failed: Redis refused or timed out).", ["outcome"], registry=r)
+        self.shadow_requests = Counter(
+            "reclora_shadow_requests", "Requests a shadow candidate was to score, by outcome (queued; not_queued: "
+            "already queued or no engine thread; unscorable: the candidate's catalog lacks an item).", ["outcome"],
+            registry=r)
+        self.online_labels = Counter(
+            "reclora_online_labels", "Behaviours joined with served scores, by outcome (joined; unmatched: no score "
+            "served for the item; expired: served before the label window; error).", ["outcome"], registry=r)
+        self.online_auc = Gauge(
+            "reclora_online_auc", "Online AUC of a loaded version's labelled served scores over the window.",
+            ["version"], registry=r)
+        self.online_logloss = Gauge(
+            "reclora_online_logloss", "Online LogLoss of a loaded version over the window.", ["version"], registry=r)
+        self.online_mean_predicted = Gauge(
+            "reclora_online_mean_predicted", "Mean served score of a loaded version's labelled scores (calibration: "
+            "compare with reclora_online_positive_rate).", ["version"], registry=r)
+        self.online_positive_rate = Gauge(
+            "reclora_online_positive_rate", "Observed positive rate of a loaded version's labelled scores.",
+            ["version"], registry=r)
+        self.online_label_count = Gauge(
+            "reclora_online_label_count", "Labelled served scores of a loaded version in the window.", ["version"],
+            registry=r)
+        self._online_versions: set[str] = set()
+        self.model_activations.labels("promote")
+        for side in CANARY_SIDES:
+            for outcome in ServedOutcome:
+                self.canary_responses.labels(side, outcome)
+        for rail in ABORT_RAILS:
+            self.canary_aborts.labels(rail)
+        for outcome in SERVED_LOG_OUTCOMES:
+            self.served_log.labels(outcome)
+        for outcome in SHADOW_OUTCOMES:
+            self.shadow_requests.labels(outcome)
+        for outcome in LABEL_OUTCOMES:
+            self.online_labels.labels(outcome)
         # Pre-create the known label sets so dashboards see zero-valued series from the start.
         for stage in STAGES:
             self.stage_latency.labels(stage)
@@ -144,6 +202,33 @@ class Metrics:
 
     def set_model_version(self, version: str) -> None:
         self.model.info({"version": version})
+
+    def set_canary(self, candidate: str | None, percent: float, shadow: bool) -> None:
+        self.canary_percent.set(percent if candidate is not None else 0.0)
+        self.canary_shadow.set(int(shadow and candidate is not None))
+
+    def set_online(self, by_version: Mapping[str, VersionMetrics], loaded: set[str]) -> None:
+        """The online gauges of the loaded versions; series of versions no longer loaded go away."""
+        gauges = {self.online_auc: "auc", self.online_logloss: "logloss", self.online_mean_predicted: "mean_predicted",
+                  self.online_positive_rate: "positive_rate", self.online_label_count: "labels"}
+        shown = {v for v in by_version if v in loaded}
+        for version in self._online_versions - shown:
+            for gauge in gauges:
+                try:
+                    gauge.remove(version)
+                except KeyError:
+                    pass
+        for version in shown:
+            for gauge, attr in gauges.items():
+                value = getattr(by_version[version], attr)
+                if value is None:
+                    try:
+                        gauge.remove(version)
+                    except KeyError:
+                        pass
+                else:
+                    gauge.labels(version).set(value)
+        self._online_versions = shown
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition and its content type, for the /metrics route; OpenMetrics when the

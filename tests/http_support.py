@@ -1,8 +1,12 @@
-"""Assertions on the service's HTTP answers, shared by the API and end-to-end tests."""
+"""Assertions on the service's HTTP answers and an in-process client, shared by the suites."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import httpx
+from fastapi import FastAPI
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -20,3 +24,12 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an in-process HTTP client to it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://reclora.test") as client:
+            yield client

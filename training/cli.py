@@ -267,7 +267,7 @@ def base_model(
 
 
 register_llm(app)  # train-llm, llm-report
-register_admin(app)  # push, models, activate, rollback, delete-model, admin-token
+register_admin(app)  # push, models, activate, rollback, delete-model, admin-token, canary, promote, abort, online-report
 
 
 def main() -> None:

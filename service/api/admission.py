@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import error_response
+from service.api.middleware import SHED_ROUTE_KEY
 from service.metrics import Metrics
 
 
@@ -40,21 +41,25 @@ class LoadShedMiddleware:
         self.app, self.score, self.writes = app, score, writes
         self.metrics, self.retry_after_s = metrics, retry_after_s
 
-    def _limit(self, scope: Scope) -> InflightLimit | None:
+    def _limit(self, scope: Scope) -> tuple[InflightLimit, str] | None:
+        """The bound this request counts against, and its route template (for the metrics)."""
         path, method = scope["path"], scope["method"]
         if path == "/v1/score" and method == "POST":
-            return self.score
-        if (path == "/v1/events" and method == "POST") or (
-                method == "PUT" and path.startswith("/v1/users/") and path.endswith("/profile")):
-            return self.writes
+            return self.score, path
+        if path == "/v1/events" and method == "POST":
+            return self.writes, path
+        if method == "PUT" and path.startswith("/v1/users/") and path.endswith("/profile"):
+            return self.writes, "/v1/users/{user_id}/profile"
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self._limit(scope) if scope["type"] == "http" else None
-        if limit is None:
+        bound = self._limit(scope) if scope["type"] == "http" else None
+        if bound is None:
             await self.app(scope, receive, send)
             return
+        limit, template = bound
         if not limit.try_enter():
+            scope[SHED_ROUTE_KEY] = template  # never routed: the access log and metrics still name the route
             self.metrics.shed.labels(limit.route).inc()
             response = error_response(429, "overloaded", f"{limit.limit} requests in flight on {limit.route}, "
                                       f"the most this gateway takes; retry after {self.retry_after_s} s",

@@ -11,7 +11,7 @@ from service.config import Settings
 from service.history import HistoryStore
 from service.logging import request_id_var
 from service.metrics import Metrics
-from service.scoring.contracts import Scorer
+from service.scoring.contracts import OnlineEvaluation, Scorer
 
 
 def _settings(request: Request) -> Settings:
@@ -33,6 +33,11 @@ def _scorer(request: Request) -> Scorer:
     return scorer
 
 
+def _online(request: Request) -> OnlineEvaluation | None:
+    """The online evaluation of served scores; None until the runtime is loaded, or without one."""
+    return request.app.state.online
+
+
 def _request_id() -> str:
     return request_id_var.get() or ""
 
@@ -42,3 +47,4 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 HistoryDep = Annotated[HistoryStore, Depends(_history)]
 ScorerDep = Annotated[Scorer, Depends(_scorer)]
 RequestIdDep = Annotated[str, Depends(_request_id)]
+OnlineDep = Annotated[OnlineEvaluation | None, Depends(_online)]

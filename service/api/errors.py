@@ -81,6 +81,22 @@ def unknown_items_error(located: Iterable[tuple[str, int]], unknown: Iterable[in
                           message=f"{len(ids)} item id(s) not in the catalog of model {model_version}: {listed}")
 
 
+class MalformedBody(HTTPException):
+    """A request body refused while it is read, before it is parsed (nested too deep): raised from
+    the body reader, which FastAPI passes on as it does the 413; rendered as a 422 at loc 'body'."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(HTTPStatus.UNPROCESSABLE_ENTITY, message)
+        self.kind = kind
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this Content-Type as JSON: application/json or application/*+json."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
 class Conflict(ApiError):
     status_code = HTTPStatus.CONFLICT
     code = "conflict"
@@ -133,24 +149,54 @@ def error_response(status: int, code: str, message: str, details: Sequence[Error
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=dict(headers or {}))
 
 
-def _validation_detail(err: Mapping[str, Any]) -> ErrorDetail:
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "model_type", "dict_type"})
+_JSON_KINDS: tuple[tuple[type, str], ...] = ((bool, "a boolean"), (int, "a number"), (float, "a number"),
+                                             (str, "a string"), (list, "an array"))
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return next((name for kind, name in _JSON_KINDS if isinstance(value, kind)), type(value).__name__)
+
+
+def _validation_detail(err: Mapping[str, Any], content_type: str | None) -> ErrorDetail:
     if err["type"] == "json_invalid":  # FastAPI reports the byte offset as the location
         reason = (err.get("ctx") or {}).get("error", "malformed")
         return ErrorDetail(loc="body", message=f"invalid JSON at character {err['loc'][-1]}: {reason}",
                            type="json_invalid")
+    if tuple(err["loc"]) == ("body",) and err["type"] in _NOT_AN_OBJECT:
+        # The whole body is not an object: either it was not sent as JSON (FastAPI then hands the
+        # model the raw bytes) or it is JSON of another kind. Pydantic's message names neither.
+        if not is_json_media_type(content_type):
+            got = f"'{content_type}'" if content_type else "none"
+            return ErrorDetail(loc="body", type="unsupported_content_type",
+                               message=f"expected Content-Type application/json, got {got}")
+        return ErrorDetail(loc="body", type="body_not_object",
+                           message=f"the body must be a JSON object, got {_json_kind(err.get('input'))}")
     return ErrorDetail(loc=format_loc(err["loc"]), message=err["msg"], type=err["type"])
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    details = [_validation_detail(e) for e in exc.errors()]
+    content_type = request.headers.get("content-type")
+    details = [_validation_detail(e, content_type) for e in exc.errors()]
     return error_response(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid_request", summarize(details), details)
 
 
+def _body_error(detail: ErrorDetail) -> JSONResponse:
+    return error_response(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid_request", summarize([detail]), [detail])
+
+
 async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if isinstance(exc, MalformedBody):
+        return _body_error(ErrorDetail(loc="body", message=exc.detail, type=exc.kind))
     if exc.status_code == HTTPStatus.BAD_REQUEST and isinstance(exc.__cause__, ValueError):
         # FastAPI's "error parsing the body": undecodable bytes or numbers too long to parse.
-        detail = ErrorDetail(loc="body", message=f"unreadable JSON body: {exc.__cause__}", type="json_invalid")
-        return error_response(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid_request", summarize([detail]), [detail])
+        return _body_error(ErrorDetail(loc="body", message=f"unreadable JSON body: {exc.__cause__}",
+                                       type="json_invalid"))
+    if exc.status_code == HTTPStatus.BAD_REQUEST and isinstance(exc.__cause__, RecursionError):
+        # The body reader's depth limit (middleware) normally refuses such a body before the parser.
+        return _body_error(ErrorDetail(loc="body", message="JSON nested too deeply to parse", type="json_too_deep"))
     status = HTTPStatus(exc.status_code)
     message = exc.detail if isinstance(exc.detail, str) else status.phrase
     code = _HTTP_CODES.get(status) or status.phrase.lower().replace(" ", "_").replace("-", "_")

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from service.config import Settings
 from service.history import HistorySettings, HistoryStore
 from service.metrics import Metrics
-from service.scoring.contracts import Scorer
+from service.scoring.contracts import OnlineEvaluation, Scorer
 
 if TYPE_CHECKING:  # the registry loads models (torch); the app imports without building one
     from service.registry.manager import ModelManager
@@ -31,12 +31,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     """What the app serves with, as the wiring built it: the scorer, the model registry (None when
-    this gateway neither administers nor follows the store), and the remote LLM replicas' health
-    (None for an embedded engine)."""
+    this gateway neither administers nor follows the store), the remote LLM replicas' health
+    (None for an embedded engine), and the online evaluation of served scores (None without the
+    served-score log)."""
 
     scorer: Scorer
     models: "ModelManager | None" = None
     replica_health: Callable[[], dict[str, bool]] | None = None
+    online: OnlineEvaluation | None = None
 
 
 RuntimeFactory = Callable[[Settings, Metrics, HistoryStore], Runtime]
@@ -49,6 +51,7 @@ class Lifecycle:
     draining: bool = False
     model_error: str | None = None
     owned: set[str] = field(default_factory=set)  # app.state attributes built (and closed) by the lifespan
+    tasks: list[asyncio.Task] = field(default_factory=list)  # the runtime's background loops, cancelled at shutdown
 
     def begin_drain(self) -> None:
         """Report not-ready from now on (SIGTERM): load balancers stop routing new requests here."""
@@ -75,29 +78,33 @@ async def load_runtime(app: FastAPI, factory: RuntimeFactory) -> None:
     state.lifecycle.owned.add("scorer")
     state.models = runtime.models
     state.replica_health = runtime.replica_health
+    state.online = runtime.online
+    if runtime.online is not None:
+        state.lifecycle.tasks.append(asyncio.create_task(runtime.online.run(), name="online-evaluation"))
     state.scorer = runtime.scorer
     state.metrics.set_model_version(runtime.scorer.model_version)
     log.info("model loaded", extra={"model_version": runtime.scorer.model_version})
 
 
 async def follow_store(app: FastAPI) -> None:
-    """Every ``model_poll_s``, serve the version the store's ACTIVE pointer names (set by any gateway
-    sharing the store); runs until shutdown."""
+    """Every ``model_poll_s``, serve the version the store's ACTIVE pointer names and route as its
+    canary state says (set by any gateway sharing the store); runs until shutdown."""
     state = app.state
     while True:
         await asyncio.sleep(state.settings.model_poll_s)
         if state.models is None:
             continue
         try:
-            await asyncio.to_thread(state.models.follow_pointer)
+            await asyncio.to_thread(state.models.follow_store)
         except Exception:
-            log.exception("following the store's ACTIVE pointer failed; will retry")
+            log.exception("following the store's ACTIVE pointer and canary failed; will retry")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     lifecycle: Lifecycle = state.lifecycle
+    state.online = None  # the runtime's online evaluation, once loaded
     if state.history is None:
         state.history = HistoryStore.from_url(state.settings.redis_url, history_settings(state.settings))
         lifecycle.owned.add("history")
@@ -121,6 +128,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if loader is not None and not loader.done():
             loader.cancel()  # the loading thread finishes on its own; its result is dropped
             await asyncio.gather(loader, return_exceptions=True)
+        for task in lifecycle.tasks:
+            task.cancel()
+        await asyncio.gather(*lifecycle.tasks, return_exceptions=True)
         if "scorer" in lifecycle.owned:
             state.scorer.close()
         if "history" in lifecycle.owned:

@@ -72,6 +72,19 @@ class HistoryReader(Protocol):
     async def read(self, user_id: str) -> UserHistory: ...
 
 
+@dataclass(frozen=True)
+class HistoryPage:
+    """One page of a user's events, newest first (``read_page``)."""
+
+    items: np.ndarray  # int64 raw item ids, newest first
+    ratings: np.ndarray  # float32
+    timestamps: np.ndarray  # int64 seconds
+    profile: dict[str, str]
+    exists: bool  # any event or profile field stored now
+    length: int  # the list length the page is counted against (seen by the first page)
+    next_offset: int | None  # the offset of the next, older page; None on the last page
+
+
 class HistoryStore:
     """Async access to the history store for the gateway: one round trip per read."""
 
@@ -111,6 +124,37 @@ class HistoryStore:
         items, ratings, timestamps = decode_records(records)
         profile = {k.decode(): v.decode() for k, v in raw_profile.items()}
         return UserHistory(items, ratings, timestamps, profile, exists=bool(records or profile))
+
+    async def read_page(self, user_id: str, limit: int, offset: int = 0, length: int | None = None) -> HistoryPage:
+        """Up to ``limit`` events newest first, skipping the ``offset`` newest, and the profile: one
+        round trip (LLEN + LRANGE + HGETALL in MULTI/EXEC, so all three see the same moment).
+
+        The first page (``length`` None) counts from the end of the list and reports the length it
+        saw; later pages pass that length back with their offset, which pins each page to positions
+        counted from the oldest event. Appends only add at the end, so events written between pages
+        neither shift nor repeat a page (they show on a new first page). Once the history is at its
+        cap, each append also drops the oldest event, moving every position by one: a later page
+        then repeats as many newer events as were dropped meanwhile.
+        """
+        if limit < 1 or offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"limit must be positive and offset, length not negative: {limit}, {offset}, {length}")
+        ev_key, prof_key = self._keys(user_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.llen(ev_key)
+            if length is None:
+                pipe.lrange(ev_key, -(offset + limit), -(offset + 1))
+            elif length - offset > 0:
+                pipe.lrange(ev_key, max(length - offset - limit, 0), length - offset - 1)
+            pipe.hgetall(prof_key)
+            replies = await pipe.execute()
+        stored, raw_profile = int(replies[0]), replies[-1]
+        records = replies[1] if len(replies) == 3 else []
+        seen = stored if length is None else length
+        start = max(seen - offset - limit, 0)  # position of the page's oldest event
+        items, ratings, timestamps = decode_records(records)
+        profile = {k.decode(): v.decode() for k, v in raw_profile.items()}
+        return HistoryPage(items[::-1], ratings[::-1], timestamps[::-1], profile, exists=bool(stored or profile),
+                           length=seen, next_offset=seen - start if records and start > 0 else None)
 
     async def append(self, user_id: str, events: Sequence[Event]) -> int:
         """Append events atomically and return the number stored afterwards (after the cap).

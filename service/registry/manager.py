@@ -1,4 +1,5 @@
-"""Push, validate, activate, roll back and delete model versions on a running service.
+"""Push, validate, activate, roll back and delete model versions on a running service; run a
+canary of a candidate version, promote or abort it.
 
 One operation at a time (a lock): validation scores golden requests on the shared engine and
 activation swaps the pipeline's model reference, so two pushes must not interleave. Scoring
@@ -6,6 +7,13 @@ traffic never waits for the lock: a request takes one snapshot of the active ver
 starts and finishes on it, so an activation neither drops nor mixes requests. New versions are
 unpacked and validated in a private staging directory of the store and renamed into place only
 when every check passed; a refused version never touches what is served.
+
+A canary loads the candidate beside the stable version (the engine and base LLM are shared)
+and routes a share of users to it (``ModelHolder``); its state lives in the store beside
+``ACTIVE``, so every gateway sharing the store follows it and a restart resumes it. The guard
+rails (``service.registry.guard``) abort it without waiting for a person: the candidate is
+withdrawn from this gateway's routing at once, then the abort is recorded in the store. While a
+canary runs, activation and rollback are refused: promote or abort it first.
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ from typing import TYPE_CHECKING, Any
 from service.bundle import MANIFEST_NAME, BundleError, file_sha256, validate_version
 from service.bundle.writer import BundleWriter
 from service.registry.archive import UploadError, unpack
-from service.registry.store import ModelStore, StoreError, UnknownVersion
+from service.registry.store import CanaryState, ModelStore, StoreError, UnknownVersion, utc_now
 from service.registry.errors import RefusalReason, ValidationFailed
+from service.registry.guard import CanaryGuard, GuardConfig, Trip
 from service.registry.validation import BaseModelSpec, ValidationReport, validate
+from service.scoring.contracts import ServedOutcome, VersionMetrics
 
 if TYPE_CHECKING:
     from service.engine.base import ScoringEngine
@@ -61,8 +71,10 @@ class ActivationResult:
 class RegistryEvents:
     """Metrics hooks."""
 
-    activated: Callable[[str, str], None] = lambda kind, version: None  # kind: activate | rollback | follow
+    activated: Callable[[str, str], None] = lambda kind, version: None  # activate | rollback | follow | promote
     refused: Callable[[str], None] = lambda reason: None
+    canary: Callable[[str | None, float, bool], None] = lambda candidate, percent, shadow: None  # None: no canary
+    aborted: Callable[[str], None] = lambda rail: None  # a guard rail, or "operator"
 
 
 class ModelManager:
@@ -71,12 +83,17 @@ class ModelManager:
 
     def __init__(self, store: ModelStore, holder: "ModelHolder", engine: "ScoringEngine | None",
                  cache: "AdapterCache", spec: BaseModelSpec | None, *, max_rank: int, max_upload_bytes: int,
-                 events: RegistryEvents | None = None) -> None:
+                 events: RegistryEvents | None = None, guard: CanaryGuard | None = None) -> None:
         self.store, self.holder, self.engine, self.cache, self.spec = store, holder, engine, cache, spec
         self.max_rank, self.max_upload_bytes = max_rank, max_upload_bytes
         self.events = events or RegistryEvents()
+        self.guard = guard or CanaryGuard(GuardConfig())
         self._lock = threading.Lock()
         self._refused_pointer: str | None = None
+        # (candidate, started_at) of a canary this gateway must not route to although the store
+        # may still say it runs: it failed validation here, or a rail tripped and the abort is
+        # being recorded.
+        self._not_followed: tuple[str, str] | None = None
         self._warm: OrderedDict[str, tuple] = OrderedDict()  # version -> (manifest sha256, model, builder)
 
     def record_start(self) -> None:
@@ -96,6 +113,8 @@ class ModelManager:
         """Every version in the store with its manifest summary, newest last."""
         active, out = self.active, []
         previous = self.store.previous(active)
+        canary = self.holder.canary
+        candidate = canary.candidate.version if canary is not None else None
         for version in self.store.versions():
             try:
                 manifest = self.store.manifest(version)
@@ -104,6 +123,7 @@ class ModelManager:
                 continue
             out.append({
                 "version": version, "active": version == active, "previous": version == previous,
+                "canary": version == candidate,
                 "created_at": manifest.created_at.isoformat(), "description": manifest.description,
                 "components": {k: c.kind for k, c in manifest.components.items()},
                 "metrics": manifest.metrics, "parents": manifest.parents,
@@ -165,10 +185,12 @@ class ModelManager:
 
     def activate(self, version: str) -> ActivationResult:
         with self._refusals(), self._lock:
+            self._check_no_canary("activating another version")
             return self._activate(version, kind="activate")
 
     def rollback(self) -> ActivationResult:
         with self._refusals(), self._lock:
+            self._check_no_canary("rolling back")
             previous = self.store.previous(self.active)
             if previous is None:
                 raise StoreError("there is no previous version to roll back to")
@@ -200,9 +222,209 @@ class ModelManager:
     def delete(self, version: str) -> None:
         with self._lock:
             validate_version(version)
+            canary = self.holder.canary
+            if canary is not None and canary.candidate.version == version:
+                raise StoreError(f"version {version!r} is the running canary's candidate; abort the canary first")
             self.store.delete(version, active=self.active)
             self._warm.pop(version, None)
             self.cache.drop_version(version)
+
+    # -- canary ------------------------------------------------------------------------------
+
+    def canary_state(self) -> CanaryState | None:
+        """The last canary the store records (running, promoted or aborted)."""
+        return self.store.canary()
+
+    def canary_stats(self) -> dict[str, dict[str, float | int | None]]:
+        """This gateway's guard counts per side of the running canary."""
+        return self.guard.stats()
+
+    def start_canary(self, version: str, percent: float, *, shadow: bool = False) -> CanaryState:
+        """Route ``percent`` % of users (by a stable hash of their id) to ``version``, or with
+        ``shadow`` score their requests with it in the background; the same candidate again
+        changes its share or mode."""
+        if not 0 < percent <= 100:
+            raise ValueError(f"percent must be in (0, 100], got {percent}")
+        with self._refusals(), self._lock:
+            validate_version(version)
+            if not self.store.exists(version):
+                raise UnknownVersion(f"version {version!r} is not in the store")
+            if version == self.active:
+                raise StoreError(f"version {version!r} is active already; a canary needs another version")
+            running = self.store.canary()
+            if running is not None and running.running and running.candidate != version:
+                raise StoreError(f"a canary of {running.candidate!r} is running; promote or abort it first")
+            current = self.holder.canary
+            if current is not None and current.candidate.version == version:
+                model, builder = current.candidate.model, current.candidate.builder
+                started_at = running.started_at if running is not None and running.running else utc_now()
+            else:
+                model, builder = self._load(version)
+                started_at = utc_now()
+            state = CanaryState(candidate=version, stable=self.active, percent=percent, shadow=shadow,
+                                started_at=started_at)
+            self.store.write_canary(state)
+            self._route(model, builder, state)
+        log.info("canary: %s takes %g %% of users%s beside %s", version, percent, " (shadow)" if shadow else "",
+                 self.active)
+        return state
+
+    def promote(self) -> ActivationResult:
+        """Serve the running canary's candidate to everyone (no reload: it is loaded)."""
+        with self._refusals(), self._lock:
+            state = self._running_canary()
+            result = self._activate(state.candidate, kind="promote")
+            self.store.write_canary(state.model_copy(update={"status": "promoted", "ended_at": utc_now(),
+                                                             "ended_by": "operator"}))
+        return result
+
+    def abort(self, reason: str = "") -> CanaryState:
+        """Return every user to the stable version; the candidate stays loaded for a rerun."""
+        with self._lock:
+            state = self._running_canary()
+            ended = self._end(state, by="operator", reason=reason or "aborted by an operator", rail=None)
+        self.events.aborted("operator")
+        log.warning("canary of %s aborted by an operator: %s", state.candidate, ended.reason)
+        return ended
+
+    def follow_canary(self) -> None:
+        """Route as the store's canary state says (another gateway started, changed, promoted or
+        aborted it, or this gateway restarted); a candidate refused here is not retried until the
+        state changes."""
+        if self._routes_as(self._wanted(self.store.canary()), self.holder.canary):
+            return
+        with self._lock:
+            state = self.store.canary()  # again under the lock: an operation here may have just changed it
+            want, current = self._wanted(state), self.holder.canary
+            if self._routes_as(want, current):
+                return
+            if want is None:
+                withdraw = state is not None and state.status == "aborted" and \
+                    state.candidate == current.candidate.version
+                ended = self.holder.end_canary(withdraw=withdraw)
+                if ended is not None:
+                    self._keep_warm(ended.version, ended.model, ended.builder)
+                self.guard.end()
+                self.events.canary(None, 0.0, False)
+                log.info("canary follow: %s ended (%s)", current.candidate.version,
+                         state.status if state is not None else "no canary recorded")
+                return
+            try:
+                if current is not None and current.candidate.version == want.candidate:
+                    model, builder = current.candidate.model, current.candidate.builder
+                else:
+                    model, builder = self._load(want.candidate)
+            except (ValidationFailed, UploadError) as exc:
+                self._not_followed = (want.candidate, want.started_at)
+                self.events.refused(exc.reason)
+                log.error("the store's canary names %s, which fails validation here: %s", want.candidate, exc)
+                return
+            self._route(model, builder, want)
+        log.info("canary follow: %s takes %g %% of users%s", want.candidate, want.percent,
+                 " (shadow)" if want.shadow else "")
+
+    def _wanted(self, state: CanaryState | None) -> CanaryState | None:
+        """The canary this gateway should route by, given the store's state."""
+        if state is None or not state.running or state.candidate == self.active:
+            return None
+        if self._not_followed == (state.candidate, state.started_at) or not self.store.exists(state.candidate):
+            return None
+        return state
+
+    @staticmethod
+    def _routes_as(want: CanaryState | None, current) -> bool:
+        if want is None or current is None:
+            return want is None and current is None
+        return (current.candidate.version, current.percent, current.shadow) == (want.candidate, want.percent,
+                                                                               want.shadow)
+
+    def follow_store(self) -> None:
+        """Follow the store's ACTIVE pointer, then its canary state."""
+        self.follow_pointer()
+        self.follow_canary()
+
+    def observe_request(self, version: str, outcome: ServedOutcome, ms: float) -> None:
+        """One response of ``version`` (event loop, per request): the request rails."""
+        canary = self.holder.canary
+        if canary is None or canary.shadow:
+            return
+        trip = self.guard.observe(version, outcome, ms)
+        if trip is not None:
+            self._trip(trip)
+
+    def observe_online(self, metrics: dict[str, VersionMetrics]) -> None:
+        """The latest online metrics per version: the online AUC rail."""
+        if self.holder.canary is None:
+            return
+        trip = self.guard.observe_online(metrics)
+        if trip is not None:
+            self._trip(trip)
+
+    def _trip(self, trip: Trip) -> None:
+        """Withdraw the candidate here at once (no lock: a push may hold it for minutes), then
+        record the abort in the store from a thread of its own."""
+        canary = self.holder.canary
+        if canary is None:
+            return
+        state = self.store.canary()
+        if state is not None and state.running and state.candidate == canary.candidate.version:
+            self._not_followed = (state.candidate, state.started_at)
+        ended = self.holder.end_canary(withdraw=True)
+        if ended is None:
+            return
+        log.error("canary of %s aborted by the %s guard rail: %s", ended.version, trip.rail, trip.reason)
+        self.events.aborted(trip.rail)
+        self.events.canary(None, 0.0, False)
+        threading.Thread(target=self._record_trip, args=(ended, trip), name="canary-abort", daemon=True).start()
+
+    def _record_trip(self, ended, trip: Trip) -> None:
+        with self._lock:
+            self._keep_warm(ended.version, ended.model, ended.builder)
+            self.guard.end()
+            state = self.store.canary()
+            if state is not None and state.running and state.candidate == ended.version:
+                self.store.write_canary(state.model_copy(update={
+                    "status": "aborted", "ended_at": utc_now(), "ended_by": "guard", "reason": trip.reason,
+                    "rail": str(trip.rail)}))
+
+    def _running_canary(self) -> CanaryState:
+        state = self.store.canary()
+        if state is None or not state.running:
+            raise StoreError("no canary is running")
+        return state
+
+    def _check_no_canary(self, what: str) -> None:
+        state = self.store.canary()
+        if state is not None and state.running:
+            raise StoreError(f"a canary of {state.candidate!r} is running; promote or abort it before {what}")
+
+    def _load(self, version: str):
+        """(model, builder) of ``version``: held warm, else validated now."""
+        warm = self._take_warm(version)
+        if warm is not None:
+            return warm
+        model, builder, _ = self._validate(self.store.path(version))
+        return model, builder
+
+    def _route(self, model, builder, state: CanaryState) -> None:
+        current = self.holder.canary
+        self.holder.start_canary(model, builder, state.percent, state.shadow)
+        if current is None or current.candidate.version != state.candidate or current.shadow != state.shadow \
+                or current.percent != state.percent:
+            self.guard.begin(self.active, state.candidate)
+        self._not_followed = None
+        self.events.canary(state.candidate, state.percent, state.shadow)
+
+    def _end(self, state: CanaryState, *, by: str, reason: str, rail: str | None) -> CanaryState:
+        ended = self.holder.end_canary(withdraw=True)
+        if ended is not None:
+            self._keep_warm(ended.version, ended.model, ended.builder)
+        record = state.model_copy(update={"status": "aborted", "ended_at": utc_now(), "ended_by": by,
+                                          "reason": reason, "rail": rail})
+        self.store.write_canary(record)
+        self.guard.end()
+        self.events.canary(None, 0.0, False)
+        return record
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -220,8 +442,12 @@ class ModelManager:
 
     def _swap_in(self, version: str) -> ValidationReport:
         """Serve ``version``: its objects validated earlier in this process when still held and
-        unchanged, else freshly validated; the version it replaces is held for a rollback."""
+        unchanged (the canary's candidate among them), else freshly validated; the version it
+        replaces is held for a rollback."""
+        canary = self.holder.canary
         warm = self._take_warm(version)
+        if warm is None and canary is not None and canary.candidate.version == version:
+            warm = canary.candidate.model, canary.candidate.builder
         if warm is not None:
             model, builder = warm
             report = ValidationReport(version, ["validated earlier in this process; manifest unchanged"])
@@ -229,6 +455,9 @@ class ModelManager:
             model, builder, report = self._validate(self.store.path(version))
         old = self.holder.swap(model, builder)
         self._keep_warm(old.version, old.model, old.builder)
+        if canary is not None and self.holder.canary is None:  # the candidate promoted, here or elsewhere
+            self.guard.end()
+            self.events.canary(None, 0.0, False)
         return report
 
     def _validate(self, bundle_dir: Path):

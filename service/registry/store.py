@@ -1,9 +1,10 @@
 """The model store on disk: bundle directories, the ACTIVE pointer and the activation history.
 
 Layout (``model_store/``): one directory per version (named by its manifest's version),
-``ACTIVE`` naming the version served after a restart, and ``.activations.json``, the stack of
-activated versions that rollback pops. Both files are replaced atomically (write, fsync,
-rename), so a crash leaves either the old or the new state, never a torn file.
+``ACTIVE`` naming the version served after a restart, ``.activations.json``, the stack of
+activated versions that rollback pops, and ``CANARY``, the last canary (candidate, share of
+users, shadow or not, running, promoted or aborted and why). Every file is replaced atomically
+(write, fsync, rename), so a crash leaves either the old or the new state, never a torn file.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.bundle import MANIFEST_NAME, BundleManifest, validate_version
 
 ACTIVE_POINTER = "ACTIVE"
 ACTIVATIONS = ".activations.json"
+CANARY_STATE = "CANARY"
 TRASH_PREFIX = ".deleted-"
 MAX_HISTORY = 100
 
@@ -30,6 +35,31 @@ class StoreError(ValueError):
 
 class UnknownVersion(StoreError):
     """The version is not in the store."""
+
+
+class CanaryState(BaseModel):
+    """The canary as the store records it; every gateway sharing the store routes by it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    candidate: str
+    stable: str = Field(description="The version active when the canary started.")
+    percent: float = Field(gt=0, le=100, description="Share of users assigned to the candidate.")
+    shadow: bool = Field(False, description="Scored beside the stable version and recorded, never served.")
+    status: Literal["running", "promoted", "aborted"] = "running"
+    started_at: str
+    ended_at: str | None = None
+    ended_by: Literal["operator", "guard"] | None = None
+    reason: str | None = Field(None, description="Why it was aborted.")
+    rail: str | None = Field(None, description="The guard rail that aborted it.")
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -71,6 +101,23 @@ class ModelStore:
         pointer = self.root / ACTIVE_POINTER
         return pointer.read_text().strip() or None if pointer.is_file() else None
 
+    def canary(self) -> CanaryState | None:
+        """The last canary recorded (running or ended), None when there never was one or the file
+        is unreadable (logged by the caller as no canary: routing falls back to the stable)."""
+        path = self.root / CANARY_STATE
+        if not path.is_file():
+            return None
+        try:
+            return CanaryState.model_validate_json(path.read_bytes())
+        except (ValidationError, OSError):
+            return None
+
+    def write_canary(self, state: CanaryState) -> None:
+        validate_version(state.candidate)
+        with self._lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.root / CANARY_STATE, state.model_dump_json(indent=1).encode())
+
     def history(self) -> list[dict[str, str]]:
         """Activations, oldest first: ``{"version", "at"}``."""
         path = self.root / ACTIVATIONS
@@ -90,7 +137,7 @@ class ModelStore:
             if rollback and entries:
                 entries.pop()
             if not entries or entries[-1]["version"] != version:
-                entries.append({"version": version, "at": datetime.now(timezone.utc).isoformat()})
+                entries.append({"version": version, "at": utc_now()})
             self.root.mkdir(parents=True, exist_ok=True)
             self._write_history(entries)
             _write_atomic(self.root / ACTIVE_POINTER, f"{version}\n".encode())

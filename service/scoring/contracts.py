@@ -1,5 +1,6 @@
 """What the scoring pipeline promises everyone else: the ``Scorer`` protocol, its result types,
-the reasons an answer is degraded, and the one refusal it raises (unknown items).
+the reasons an answer is degraded, the one refusal it raises (unknown items), and the online
+evaluation of served scores (``OnlineEvaluation``: labels from events, metrics per version).
 
 The HTTP layer, the metrics and the docs all read these from here; the values of
 ``DegradedReason`` are the strings clients and dashboards see in ``degraded_reasons`` and in the
@@ -34,6 +35,14 @@ class Admission(StrEnum):
     DEADLINE = "deadline"
     OVERRUN = "overrun"  # its own forward would overrun
     QUEUE = "queue"  # its forward after the queued work would overrun
+
+
+class ServedOutcome(StrEnum):
+    """How a score request ended, per version (the canary's guard rails compare them)."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    ERROR = "error"  # an exception instead of an answer (a 5xx)
 
 
 class CandidateSource(StrEnum):
@@ -78,6 +87,48 @@ class Overloaded(RuntimeError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """One version's labelled served scores over a window: ranking (AUC), probability quality
+    (LogLoss) and calibration (mean predicted against the observed positive rate). AUC is None
+    until both labels occur; the others until there is a label."""
+
+    version: str
+    labels: int
+    positives: int
+    auc: float | None
+    logloss: float | None
+    mean_predicted: float | None
+    positive_rate: float | None
+
+
+@dataclass(frozen=True)
+class OnlineReport:
+    """The window's metrics per version, and the same per time bucket (oldest first)."""
+
+    window_s: float
+    bucket_s: float
+    versions: list[VersionMetrics]
+    series: list[tuple[float, VersionMetrics]]  # (bucket start, Unix seconds; that bucket's metrics)
+
+
+class OnlineEvaluation(Protocol):
+    """What the HTTP layer needs from the online evaluation of served scores."""
+
+    def observe(self, user_id: str, events: Sequence[tuple[int, float]]) -> None:
+        """(item, rating) behaviours just appended for the user: each labels the score served to
+        that user for that item within the label window, off the request path."""
+        ...
+
+    async def report(self, window_s: float | None = None, bucket_s: float = 60.0) -> OnlineReport:
+        """Metrics per version over the last ``window_s`` (default: the configured window)."""
+        ...
+
+    async def run(self) -> None:
+        """Keep the metrics (and what reads them) current until cancelled."""
+        ...
 
 
 class Scorer(Protocol):

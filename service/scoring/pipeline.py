@@ -9,6 +9,12 @@ next visit -> fusion. The branches need nothing from each other, so they overlap
 (torch, FAISS and the tokenizer release the GIL) instead of adding up. When Redis is unreachable
 the user is scored as cold start; when the LLM fails or would overrun the deadline the CRM scores
 are returned; both say ``degraded`` and why.
+
+During a canary the request's one snapshot routes the user to the stable version or the
+candidate, and names the version that scored it; with a shadow canary the candidate scores the
+same request as a background job. Each answer's scores (and each shadow's) go to the served-score
+log off the request path; an answer of a candidate aborted while it ran never leaves: the request
+is scored anew on the version that serves now.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,12 +35,14 @@ from service.engine.base import ScoringEngine, UserAdapter
 from service.history import HistoryReader
 from service.logging import BurstLog
 from service.llm.prompt import PromptBuilder
-from service.model import LoadedModel, ModelHolder
+from service.model import LoadedModel, ModelHolder, ModelSnapshot
 from service.nearline.score_cache import LLMScoreCache
+from service.nearline.served_log import ServedLog, ServedScore
 from service.personalization.adapter_cache import AdapterCache
 from service.scoring.contracts import (Admission, CandidateResult, CandidateSource, DegradedReason, Overloaded,
-                                       ScoreResult, UnknownItems)
+                                       ScoreResult, ServedOutcome, UnknownItems)
 from service.scoring.engine_scheduler import EngineScheduler
+from service.scoring.shadow import ShadowBuilders, ShadowScores, StoredHistory, shadow_score
 from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
 
 log = logging.getLogger(__name__)
@@ -90,6 +99,8 @@ class ScoringEvents:
     admission: Callable[[Admission], None] = lambda outcome: None
     candidates: Callable[[CandidateSource, int], None] = lambda source, n: None
     score_cache: Callable[[str, int], None] = lambda outcome, n: None  # hit | miss | error | write_error
+    served: Callable[[str, ServedOutcome, float], None] = lambda version, outcome, ms: None  # per answer
+    shadow: Callable[[str], None] = lambda outcome: None  # queued | not_queued | unscorable
 
 
 class LoopLag:
@@ -129,7 +140,7 @@ class ScoringPipeline:
                  cache: AdapterCache, default_deadline_ms: int, history_budget_ms: float, llm_min_ms: float,
                  scheduler: EngineScheduler | None = None, scores: LLMScoreCache | None = None,
                  score_cache_budget_ms: float = 50.0, max_cpu_queue: int = 64, queue_aware: bool = True,
-                 events: ScoringEvents | None = None) -> None:
+                 events: ScoringEvents | None = None, served_log: ServedLog | None = None) -> None:
         self.history, self.holder, self.engine, self.cache = history, holder, engine, cache
         self.default_deadline_ms = default_deadline_ms
         self.history_budget_ms = history_budget_ms
@@ -138,6 +149,8 @@ class ScoringPipeline:
         self.max_cpu_queue = max_cpu_queue
         self.queue_aware = queue_aware
         self.events = events or ScoringEvents()
+        self.served_log = served_log
+        self._shadow_builders = ShadowBuilders()  # touched by the engine thread only
         # The engine runs one forward at a time; requests before background work (see EngineScheduler).
         self.scheduler = scheduler or (EngineScheduler() if engine is not None else None)
         # The CRM on a thread of its own too: torch gives every thread that runs ops its own pool of
@@ -160,6 +173,8 @@ class ScoringPipeline:
 
     def close(self) -> None:
         self.loop_lag.stop()
+        if self.served_log is not None:
+            self.served_log.close()
         if self.scheduler is not None:
             self.scheduler.close()
         self._crm_pool.shutdown(wait=False, cancel_futures=True)
@@ -171,7 +186,32 @@ class ScoringPipeline:
                     request_id: str = "") -> ScoreResult:
         start = time.perf_counter()
         deadline = start + (deadline_ms or self.default_deadline_ms) / 1000.0
-        snapshot = self.holder.snapshot()  # the one version this request sees, from the catalog check on
+        # The one read of the versions (stable, candidate, share) this request makes: it routes the
+        # user, and the version it gives scores everything from the catalog check on.
+        snapshot, shadow = self.holder.snapshot().route(user_id)
+        try:
+            result, stored = await self._score(snapshot, user_id, candidates, start, deadline)
+            if self.holder.withdrawn(result.model_version):  # the candidate was aborted meanwhile
+                snapshot, shadow = self.holder.snapshot().route(user_id)
+                result, stored = await self._score(snapshot, user_id, candidates, start, deadline)
+        except (UnknownItems, Overloaded):
+            raise
+        except Exception:
+            self.events.served(snapshot.version, ServedOutcome.ERROR, (time.perf_counter() - start) * 1000.0)
+            raise
+        self.events.served(result.model_version, ServedOutcome.DEGRADED if result.degraded else ServedOutcome.OK,
+                           result.timings_ms["total"])
+        if self.served_log is not None:
+            at_ms = int(time.time() * 1000)
+            self.served_log.offer([ServedScore(request_id, user_id, c.item_id, result.model_version, c.score,
+                                               c.llm_score, c.crm_score, at_ms) for c in result.candidates])
+            if shadow is not None:
+                self._shadow(shadow, request_id, user_id, candidates, stored)
+        return result
+
+    async def _score(self, snapshot: ModelSnapshot, user_id: str, candidates: Sequence[int], start: float,
+                     deadline: float) -> tuple[ScoreResult, StoredHistory]:
+        """One version's answer, and the history it read (for a shadow to score the same)."""
         model, builder = snapshot.model, snapshot.builder
         unknown = model.catalog.unknown(candidates)
         if unknown:
@@ -241,7 +281,36 @@ class ScoringPipeline:
             user_id=user_id, model_version=model.version,
             candidates=[CandidateResult(int(c), float(s), None if np.isnan(l) else float(l), float(k))
                         for c, s, l, k in zip(candidates, final, llm, crm.scores)],
-            degraded=bool(reasons), degraded_reasons=reasons, cold_start=not exists, timings_ms=timings)
+            degraded=bool(reasons), degraded_reasons=reasons, cold_start=not exists,
+            timings_ms=timings), StoredHistory(raw_items, ratings, profile)
+
+    def _shadow(self, snapshot: ModelSnapshot, request_id: str, user_id: str, candidates: Sequence[int],
+                stored: StoredHistory) -> None:
+        """Score the request with the shadow candidate when the engine is free; record, never serve."""
+        if self.scheduler is None:
+            self.events.shadow("not_queued")
+            return
+        loop, engine, cache, builders = asyncio.get_running_loop(), self.engine, self.cache, self._shadow_builders
+        request_id = request_id or uuid.uuid4().hex
+        items = list(candidates)
+
+        def work(interrupted):
+            scored = shadow_score(snapshot, builders.of(snapshot), engine, cache, user_id, stored, items, interrupted)
+            if scored is None:
+                loop.call_soon_threadsafe(self.events.shadow, "unscorable")
+                return
+            loop.call_soon_threadsafe(self._record_shadow, request_id, user_id, snapshot.version, items, scored)
+
+        queued = self.scheduler.submit_background(("shadow", snapshot.version, request_id), work, 0.0)
+        self.events.shadow("queued" if queued else "not_queued")
+
+    def _record_shadow(self, request_id: str, user_id: str, version: str, candidates: list[int],
+                       scored: ShadowScores) -> None:
+        at_ms = int(time.time() * 1000)
+        llm = scored.llm if scored.llm is not None else [None] * len(candidates)
+        self.served_log.offer([ServedScore(request_id, user_id, int(c), version, float(s),
+                                           None if l is None else float(l), float(k), at_ms, shadow=True)
+                               for c, s, l, k in zip(candidates, scored.score, llm, scored.crm)])
 
     async def _llm_stage(self, user_id: str, model: LoadedModel, view: UserHistoryView, text: asyncio.Future,
                          user_rep, deadline: float, llm: np.ndarray, sources: list[CandidateSource],

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,8 +16,8 @@ import anyio
 import httpx
 import pytest
 import yaml
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
+from http_support import serving
 from promql_support import AGGREGATIONS, Parsed, literal_alternatives, parse
 from redis_support import REDIS_URL, scratch_prefix
 
@@ -78,15 +77,6 @@ class StandInScorer:
 
     def close(self) -> None:
         pass
-
-
-@asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """Run the app's lifespan and give an in-process HTTP client to it."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://reclora.test") as client:
-            yield client
 
 
 @dataclass

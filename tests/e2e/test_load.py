@@ -127,6 +127,8 @@ def test_past_the_in_flight_bound_score_requests_get_429_with_retry_after(world:
     assert ready.status_code == 200  # shedding is the healthy answer to overload
     assert after.status_code == 200  # the bound frees with the request
     assert metric_value(metrics, "reclora_shed_responses_total", {"route": "/v1/score"}) == 1
+    assert metric_value(metrics, "reclora_http_request_duration_seconds_count",  # named, though never routed
+                        {"route": "/v1/score", "status": "429"}) == 1
 
 
 def test_a_cached_llm_score_fused_equals_the_fresh_one(world: World, cached: LiveServer, gated):

@@ -91,6 +91,24 @@ class AdminClient:
     def delete(self, version: str) -> None:
         self._call("DELETE", f"/admin/v1/models/{version}")
 
+    def canary(self, version: str, percent: float, *, shadow: bool = False) -> dict[str, Any]:
+        return self._call("POST", "/admin/v1/canary", json={"version": version, "percent": percent, "shadow": shadow})
+
+    def canary_status(self) -> dict[str, Any]:
+        return self._call("GET", "/admin/v1/canary")
+
+    def promote(self) -> dict[str, Any]:
+        return self._call("POST", "/admin/v1/canary/promote")
+
+    def abort(self, reason: str = "") -> dict[str, Any]:
+        return self._call("POST", "/admin/v1/canary/abort", json={"reason": reason})
+
+    def online(self, *, window_s: float | None = None, bucket_s: float = 60.0) -> dict[str, Any]:
+        params: dict[str, Any] = {"bucket_s": bucket_s}
+        if window_s is not None:
+            params["window_s"] = window_s
+        return self._call("GET", "/admin/v1/online", params=params)
+
     def push(self, source: Path, version: str, *, parts: bool = False, activate: bool = False,
              base: str | None = None, description: str = "",
              progress: Callable[[int, int], None] = lambda sent, total: None) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""``reclora push / models / activate / rollback / delete / admin-token``: ship models to a running service."""
+"""``reclora push / models / activate / rollback / delete / admin-token``: ship models to a running service;
+``reclora canary / promote / abort / online-report``: roll a version out to a share of users first and
+see how it does on live traffic."""
 
 from __future__ import annotations
 
@@ -84,12 +86,27 @@ def models(url: Url = DEFAULT_URL, token: Token = "",
         return
     typer.echo(f"{'':2}{'version':<28}{'created':<22}{'size':>10}  components / metrics")
     for v in listing["versions"]:
-        mark = "*" if v["active"] else ("<" if v.get("previous") else " ")
+        mark = "*" if v["active"] else ("~" if v.get("canary") else ("<" if v.get("previous") else " "))
         size = f"{(v.get('size_bytes') or 0) / 1e6:.1f} MB"
         metrics = ", ".join(f"{k}={val:.4f}" for k, val in _flat_metrics(v.get("metrics", {})).items())
         typer.echo(f"{mark:<2}{v['version']:<28}{(v.get('created_at') or '')[:19]:<22}{size:>10}  "
                    f"{','.join(v.get('components', {}))} {metrics}".rstrip())
-    typer.echo("(* active, < rollback target)")
+    typer.echo("(* active, ~ canary candidate, < rollback target)")
+    if listing.get("canary"):
+        typer.echo(canary_line(listing["canary"]))
+
+
+def canary_line(canary: dict) -> str:
+    """The canary in one line: what runs, or how the last one ended and why."""
+    mode = "shadowing" if canary["shadow"] else "serving"
+    head = f"canary {canary['candidate']} {mode} {canary['percent']:g}% of users beside {canary['stable']}"
+    if canary["status"] == "running":
+        return f"{head}: running since {canary['started_at'][:19]}"
+    if canary["status"] == "promoted":
+        return f"{head}: promoted at {(canary.get('ended_at') or '')[:19]}"
+    by = "the guard" + (f" ({canary['rail']})" if canary.get("rail") else "") if canary.get("ended_by") == "guard" \
+        else "an operator"
+    return f"{head}: aborted by {by} at {(canary.get('ended_at') or '')[:19]}: {canary.get('reason') or ''}".rstrip()
 
 
 def activate(version: str, url: Url = DEFAULT_URL, token: Token = "") -> None:
@@ -104,6 +121,55 @@ def rollback(url: Url = DEFAULT_URL, token: Token = "") -> None:
     with timed("rollback"), _client(url, token) as admin:
         result = _call(admin.rollback)
     typer.echo(f"{result['version']} active again (was {result['previous']}), {result['seconds']:.2f} s")
+
+
+def canary(
+    version: Annotated[str, typer.Argument(help="the candidate version (in the service's store)")],
+    percent: Annotated[float, typer.Option(help="share of users (0-100] assigned by a stable hash of their id")],
+    shadow: Annotated[bool, typer.Option(help="score their requests in the background and record, do not serve")]
+        = False,
+    url: Url = DEFAULT_URL,
+    token: Token = "",
+) -> None:
+    """Start a canary of VERSION (or change its share or mode); the guard rails watch it."""
+    with timed("canary"), _client(url, token) as admin:
+        status = _call(admin.canary, version, percent, shadow=shadow)
+    typer.echo(canary_line(status["canary"]))
+
+
+def promote(url: Url = DEFAULT_URL, token: Token = "") -> None:
+    """Serve the running canary's candidate to every user."""
+    with timed("promote"), _client(url, token) as admin:
+        result = _call(admin.promote)
+    typer.echo(f"{result['version']} active for everyone (was {result['previous']}), {result['seconds']:.2f} s")
+
+
+def abort(reason: Annotated[str, typer.Option(help="recorded with the abort")] = "",
+          url: Url = DEFAULT_URL, token: Token = "") -> None:
+    """Return every user to the stable version."""
+    with _client(url, token) as admin:
+        status = _call(admin.abort, reason)
+    typer.echo(canary_line(status["canary"]))
+
+
+def online_report(
+    window_s: Annotated[Optional[float], typer.Option(help="seconds back (default: the service's window)")] = None,
+    bucket_s: Annotated[float, typer.Option(help="width of the time buckets of the plot")] = 60.0,
+    png: Annotated[Optional[Path], typer.Option(help="write the metrics over time here")] = Path("online-report.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw answer")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = "",
+) -> None:
+    """Online AUC, LogLoss and calibration per version of the labelled served scores: a table and a PNG."""
+    from training.admin.online_report import plot, table
+
+    if window_s is not None and window_s <= 0 or bucket_s <= 0:
+        fail("--window-s and --bucket-s must be positive")
+    with _client(url, token) as admin:
+        report = _call(admin.online, window_s=window_s, bucket_s=bucket_s)
+    typer.echo(json.dumps(report, indent=2) if as_json else table(report))
+    if png is not None:
+        typer.echo(f"plot in {plot(report, png)}")
 
 
 def delete_model(version: str, url: Url = DEFAULT_URL, token: Token = "") -> None:
@@ -140,6 +206,10 @@ COMMANDS = {
     "rollback": rollback,
     "delete-model": delete_model,
     "admin-token": admin_token,
+    "canary": canary,
+    "promote": promote,
+    "abort": abort,
+    "online-report": online_report,
 }
 
 

@@ -2,23 +2,26 @@
 
 Uploads are tar archives in the request body (``Content-Type: application/x-tar``, gzip
 allowed), streamed to disk under the upload cap; ``reclora push`` builds and sends them.
+``/canary`` starts, changes, promotes and aborts a canary; ``/online`` reports the online metrics
+per version (``reclora canary / promote / abort / online-report``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
 from service.api.admin import serving
 from service.api.admin.auth import require_admin
-from service.api.admin.protocol import ActivationResponse, PushResult, VersionList
+from service.api.admin.protocol import (VERSION_PATTERN, AbortRequest, ActivationResponse, CanaryRequest,
+                                        CanaryStatus, OnlineReport, PushResult, VersionList)
+from service.api.deps import OnlineDep
 from service.api.errors import ERROR_RESPONSES, ErrorResponse, Unavailable
 
 if TYPE_CHECKING:  # the registry loads models (torch); the app imports without it
     from service.registry.manager import ModelManager
 
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 VersionPath = Annotated[str, Path(pattern=VERSION_PATTERN, description="Bundle version (a directory name).")]
 
 
@@ -90,3 +93,43 @@ async def delete_model(version: VersionPath, manager: ManagerDep) -> Response:
     """Delete an inactive version from the store."""
     await serving.delete(manager, version)
     return Response(status_code=204)
+
+
+@router.get("/canary", response_model=CanaryStatus)
+async def canary_status(manager: ManagerDep) -> CanaryStatus:
+    """The last canary (running, promoted or aborted, and why) and this gateway's counts per side."""
+    return serving.canary_status(manager)
+
+
+@router.post("/canary", response_model=CanaryStatus)
+async def start_canary(body: CanaryRequest, manager: ManagerDep) -> CanaryStatus:
+    """Route a share of users (by a stable hash of their id) to a candidate version, or shadow
+    their requests with it; the same candidate again changes its share or mode."""
+    return await serving.start_canary(manager, body)
+
+
+@router.post("/canary/promote", response_model=ActivationResponse)
+async def promote_canary(manager: ManagerDep) -> ActivationResponse:
+    """Serve the running canary's candidate to every user."""
+    return await serving.promote(manager)
+
+
+@router.post("/canary/abort", response_model=CanaryStatus)
+async def abort_canary(manager: ManagerDep, body: Annotated[AbortRequest | None, Body()] = None) -> CanaryStatus:
+    """Return every user to the stable version."""
+    return await serving.abort(manager, body.reason if body is not None else "")
+
+
+@router.get("/online", response_model=OnlineReport)
+async def online_report(
+    online: OnlineDep,
+    window_s: Annotated[float | None, Query(gt=0, le=30 * 86_400, description="Default: the configured window.")]
+        = None,
+    bucket_s: Annotated[float, Query(gt=0, le=86_400, description="Width of the time series' buckets.")] = 60.0,
+) -> OnlineReport:
+    """AUC, LogLoss and calibration of the labelled served scores per version, over the window and
+    per time bucket."""
+    if online is None:
+        raise Unavailable("online evaluation is not available: the model is not loaded yet, or the served-score "
+                          "log is off (RECLORA_SERVED_LOG)", code="online_unavailable", retry_after_s=5)
+    return await serving.online_report(online, window_s, bucket_s)

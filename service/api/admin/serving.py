@@ -12,12 +12,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import HTTPException
+from redis.exceptions import RedisError
 
-from service.api.admin.protocol import ActivationResponse, PushResult, VersionInfo, VersionList
-from service.api.errors import ApiError, Conflict, ErrorDetail, InvalidRequest
+from service.api.admin.protocol import (ActivationResponse, CanaryInfo, CanaryRequest, CanaryStatus, OnlineMetrics,
+                                        OnlinePoint, OnlineReport, PushResult, SideStats, VersionInfo, VersionList)
+from service.api.errors import ApiError, Conflict, ErrorDetail, InvalidRequest, Unavailable
 from service.registry.archive import UploadError, receive
 from service.registry.errors import RefusalReason, ValidationFailed
-from service.registry.store import StoreError, UnknownVersion
+from service.registry.store import CanaryState, StoreError, UnknownVersion
+from service.scoring.contracts import OnlineEvaluation, VersionMetrics
 
 if TYPE_CHECKING:  # the registry loads models (torch); the app imports without it
     from service.registry.manager import ActivationResult, ModelManager
@@ -58,9 +61,13 @@ async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise _refusal(exc) from None
 
 
+def _canary(state: CanaryState | None) -> CanaryInfo | None:
+    return CanaryInfo(**state.model_dump()) if state is not None else None
+
+
 def list_versions(manager: ModelManager) -> VersionList:
     return VersionList(active=manager.active, versions=[VersionInfo(**v) for v in manager.describe()],
-                       history=manager.history())
+                       history=manager.history(), canary=_canary(manager.canary_state()))
 
 
 async def push(manager: ModelManager, body: AsyncIterator[bytes], version: str, *, parts: bool,
@@ -109,3 +116,38 @@ async def rollback(manager: ModelManager) -> ActivationResponse:
 
 async def delete(manager: ModelManager, version: str) -> None:
     await _run(manager.delete, version)
+
+
+def canary_status(manager: ModelManager) -> CanaryStatus:
+    state = manager.canary_state()
+    sides = manager.canary_stats() if state is not None and state.running else {}
+    return CanaryStatus(canary=_canary(state), sides={v: SideStats(**stats) for v, stats in sides.items()})
+
+
+async def start_canary(manager: ModelManager, request: CanaryRequest) -> CanaryStatus:
+    await _run(manager.start_canary, request.version, request.percent, shadow=request.shadow)
+    return canary_status(manager)
+
+
+async def promote(manager: ModelManager) -> ActivationResponse:
+    return _activation(await _run(manager.promote))
+
+
+async def abort(manager: ModelManager, reason: str) -> CanaryStatus:
+    await _run(manager.abort, reason)
+    return canary_status(manager)
+
+
+def _metrics(m: VersionMetrics) -> dict:
+    return {"version": m.version, "labels": m.labels, "positives": m.positives, "auc": m.auc, "logloss": m.logloss,
+            "mean_predicted": m.mean_predicted, "positive_rate": m.positive_rate}
+
+
+async def online_report(online: OnlineEvaluation, window_s: float | None, bucket_s: float) -> OnlineReport:
+    try:
+        report = await online.report(window_s, bucket_s)
+    except (RedisError, OSError) as exc:
+        raise Unavailable(f"the labels in Redis could not be read: {exc}", code="online_unavailable") from None
+    return OnlineReport(window_s=report.window_s, bucket_s=report.bucket_s,
+                        versions=[OnlineMetrics(**_metrics(m)) for m in report.versions],
+                        series=[OnlinePoint(start=start, **_metrics(m)) for start, m in report.series])

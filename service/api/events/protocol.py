@@ -42,9 +42,12 @@ class EventsResponse(BaseModel):
 class ProfileRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # A key off the pattern is refused, so the schema says so: patternProperties alone would let
+    # any other key through (JSON Schema's additionalProperties defaults to true).
     profile: dict[ProfileKey, ProfileValue] = Field(
         max_length=MAX_PROFILE_FIELDS, description="Replaces the stored profile; {} clears it.",
-        examples=[{"age": "24", "gender": "M", "occupation": "technician"}])
+        examples=[{"age": "24", "gender": "M", "occupation": "technician"}],
+        json_schema_extra={"additionalProperties": False})
 
 
 class ProfileResponse(BaseModel):

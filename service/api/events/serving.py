@@ -1,7 +1,9 @@
 """Event and profile intake: configured checks, catalog check, then one atomic store write.
 
 Nothing is dropped silently: an event batch is written whole or the caller gets an error saying
-why (409 out of order, 422 bad input, 503 store unreachable).
+why (409 out of order, 422 bad input, 503 store unreachable). A written batch is handed to the
+online evaluation, which labels the scores served to the user for those items off the request
+path: the answer never waits for it, and its failure is counted, never the event's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from service.api.events.protocol import EventsRequest, EventsResponse, ProfileRe
 from service.config import Settings
 from service.history import Event, HistoryOrderError, HistoryStore
 from service.metrics import Metrics
-from service.scoring.contracts import Scorer
+from service.scoring.contracts import OnlineEvaluation, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def check_batch(request: EventsRequest, settings: Settings, now: float) -> None:
 
 
 async def append_events(request: EventsRequest, *, history: HistoryStore, scorer: Scorer, settings: Settings,
-                        metrics: Metrics) -> EventsResponse:
+                        metrics: Metrics, online: OnlineEvaluation | None = None) -> EventsResponse:
     check_batch(request, settings, time.time())
     unknown = scorer.unknown_items(list(dict.fromkeys(e.item_id for e in request.events)))
     if unknown:
@@ -66,6 +68,8 @@ async def append_events(request: EventsRequest, *, history: HistoryStore, scorer
         raise Unavailable("the history store timed out; the events may or may not have been written",
                           code="history_timeout") from exc
     metrics.events_appended.inc(len(events))
+    if online is not None:
+        online.observe(request.user_id, [(e.item, e.rating) for e in events])
     return EventsResponse(appended=len(events), history_length=stored)
 
 

@@ -1,8 +1,9 @@
 """Wire types of ``POST /v1/score``.
 
 Shape checks that need no configuration live here (types, int64 range, uniqueness, deadline
-sign); limits that come from settings (candidate count, longest deadline) and the catalog check
-run in ``serving``. Both report in the same error schema.
+sign), each published in the schema; limits that come from settings (candidate count, longest
+deadline) and the catalog check run in ``serving``. Both report in the same error schema. A user
+id is a string or an int64 (``service.api.fields.UserId``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class ScoreRequest(BaseModel):
 
     user_id: UserId
     candidates: list[ItemId] = Field(min_length=1, description="Distinct raw item ids to score.",
-                                     examples=[[50, 172, 181]])
+                                     examples=[[50, 172, 181]], json_schema_extra={"uniqueItems": True})
     deadline_ms: Annotated[int, Field(strict=True, gt=0)] | None = Field(
         None, description="Answer within this many ms (degraded if need be); null = the server default.")
 

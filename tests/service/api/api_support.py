@@ -7,16 +7,14 @@ model. It is never used by the runtime.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
-from fastapi import FastAPI
 
 from service.scoring.contracts import CandidateResult, ScoreResult, UnknownItems
 from service.history import HistoryStore
-from http_support import assert_error  # noqa: F401  (re-exported for the tests)
+from http_support import assert_error, serving  # noqa: F401  (re-exported for the tests)
 from redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
 
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -71,14 +69,5 @@ class FormulaScorer:
 
     def close(self) -> None:
         self.closed = True
-
-
-@asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """Run the app's lifespan and give an in-process HTTP client to it."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://reclora.test") as client:
-            yield client
 
 

@@ -49,7 +49,10 @@ SCORE_CASES = [
     ("user id too long", score_body(user_id="u" * 129), "user_id", "at most 128"),
     ("user id with brace", score_body(user_id="a{b}"), "user_id", "pattern"),
     ("user id with space", score_body(user_id="a b"), "user_id", "pattern"),
-    ("user id as number", score_body(user_id=123), "user_id", "valid string"),
+    ("user id as bool", score_body(user_id=True), "user_id", "valid string or integer"),
+    ("user id as float", score_body(user_id=123.0), "user_id", "valid string or integer"),
+    ("user id as null", score_body(user_id=None), "user_id", "valid string or integer"),
+    ("user id beyond int64", score_body(user_id=INT64_MAX + 1), "user_id", "less than or equal to"),
     ("deadline zero", score_body(deadline_ms=0), "deadline_ms", "greater than 0"),
     ("deadline negative", score_body(deadline_ms=-5), "deadline_ms", "greater than 0"),
     ("deadline too long", score_body(deadline_ms=10_001), "deadline_ms", "at most 10000"),
@@ -57,7 +60,7 @@ SCORE_CASES = [
     ("deadline as string", score_body(deadline_ms="fast"), "deadline_ms", "valid integer"),
     ("deadline as float", score_body(deadline_ms=1.5), "deadline_ms", "valid integer"),
     ("unknown field", score_body(deadline=300), "deadline", "Extra inputs"),
-    ("body not an object", [1, 2, 3], None, "valid dictionary"),
+    ("body not an object", [1, 2, 3], "body", "the body must be a JSON object, got an array"),
 ]
 
 
@@ -118,6 +121,82 @@ async def test_non_json_content_type_is_422(client: httpx.AsyncClient):
     response = await client.post("/v1/score", content=b'{"user_id": "u1", "candidates": [1]}',
                                  headers={"content-type": "text/plain"})
     assert_error(response, 422)
+
+
+@pytest.mark.parametrize("path,method", [("/v1/score", "POST"), ("/v1/events", "POST"),
+                                         ("/v1/users/u1/profile", "PUT")])
+@pytest.mark.parametrize("raw,kind", [(b"null", "null"), (b"[]", "an array"), (b'"u1"', "a string"),
+                                      (b"7", "a number"), (b"true", "a boolean")])
+async def test_body_that_is_not_an_object_says_so(client: httpx.AsyncClient, scorer: FormulaScorer, path: str,
+                                                  method: str, raw: bytes, kind: str):
+    response = await client.request(method, path, content=raw, headers={"content-type": "application/json"})
+    error = assert_error(response, 422, "invalid_request")
+    assert error["details"] == [{"loc": "body", "type": "body_not_object",
+                                 "message": f"the body must be a JSON object, got {kind}"}]
+    assert not scorer.calls
+
+
+@pytest.mark.parametrize("content_type,named", [("text/plain", "'text/plain'"), (None, "none"),
+                                                ("application/x-www-form-urlencoded",
+                                                 "'application/x-www-form-urlencoded'")])
+async def test_wrong_content_type_names_the_expected_one(client: httpx.AsyncClient, scorer: FormulaScorer,
+                                                         content_type: str | None, named: str):
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post("/v1/score", content=b'{"user_id": "u1", "candidates": [1]}', headers=headers)
+    error = assert_error(response, 422, "invalid_request")
+    assert error["details"] == [{"loc": "body", "type": "unsupported_content_type",
+                                 "message": f"expected Content-Type application/json, got {named}"}]
+    assert not scorer.calls
+
+
+async def test_json_suffix_media_types_are_json(client: httpx.AsyncClient):
+    response = await client.post("/v1/score", content=b'{"user_id": "u1", "candidates": [1]}',
+                                 headers={"content-type": "application/vnd.reclora+json; charset=utf-8"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("depth", [33, 990, 1000, 100_000])
+async def test_too_deeply_nested_json_is_422_naming_the_limit(client: httpx.AsyncClient, scorer: FormulaScorer,
+                                                              depth: int):
+    raw = b'{"user_id": "u1", "candidates": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+    response = await client.post("/v1/score", content=raw, headers={"content-type": "application/json"})
+    error = assert_error(response, 422, "invalid_request")
+    assert error["details"] == [{"loc": "body", "type": "json_too_deep",
+                                 "message": f"JSON nested {depth} levels deep; at most 32 allowed"}]
+    assert not scorer.calls
+
+
+async def test_nesting_at_the_limit_and_brackets_in_strings_are_not_too_deep(client: httpx.AsyncClient):
+    at_limit = b'{"user_id": "u1", "candidates": ' + b"[" * 31 + b"]" * 31 + b"}"
+    response = await client.post("/v1/score", content=at_limit, headers={"content-type": "application/json"})
+    assert assert_error(response, 422)["details"][0]["loc"] == "candidates[0]"  # parsed, then validated
+    in_string = {"user_id": "[{" * 2000, "candidates": [1]}
+    assert assert_error(await client.post("/v1/score", json=in_string), 422)["details"][0]["loc"] == "user_id"
+
+
+async def test_streamed_deep_json_is_422(client: httpx.AsyncClient):
+    async def chunks():  # no Content-Length: nesting is counted over the whole body once read
+        yield b'{"user_id": "u1", "candidates": '
+        for _ in range(10):
+            yield b"[" * 10
+        for _ in range(10):
+            yield b"]" * 10
+        yield b"}"
+
+    response = await client.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
+    assert assert_error(response, 422)["details"][0]["type"] == "json_too_deep"
+
+
+@pytest.mark.parametrize("user_id,stored", [(196, "196"), (0, "0"), (-5, "-5"), (INT64_MAX, str(INT64_MAX))])
+async def test_integer_user_ids_are_their_decimal_string(client: httpx.AsyncClient, scorer: FormulaScorer, app,
+                                                         user_id: int, stored: str):
+    response = await client.post("/v1/score", json=score_body(user_id=user_id))
+    assert response.status_code == 200, response.text
+    assert response.json()["user_id"] == stored and scorer.calls[-1]["user_id"] == stored
+    appended = await client.post("/v1/events", json=events_body(event(), user_id=user_id))
+    assert appended.status_code == 200, appended.text
+    history: HistoryStore = app.state.history
+    assert (await history.read(stored)).items.tolist() == [5]  # the same user as the string id
 
 
 async def test_oversized_body_is_413(client: httpx.AsyncClient):

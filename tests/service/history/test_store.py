@@ -332,3 +332,135 @@ def test_bulk_load_fails_fast_when_redis_is_unreachable() -> None:
 def test_store_refuses_a_client_that_decodes_replies() -> None:
     with pytest.raises(ValueError, match="decode_responses"):
         HistoryStore(aioredis.Redis.from_url(REDIS_URL, decode_responses=True))
+
+
+# --- read_page: the history route's paged read, newest first
+
+
+async def read_pages(store: HistoryStore, user: str, limit: int) -> list[list[int]]:
+    """Every page of ``user``'s items, following ``next_offset`` against the first page's length."""
+    page = await store.read_page(user, limit)
+    pages = [page.items.tolist()]
+    while page.next_offset is not None:
+        page = await store.read_page(user, limit, page.next_offset, page.length)
+        pages.append(page.items.tolist())
+    return pages
+
+
+async def test_pages_run_newest_first_and_end_on_the_oldest(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        await store.append("u1", [Event(i, 1.0 + i / 2, 100 + i) for i in range(7)])
+        await store.set_profile("u1", {"age": "25-34"})
+        first = await store.read_page("u1", 3)
+        pages = await read_pages(store, "u1", 3)
+        exact = await read_pages(store, "u1", 7)
+    finally:
+        await store.aclose()
+    assert pages == [[6, 5, 4], [3, 2, 1], [0]]
+    assert exact == [[6, 5, 4, 3, 2, 1, 0]]  # a page ending on the oldest event is the last
+    assert first.timestamps.tolist() == [106, 105, 104]
+    np.testing.assert_array_equal(first.ratings, np.array([4.0, 3.5, 3.0], np.float32))
+    assert (first.items.dtype, first.ratings.dtype, first.timestamps.dtype) == (np.int64, np.float32, np.int64)
+    assert first.profile == {"age": "25-34"} and first.exists and first.length == 7 and first.next_offset == 3
+
+
+async def test_appends_between_pages_do_not_shift_them(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        await store.append("u1", [Event(i, 3.0, 100 + i) for i in range(6)])
+        first = await store.read_page("u1", 2)
+        await store.append("u1", [Event(50 + i, 3.0, 200 + i) for i in range(3)])  # newer events meanwhile
+        second = await store.read_page("u1", 2, first.next_offset, first.length)
+        third = await store.read_page("u1", 2, second.next_offset, second.length)
+        fresh = await store.read_page("u1", 2)
+    finally:
+        await store.aclose()
+    assert first.items.tolist() == [5, 4] and second.items.tolist() == [3, 2] and third.items.tolist() == [1, 0]
+    assert third.next_offset is None
+    assert fresh.items.tolist() == [52, 51] and fresh.length == 9  # the new events lead a new first page
+
+
+async def test_at_the_cap_appends_between_pages_repeat_what_they_pushed_out(prefix) -> None:
+    """The documented limit of the paging: each append at the cap drops the oldest event and moves
+    every position by one, so the next page repeats one already seen event per dropped one."""
+    store = make_store(prefix, max_events=5)
+    try:
+        await store.append("u1", [Event(i, 3.0, i) for i in range(5)])
+        first = await store.read_page("u1", 2)
+        await store.append("u1", [Event(5, 3.0, 5), Event(6, 3.0, 6)])  # drops events 0 and 1
+        pages = [first.items.tolist()]
+        page = first
+        while page.next_offset is not None:
+            page = await store.read_page("u1", 2, page.next_offset, page.length)
+            pages.append(page.items.tolist())
+    finally:
+        await store.aclose()
+    assert pages == [[4, 3], [4, 3], [2]]
+
+
+async def test_unknown_and_profile_only_users_page_as_empty(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        await store.set_profile("p", {"gender": "F"})
+        nobody = await store.read_page("nobody", 10)
+        profile_only = await store.read_page("p", 10)
+    finally:
+        await store.aclose()
+    assert not nobody.exists and nobody.profile == {} and nobody.items.shape == (0,) and nobody.next_offset is None
+    assert profile_only.exists and profile_only.profile == {"gender": "F"} and profile_only.items.shape == (0,)
+
+
+async def test_pages_past_the_end_or_of_a_shrunk_list_are_empty(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        await store.append("u1", [Event(i, 3.0, i) for i in range(4)])
+        past = await store.read_page("u1", 5, offset=10, length=4)
+        forged = await store.read_page("u1", 5, offset=0, length=10**18)
+        first = await store.read_page("u1", 2)
+        await store.delete("u1")
+        gone = await store.read_page("u1", 2, first.next_offset, first.length)
+    finally:
+        await store.aclose()
+    assert past.items.tolist() == [] and past.next_offset is None
+    assert forged.items.tolist() == [] and forged.next_offset is None
+    assert gone.items.tolist() == [] and gone.next_offset is None and not gone.exists
+
+
+async def test_a_page_is_one_round_trip_in_one_transaction(prefix) -> None:
+    pool = aioredis.ConnectionPool.from_url(REDIS_URL, connection_class=CountingConnection)
+    store = HistoryStore(aioredis.Redis(connection_pool=pool), HistorySettings(prefix=prefix))
+    try:
+        await store.append("u1", events((1, 4.0, 1), (2, 5.0, 2), (3, 1.0, 3)))
+        await store.set_profile("u1", {"age": "25-34"})
+        CountingConnection.writes.clear()
+        first = await store.read_page("u1", 2)
+        second = await store.read_page("u1", 2, first.next_offset, first.length)
+        writes = list(CountingConnection.writes)
+    finally:
+        await store.aclose()
+    assert len(writes) == 2  # one per page
+    for write in writes:  # LLEN, LRANGE and HGETALL see the same moment: MULTI/EXEC
+        assert all(command in write for command in (b"MULTI", b"LLEN", b"LRANGE", b"HGETALL", b"EXEC"))
+    assert first.items.tolist() == [3, 2] and second.items.tolist() == [1]
+
+
+async def test_page_arguments_are_checked(prefix) -> None:
+    store = make_store(prefix)
+    try:
+        for limit, offset, length in ((0, 0, None), (1, -1, None), (1, 0, -1)):
+            with pytest.raises(ValueError):
+                await store.read_page("u1", limit, offset, length)
+    finally:
+        await store.aclose()
+
+
+async def test_unreachable_redis_fails_a_page_fast() -> None:
+    store = HistoryStore.from_url("redis://127.0.0.1:1/0")
+    try:
+        start = time.perf_counter()
+        with pytest.raises(RedisConnectionError):
+            await store.read_page("u1", 10)
+        assert time.perf_counter() - start < 2.0
+    finally:
+        await store.aclose()

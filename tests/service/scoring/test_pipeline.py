@@ -12,11 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from transformers import AutoTokenizer
 
 from service.history import HistorySettings, HistoryStore, UserHistory
-from service.llm.prompt import PromptBuilder
-from service.model import ModelHolder, load_model
+from service.model import ModelHolder
 from service.personalization.adapter_cache import AdapterCache
 from service.scoring.contracts import DegradedReason, UnknownItems
 from service.scoring.pipeline import ScoringEvents, ScoringPipeline, llm_admission
@@ -80,13 +78,6 @@ class CountingHolder(ModelHolder):
     def snapshot(self):
         self.snapshots += 1
         return super().snapshot()
-
-
-@pytest.fixture(scope="module")
-def loaded(world):
-    model = load_model(world.bundle_dir)
-    builder = PromptBuilder(AutoTokenizer.from_pretrained(world.base_dir, local_files_only=True), model.prompt)
-    return model, builder
 
 
 @pytest.fixture

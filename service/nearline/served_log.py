@@ -1,0 +1,213 @@
+"""Every served score in Redis, written off the request path, and the labels events give them.
+
+Keys (the user's hash tag keeps their keys on one Redis Cluster slot):
+
+- ``<prefix>online:served``: STREAM of served scores (request id, user, item, version, score,
+  LLM and CRM score, time, shadow flag), capped by length (``XADD MAXLEN ~``) and age
+  (``XTRIM MINID ~``): the audit trail of what each version answered;
+- ``<prefix>{u:<user_id>}:served``: HASH, item -> the score last served to that user for it
+  (field ``<item>``) and the candidate's shadow score (``<item>|shadow``), expiring one label
+  window after the last write: the join of an event with its served score is one round trip
+  that reads and deletes the fields at once, so an event labels a served score at most once;
+- ``<prefix>online:labels``: STREAM of labelled scores (version, score, label, served time),
+  capped by length and by the evaluation window.
+
+A response hands its scores to ``offer`` (a bounded queue; full = dropped and counted) and one
+writer task drains the queue in pipelined batches: a slow or failed Redis write never delays or
+fails a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.history.layout import user_tag
+from service.logging import BurstLog
+
+log = logging.getLogger(__name__)
+burst = BurstLog(log)
+SHADOW_SUFFIX = "|shadow"
+
+
+@dataclass(frozen=True, slots=True)
+class ServedScore:
+    request_id: str
+    user_id: str
+    item: int
+    version: str
+    score: float
+    llm_score: float | None
+    crm_score: float
+    at_ms: int  # Unix milliseconds when it was answered (or, shadowed, scored)
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """A served score and what the user did with the item afterwards."""
+
+    served: ServedScore
+    label: int  # 1: rating above the dataset's threshold
+    at_ms: int  # when the event arrived
+
+
+@dataclass
+class ServedLogEvents:
+    """Metrics hooks, in served scores."""
+
+    written: Callable[[int], None] = lambda n: None
+    dropped: Callable[[int], None] = lambda n: None  # the writer's queue was full
+    failed: Callable[[int], None] = lambda n: None  # Redis refused or timed out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ServedLog:
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "", max_len: int = 1_000_000,
+                 max_age_s: int = 86_400, label_window_s: int = 1800, labels_max_len: int = 200_000,
+                 labels_max_age_s: int = 3600, queue_size: int = 1024, batch: int = 32,
+                 events: ServedLogEvents | None = None) -> None:
+        if min(max_len, max_age_s, label_window_s, labels_max_len, labels_max_age_s, queue_size, batch) < 1:
+            raise ValueError("served log bounds must be at least 1")
+        self._redis, self.prefix = client, prefix
+        self.max_len, self.max_age_s, self.label_window_s = max_len, max_age_s, label_window_s
+        self.labels_max_len, self.labels_max_age_s = labels_max_len, labels_max_age_s
+        self.queue_size, self.batch = queue_size, batch
+        self.events = events or ServedLogEvents()
+        self.stream_key = f"{prefix}online:served"
+        self.labels_key = f"{prefix}online:labels"
+        self._queue: asyncio.Queue[list[ServedScore]] | None = None
+        self._writer: asyncio.Task | None = None
+
+    def user_key(self, user_id: str) -> str:
+        return f"{user_tag(self.prefix, user_id)}:served"
+
+    # -- the request side -------------------------------------------------------------------
+
+    def offer(self, scores: Sequence[ServedScore]) -> bool:
+        """Queue one response's scores for the writer (event loop only); False when dropped."""
+        if not scores:
+            return True
+        if self._queue is None:
+            self._queue = asyncio.Queue(self.queue_size)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain(), name="served-log")
+        try:
+            self._queue.put_nowait(list(scores))
+        except asyncio.QueueFull:
+            self.events.dropped(len(scores))
+            return False
+        return True
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written (or failed): for tests and shutdown."""
+        if self._queue is not None and self._writer is not None and not self._writer.done():
+            await self._queue.join()
+
+    def close(self) -> None:
+        """Stop the writer; what it had not written yet is counted as dropped."""
+        if self._writer is not None:
+            self._writer.cancel()
+        while self._queue is not None and not self._queue.empty():
+            self.events.dropped(len(self._queue.get_nowait()))
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        while True:
+            batches = [await queue.get()]
+            while len(batches) < self.batch and not queue.empty():
+                batches.append(queue.get_nowait())
+            scores = [s for b in batches for s in b]
+            try:
+                await self.write(scores)
+                self.events.written(len(scores))
+            except (RedisError, OSError) as exc:
+                burst.log(logging.WARNING, "served-log", "served-score log write failed; those scores are not "
+                          "recorded", error=repr(exc))
+                self.events.failed(len(scores))
+            finally:
+                for _ in batches:
+                    queue.task_done()
+
+    async def write(self, scores: Sequence[ServedScore]) -> None:
+        """Append to the stream, trim it by length and age, and index each score per user for the
+        label join (one pipelined round trip)."""
+        now_ms = int(time.time() * 1000)
+        per_user: dict[str, dict[str, str]] = {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for s in scores:
+                pipe.xadd(self.stream_key, {
+                    "r": s.request_id, "u": s.user_id, "i": s.item, "v": s.version, "s": repr(s.score),
+                    "l": "" if s.llm_score is None else repr(s.llm_score), "c": repr(s.crm_score), "t": s.at_ms,
+                    "sh": int(s.shadow)}, maxlen=self.max_len, approximate=True)
+                field = f"{s.item}{SHADOW_SUFFIX}" if s.shadow else str(s.item)
+                per_user.setdefault(s.user_id, {})[field] = json.dumps(
+                    [s.version, s.score, s.at_ms, s.request_id, s.llm_score, s.crm_score])
+            pipe.xtrim(self.stream_key, minid=now_ms - self.max_age_s * 1000, approximate=True)
+            for user_id, fields in per_user.items():
+                key = self.user_key(user_id)
+                pipe.hset(key, mapping=fields)
+                pipe.expire(key, self.label_window_s)
+            await pipe.execute()
+
+    # -- the event side ---------------------------------------------------------------------
+
+    async def take(self, user_id: str, items: Sequence[int]) -> list[ServedScore]:
+        """The scores last served (and shadowed) to the user for ``items``, removed in the same
+        transaction so that no other event labels them again."""
+        if not items:
+            return []
+        fields = [f for item in dict.fromkeys(items) for f in (str(item), f"{item}{SHADOW_SUFFIX}")]
+        key = self.user_key(user_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(key, fields)
+            pipe.hdel(key, *fields)
+            values, _ = await pipe.execute()
+        out = []
+        for field, value in zip(fields, values):
+            if value is None:
+                continue
+            version, score, at_ms, request_id, llm, crm = json.loads(value)
+            item = int(field.removesuffix(SHADOW_SUFFIX))
+            out.append(ServedScore(request_id, user_id, item, version, float(score), llm, float(crm), int(at_ms),
+                                   field.endswith(SHADOW_SUFFIX)))
+        return out
+
+    async def add_labels(self, labels: Sequence[Label]) -> None:
+        if not labels:
+            return
+        now_ms = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for lab in labels:
+                s = lab.served
+                pipe.xadd(self.labels_key, {"v": s.version, "s": repr(s.score), "y": lab.label, "t": s.at_ms,
+                                            "sh": int(s.shadow), "u": s.user_id, "i": s.item, "r": s.request_id},
+                          maxlen=self.labels_max_len, approximate=True)
+            pipe.xtrim(self.labels_key, minid=now_ms - self.labels_max_age_s * 1000, approximate=True)
+            await pipe.execute()
+
+    async def read_labels(self, after: str = "-", *, since_ms: int | None = None,
+                          count: int = 10_000) -> list[tuple[str, Label]]:
+        """Labels after stream id ``after`` (exclusive) or from ``since_ms`` on, oldest first, at
+        most ``count``: (stream id, label)."""
+        start = f"({after}" if after not in ("-", "") else (str(since_ms) if since_ms is not None else "-")
+        rows = await self._redis.xrange(self.labels_key, min=start, max="+", count=count)
+        out = []
+        for entry_id, fields in rows:
+            f = {_text(k): _text(v) for k, v in fields.items()}
+            entry = _text(entry_id)
+            served = ServedScore(f["r"], f["u"], int(f["i"]), f["v"], float(f["s"]), None, float("nan"), int(f["t"]),
+                                 f["sh"] == "1")
+            out.append((entry, Label(served, int(f["y"]), int(entry.split("-")[0]))))
+        return out

@@ -1,0 +1,79 @@
+"""Shadow scoring: a canary's candidate scores a request it does not answer, as a background job.
+
+The job runs on the engine scheduler's thread (``EngineScheduler.submit_background``): only when
+no request waits for the engine, yielding it between layers when one arrives. It scores the same
+history the request read, with the candidate's own catalog, CRM, adapters, prompt config and
+fusion; the caller records the scores with a shadow flag, never serves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine.base import ScoringEngine
+from service.llm.prompt import PromptBuilder
+from service.model import ModelSnapshot
+from service.personalization.adapter_cache import AdapterCache
+from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
+
+
+@dataclass(frozen=True)
+class StoredHistory:
+    """What a request read of the user's history, in raw ids, for its shadow to score the same."""
+
+    items: np.ndarray
+    ratings: np.ndarray
+    profile: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ShadowScores:
+    score: np.ndarray
+    llm: np.ndarray | None
+    crm: np.ndarray
+
+
+class ShadowBuilders:
+    """A prompt builder per candidate version for the engine thread alone (a builder's token
+    cache is not shared between threads; the candidate's own builder serves its live requests)."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._builders: dict[str, PromptBuilder] = {}
+
+    def of(self, snapshot: ModelSnapshot) -> PromptBuilder | None:
+        if snapshot.builder is None:
+            return None
+        builder = self._builders.get(snapshot.version)
+        if builder is None:
+            builder = PromptBuilder(snapshot.builder.tokenizer, snapshot.model.prompt)
+            self._builders[snapshot.version] = builder
+            while len(self._builders) > self.keep:
+                self._builders.pop(next(iter(self._builders)))
+        return builder
+
+
+def shadow_score(snapshot: ModelSnapshot, builder: PromptBuilder | None, engine: ScoringEngine | None,
+                 cache: AdapterCache, user_id: str, stored: StoredHistory, candidates: Sequence[int],
+                 interrupted: Callable[[], bool]) -> ShadowScores | None:
+    """Every candidate scored by ``snapshot``'s version; None when its catalog lacks one of them.
+    The engine raises ``ForwardInterrupted`` when a request arrives (the scheduler queues the job
+    again)."""
+    model = snapshot.model
+    if model.catalog.unknown(candidates):
+        return None
+    view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile)
+    dense = model.catalog.to_dense(candidates)
+    crm = run_crm(model, view, dense)
+    crm_scores = np.asarray(crm.scores, np.float64)
+    if model.mixer is None or engine is None or builder is None:
+        return ShadowScores(crm_scores, None, crm_scores)
+    prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
+    alphas = model.mixer.mixtures(crm.user_rep)
+    adapter, _ = cache.get_or_build(user_id, model.version, alphas, lambda a: build_adapter(model, user_id, a))
+    llm = np.asarray(engine.score(adapter, prefix, suffixes, None, interrupted), np.float64)
+    final = model.fusion(llm, crm_scores) if model.fusion is not None else llm
+    return ShadowScores(np.asarray(final, np.float64), llm, crm_scores)
