@@ -185,7 +185,9 @@ def test_killed_server_degrades_to_crm_then_recovers(world, server, scenario, to
     settings = Settings(engine="vllm", vllm_urls=[server.url], model_store=world.store, active_version=VERSION_1,
                         base_model_dir=world.base_dir, vllm_adapter_dir=tmp_path / "adapters",
                         vllm_max_adapters=CAPACITY, vllm_health_interval_s=0.5, default_deadline_ms=20_000,
-                        max_deadline_ms=30_000, history_budget_ms=2_000)
+                        max_deadline_ms=30_000, history_budget_ms=2_000,
+                        # Every score from the engine: cached scores would answer for the killed server.
+                        llm_score_cache=False, served_log=False)
     metrics = Metrics(process=False)
     loop = asyncio.new_event_loop()  # one loop for every call: the Redis client's connections live on it
     with scratch_prefix("vllm") as prefix:
