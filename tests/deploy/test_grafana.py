@@ -44,9 +44,7 @@ ENUMERATED = {"stage": set(STAGES), "kind": set(ACTIVATION_KINDS)}
 # shedding and engine admission work (reclora_shed*, reclora_inflight*, reclora_engine_queue*,
 # reclora_llm_*). Name -> its labels. Remove an entry once the gateway exports it; the dashboard
 # itself may use none of these.
-PLANNED_METRICS = {
-    "reclora_shed_responses_total": {"route"},  # requests refused for lack of capacity
-}
+PLANNED_METRICS: dict[str, set[str]] = {}
 PLANNED_PREFIXES = ("reclora_shed", "reclora_inflight", "reclora_engine_queue", "reclora_llm_")
 # Metrics of other exporters that the rules use for what a gateway cannot report about itself.
 EXTERNAL_METRICS = {
