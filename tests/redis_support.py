@@ -11,6 +11,8 @@ import pytest
 import redis
 from redis.exceptions import RedisError
 
+from http_support import closed_port
+
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -31,14 +33,6 @@ def scratch_prefix(tag: str = "test") -> Iterator[str]:
         client.close()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def own_server(binary: str, *args: str, ready_timeout_s: float = 10.0) -> Iterator[str]:
     """A Redis-protocol server of the test's own on a free loopback port, with ``args``; yields
@@ -48,7 +42,7 @@ def own_server(binary: str, *args: str, ready_timeout_s: float = 10.0) -> Iterat
     import tempfile
     import time
 
-    port = free_port()
+    port = closed_port()
     workdir = tempfile.mkdtemp(prefix="reclora-redis-")
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
                                 "--save", "", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

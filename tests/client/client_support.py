@@ -10,9 +10,8 @@ import asyncio
 import socket
 import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,26 +23,12 @@ from fastapi.responses import JSONResponse, Response
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "service" / "api"))  # api_support (FormulaScorer)
 from api_support import REDIS_URL, FormulaScorer  # noqa: E402
+from http_support import closed_port, wait_for  # noqa: E402,F401  (closed_port re-exported)
 
 from service.api.server import make_server  # noqa: E402
 from service.config import Settings  # noqa: E402
 
 REQUEST_COUNT = "reclora_http_request_duration_seconds_count"
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound once by the OS, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.01)
 
 
 @contextmanager
@@ -55,7 +40,7 @@ def serve(server: uvicorn.Server) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="client-uvicorn")
     thread.start()
     try:
-        wait_for(lambda: server.started or not thread.is_alive(), 15.0, "uvicorn start")
+        wait_for(lambda: server.started or not thread.is_alive(), 15.0, "uvicorn start", interval=0.01)
         if not thread.is_alive():
             raise RuntimeError("uvicorn exited during startup")
         host, port = sock.getsockname()
@@ -83,7 +68,8 @@ class Gateway:
     def settled_requests(self, method: str, route: str, status: int, at_least: int = 1) -> int:
         """``requests`` once the metric shows ``at_least``: the middleware records a request just
         after its answer is sent, so a client can see the answer first."""
-        wait_for(lambda: self.requests(method, route, status) >= at_least, 5.0, f"{method} {route} {status}")
+        wait_for(lambda: self.requests(method, route, status) >= at_least, 5.0, f"{method} {route} {status}",
+                 interval=0.01)
         return self.requests(method, route, status)
 
 

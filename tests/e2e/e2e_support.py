@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -25,24 +24,9 @@ from service.api.server import DrainingServer, make_server
 from service.config import Settings
 from service.history import HistorySettings, HistoryStore, UserHistory
 from service.model import Fusion, LoadedModel, load_model
-from http_support import assert_error  # noqa: F401  (re-exported for the tests)
+from http_support import assert_error, closed_port, wait_for  # noqa: F401  (re-exported for the tests)
 from redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
 from world_support import EMBEDDING_DIM, FUSION, VERSION, World, train_lora  # noqa: F401  (re-exported)
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound once by the OS, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 @dataclass

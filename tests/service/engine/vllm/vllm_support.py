@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,6 @@ def vllm_python() -> str | None:
     spec = importlib.util.find_spec("vllm")
     # A test directory named vllm on sys.path is found as a namespace package (no origin).
     return sys.executable if spec is not None and spec.origin not in (None, "namespace") else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- the model world: a bundle whose base model vLLM can serve --------------------------------
