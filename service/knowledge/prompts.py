@@ -44,7 +44,7 @@ class KnowledgePrompts(BaseModel):
     item_plural: str | None = None
     verb_past: str = "watched"
     factors: list[str] = Field(default_factory=list, description="attributes to describe; empty = by noun")
-    max_behaviours: int = Field(default=20, ge=1, description="most recent rated items in a user prompt")
+    max_behaviours: int = Field(default=10, ge=1, description="most recent rated items in a user prompt")
     system: str = "You are a helpful assistant who knows a lot about {item_plural}."
 
     @property
@@ -110,7 +110,7 @@ def _rating(value: float) -> str:
 
 
 def knowledge_prompts_for(meta: Mapping[str, object], factors: Sequence[str] | None = None,
-                          max_behaviours: int = 20) -> KnowledgePrompts:
+                          max_behaviours: int = 10) -> KnowledgePrompts:
     """The knowledge prompts of a prepared dataset (its ``meta.json`` item words)."""
     noun = str(meta.get("item_noun", "movie"))
     words: dict[str, object] = {"item_noun": noun, "max_behaviours": max_behaviours}

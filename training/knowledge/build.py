@@ -91,19 +91,22 @@ def user_prompts(data: PreparedData, prompts: KnowledgePrompts, cutoff: int,
 class PartStore:
     """Generated texts kept batch by batch (``parts/<kind>-NNNNN.parquet``), so a run resumes."""
 
-    def __init__(self, out: Path, settings: dict) -> None:
+    def __init__(self, out: Path, settings: dict[str, dict]) -> None:
+        """``settings`` per kind (what its texts depend on): a kind whose texts were made with
+        other settings is refused, while the other kind's texts are kept (changing the user
+        prompt does not generate the item texts again)."""
         self.parts = out / "parts"
         self.parts.mkdir(parents=True, exist_ok=True)
         run = out / "run.json"
-        if run.is_file():
-            recorded = json.loads(run.read_text())
-            if recorded != settings:
-                changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        recorded = json.loads(run.read_text()) if run.is_file() else {}
+        for kind, wanted in settings.items():
+            had = recorded.get(kind)
+            if had is not None and had != wanted and any(self.parts.glob(f"{kind}-*.parquet")):
+                changed = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
                 raise KnowledgeRunMismatch(
-                    f"{out} holds knowledge generated with other settings ({', '.join(changed)} differ): "
+                    f"{out} holds {kind} knowledge generated with other settings ({', '.join(changed)} differ): "
                     "use another --out, or --restart to discard it")
-        else:
-            run.write_text(json.dumps(settings, indent=2))
+        run.write_text(json.dumps({**recorded, **settings}, indent=2))
 
     def done(self, kind: str) -> pd.DataFrame:
         files = sorted(self.parts.glob(f"{kind}-*.parquet"))
@@ -164,9 +167,11 @@ def build_knowledge(data_dir: Path, base_dir: Path, out: Path, prompts: Knowledg
     if cfg.limit_users is not None:
         users = users.head(cfg.limit_users)
     base_info = _base_info(base_dir)
-    settings = {"prompts": prompts.model_dump(), "max_new_tokens": cfg.max_new_tokens,
-                "repetition_penalty": cfg.repetition_penalty, "cutoff_timestamp": cutoff,
-                "base_model_hash": base_info.get("model_hash"), "dtype": cfg.dtype}
+    common = {"max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,
+              "base_model_hash": base_info.get("model_hash"), "dtype": cfg.dtype}
+    item_words = prompts.model_dump(exclude={"version", "max_behaviours"})  # what an item prompt reads
+    settings = {"items": {**common, "prompts": item_words},
+                "users": {**common, "prompts": prompts.model_dump(), "cutoff_timestamp": cutoff}}
     out.mkdir(parents=True, exist_ok=True)
     store = PartStore(out, settings)
     model, tokenizer = load_base(base_dir, cfg.dtype)

@@ -24,7 +24,7 @@ def knowledge(
              "hidden states)")] = "all-MiniLM-L6-v2",
     factors: Annotated[Optional[str], typer.Option(
         help="comma-separated item attributes the prompts ask about (default: by the dataset's item noun)")] = None,
-    max_behaviours: Annotated[int, typer.Option(min=1, help="most recent rated items in a user prompt")] = 20,
+    max_behaviours: Annotated[int, typer.Option(min=1, help="most recent rated items in a user prompt")] = 10,
     dtype: Annotated[str, typer.Option(
         help="float32 (default: decoding is faster in float32 on CPUs), bfloat16, or auto")] = "float32",
     limit_items: Annotated[Optional[int], typer.Option(help="only the first N items (a quick try)")] = None,
