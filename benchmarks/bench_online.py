@@ -53,12 +53,13 @@ def offline_scores(data, embeddings: np.ndarray, crm_dir: Path, samples) -> np.n
     """The training code's P(click) of these test samples (each with its own history)."""
     import torch
 
-    from training.crm.checkpoint import load_checkpoint
+    from training.crm.checkpoint import load_checkpoint, load_user_knowledge
     from training.crm.dataset import encode_samples
     from training.crm.train import predict
 
     model, config, space = load_checkpoint(crm_dir, data.items, embeddings)
     encoded = encode_samples(data, samples, space, config, torch.from_numpy(np.asarray(embeddings, np.float32)),
+                             user_knowledge=load_user_knowledge(crm_dir),
                              progress=False)
     with torch.no_grad():
         return predict(model, encoded)

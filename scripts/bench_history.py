@@ -3,7 +3,10 @@
 Loads USERS synthetic users with EVENTS behaviours each under a throwaway key prefix, reads them
 back (sequentially for latency, then CONCURRENCY at a time for throughput), prints p50/p99 and
 deletes its keys. Reply parsing dominates read() for long histories: the figures differ by about
-10x with and without the hiredis parser, so the first line says which one ran. Usage: .venv/bin/python scripts/bench_history.py [--redis-url URL] [--users N]
+10x with and without the hiredis parser, so the first line says which one ran. With
+``--knowledge-dim D`` every user also has a D-float knowledge vector record, which read() fetches in
+the same round trip. Usage: .venv/bin/python scripts/bench_history.py [--redis-url URL] [--users N]
+[--knowledge-dim 384]
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from redis.utils import HIREDIS_AVAILABLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.history import HistorySettings, HistoryStore, bulk_load, decode_records, events_key  # noqa: E402
+from service.history import (HistorySettings, HistoryStore, KnowledgeRecord, bulk_load,  # noqa: E402
+                             bulk_load_knowledge, decode_records, events_key)
 
 
 def percentiles(samples_s: list[float]) -> str:
@@ -37,7 +41,8 @@ def synthetic_rows(users: int, events: int, seed: int = 0):
                {"age": "25-34", "gender": "F", "occupation": "engineer"})
 
 
-async def bench_reads(url: str, prefix: str, users: int, events: int, rounds: int, concurrency: int) -> None:
+async def bench_reads(url: str, prefix: str, users: int, events: int, rounds: int, concurrency: int,
+                      with_knowledge: bool = False) -> None:
     store = HistoryStore.from_url(url, HistorySettings(prefix=prefix, max_events=events))
     ids = [f"bench{u}" for u in range(users)]
     try:
@@ -49,7 +54,7 @@ async def bench_reads(url: str, prefix: str, users: int, events: int, rounds: in
                 t = time.perf_counter()
                 history = await store.read(user)
                 latencies.append(time.perf_counter() - t)
-                assert len(history.items) == events
+                assert len(history.items) == events and (history.knowledge is not None) == with_knowledge
         print(f"read() sequential, {len(latencies)} reads:   {percentiles(latencies)}")
 
         gate = asyncio.Semaphore(concurrency)
@@ -90,6 +95,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--knowledge-dim", type=int, default=0, help="store a knowledge vector of this size per "
+                        "user (0: none)")
     args = parser.parse_args()
     prefix = f"bench:{uuid.uuid4().hex}:"
     print(f"reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python (install hiredis for ~10x faster reads)'}")
@@ -98,7 +105,14 @@ def main() -> None:
         counts = bulk_load(args.redis_url, synthetic_rows(args.users, args.events), prefix=prefix,
                            max_events=args.events, progress=False)
         print(f"bulk_load {counts['users']} users x {args.events} events: {time.perf_counter() - t:.2f} s")
-        asyncio.run(bench_reads(args.redis_url, prefix, args.users, args.events, args.rounds, args.concurrency))
+        if args.knowledge_dim:
+            rng = np.random.default_rng(1)
+            bulk_load_knowledge(args.redis_url, ((f"bench{u}", KnowledgeRecord(
+                rng.normal(size=args.knowledge_dim).astype(np.float32), "bench-encoder", args.events, time.time()))
+                for u in range(args.users)), prefix=prefix, progress=False)
+            print(f"knowledge vectors of {args.knowledge_dim} floats stored for every user")
+        asyncio.run(bench_reads(args.redis_url, prefix, args.users, args.events, args.rounds, args.concurrency,
+                                with_knowledge=bool(args.knowledge_dim)))
         bench_decode(args.redis_url, prefix, args.users, args.events, args.rounds)
     finally:
         client = redis.Redis.from_url(args.redis_url)

@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     events_durable: bool = Field(False, description=(
         "Acknowledge POST /v1/events only after Redis reports the write on disk (WAITAOF; Redis 7.2+ with "
         "appendonly yes). The gateway refuses to start when the server cannot."))
+    knowledge_refresh_events: int = Field(20, ge=0, le=1_000_000, description=(
+        "Regenerate a user's knowledge vector (base LLM, then the version's text encoder) as a background job "
+        "once this many events were appended since it was made; until then the previous vector serves. "
+        "0 = never (only versions with knowledge, on a gateway with the embedded engine's base LLM)."))
 
     # --- events intake
     max_event_batch: int = Field(100, ge=1, le=10_000, description="Most events per POST /v1/events.")

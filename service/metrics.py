@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import gc_collector, platform_collector, process_collector
 from prometheus_client.exposition import choose_encoder
 
+from service.nearline.knowledge_refresh import RefreshOutcome
 from service.registry.errors import RefusalReason
 from service.registry.guard import GuardRail
 from service.scoring.contracts import Admission, CandidateSource, DegradedReason, ServedOutcome, VersionMetrics
+from service.scoring.user_knowledge import KnowledgeOutcome
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("history", "crm", "retrieval", "prompts", "adapter", "llm_cache", "llm", "total")
@@ -31,6 +33,9 @@ ABORT_RAILS = (*GuardRail, "operator")
 SERVED_LOG_OUTCOMES = ("written", "dropped", "failed")
 SHADOW_OUTCOMES = ("queued", "not_queued", "unscorable")
 LABEL_OUTCOMES = ("joined", "unmatched", "expired", "error")
+# Ages of served knowledge vectors: a minute to a year (offline vectors are as old as their bundle).
+KNOWLEDGE_AGE_BUCKETS_S = (60.0, 600.0, 3600.0, 6 * 3600.0, 86_400.0, 3 * 86_400.0, 7 * 86_400.0, 30 * 86_400.0,
+                           90 * 86_400.0, 365 * 86_400.0)
 
 
 class Metrics:
@@ -152,6 +157,22 @@ class Metrics:
         self.online_label_count = Gauge(
             "reclora_online_label_count", "Labelled served scores of a loaded version in the window.", ["version"],
             registry=r)
+        # --- user knowledge vectors (versions with knowledge only)
+        self.user_knowledge = Counter(
+            "reclora_user_knowledge", "Score requests by the user knowledge vector they were scored with (vector; "
+            "default_missing, default_mismatch: another encoder or dim, default_malformed: the CRM's default).",
+            ["outcome"], registry=r)
+        self.user_knowledge_age = Histogram(
+            "reclora_user_knowledge_age_seconds", "Age of the user knowledge vector a request was scored with.",
+            buckets=KNOWLEDGE_AGE_BUCKETS_S, registry=r)
+        self.knowledge_refresh = Counter(
+            "reclora_knowledge_refresh", "Nearline refreshes of user knowledge vectors by outcome (refreshed; failed; "
+            "unavailable: due but no base LLM on this gateway; superseded: a newer vector was stored meanwhile).",
+            ["outcome"], registry=r)
+        for outcome in KnowledgeOutcome:
+            self.user_knowledge.labels(outcome)
+        for outcome in RefreshOutcome:
+            self.knowledge_refresh.labels(outcome)
         self._online_versions: set[str] = set()
         self.model_activations.labels("promote")
         for side in CANARY_SIDES:
@@ -191,6 +212,11 @@ class Metrics:
 
     def observe_degraded(self, reason: DegradedReason) -> None:
         self.degraded.labels(reason).inc()
+
+    def observe_knowledge(self, outcome: KnowledgeOutcome, age_s: float | None) -> None:
+        self.user_knowledge.labels(outcome).inc()
+        if age_s is not None:
+            self.user_knowledge_age.observe(age_s)
 
     def observe_engine_queue(self, requests: int, jobs: int, backlog_ms: float) -> None:
         self.engine_queue_requests.set(requests)

@@ -82,6 +82,27 @@ def train_lora(data, embeddings: np.ndarray, crm_dir: Path, base_dir: Path, out_
     save_file(weights, out_dir / "weights.safetensors")
 
 
+def item_rate_crm(world: World, out: Path, sign: float = 1.0) -> Path:
+    """The world's CRM checkpoint rebuilt to score each item by its observed positive rate (deep
+    and wide parts zeroed, item biases the rate's log-odds, times ``sign``): a CRM that clearly
+    ranks the validation samples, which the briefly trained one barely does on this small world;
+    with ``sign=-1`` one that ranks them upside down. The same files, so it loads and exports alike."""
+    import shutil
+
+    shutil.copytree(world.crm_dir, out)
+    weights = load_file(out / "weights.safetensors")
+    samples = world.data.samples
+    positives = np.bincount(samples["item_idx"], weights=samples["label"], minlength=world.n_items + 1)
+    rate = (positives + 1.0) / (np.bincount(samples["item_idx"], minlength=world.n_items + 1) + 2.0)
+    for key in ("head.1.weight", "head.1.bias", "wide.weight", "wide.bias"):
+        weights[key] = torch.zeros_like(weights[key])
+    bias = torch.from_numpy(sign * 3.0 * np.log(rate / (1 - rate))).to(weights["item_bias.weight"].dtype)
+    bias[0] = 0.0  # padding
+    weights["item_bias.weight"] = bias.reshape(-1, 1)
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
+    return out
+
+
 def build_world(root: Path, prefix: str) -> World:
     """Every artefact of the world under ``root``; histories loaded into Redis under ``prefix``."""
     from service.history import bulk_load
@@ -92,6 +113,7 @@ def build_world(root: Path, prefix: str) -> World:
     from training.data.synthetic import generate_synthetic
     from training.export.crm_bundle import export_crm_bundle
     from training.history_loader import histories_from_prepared
+    from training.llm.fusion_fit import FusionOptions
 
     data = prepare(generate_synthetic(n_users=120, n_items=80, n_interactions=3000, seed=3))
     data_dir = data.save(root / "data")
@@ -113,8 +135,9 @@ def build_world(root: Path, prefix: str) -> World:
     (report / "fusion.json").write_text(json.dumps(FUSION))
     (report / "report.json").write_text(json.dumps({"note": "e2e fixture: fusion weights set by hand"}))
     store = root / "model_store"
+    # Served fused whatever validation says of the barely trained LoRA: the suites check the fusion path.
     bundle_dir = export_crm_bundle(data_dir, crm_dir, store, VERSION, description="e2e", llm_dir=root / "lora",
-                                   base_model=base_dir, llm_report=report)
+                                   base_model=base_dir, llm_report=report, fusion=FusionOptions(serve="fused"))
 
     records = list(histories_from_prepared(data))
     counts = bulk_load(REDIS_URL, records, prefix=prefix, progress=False, total=len(records))

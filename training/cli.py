@@ -10,7 +10,9 @@ import typer
 
 from training.admin.commands import register as register_admin
 from training.cli_support import DataDir, fail, timed
+from training.knowledge.commands import register as register_knowledge
 from training.llm.commands import register as register_llm
+from training.studies.commands import register as register_studies
 
 app = typer.Typer(help="RecLoRA serving: offline data, training, evaluation and model bundles.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -144,9 +146,12 @@ def train_crm(
     l_long: Annotated[int, typer.Option(help="history length read per user")] = 1000,
     l_crm: Annotated[int, typer.Option(help="behaviours the search unit keeps per target")] = 60,
     threads: Optional[int] = None,
+    knowledge: Annotated[Optional[Path], typer.Option(
+        help="knowledge directory (from `reclora knowledge`): the CRM reads its item and user vectors")] = None,
 ) -> None:
     """Train the CRM on the full training split, early-stopping on validation AUC."""
     from training.crm.checkpoint import save_checkpoint
+    from training.crm.knowledge import KnowledgeError, load_knowledge
     from training.crm.train import TrainConfig
     from training.crm.train import train_crm as fit
     from training.data.samples import PreparedData
@@ -156,7 +161,11 @@ def train_crm(
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
                           seed=seed, threads=threads,
                           model=dict(emb_dim=emb_dim, dropout=dropout, l_long=l_long, l_crm=l_crm))
-        trained = fit(prepared, _load_embeddings(data), cfg)
+        try:
+            arrays = load_knowledge(knowledge, prepared) if knowledge is not None else None
+        except KnowledgeError as exc:
+            fail(str(exc))
+        trained = fit(prepared, _load_embeddings(data), cfg, arrays)
         path = save_checkpoint(trained, out or data / "crm")
     typer.echo(f"CRM in {path}: valid AUC {trained.metrics['valid']['auc']:.4f} after {len(trained.history)} epochs")
 
@@ -185,20 +194,49 @@ def export(
     description: str = "",
     overwrite: bool = False,
     llm: Annotated[Optional[Path], typer.Option(help="trained LoRA directory (from `reclora train-llm`)")] = None,
-    base_model: Annotated[Optional[Path], typer.Option(help="base LLM directory, recorded by hash")] = None,
-    llm_report: Annotated[Optional[Path], typer.Option(help="report directory with fusion.json")] = None,
+    base_model: Annotated[Optional[Path], typer.Option(
+        help="base LLM directory (required with --llm), recorded by hash")] = None,
+    llm_report: Annotated[Optional[Path], typer.Option(
+        help="report directory whose fusion.json is used instead of a fitted one (still measured)")] = None,
+    fusion_samples: Annotated[int, typer.Option(
+        help="with --llm: validation samples (seed --fusion-seed, llm-report's draw) the fusion is fitted and "
+             "judged on")] = 500,
+    fusion_seed: int = 0,
+    fusion_dtype: Annotated[str, typer.Option(
+        help="the LoRA's scoring precision for the fusion: auto (bfloat16 where the CPU has it natively, as the "
+             "gateway runs), float32 or bfloat16")] = "auto",
+    serve: Annotated[str, typer.Option(
+        help="with --llm: auto serves the fused score when its validation AUC beats the CRM's, else the CRM's "
+             "alone (the LLM is then never run); fused or crm force it")] = "auto",
 ) -> None:
-    """Write a validated model bundle to STORE/VERSION."""
+    """Write a validated model bundle to STORE/VERSION; with --llm, decide on validation whether it
+    serves the fused score or the CRM's."""
     from service.bundle import BundleError
     from training.export.crm_bundle import export_crm_bundle
+    from training.llm.fusion_fit import FusionOptions
 
+    try:
+        options = FusionOptions(samples=fusion_samples, seed=fusion_seed, dtype=fusion_dtype, serve=serve)
+    except ValueError as exc:
+        fail(str(exc))
     with timed("export"):
         try:
             path = export_crm_bundle(data, crm or data / "crm", store, version, description=description,
-                                     overwrite=overwrite, llm_dir=llm, base_model=base_model, llm_report=llm_report)
+                                     overwrite=overwrite, llm_dir=llm, base_model=base_model, llm_report=llm_report,
+                                     fusion=options)
         except BundleError as exc:
             fail(str(exc))
+    _echo_fusion(path)
     typer.echo(f"bundle written to {path}")
+
+
+def _echo_fusion(bundle: Path) -> None:
+    """The export's serving decision, as the manifest records it."""
+    from service.bundle import MANIFEST_NAME
+    from training.llm.fusion_fit import describe
+
+    decision = json.loads((bundle / MANIFEST_NAME).read_text())["metrics"].get("fusion")
+    typer.echo("serve crm (no LLM in the bundle)" if decision is None else describe(decision))
 
 
 def _redis_where(url: str) -> str:
@@ -221,30 +259,45 @@ def load_histories(
     max_events: Annotated[int, typer.Option(help="most recent behaviours kept per user")] = 1000,
     until_split: Annotated[str, typer.Option(
         help="all, or valid/test: only interactions before that split starts (offline replay)")] = "all",
+    knowledge: Annotated[Optional[Path], typer.Option(
+        help="knowledge directory (from `reclora knowledge`) whose user vectors to store beside the histories")]
+        = None,
 ) -> None:
-    """Write every user's behaviour history and profile (raw ids) to Redis; re-running is idempotent.
+    """Write every user's behaviour history and profile (raw ids) to Redis, and with --knowledge
+    their knowledge vectors; re-running is idempotent.
 
     The Redis URL and key prefix default to the gateway's settings (RECLORA_REDIS_URL,
     RECLORA_REDIS_PREFIX), so both read and write the same keys.
     """
     from redis.exceptions import RedisError
 
-    from service.history import bulk_load
+    from service.history import bulk_load, bulk_load_knowledge
     from training.data.samples import PreparedData
-    from training.history_loader import UNTIL_SPLITS, histories_from_prepared
+    from training.history_loader import UNTIL_SPLITS, histories_from_prepared, knowledge_records
 
     if until_split not in UNTIL_SPLITS:
         fail(f"--until-split must be one of {', '.join(UNTIL_SPLITS)}, got {until_split!r}")
     where = _redis_where(redis_url)
     with timed("load-histories"):
         prepared = PreparedData.load(data)
+        vectors = None
+        if knowledge is not None:  # checked against the data before anything is written
+            try:
+                vectors = knowledge_records(prepared, knowledge, until_split=until_split)
+            except ValueError as exc:
+                fail(f"cannot load knowledge vectors: {exc}")
         try:
             counts = bulk_load(redis_url, histories_from_prepared(prepared, until_split=until_split), prefix=prefix,
                                max_events=max_events, total=len(prepared.users))
+            if vectors is not None:
+                written = bulk_load_knowledge(redis_url, vectors, prefix=prefix, total=len(vectors))
         except RedisError as exc:
             fail(f"cannot write histories to Redis at {where}: {exc}")
     keys = f"key prefix {prefix!r}" if prefix else "no key prefix"
     typer.echo(f"histories loaded into Redis at {where}, {keys} (until {until_split}): {json.dumps(counts)}")
+    if vectors is not None:
+        typer.echo(f"knowledge vectors: {written['vectors']} written, {written['without']} users without one "
+                   f"(their stored vector removed)")
 
 
 @app.command("base-model")
@@ -266,8 +319,10 @@ def base_model(
                f"model hash {info.model_hash}")
 
 
-register_llm(app)  # train-llm, llm-report
+register_llm(app)  # train-llm, llm-report, sweep
 register_admin(app)  # push, models, activate, rollback, delete-model, admin-token, canary, promote, abort, online-report
+register_studies(app)  # sample-efficiency
+register_knowledge(app)  # knowledge
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from training.baselines import LogisticBaseline, popularity_scores
-from training.crm.checkpoint import load_checkpoint
+from training.crm.checkpoint import load_checkpoint, load_user_knowledge
 from training.crm.dataset import encode_split
 from training.crm.train import predict
 from training.data.samples import PreparedData
@@ -37,8 +37,9 @@ def evaluate_crm_and_baselines(data_dir: Path, crm_dir: Path, embeddings: np.nda
     logistic = LogisticBaseline(data).fit()
     add("logistic regression", logistic.predict, time.perf_counter() - start)
     model, config, space = load_checkpoint(crm_dir, data.items, embeddings)
-    emb = torch.from_numpy(np.asarray(embeddings, np.float32))
-    add("CRM (SIM search + DIN)", lambda s: predict(model, encode_split(data, s, space, config, emb, progress=False)))
+    emb, users = torch.from_numpy(np.asarray(embeddings, np.float32)), load_user_knowledge(crm_dir)
+    add("CRM (SIM search + DIN)", lambda s: predict(model, encode_split(data, s, space, config, emb, progress=False,
+                                                                        user_knowledge=users)))
     return rows
 
 

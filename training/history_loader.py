@@ -1,4 +1,5 @@
-"""Turn a prepared dataset back into per-user raw-id histories for the serving history store.
+"""Turn a prepared dataset back into per-user raw-id histories for the serving history store, and
+a knowledge directory into the users' knowledge vector records.
 
 The store speaks raw ids (what product services send), so dense ``user_idx``/``item_idx`` are
 mapped back here. ``until_split`` cuts the global chronological order at the start of a split,
@@ -8,9 +9,11 @@ so an offline replay of that split sees exactly the history the model saw at tra
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
+from service.history import KnowledgeRecord
 from training.data.samples import SPLITS, PreparedData
 
 UNTIL_SPLITS = ("all", "valid", "test")
@@ -63,3 +66,36 @@ def histories_from_prepared(data: PreparedData, *, until_split: str = "all") -> 
     profiles = users[profile_cols].astype(str).to_dict("records")
     for raw_user, start, end, profile in zip(users["user"].tolist(), starts, ends, profiles):
         yield str(raw_user), items[start:end], ratings[start:end], timestamps[start:end], profile
+
+
+def knowledge_records(data: PreparedData, directory: str | Path, *,
+                      until_split: str = "all") -> list[tuple[str, KnowledgeRecord | None]]:
+    """(user_id, record) per user of ``data`` from a knowledge directory (``reclora knowledge``);
+    None for a user without a vector. Checked against ``data`` before anything is returned
+    (``KnowledgeError``, a ValueError, saying why).
+
+    A record's ``events_at`` is the number of the user's events loaded (up to ``until_split``)
+    before the knowledge's cutoff (user prompts read the events strictly before it): the history
+    its text was generated from, so the nearline refresh counts only later events. Without a
+    cutoff, every loaded event. ``generated_at`` is
+    the directory's ``generated_at`` (Unix seconds), else the time its vectors were written.
+    """
+    from training.crm.knowledge import FILES, load_knowledge
+
+    arrays = load_knowledge(directory, data)
+    config = arrays.config
+    generated_at = float(arrays.meta.get("generated_at") or (Path(directory) / FILES["user_vectors"]).stat().st_mtime)
+    cut = split_start_order(data, until_split)
+    events = data.events
+    keep = np.ones(len(events), dtype=bool) if cut is None else events["order"].to_numpy() < cut
+    if config.cutoff_timestamp is not None:
+        keep &= events["timestamp"].to_numpy(np.int64) < int(config.cutoff_timestamp)
+    counts = np.bincount(events["user_idx"].to_numpy(np.int64)[keep], minlength=len(arrays.user_vectors))
+    users = data.users.sort_values("user_idx")
+    out: list[tuple[str, KnowledgeRecord | None]] = []
+    for raw_user, idx in zip(users["user"].tolist(), users["user_idx"].to_numpy(np.int64)):
+        record = None
+        if arrays.user_has[idx]:
+            record = KnowledgeRecord(arrays.user_vectors[idx], config.encoder, int(counts[idx]), generated_at)
+        out.append((str(raw_user), record))
+    return out

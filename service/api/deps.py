@@ -11,7 +11,7 @@ from service.config import Settings
 from service.history import HistoryStore
 from service.logging import request_id_var
 from service.metrics import Metrics
-from service.scoring.contracts import OnlineEvaluation, Scorer
+from service.scoring.contracts import KnowledgeRefresh, OnlineEvaluation, Scorer
 
 
 def _settings(request: Request) -> Settings:
@@ -38,6 +38,11 @@ def _online(request: Request) -> OnlineEvaluation | None:
     return request.app.state.online
 
 
+def _knowledge(request: Request) -> KnowledgeRefresh | None:
+    """The nearline refresh of users' knowledge vectors; None until the runtime is loaded, or when off."""
+    return request.app.state.knowledge
+
+
 def _request_id() -> str:
     return request_id_var.get() or ""
 
@@ -48,3 +53,4 @@ HistoryDep = Annotated[HistoryStore, Depends(_history)]
 ScorerDep = Annotated[Scorer, Depends(_scorer)]
 RequestIdDep = Annotated[str, Depends(_request_id)]
 OnlineDep = Annotated[OnlineEvaluation | None, Depends(_online)]
+KnowledgeDep = Annotated[KnowledgeRefresh | None, Depends(_knowledge)]

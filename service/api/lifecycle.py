@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from service.config import Settings
 from service.history import HistorySettings, HistoryStore
 from service.metrics import Metrics
-from service.scoring.contracts import OnlineEvaluation, Scorer
+from service.scoring.contracts import KnowledgeRefresh, OnlineEvaluation, Scorer
 
 if TYPE_CHECKING:  # the registry loads models (torch); the app imports without building one
     from service.registry.manager import ModelManager
@@ -32,13 +32,14 @@ log = logging.getLogger(__name__)
 class Runtime:
     """What the app serves with, as the wiring built it: the scorer, the model registry (None when
     this gateway neither administers nor follows the store), the remote LLM replicas' health
-    (None for an embedded engine), and the online evaluation of served scores (None without the
-    served-score log)."""
+    (None for an embedded engine), the online evaluation of served scores (None without the
+    served-score log), and the nearline refresh of users' knowledge vectors (None when off)."""
 
     scorer: Scorer
     models: "ModelManager | None" = None
     replica_health: Callable[[], dict[str, bool]] | None = None
     online: OnlineEvaluation | None = None
+    knowledge: KnowledgeRefresh | None = None
 
 
 RuntimeFactory = Callable[[Settings, Metrics, HistoryStore], Runtime]
@@ -79,6 +80,7 @@ async def load_runtime(app: FastAPI, factory: RuntimeFactory) -> None:
     state.models = runtime.models
     state.replica_health = runtime.replica_health
     state.online = runtime.online
+    state.knowledge = runtime.knowledge
     if runtime.online is not None:
         state.lifecycle.tasks.append(asyncio.create_task(runtime.online.run(), name="online-evaluation"))
     state.scorer = runtime.scorer
@@ -105,6 +107,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     lifecycle: Lifecycle = state.lifecycle
     state.online = None  # the runtime's online evaluation, once loaded
+    state.knowledge = None  # the runtime's knowledge refresh, once loaded
     if state.history is None:
         state.history = HistoryStore.from_url(state.settings.redis_url, history_settings(state.settings))
         lifecycle.owned.add("history")
@@ -132,6 +135,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*lifecycle.tasks, return_exceptions=True)
         if "scorer" in lifecycle.owned:
+            if state.knowledge is not None:
+                state.knowledge.close()
             state.scorer.close()
         if "history" in lifecycle.owned:
             await state.history.aclose()

@@ -1,6 +1,6 @@
 """The one place that knows the concrete classes: settings -> history store, model, engine,
 adapter cache, served-score log, pipeline, model registry with the canary's guard rails, online
-evaluation -> the app.
+evaluation, the nearline knowledge refresh -> the app.
 
 Everything else receives its parts through constructor arguments; ``create_app`` is what
 ``python -m service.api`` serves.
@@ -29,12 +29,14 @@ from service.registry.guard import CanaryGuard, GuardConfig
 from service.registry.manager import ModelManager, RegistryEvents
 from service.registry.store import ModelStore
 from service.registry.validation import BaseModelSpec
+from service.nearline.knowledge_refresh import KnowledgeRefresher, RefreshEvents
 from service.nearline.score_cache import LLMScoreCache
 from service.nearline.served_log import ServedLog, ServedLogEvents
 from service.scoring.contracts import ServedOutcome, VersionMetrics
 from service.scoring.engine_scheduler import EngineScheduler, SchedulerEvents
 from service.scoring.online_eval import OnlineEvaluator, OnlineEvents
 from service.scoring.pipeline import ScoringEvents, ScoringPipeline
+from service.scoring.user_knowledge import BaseLLMKnowledge, knowledge_target
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore) 
         admission=lambda outcome: metrics.llm_admissions.labels(outcome).inc(),
         candidates=lambda source, n: metrics.candidates.labels(source).inc(n),
         score_cache=lambda outcome, n: metrics.score_cache.labels(outcome).inc(n),
-        shadow=lambda outcome: metrics.shadow_requests.labels(outcome).inc())
+        shadow=lambda outcome: metrics.shadow_requests.labels(outcome).inc(), knowledge=metrics.observe_knowledge)
     return ScoringPipeline(
         history=history, holder=ModelHolder(model, builder), engine=engine, cache=build_adapter_cache(settings, metrics),
         default_deadline_ms=settings.default_deadline_ms, history_budget_ms=settings.history_budget_ms,
@@ -164,6 +166,33 @@ def build_served_log(settings: Settings, metrics: Metrics, history: HistoryStore
                          written=lambda n: metrics.served_log.labels("written").inc(n),
                          dropped=lambda n: metrics.served_log.labels("dropped").inc(n),
                          failed=lambda n: metrics.served_log.labels("failed").inc(n)))
+
+
+def build_knowledge_refresh(settings: Settings, metrics: Metrics, history: HistoryStore,
+                            pipeline: ScoringPipeline) -> KnowledgeRefresher | None:
+    """The nearline refresh of user knowledge vectors on the pipeline's engine scheduler (None when
+    switched off). It generates with the embedded engine's base LLM; a gateway without one (no LLM
+    part in the bundle, or the remote engine) only counts the refreshes that are due."""
+    if settings.knowledge_refresh_events == 0:
+        return None
+    from service.engine.base import ForwardInterrupted
+    from service.engine.torch_engine import TorchEngine
+
+    holder, engine = pipeline.holder, pipeline.engine
+    source = None
+    if isinstance(engine, TorchEngine):
+
+        def tokenizer():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True)
+
+        source = BaseLLMKnowledge(holder, engine.base_model, tokenizer)
+    return KnowledgeRefresher(
+        history, every=settings.knowledge_refresh_events, target=lambda: knowledge_target(holder.snapshot().model),
+        source=source, submit=pipeline.scheduler.submit_background if pipeline.scheduler is not None else None,
+        events=RefreshEvents(outcome=lambda outcome: metrics.knowledge_refresh.labels(outcome).inc()),
+        retried=(ForwardInterrupted,))
 
 
 def label_thresholds(settings: Settings, holder: ModelHolder) -> Callable[[str], float]:
@@ -235,7 +264,7 @@ def build_runtime(settings: Settings, metrics: Metrics, history: HistoryStore) -
             log.exception("resuming the store's canary failed; serving the stable version")
     remote = settings.engine == "vllm" and pipeline.engine is not None  # a VLLMEngine: replicas to report
     return Runtime(scorer=pipeline, models=models, replica_health=pipeline.engine.replica_health if remote else None,
-                   online=online)
+                   online=online, knowledge=build_knowledge_refresh(settings, metrics, history, pipeline))
 
 
 def build_online(settings: Settings, metrics: Metrics, pipeline: ScoringPipeline,

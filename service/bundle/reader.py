@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
+from service.bundle.knowledge import knowledge_problem
 from service.bundle.manifest import MANIFEST_NAME, BundleManifest, FileEntry, quote_untrusted, suffix_problem
 
 if TYPE_CHECKING:
@@ -290,6 +291,9 @@ def load_bundle(path: str | os.PathLike[str], *, expect_dir_name: bool = True,
     real_root = root.resolve()
     for entry in manifest.files:
         _check_listed_file(root, real_root, entry)
+    problem = knowledge_problem(root, manifest)
+    if problem:
+        raise BundleError(f"bundle {root.name}: {problem}")
     return Bundle(root=root, manifest=manifest)
 
 

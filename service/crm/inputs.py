@@ -23,6 +23,7 @@ class UserInputs:
     hist_stats: torch.Tensor  # (B, N_HIST_STATS) float, see history_stats
     recent_items: torch.Tensor  # (B, R) long
     recent_ratings: torch.Tensor  # (B, R) long rating-level ids
+    knowledge: torch.Tensor | None = None  # (B, D) float knowledge vectors; None or a zero row: the default
 
 
 @dataclass
@@ -92,12 +93,14 @@ def similar_rating_stats(space: FeatureSpace, ratings: torch.Tensor, sim: torch.
 def build_inputs(
     space: FeatureSpace, *, user_fields: np.ndarray, hist_items: np.ndarray, hist_ratings: np.ndarray,
     hist_lengths: np.ndarray, targets: np.ndarray, item_embeddings: torch.Tensor, l_long: int, l_crm: int,
-    l_recent: int, n_similar: int = 10,
+    l_recent: int, n_similar: int = 10, user_knowledge: np.ndarray | None = None,
 ) -> tuple[UserInputs, TargetInputs]:
     """Encode right-aligned padded histories (B, L) and targets (C,) into CRM tensors.
 
     ``hist_ratings`` holds raw ratings with NaN at padding; histories longer than ``l_long``
-    are cut to their most recent ``l_long`` behaviours.
+    are cut to their most recent ``l_long`` behaviours. ``user_knowledge`` (B, D) or (D,) holds
+    the users' knowledge vectors for a knowledge CRM; a row that is all zeros or not finite
+    counts as missing, and the CRM reads its default vector there.
     """
     if hist_items.shape[1] == 0:  # cold start: one padding column keeps every shape valid
         hist_items = np.zeros((hist_items.shape[0], 1), dtype=np.int64)
@@ -116,10 +119,17 @@ def build_inputs(
     raw = torch.gather(shared(torch.from_numpy(np.asarray(hist_ratings, np.float32))), 1, top)
     sel_stats = similar_rating_stats(space, raw, sim, k=n_similar)
     recent = min(l_recent, items_t.shape[1])
+    knowledge = None
+    if user_knowledge is not None:
+        k = np.asarray(user_knowledge, np.float32).reshape(-1, np.shape(user_knowledge)[-1])
+        if len(k) != len(user_fields):
+            raise ValueError(f"user_knowledge has {len(k)} rows for {len(user_fields)} users")
+        knowledge = torch.from_numpy(np.where(np.isfinite(k).all(1, keepdims=True), k, 0.0).astype(np.float32))
     user = UserInputs(
         user_fields=torch.as_tensor(user_fields, dtype=torch.long),
         hist_stats=torch.from_numpy(history_stats(space, hist_ratings, hist_lengths, l_long)),
         recent_items=items_t[:, items_t.shape[1] - recent :],
         recent_ratings=ratings_t[:, ratings_t.shape[1] - recent :],
+        knowledge=knowledge,
     )
     return user, TargetInputs(targets=targets_t, sel_items=sel_items, sel_ratings=sel_ratings, sel_stats=sel_stats)

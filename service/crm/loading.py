@@ -24,12 +24,16 @@ def item_feature_tensors(space: FeatureSpace, catalog: pd.DataFrame, embeddings:
 
 
 def build_crm(config: CRMConfig, space: FeatureSpace, catalog: pd.DataFrame, embeddings: np.ndarray,
-              state_dict: dict[str, torch.Tensor] | None = None) -> CRM:
-    """A CRM with catalog features installed and, when given, trained weights loaded strictly."""
+              state_dict: dict[str, torch.Tensor] | None = None,
+              knowledge: tuple[np.ndarray, np.ndarray] | None = None) -> CRM:
+    """A CRM with catalog features installed and, when given, trained weights loaded strictly and
+    ``knowledge`` = (item vectors, user default vector) installed."""
     model = CRM(config)
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     model.set_item_features(*item_feature_tensors(space, catalog, embeddings))
+    if knowledge is not None:
+        model.set_item_knowledge(*(torch.from_numpy(np.asarray(a, np.float32)) for a in knowledge))
     return model
 
 

@@ -6,6 +6,11 @@ statistics of the long history and attention pooling over the most recent ``l_re
 behaviours. It does not depend on the candidate, so one representation (and one adapter)
 serves all candidates of a request. The click logit adds DIN attention over the behaviours the
 search unit picked for each candidate.
+
+With ``knowledge_dim > 0`` the CRM also reads LLM knowledge vectors (``service.crm.knowledge``):
+the item adaptor's output joins every catalog vector (so targets and behaviours carry it) and the
+user adaptor's output joins the user tower's input (so the user representation, and with it the
+LoRA gate, carries it too). With ``knowledge_dim == 0`` none of these parts exist.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from service.crm.inputs import N_HIST_STATS, TargetInputs, UserInputs
+from service.crm.knowledge import ITEM, USER, HybridExpertAdaptor
 
 
 class CRMConfig(BaseModel):
@@ -36,6 +42,11 @@ class CRMConfig(BaseModel):
     l_long: int = Field(default=1000, ge=1, description="history length read from the store")
     l_crm: int = Field(default=60, ge=1, description="behaviours kept by the search unit per target")
     l_recent: int = Field(default=60, ge=1, description="recent behaviours pooled into the user vector")
+    knowledge_dim: int = Field(default=0, ge=0, description="LLM knowledge vector size; 0 = no knowledge")
+    knowledge_experts_shared: int = Field(default=2, ge=0, description="adaptor experts shared by item and user")
+    knowledge_experts_per_type: int = Field(default=6, ge=0, description="adaptor experts of each knowledge type")
+    knowledge_hidden: int = Field(default=128, ge=1)
+    knowledge_out: int = Field(default=32, ge=1)
 
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -81,6 +92,7 @@ class CRM(nn.Module):
         self.recent_query = nn.Parameter(torch.zeros(behaviour))
         self.recent_attn = TargetAttention(behaviour, c.attn_hidden)
         user_in = len(c.user_field_sizes) * e + 2 * behaviour + N_HIST_STATS
+        user_in += c.knowledge_out if c.knowledge_dim else 0
         self.user_tower = nn.Sequential(nn.Linear(user_in, c.user_dim), nn.ReLU(), nn.Linear(c.user_dim, c.user_dim))
         self.din = TargetAttention(e, c.attn_hidden)
         self.head = nn.Sequential(_mlp([c.user_dim + e + behaviour + 2, *c.mlp_hidden], c.dropout), nn.Linear(c.mlp_hidden[-1], 1))
@@ -88,12 +100,43 @@ class CRM(nn.Module):
         # similar behaviours) go straight to the logit; the deep head learns the interactions.
         self.user_skip = nn.Linear(user_in, c.user_dim, bias=False)
         self.wide = nn.Linear(c.user_dim + 2, 1)
+        if c.knowledge_dim:
+            self.knowledge = HybridExpertAdaptor(
+                c.knowledge_dim, n_shared=c.knowledge_experts_shared, n_per_type=c.knowledge_experts_per_type,
+                hidden=c.knowledge_hidden, out=c.knowledge_out, dropout=c.dropout)
+            self.item_knowledge = nn.Linear(c.knowledge_out, e, bias=False)
+            # Like the catalog features: set by set_item_knowledge, stored beside the weights.
+            self.register_buffer("item_knowledge_vectors", torch.zeros(c.n_items + 1, c.knowledge_dim),
+                                 persistent=False)
+            self.register_buffer("user_knowledge_default", torch.zeros(c.knowledge_dim), persistent=False)
 
     def set_item_features(self, genres: torch.Tensor, years: torch.Tensor, semantic: torch.Tensor) -> None:
         """Install catalog features: (n_items+1, n_genres), (n_items+1,), (n_items+1, semantic_dim)."""
         self.item_genres.copy_(genres)
         self.item_years.copy_(years)
         self.item_semantic.copy_(semantic)
+
+    def set_item_knowledge(self, item_vectors: torch.Tensor, user_default: torch.Tensor) -> None:
+        """Install knowledge: (n_items+1, knowledge_dim) item vectors and the (knowledge_dim,)
+        vector read for a user who has none (the mean of the training users' vectors)."""
+        if not self.config.knowledge_dim:
+            raise ValueError("this CRM reads no knowledge (knowledge_dim = 0)")
+        rows, dim = self.item_knowledge_vectors.shape
+        if tuple(item_vectors.shape) != (rows, dim) or tuple(user_default.shape) != (dim,):
+            raise ValueError(f"knowledge item vectors {tuple(item_vectors.shape)} and user default "
+                             f"{tuple(user_default.shape)} do not fit this CRM: it needs ({rows}, {dim}) and ({dim},)")
+        self.item_knowledge_vectors.copy_(item_vectors)
+        self.user_knowledge_default.copy_(user_default)
+
+    def user_knowledge(self, user: UserInputs) -> torch.Tensor:
+        """(B, knowledge_dim) user vectors: the default where ``user.knowledge`` is None or a row is all zeros."""
+        default = self.user_knowledge_default.expand(len(user.hist_stats), -1)
+        if user.knowledge is None:
+            return default
+        if user.knowledge.shape != default.shape:
+            raise ValueError(f"user knowledge is {tuple(user.knowledge.shape)}, this CRM reads {tuple(default.shape)}")
+        missing = (user.knowledge == 0).all(1, keepdim=True)
+        return torch.where(missing, default, user.knowledge)
 
     def item_table(self) -> torch.Tensor:
         """(n_items+1, emb_dim) vectors of the whole catalog; row 0 (padding) is zero.
@@ -103,6 +146,8 @@ class CRM(nn.Module):
         """
         table = self.item_id.weight + self.genre(self.item_genres) + self.year(self.item_years)
         table = table + self.semantic(self.item_semantic)
+        if self.config.knowledge_dim:
+            table = table + self.item_knowledge(self.knowledge(ITEM, self.item_knowledge_vectors))
         return torch.cat([torch.zeros_like(table[:1]), table[1:]])
 
     def behaviours(self, table: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
@@ -118,7 +163,8 @@ class CRM(nn.Module):
         query = self.recent_query.expand(len(beh), -1)
         pooled = self.recent_attn(query, beh, beh, mask)
         profile = [emb(user.user_fields[:, i]) for i, emb in enumerate(self.user_fields)]
-        features = torch.cat([*profile, mean, pooled, user.hist_stats], -1)
+        extra = [self.knowledge(USER, self.user_knowledge(user))] if self.config.knowledge_dim else []
+        features = torch.cat([*profile, mean, pooled, user.hist_stats, *extra], -1)
         return self.user_tower(features) + self.user_skip(features)
 
     def score(self, user_rep: torch.Tensor, target: TargetInputs, table: torch.Tensor | None = None) -> torch.Tensor:

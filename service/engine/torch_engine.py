@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,14 @@ class TorchEngine:
 
     def close(self) -> None:
         """Nothing to release: the model lives as long as the process."""
+
+    @contextmanager
+    def base_model(self) -> Iterator[torch.nn.Module]:
+        """The base LLM with no adapter installed, for other work on it (knowledge generation):
+        no forward runs meanwhile."""
+        with self._lock:
+            self.slots.install(None)
+            yield self.model
 
     def _check_deadline(self) -> None:
         """Called between layers: a late request is abandoned there, so it does not hold the engine

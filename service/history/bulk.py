@@ -1,4 +1,5 @@
-"""Offline bulk load of many users' histories and profiles (``reclora load-histories``).
+"""Offline bulk load of many users' histories, profiles and knowledge vectors (``reclora
+load-histories``).
 
 Synchronous redis-py with a progress bar: a tool for operators, not for the request path.
 """
@@ -12,14 +13,17 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from service.history.layout import check_layout, check_order, encode_records, events_key, profile_key
+from service.history.layout import (KnowledgeRecord, check_layout, check_order, count_key, encode_knowledge,
+                                    encode_records, events_key, knowledge_key, profile_key)
 
 UserRecords = tuple[str, np.ndarray, np.ndarray, np.ndarray, Mapping[str, str]]
+UserKnowledge = tuple[str, KnowledgeRecord | None]
 
 
 def bulk_load(redis_url: str, histories: Iterable[UserRecords], *, prefix: str = "", max_events: int = 1000,
               batch_users: int = 500, progress: bool = True, total: int | None = None) -> dict[str, int]:
-    """Replace the stored history and profile of every user in ``histories``; idempotent.
+    """Replace the stored history, profile and event count of every user in ``histories``;
+    idempotent. Knowledge records stay as they are (``bulk_load_knowledge`` writes them).
 
     ``histories`` yields (user_id, items, ratings, timestamps, profile), each user's behaviours
     oldest first. Many users go in one pipelined round trip. Each key is built under a staging
@@ -47,6 +51,10 @@ def bulk_load(redis_url: str, histories: Iterable[UserRecords], *, prefix: str =
             mapping = {str(k): str(v) for k, v in profile.items()}
             _queue_replace(pipe, events_key(prefix, user_id), records=records)
             _queue_replace(pipe, profile_key(prefix, user_id), mapping=mapping)
+            if len(timestamps):  # every event, also those past the cap: what refreshes count against
+                pipe.set(count_key(prefix, user_id), len(timestamps))
+            else:
+                pipe.delete(count_key(prefix, user_id))
             counts["users"] += 1
             counts["events"] += len(records)
             counts["truncated"] += len(timestamps) - len(records)
@@ -62,8 +70,40 @@ def bulk_load(redis_url: str, histories: Iterable[UserRecords], *, prefix: str =
     return counts
 
 
+def bulk_load_knowledge(redis_url: str, records: Iterable[UserKnowledge], *, prefix: str = "",
+                        batch_users: int = 500, progress: bool = True, total: int | None = None) -> dict[str, int]:
+    """Replace the knowledge record of every user in ``records`` ((user_id, record), None for a
+    user without a vector: their stored record is deleted); idempotent, each record renamed into
+    place whole. Returns how many vectors were written and how many users had none."""
+    from tqdm import tqdm
+
+    check_layout(prefix, 1)
+    if batch_users < 1:
+        raise ValueError(f"batch_users must be at least 1, got {batch_users}")
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5.0, socket_timeout=60.0,
+                                  retry=Retry(NoBackoff(), 0))
+    counts = {"vectors": 0, "without": 0}
+    try:
+        client.ping()
+        pipe = client.pipeline(transaction=False)
+        pending = 0
+        for user_id, record in tqdm(records, total=total, unit="user", disable=not progress):
+            key = knowledge_key(prefix, str(user_id))
+            _queue_replace(pipe, key, mapping=None if record is None else encode_knowledge(record))
+            counts["vectors" if record is not None else "without"] += 1
+            pending += 1
+            if pending >= batch_users:
+                pipe.execute()
+                pending = 0
+        if pending:
+            pipe.execute()
+    finally:
+        client.close()
+    return counts
+
+
 def _queue_replace(pipe: redis.client.Pipeline, key: str, records: Sequence[bytes] = (),
-                   mapping: Mapping[str, str] | None = None) -> None:
+                   mapping: Mapping[str, str | bytes] | None = None) -> None:
     """Queue writing ``records`` (a list) or ``mapping`` (a hash) under a staging name and a RENAME
     over ``key``; with nothing to write, queue a DEL of ``key``."""
     if not records and not mapping:

@@ -1,8 +1,10 @@
 """The gateway's async access to user histories in Redis (layout in ``service.history.layout``).
 
-Appends are one Lua script (order check + RPUSH + LTRIM), so the cap holds and concurrent appends
-never interleave; the script reads the timestamp of the last record at byte offset 8 to enforce
-time order. A read is one pipelined round trip (LRANGE + HGETALL).
+Appends are one Lua script (order check + RPUSH + LTRIM + the event count), so the cap holds and
+concurrent appends never interleave; the script reads the timestamp of the last record at byte
+offset 8 to enforce time order, and answers the stamp of the user's knowledge record, so deciding
+whether it is due for a refresh costs no round trip of its own. A read is one pipelined round
+trip (LRANGE + HGETALL of the profile + HGETALL of the knowledge record).
 
 Reply parsing, not decoding, is the cost of a long history: LRANGE answers one bulk string per
 record, which redis-py's pure-Python parser handles at ~4 us each (~4 ms for 1000 records) and
@@ -22,12 +24,19 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.history.layout import (Event, HistoryFormatError, HistoryOrderError, UserHistory, check_layout,
-                                    check_order, decode_records, encode_records, events_key, profile_key)
+from service.history.layout import (AppendResult, Event, HistoryFormatError, HistoryOrderError, KnowledgeFormatError,
+                                    KnowledgeRecord, UserHistory, check_layout, check_order, count_key,
+                                    decode_knowledge, decode_records, decode_stamp, encode_knowledge, encode_records,
+                                    events_key, knowledge_key, profile_key, user_keys)
 
-# KEYS[1] events list. ARGV[1] cap, ARGV[2] the oldest new timestamp, ARGV[3..] records.
-# Returns {1, stored length} or, when the new events are older than the latest stored one,
-# {0, latest timestamp} having written nothing. RPUSH in slices: Lua's unpack() has a stack limit.
+# KEYS[1] events list, KEYS[2] event count, KEYS[3] knowledge record (read only).
+# ARGV[1] cap, ARGV[2] the oldest new timestamp, ARGV[3] events appended, ARGV[4..] their records
+# (the most recent ``cap`` of them).
+# Returns {1, stored length, event count, {events_at, encoder, dim, vector bytes} of the knowledge
+# record} or,
+# when the new events are older than the latest stored one, {0, latest timestamp} having written
+# nothing. RPUSH in slices: Lua's unpack() has a stack limit. A user stored without an event
+# count starts from the length of their list.
 _APPEND_LUA = """
 local last = redis.call('LINDEX', KEYS[1], -1)
 if last then
@@ -35,13 +44,34 @@ if last then
   local latest = struct.unpack('<i8', last, 9)
   if tonumber(ARGV[2]) < latest then return {0, latest} end
 end
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], redis.call('LLEN', KEYS[1])) end
+local count = redis.call('INCRBY', KEYS[2], ARGV[3])
 local n = 0
-for i = 3, #ARGV, 1000 do
+for i = 4, #ARGV, 1000 do
   n = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 local cap = tonumber(ARGV[1])
 if n > cap then redis.call('LTRIM', KEYS[1], -cap, -1); n = cap end
-return {1, n}
+local stamp = {}
+if redis.call('TYPE', KEYS[3]).ok == 'hash' then
+  stamp = redis.call('HMGET', KEYS[3], 'events_at', 'encoder', 'dim')
+  stamp[4] = redis.call('HSTRLEN', KEYS[3], 'vector')
+end
+return {1, n, count, stamp}
+"""
+
+# KEYS[1] knowledge record, KEYS[2] events list. ARGV[1] the new record's events_at, ARGV[2..] its
+# fields and values. Replaces the record (or a malformed key) unless the stored one was generated
+# from more events (a newer refresh or load won) or the user has no events (deleted meanwhile).
+# Returns 1 if written.
+_PUT_KNOWLEDGE_LUA = """
+local current = nil
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then current = tonumber(redis.call('HGET', KEYS[1], 'events_at')) end
+if current and current > tonumber(ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
 """
 
 
@@ -94,6 +124,7 @@ class HistoryStore:
         self._redis = client
         self.settings = settings
         self._append = client.register_script(_APPEND_LUA)
+        self._put_knowledge = client.register_script(_PUT_KNOWLEDGE_LUA)
 
     @classmethod
     def from_url(cls, url: str, settings: HistorySettings = HistorySettings()) -> "HistoryStore":
@@ -115,15 +146,36 @@ class HistoryStore:
         return events_key(self.settings.prefix, user_id), profile_key(self.settings.prefix, user_id)
 
     async def read(self, user_id: str) -> UserHistory:
-        """The user's most recent ``max_events`` behaviours and profile (LRANGE + HGETALL pipelined)."""
+        """The user's most recent ``max_events`` behaviours, profile and knowledge record (LRANGE +
+        HGETALL + HGETALL pipelined). A malformed knowledge record reads as none, saying why."""
         ev_key, prof_key = self._keys(user_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.lrange(ev_key, -self.settings.max_events, -1)
             pipe.hgetall(prof_key)
-            records, raw_profile = await pipe.execute()
-        items, ratings, timestamps = decode_records(records)
-        profile = {k.decode(): v.decode() for k, v in raw_profile.items()}
-        return UserHistory(items, ratings, timestamps, profile, exists=bool(records or profile))
+            pipe.hgetall(knowledge_key(self.settings.prefix, user_id))
+            records, raw_profile, raw_knowledge = _raise_but_knowledge(await pipe.execute(raise_on_error=False))
+        return _history(records, raw_profile, raw_knowledge)
+
+    async def read_with_count(self, user_id: str) -> tuple[UserHistory, int]:
+        """The user's state as ``read`` gives it and their event count at that same moment
+        (MULTI/EXEC): what a knowledge refresh generates from, and the count it records."""
+        ev_key, prof_key = self._keys(user_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lrange(ev_key, -self.settings.max_events, -1)
+            pipe.hgetall(prof_key)
+            pipe.hgetall(knowledge_key(self.settings.prefix, user_id))
+            pipe.get(count_key(self.settings.prefix, user_id))
+            records, raw_profile, raw_knowledge, count = _raise_but_knowledge(await pipe.execute(raise_on_error=False))
+        history = _history(records, raw_profile, raw_knowledge)
+        return history, len(records) if count is None else int(count)
+
+    async def put_knowledge(self, user_id: str, record: KnowledgeRecord) -> bool:
+        """Replace the user's knowledge record atomically; refused (False) when the stored one was
+        generated from more events, or the user has no events (forgotten meanwhile)."""
+        fields = encode_knowledge(record)
+        args = [int(record.events_at), *(part for pair in fields.items() for part in pair)]
+        keys = [knowledge_key(self.settings.prefix, user_id), events_key(self.settings.prefix, user_id)]
+        return bool(await self._put_knowledge(keys=keys, args=args))
 
     async def read_page(self, user_id: str, limit: int, offset: int = 0, length: int | None = None) -> HistoryPage:
         """Up to ``limit`` events newest first, skipping the ``offset`` newest, and the profile: one
@@ -163,9 +215,23 @@ class HistoryStore:
         stored event; otherwise ``HistoryOrderError`` is raised and nothing is written. The check
         runs inside the script, so it holds against concurrent appends too.
         """
+        return (await self.append_counted(user_id, events)).stored
+
+    async def append_counted(self, user_id: str, events: Sequence[Event]) -> AppendResult:
+        """``append``, answering also the user's event count and their knowledge record's stamp."""
         ev_key, _ = self._keys(user_id)
+        cnt_key, kn_key = count_key(self.settings.prefix, user_id), knowledge_key(self.settings.prefix, user_id)
         if not events:
-            return int(await self._redis.llen(ev_key))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.llen(ev_key)
+                pipe.get(cnt_key)
+                pipe.hmget(kn_key, ["events_at", "encoder", "dim"])
+                pipe.hstrlen(kn_key, "vector")
+                stored, count, stamp, size = _raise_but_knowledge(await pipe.execute(raise_on_error=False),
+                                                                  at=(2, 3))
+            known = not isinstance(stamp, Exception) and not isinstance(size, Exception)
+            return AppendResult(int(stored), int(stored) if count is None else int(count),
+                                decode_stamp(*stamp, size) if known else None)
         timestamps = np.fromiter((int(e.timestamp) for e in events), dtype=np.int64, count=len(events))
         check_order(timestamps, user_id)
         items = np.fromiter((int(e.item) for e in events), dtype=np.int64, count=len(events))
@@ -174,23 +240,24 @@ class HistoryStore:
             raise ValueError(f"events of user {user_id!r} carry a non-finite rating")
         cap = self.settings.max_events
         records = encode_records(items[-cap:], ratings[-cap:], timestamps[-cap:])
-        args = [cap, int(timestamps[0]), *records]
+        args = [cap, int(timestamps[0]), len(events), *records]
+        keys = [ev_key, cnt_key, kn_key]
         if self.settings.durable:
             # WAITAOF waits for the writes of its own connection: one pipeline keeps both on one.
             async with self._redis.pipeline(transaction=False) as pipe:
-                await self._append(keys=[ev_key], args=args, client=pipe)
+                await self._append(keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_timeout_ms)
-                (ok, value), (local, _) = await pipe.execute()
+                reply, (local, _) = await pipe.execute()
         else:
-            ok, value = await self._append(keys=[ev_key], args=args)
+            reply = await self._append(keys=keys, args=args)
             local = 1
-        if not ok:
+        if not reply[0]:
             raise HistoryOrderError(f"event at {int(timestamps[0])} is older than the latest stored event "
-                                    f"of user {user_id!r} at {int(value)}; nothing was written")
+                                    f"of user {user_id!r} at {int(reply[1])}; nothing was written")
         if int(local) < 1:
             raise RedisTimeoutError(f"the events were written but not confirmed on disk within "
                                     f"{self.settings.durable_timeout_ms} ms")
-        return int(value)
+        return AppendResult(int(reply[1]), int(reply[2]), decode_stamp(*reply[3]) if reply[3] else None)
 
     async def check_durable(self) -> None:
         """Refuse (RuntimeError, saying why) when the server cannot confirm writes on disk: WAITAOF
@@ -215,8 +282,8 @@ class HistoryStore:
             await pipe.execute()
 
     async def delete(self, user_id: str) -> None:
-        """Forget a user: history and profile."""
-        await self._redis.delete(*self._keys(user_id))
+        """Forget a user: history, profile, event count and knowledge record."""
+        await self._redis.delete(*user_keys(self.settings.prefix, user_id))
 
     async def ping(self) -> bool:
         try:
@@ -226,3 +293,26 @@ class HistoryStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _raise_but_knowledge(replies: list, at: tuple[int, ...] = (2,)) -> list:
+    """Raise the first failed reply, unless it is the knowledge record's (indices ``at``): a key of
+    another type there is a malformed record, which reads as none, not as a failed read."""
+    for i, reply in enumerate(replies):
+        if isinstance(reply, Exception) and not (i in at and isinstance(reply, ResponseError)):
+            raise reply
+    return replies
+
+
+def _history(records: list[bytes], raw_profile: dict[bytes, bytes],
+             raw_knowledge: dict[bytes, bytes] | ResponseError) -> UserHistory:
+    items, ratings, timestamps = decode_records(records)
+    profile = {k.decode(): v.decode() for k, v in raw_profile.items()}
+    try:
+        if isinstance(raw_knowledge, ResponseError):
+            raise KnowledgeFormatError(f"knowledge record unreadable: {raw_knowledge}")
+        knowledge, error = decode_knowledge(raw_knowledge), None
+    except KnowledgeFormatError as exc:
+        knowledge, error = None, str(exc)
+    return UserHistory(items, ratings, timestamps, profile, exists=bool(records or profile), knowledge=knowledge,
+                       knowledge_error=error)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,10 +72,13 @@ class Gate(nn.Module):
 
 
 class _UserState:
-    """The user representations of the current batch, shared by every wrapped layer."""
+    """The user representations of the current batch, shared by every wrapped layer; with
+    ``segments``, the token counts of the instances packed along one row's sequence axis (one
+    representation per segment) instead of one per batch row."""
 
     def __init__(self) -> None:
         self.user_rep: torch.Tensor | None = None
+        self.segments: tuple[int, ...] | None = None
 
 
 class PersonalizedLoRALinear(nn.Module):
@@ -107,12 +110,32 @@ class PersonalizedLoRALinear(nn.Module):
         return torch.einsum("bk,kir->bir", alpha, self.lora_A), torch.einsum("bk,kro->bro", alpha, self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state.segments is not None:
+            return self._forward_segments(x, self.state.segments)
         out = self.base(x)
         alpha = self.mixture(self.state.user_rep, x.shape[0])
         a, b = self.user_weights(alpha)
         h = self.dropout(x).to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         delta = torch.bmm(torch.bmm(h, a), b) * self.cfg.scaling
         return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
+
+    def _forward_segments(self, x: torch.Tensor, segments: tuple[int, ...]) -> torch.Tensor:
+        """One packed row (1, T, d_in): each segment of tokens through its own user's adapter.
+
+        The mixed adapter (scaling folded into B_u) is cast to the activations' dtype: the banks
+        stay float32 and get float32 gradients, while a bfloat16 model's tokens need no float32
+        copies on the way in and out of every adapted projection."""
+        if x.shape[0] != 1 or sum(segments) != x.shape[1]:
+            raise ValueError(f"packed segments {sum(segments)} tokens, input {tuple(x.shape[:-1])}: expected one row")
+        out = self.base(x)
+        a, b = self.user_weights(self.mixture(self.state.user_rep, len(segments)))
+        a, b = a.to(x.dtype), (b * self.cfg.scaling).to(x.dtype)
+        h = self.dropout(x)[0]
+        if self.gate is None:  # one shared adapter: all tokens at once
+            delta = h @ a[0] @ b[0]
+        else:
+            delta = torch.cat([part @ a[i] @ b[i] for i, part in enumerate(h.split(list(segments)))])
+        return out + delta.unsqueeze(0).to(out.dtype)
 
 
 class PersonalizedLoRA(nn.Module):
@@ -168,13 +191,18 @@ class PersonalizedLoRA(nn.Module):
                 current.copy_(value)
 
     @contextmanager
-    def user(self, user_rep: torch.Tensor | None) -> Iterator[None]:
-        """Run forwards for users with these representations ((B, user_dim) or (1, user_dim))."""
-        previous, self._state.user_rep = self._state.user_rep, user_rep
+    def user(self, user_rep: torch.Tensor | None, segments: Sequence[int] | None = None) -> Iterator[None]:
+        """Run forwards for users with these representations ((B, user_dim) or (1, user_dim)).
+
+        ``segments``: the inputs are one row (1, T) of packed instances of these token counts,
+        instance i's tokens read ``user_rep[i]`` (or the one shared row)."""
+        state = self._state
+        previous = state.user_rep, state.segments
+        state.user_rep, state.segments = user_rep, None if segments is None else tuple(int(n) for n in segments)
         try:
             yield
         finally:
-            self._state.user_rep = previous
+            state.user_rep, state.segments = previous
 
     @torch.no_grad()
     def user_adapter(self, user_rep: torch.Tensor | None) -> dict[str, torch.Tensor]:

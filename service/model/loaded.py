@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from service.bundle import Bundle, load_bundle
+from service.bundle import knowledge as knowledge_parts
 from service.crm.features import FeatureSpace
+from service.crm.knowledge import KnowledgeConfig
 from service.crm.loading import build_crm
 from service.crm.model import CRM, CRMConfig
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
@@ -39,6 +41,7 @@ class LoadedModel:
     k_text: int
     fusion: Fusion | None
     crm_item_table: torch.Tensor  # the CRM's catalog vectors; fixed per version, so built once at load
+    knowledge: KnowledgeConfig | None = None  # what a knowledge CRM's user vectors must come from (encoder, dim)
 
 
 def load_model(bundle_dir: str | Path) -> LoadedModel:
@@ -47,7 +50,12 @@ def load_model(bundle_dir: str | Path) -> LoadedModel:
     catalog = Catalog(bundle.load_parquet_pandas("items/catalog.parquet"), bundle.load_npy("items/embeddings.npy"))
     config = CRMConfig.model_validate(bundle.load_json("crm/config.json"))
     space = FeatureSpace.model_validate(bundle.load_json("crm/features.json"))
-    crm = build_crm(config, space, catalog.items, catalog.embeddings, bundle.load_safetensors("crm/weights.safetensors")).eval()
+    knowledge = vectors = None
+    if knowledge_parts.COMPONENT in bundle.manifest.components:  # the reader checked its parts against the CRM
+        knowledge = KnowledgeConfig.model_validate(bundle.load_json(knowledge_parts.CONFIG))
+        vectors = (bundle.load_npy(knowledge_parts.ITEM_VECTORS), bundle.load_npy(knowledge_parts.USER_DEFAULT))
+    crm = build_crm(config, space, catalog.items, catalog.embeddings,
+                    bundle.load_safetensors("crm/weights.safetensors"), vectors).eval()
     files = {f.path for f in bundle.manifest.files}
     mixer = lora_config = None
     if LORA_CONFIG in files:
@@ -62,4 +70,5 @@ def load_model(bundle_dir: str | Path) -> LoadedModel:
     with torch.no_grad():
         table = crm.item_table()
     return LoadedModel(bundle.manifest.version, bundle, catalog, crm, config, space,
-                       torch.from_numpy(catalog.embeddings), mixer, lora_config, prompt, k_text, fusion, table)
+                       torch.from_numpy(catalog.embeddings), mixer, lora_config, prompt, k_text, fusion, table,
+                       knowledge)

@@ -1,6 +1,7 @@
 """What the scoring pipeline promises everyone else: the ``Scorer`` protocol, its result types,
-the reasons an answer is degraded, the one refusal it raises (unknown items), and the online
-evaluation of served scores (``OnlineEvaluation``: labels from events, metrics per version).
+the reasons an answer is degraded, the one refusal it raises (unknown items), the online
+evaluation of served scores (``OnlineEvaluation``: labels from events, metrics per version), and
+the nearline refresh of users' knowledge vectors (``KnowledgeRefresh``).
 
 The HTTP layer, the metrics and the docs all read these from here; the values of
 ``DegradedReason`` are the strings clients and dashboards see in ``degraded_reasons`` and in the
@@ -13,6 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
+
+from service.history import AppendResult
+from service.model.fusion import ScoreSource  # noqa: F401  (re-exported: a part of the result)
 
 
 class DegradedReason(StrEnum):
@@ -70,6 +74,7 @@ class ScoreResult:
     degraded_reasons: list[DegradedReason] = field(default_factory=list)
     cold_start: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
+    score_source: ScoreSource = ScoreSource.FUSED  # how the version makes ``score`` where the LLM ran
 
 
 class UnknownItems(ValueError):
@@ -128,6 +133,19 @@ class OnlineEvaluation(Protocol):
 
     async def run(self) -> None:
         """Keep the metrics (and what reads them) current until cancelled."""
+        ...
+
+
+class KnowledgeRefresh(Protocol):
+    """What the HTTP layer needs from the nearline refresh of users' knowledge vectors."""
+
+    def observe(self, user_id: str, appended: AppendResult) -> bool:
+        """Events were just appended for the user: queue a refresh of their knowledge vector when
+        it is due (returns whether one was queued); never waits for it."""
+        ...
+
+    def close(self) -> None:
+        """Stop refreshing (called once, at shutdown)."""
         ...
 
 

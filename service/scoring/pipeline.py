@@ -32,10 +32,11 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from service.engine.base import ScoringEngine, UserAdapter
-from service.history import HistoryReader
+from service.history import HistoryReader, KnowledgeRecord
 from service.logging import BurstLog
 from service.llm.prompt import PromptBuilder
 from service.model import LoadedModel, ModelHolder, ModelSnapshot
+from service.model.fusion import ScoreSource, score_source
 from service.nearline.score_cache import LLMScoreCache
 from service.nearline.served_log import ServedLog, ServedScore
 from service.personalization.adapter_cache import AdapterCache
@@ -44,6 +45,7 @@ from service.scoring.contracts import (Admission, CandidateResult, CandidateSour
 from service.scoring.engine_scheduler import EngineScheduler
 from service.scoring.shadow import ShadowBuilders, ShadowScores, StoredHistory, shadow_score
 from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
+from service.scoring.user_knowledge import KnowledgeOutcome, serve_knowledge
 
 log = logging.getLogger(__name__)
 burst = BurstLog(log)
@@ -101,6 +103,7 @@ class ScoringEvents:
     score_cache: Callable[[str, int], None] = lambda outcome, n: None  # hit | miss | error | write_error
     served: Callable[[str, ServedOutcome, float], None] = lambda version, outcome, ms: None  # per answer
     shadow: Callable[[str], None] = lambda outcome: None  # queued | not_queued | unscorable
+    knowledge: Callable[[KnowledgeOutcome, float | None], None] = lambda outcome, age_s: None  # per request
 
 
 class LoopLag:
@@ -236,15 +239,22 @@ class ScoringPipeline:
             budget_s = (self.history_budget_ms + self.loop_lag.ms) / 1000.0
             stored = await asyncio.wait_for(self.history.read(user_id), budget_s)
             raw_items, ratings, profile, exists = stored.items, stored.ratings, stored.profile, stored.exists
+            knowledge, knowledge_error = stored.knowledge, stored.knowledge_error
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             burst.log(logging.WARNING, "history", "history unavailable, scoring as cold start", error=repr(exc))
             raw_items, ratings, profile, exists = np.zeros(0, np.int64), np.zeros(0, np.float32), {}, False
+            knowledge = knowledge_error = None
             reasons.append(DegradedReason.HISTORY_UNAVAILABLE)
         t = lap("history", t)
-        view = UserHistoryView.from_raw(model, raw_items, ratings, profile)
+        view = UserHistoryView.from_raw(model, raw_items, ratings, profile,
+                                        self._knowledge(model, knowledge, knowledge_error))
         dense = model.catalog.to_dense(candidates)
         loop = asyncio.get_running_loop()
-        uses_llm = model.mixer is not None and self.engine is not None and builder is not None  # else CRM only
+        # CRM only without an LLM, an engine or a prompt builder, and where the version's fusion says crm:
+        # then no prompt, adapter, forward or background job is spent on the LLM.
+        runs_llm = model.mixer is not None and self.engine is not None and builder is not None
+        made_by = score_source(model.fusion, runs_llm)
+        uses_llm = made_by is not ScoreSource.CRM
         text = (loop.run_in_executor(self._text_pool, _text_side, builder, model, view, dense)
                 if uses_llm else None)
         self._cpu_queued += 1
@@ -281,8 +291,18 @@ class ScoringPipeline:
             user_id=user_id, model_version=model.version,
             candidates=[CandidateResult(int(c), float(s), None if np.isnan(l) else float(l), float(k))
                         for c, s, l, k in zip(candidates, final, llm, crm.scores)],
-            degraded=bool(reasons), degraded_reasons=reasons, cold_start=not exists,
-            timings_ms=timings), StoredHistory(raw_items, ratings, profile)
+            degraded=bool(reasons), degraded_reasons=reasons, cold_start=not exists, score_source=made_by,
+            timings_ms=timings), StoredHistory(raw_items, ratings, profile, knowledge)
+
+    def _knowledge(self, model: LoadedModel, record: KnowledgeRecord | None, error: str | None) -> np.ndarray | None:
+        """The user's stored knowledge vector when ``model`` reads it, else None (the CRM's default)."""
+        served = serve_knowledge(model, record, error)
+        if served.outcome is not None:
+            if error:
+                burst.log(logging.WARNING, "knowledge-record", "malformed knowledge record, serving the default",
+                          error=error)
+            self.events.knowledge(served.outcome, served.age_s)
+        return served.vector
 
     def _shadow(self, snapshot: ModelSnapshot, request_id: str, user_id: str, candidates: Sequence[int],
                 stored: StoredHistory) -> None:

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.engine.base import ScoringEngine
+from service.history import KnowledgeRecord
 from service.llm.prompt import PromptBuilder
 from service.model import ModelSnapshot
+from service.model.fusion import ScoreSource, score_source
 from service.personalization.adapter_cache import AdapterCache
 from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
+from service.scoring.user_knowledge import serve_knowledge
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class StoredHistory:
     items: np.ndarray
     ratings: np.ndarray
     profile: Mapping[str, str]
+    knowledge: KnowledgeRecord | None = None  # the user's stored knowledge vector record
 
 
 @dataclass(frozen=True)
@@ -65,11 +69,13 @@ def shadow_score(snapshot: ModelSnapshot, builder: PromptBuilder | None, engine:
     model = snapshot.model
     if model.catalog.unknown(candidates):
         return None
-    view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile)
+    view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile,
+                                    serve_knowledge(model, stored.knowledge, None).vector)  # as the candidate serves it
     dense = model.catalog.to_dense(candidates)
     crm = run_crm(model, view, dense)
     crm_scores = np.asarray(crm.scores, np.float64)
-    if model.mixer is None or engine is None or builder is None:
+    runs_llm = model.mixer is not None and engine is not None and builder is not None
+    if score_source(model.fusion, runs_llm) is ScoreSource.CRM:  # as the version would answer: no LLM forward
         return ShadowScores(crm_scores, None, crm_scores)
     prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
     alphas = model.mixer.mixtures(crm.user_rep)

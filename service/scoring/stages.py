@@ -25,18 +25,20 @@ class UserHistoryView:
     """A user's history in dense ids, oldest first, as stored (the store caps its length).
 
     The CRM reads the last ``l_long`` behaviours (``build_inputs`` cuts); the text retrieval
-    searches the whole stored history, as the training prompts do."""
+    searches the whole stored history, as the training prompts do. A knowledge CRM also reads the
+    user's knowledge vector, or its default vector where there is none."""
 
     items: np.ndarray  # int64 dense ids
     ratings: np.ndarray  # float32
     profile: Mapping[str, str]
+    knowledge: np.ndarray | None = None  # (D,) the user's raw knowledge vector, as stored
 
     @classmethod
     def from_raw(cls, model: LoadedModel, raw_items: np.ndarray, ratings: np.ndarray,
-                 profile: Mapping[str, str]) -> "UserHistoryView":
+                 profile: Mapping[str, str], knowledge: np.ndarray | None = None) -> "UserHistoryView":
         dense = model.catalog.to_dense(raw_items)
         keep = dense != 0  # items retired from the catalog drop out of the history
-        return cls(dense[keep], np.asarray(ratings, np.float32)[keep], profile)
+        return cls(dense[keep], np.asarray(ratings, np.float32)[keep], profile, knowledge)
 
 
 @dataclass
@@ -53,11 +55,22 @@ def run_crm(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray
         model.space, user_fields=np.asarray([model.space.encode_user(history.profile)], dtype=np.int64),
         hist_items=history.items[None, :], hist_ratings=history.ratings[None, :],
         hist_lengths=np.asarray([len(history.items)]), targets=candidates, item_embeddings=model.item_embeddings,
-        l_long=cfg.l_long, l_crm=cfg.l_crm, l_recent=cfg.l_recent)
+        l_long=cfg.l_long, l_crm=cfg.l_crm, l_recent=cfg.l_recent,
+        user_knowledge=crm_user_knowledge(model, history))
     table = model.crm_item_table
     rep = model.crm.user_representation(user, table)
     logits = model.crm.score(rep, target, table)
     return CRMResult(torch.sigmoid(logits).numpy(), rep[0])
+
+
+def crm_user_knowledge(model: LoadedModel, history: UserHistoryView) -> np.ndarray | None:
+    """The user's vector when this version reads knowledge and it has the version's size, else
+    None (the CRM's default vector): a plain CRM ignores vectors, and one of another size was
+    written for another encoder."""
+    if model.knowledge is None or history.knowledge is None:
+        return None
+    vector = np.asarray(history.knowledge, np.float32).reshape(-1)
+    return vector[None, :] if len(vector) == model.knowledge.dim else None
 
 
 def retrieve_text_history(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray) -> list[list[Behaviour]]:

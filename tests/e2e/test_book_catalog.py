@@ -65,6 +65,7 @@ def books(tmp_path_factory) -> Iterator[Books]:
     from training.data.samples import PreparedData
     from training.export.crm_bundle import export_crm_bundle
     from training.history_loader import histories_from_prepared
+    from training.llm.fusion_fit import FusionOptions
 
     root = tmp_path_factory.mktemp("books")
     csv_dir = write_book_csvs(root)
@@ -87,7 +88,7 @@ def books(tmp_path_factory) -> Iterator[Books]:
     train_lora(data, embeddings, crm_dir, base_dir, root / "lora")
     store = root / "model_store"
     bundle_dir = export_crm_bundle(root / "data", crm_dir, store, VERSION, description="book catalog",
-                                   llm_dir=root / "lora", base_model=base_dir)
+                                   llm_dir=root / "lora", base_model=base_dir, fusion=FusionOptions(serve="fused"))
 
     with scratch_prefix("books") as prefix:
         records = list(histories_from_prepared(data))

@@ -41,6 +41,7 @@ def test_crm_only_bundle_answers_with_crm_scores_undegraded(world: World, crm_on
         assert body["model_version"] == VERSION
         assert body["degraded"] is False and body["degraded_reasons"] == [] and body["cold_start"] is False
         assert [s["llm_score"] for s in body["scores"]] == [None] * len(CANDIDATES)
+        assert body["score_source"] == "crm" and not any(s["llm_used"] for s in body["scores"])
         assert [s["score"] for s in body["scores"]] == [s["crm_score"] for s in body["scores"]]
         np.testing.assert_allclose([s["crm_score"] for s in body["scores"]], expected, atol=1e-5)
         assert {"history", "crm", "total"} <= set(body["timings"]) and "llm" not in body["timings"]

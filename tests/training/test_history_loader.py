@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from knowledge_support import planted_vectors, write_knowledge
 from redis_support import REDIS_URL, scratch_prefix
 import redis
 from typer.testing import CliRunner
@@ -13,7 +14,7 @@ from service.history import bulk_load, decode_records, events_key, profile_key
 from training.cli import app
 from training.data.samples import prepare
 from training.data.synthetic import generate_synthetic
-from training.history_loader import histories_from_prepared, split_start_order
+from training.history_loader import histories_from_prepared, knowledge_records, split_start_order
 
 
 
@@ -120,3 +121,70 @@ def test_cli_rejects_an_unknown_split(data, tmp_path) -> None:
     data.save(tmp_path)
     result = CliRunner().invoke(app, ["load-histories", "--data", str(tmp_path), "--until-split", "train"])
     assert result.exit_code == 2 and "--until-split" in result.output
+
+
+def knowledge_dir(data, path, **meta):
+    return write_knowledge(path, *planted_vectors(data, dim=32, seed=1), **meta)
+
+
+def test_knowledge_records_count_the_events_before_the_cutoff(raw, data, tmp_path) -> None:
+    cutoff = int(np.quantile(data.events["timestamp"], 0.6))
+    directory = knowledge_dir(data, tmp_path / "knowledge", cutoff_timestamp=cutoff, generated_at=1.7e9)
+    _, user_vectors, user_has = planted_vectors(data, dim=32, seed=1)
+    records = dict(knowledge_records(data, directory))
+    assert set(records) == {str(u) for u in data.users["user"]}
+    inter = raw.interactions
+    for user, idx in zip(data.users["user"], data.users["user_idx"]):
+        record = records[str(user)]
+        if not user_has[idx]:
+            assert record is None
+            continue
+        mine = inter[inter["user"] == user]
+        assert record.events_at == int((mine["timestamp"] < cutoff).sum())
+        np.testing.assert_array_equal(record.vector, user_vectors[idx])
+        assert record.encoder == "planted-test-encoder" and record.generated_at == 1.7e9
+    assert any(r is None for r in records.values()) and any(r is not None and r.events_at for r in records.values())
+    # replaying until a split counts only the events loaded
+    cut = split_start_order(data, "valid")
+    later = dict(knowledge_records(data, knowledge_dir(data, tmp_path / "k2", cutoff_timestamp=None),
+                                   until_split="valid"))
+    loaded = {u: len(items) for u, items, *_ in histories_from_prepared(data, until_split="valid")}
+    assert cut and all(r.events_at == loaded[u] for u, r in later.items() if r is not None)
+
+
+def test_cli_loads_knowledge_vectors_idempotently(raw, data, prefix, tmp_path) -> None:
+    from service.history import decode_knowledge, knowledge_key
+
+    data.save(tmp_path / "data")
+    cutoff = int(np.quantile(data.events["timestamp"], 0.8))
+    directory = knowledge_dir(data, tmp_path / "knowledge", cutoff_timestamp=cutoff)
+    want = dict(knowledge_records(data, directory))
+    args = ["load-histories", "--data", str(tmp_path / "data"), "--redis-url", REDIS_URL, "--prefix", prefix,
+            "--knowledge", str(directory)]
+    client = redis.Redis.from_url(REDIS_URL)
+    n = sum(r is not None for r in want.values())
+    for _ in range(2):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert f"knowledge vectors: {n} written, {len(want) - n} users without one" in result.output
+        for user, record in want.items():
+            stored_record = decode_knowledge(client.hgetall(knowledge_key(prefix, user)))
+            if record is None:
+                assert stored_record is None
+            else:
+                assert stored_record.events_at == record.events_at and stored_record.encoder == record.encoder
+                np.testing.assert_array_equal(stored_record.vector, record.vector)
+
+
+def test_cli_refuses_knowledge_of_another_dataset_before_writing(data, prefix, tmp_path) -> None:
+    data.save(tmp_path / "data")
+    other = prepare(generate_synthetic(n_users=25, n_items=60, n_interactions=800, seed=4))
+    directory = knowledge_dir(other, tmp_path / "knowledge")
+    result = CliRunner().invoke(app, ["load-histories", "--data", str(tmp_path / "data"), "--redis-url", REDIS_URL,
+                                      "--prefix", prefix, "--knowledge", str(directory)])
+    assert result.exit_code == 2
+    assert "cannot load knowledge vectors" in result.output and "made for another dataset?" in result.output
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"{prefix}*"))
+    missing = CliRunner().invoke(app, ["load-histories", "--data", str(tmp_path / "data"), "--redis-url", REDIS_URL,
+                                       "--prefix", prefix, "--knowledge", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "not a knowledge directory" in missing.output

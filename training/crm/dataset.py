@@ -24,14 +24,20 @@ class EncodedSplit:
     user: UserInputs
     target: TargetInputs
     labels: torch.Tensor  # (N,) float
+    # A knowledge CRM's user vectors: one table row per user, looked up per batch (a copy per
+    # sample would take N x D floats).
+    users: torch.Tensor | None = None  # (N,) user_idx
+    knowledge: torch.Tensor | None = None  # (n_users + 1, D), zero rows: the CRM's default
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, index: torch.Tensor) -> tuple[UserInputs, TargetInputs, torch.Tensor]:
         u, t = self.user, self.target
+        knowledge = self.knowledge[self.users[index]] if self.knowledge is not None else None
         return (
-            UserInputs(u.user_fields[index], u.hist_stats[index], u.recent_items[index], u.recent_ratings[index]),
+            UserInputs(u.user_fields[index], u.hist_stats[index], u.recent_items[index], u.recent_ratings[index],
+                       knowledge),
             TargetInputs(t.targets[index], t.sel_items[index], t.sel_ratings[index], t.sel_stats[index]),
             self.labels[index],
         )
@@ -58,15 +64,23 @@ def padded_histories(events: pd.DataFrame, hist_end: np.ndarray, hist_len: np.nd
 
 
 def encode_split(data: PreparedData, split: str, space: FeatureSpace, config: CRMConfig,
-                 item_embeddings: torch.Tensor, chunk: int = 2048, progress: bool = True) -> EncodedSplit:
-    return encode_samples(data, data.split(split), space, config, item_embeddings, chunk, progress, desc=split)
+                 item_embeddings: torch.Tensor, chunk: int = 2048, progress: bool = True,
+                 user_knowledge: np.ndarray | None = None) -> EncodedSplit:
+    return encode_samples(data, data.split(split), space, config, item_embeddings, chunk, progress, desc=split,
+                          user_knowledge=user_knowledge)
 
 
 def encode_samples(data: PreparedData, samples: pd.DataFrame, space: FeatureSpace, config: CRMConfig,
                    item_embeddings: torch.Tensor, chunk: int = 2048, progress: bool = True,
-                   desc: str = "samples") -> EncodedSplit:
-    """Encode any subset of ``data.samples`` (rows keep their order)."""
+                   desc: str = "samples", user_knowledge: np.ndarray | None = None) -> EncodedSplit:
+    """Encode any subset of ``data.samples`` (rows keep their order).
+
+    A knowledge CRM (``config.knowledge_dim > 0``) needs ``user_knowledge``: (n_users + 1, D)
+    vectors by user_idx, a zero row where a user has none (``KnowledgeArrays.user_table()``, or
+    ``load_user_knowledge`` of a checkpoint). A plain CRM ignores it.
+    """
     user_table = encode_users(space, data.users)
+    knowledge = _user_knowledge_table(config, user_knowledge, samples)
     length = max(1, min(config.l_long, int(samples["hist_len"].max() if len(samples) else 1)))
     parts: list[tuple[UserInputs, TargetInputs]] = []
     for start in tqdm(range(0, len(samples), chunk), desc=f"encode {desc}", disable=not progress, leave=False):
@@ -81,4 +95,24 @@ def encode_samples(data: PreparedData, samples: pd.DataFrame, space: FeatureSpac
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
     user = UserInputs(*(cat([getattr(p[0], f) for p in parts]) for f in ("user_fields", "hist_stats", "recent_items", "recent_ratings")))
     target = TargetInputs(*(cat([getattr(p[1], f) for p in parts]) for f in ("targets", "sel_items", "sel_ratings", "sel_stats")))
-    return EncodedSplit(user, target, torch.tensor(samples["label"].to_numpy(np.float32)))
+    labels = torch.tensor(samples["label"].to_numpy(np.float32))
+    if knowledge is None:
+        return EncodedSplit(user, target, labels)
+    return EncodedSplit(user, target, labels, torch.as_tensor(samples["user_idx"].to_numpy(np.int64)), knowledge)
+
+
+def _user_knowledge_table(config: CRMConfig, table: np.ndarray | None, samples: pd.DataFrame) -> torch.Tensor | None:
+    """The user vector table as the CRM reads it (a non-finite row counts as missing, as in
+    ``build_inputs``), checked against the config and the samples."""
+    if not config.knowledge_dim:
+        return None
+    if table is None:
+        raise ValueError("this CRM reads user knowledge vectors: pass user_knowledge (the knowledge's user_table(), "
+                         "or load_user_knowledge of the checkpoint)")
+    table = np.asarray(table, np.float32)
+    if table.ndim != 2 or table.shape[1] != config.knowledge_dim:
+        raise ValueError(f"user_knowledge is {table.shape}, this CRM reads {config.knowledge_dim}-d vectors")
+    top = int(samples["user_idx"].max()) if len(samples) else 0
+    if top >= len(table):
+        raise ValueError(f"user_knowledge has {len(table)} rows, the samples need user_idx {top}")
+    return torch.from_numpy(np.where(np.isfinite(table).all(1, keepdims=True), table, 0.0).astype(np.float32))

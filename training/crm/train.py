@@ -15,6 +15,7 @@ from service.crm.features import FeatureSpace, build_feature_space
 from service.crm.loading import build_crm, config_for
 from service.crm.model import CRM, CRMConfig
 from training.crm.dataset import EncodedSplit, encode_split
+from training.crm.knowledge import KnowledgeArrays
 from training.data.samples import PreparedData
 from training.metrics import binary_metrics
 
@@ -41,6 +42,7 @@ class TrainedCRM:
     history: list[dict]
     metrics: dict[str, dict]
     seconds: float
+    knowledge: KnowledgeArrays | None = None  # what a knowledge CRM was trained with
 
 
 def seed_everything(seed: int) -> None:
@@ -71,26 +73,40 @@ def feature_space_for(data: PreparedData) -> FeatureSpace:
     )
 
 
-def train_crm(data: PreparedData, embeddings: np.ndarray, cfg: TrainConfig = TrainConfig()) -> TrainedCRM:
-    """Fit on ``train``, keep the epoch with the best ``valid`` AUC, report valid and test metrics."""
+def train_crm(data: PreparedData, embeddings: np.ndarray, cfg: TrainConfig = TrainConfig(),
+              knowledge: KnowledgeArrays | None = None) -> TrainedCRM:
+    """Fit on ``train``, keep the epoch with the best ``valid`` AUC, report valid and test metrics.
+
+    With ``knowledge`` the CRM reads its vectors (``knowledge_dim`` = their size): each sample
+    its target's and behaviours' item vectors and its user's vector, the default where the user
+    has none."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic)
     try:
-        return _train(data, embeddings, cfg)
+        return _train(data, embeddings, cfg, knowledge)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-def _train(data: PreparedData, embeddings: np.ndarray, cfg: TrainConfig) -> TrainedCRM:
+def _train(data: PreparedData, embeddings: np.ndarray, cfg: TrainConfig,
+           knowledge: KnowledgeArrays | None) -> TrainedCRM:
     seed_everything(cfg.seed)
     start = time.perf_counter()
     space = feature_space_for(data)
-    config = config_for(space, embeddings.shape[1], **cfg.model)
-    model = build_crm(config, space, data.items, embeddings)
+    overrides = dict(cfg.model)
+    if knowledge is not None:
+        overrides["knowledge_dim"] = knowledge.check(data).dim
+    elif overrides.get("knowledge_dim"):
+        raise ValueError("knowledge_dim is set but no knowledge was given")
+    config = config_for(space, embeddings.shape[1], **overrides)
+    model = build_crm(config, space, data.items, embeddings,
+                      knowledge=(knowledge.item_vectors, knowledge.user_default()) if knowledge is not None else None)
     emb = torch.from_numpy(np.asarray(embeddings, np.float32))
-    splits = {s: encode_split(data, s, space, config, emb, progress=cfg.progress) for s in ("train", "valid", "test")}
+    users = knowledge.user_table() if knowledge is not None else None
+    splits = {s: encode_split(data, s, space, config, emb, progress=cfg.progress, user_knowledge=users)
+              for s in ("train", "valid", "test")}
     train = splits["train"]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -125,4 +141,4 @@ def _train(data: PreparedData, embeddings: np.ndarray, cfg: TrainConfig) -> Trai
     model.load_state_dict(best_state)
     model.eval()
     metrics = {s: binary_metrics(splits[s].labels.numpy(), predict(model, splits[s])) for s in ("valid", "test")}
-    return TrainedCRM(model, config, space, history, metrics, time.perf_counter() - start)
+    return TrainedCRM(model, config, space, history, metrics, time.perf_counter() - start, knowledge)

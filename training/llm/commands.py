@@ -25,6 +25,14 @@ def train_llm(
     temperature: float = 1.0, rank: int = 8, valid_samples: int = 400, evals_per_epoch: int = 2,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")] = "auto",
     seed: int = 0, threads: Optional[int] = None,
+    objective: Annotated[str, typer.Option(
+        help="answer (the answer token's cross entropy) or fused (BCE of w * CRM logit + LLM logit + b: the LLM "
+             "learns what the CRM misses; writes fusion.json)")] = "answer",
+    packing: Annotated[bool, typer.Option(
+        help="padding-free packed micro-batches (--no-packing: right-padded rows, the older and slower loop)")] = True,
+    pack_tokens: Annotated[int, typer.Option(
+        help="packed micro-batch token budget (0: --batch-size instances per micro-batch); an optimizer step "
+             "is --batch-size x --grad-accum instances either way")] = 0,
 ) -> None:
     """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM."""
     import numpy as np
@@ -42,7 +50,12 @@ def train_llm(
                 gated=mode == "reclora", temperature=temperature)
     cfg = LLMTrainConfig(n_samples=n_samples, k_text=k_text, mixed=mixed, epochs=epochs, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, valid_samples=valid_samples, evals_per_epoch=evals_per_epoch,
-                         seed=seed, dtype=dtype, lora=lora)
+                         seed=seed, dtype=dtype, lora=lora, objective=objective, packing=packing,
+                         pack_tokens=pack_tokens)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        fail(str(exc))
     with timed("train-llm"):
         prepared = PreparedData.load(data)
         summary = fit(prepared, np.load(data / "embeddings.npy", allow_pickle=False), crm or data / "crm",
@@ -72,12 +85,64 @@ def llm_report(
     typer.echo(f"fusion: {result['fusion']}")
 
 
+def sweep(
+    data: Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")],
+    base_model: Annotated[Path, typer.Option(help="base LLM directory")],
+    out: Annotated[Path, typer.Option(help="sweep directory: runs/<setting>/, sweep.md, sweep.json, test.json")],
+    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
+    n_meta: Annotated[str, typer.Option(help="meta-LoRAs per target module, comma-separated")] = "8,16",
+    temperature: Annotated[str, typer.Option(help="gate temperatures, comma-separated")] = "1,5",
+    n_samples: Annotated[str, typer.Option(
+        help="training samples: counts or percentages of the training split, comma-separated")] = "2048,10%",
+    epochs: Annotated[str, typer.Option(help="epochs, comma-separated")] = "1",
+    lr: Annotated[str, typer.Option(help="learning rates, comma-separated")] = "1e-3",
+    max_runs: Annotated[Optional[int], typer.Option(
+        help="run only the first N settings of the grid in a seeded random order (a larger N extends the sweep)")]
+        = None,
+    valid_samples: Annotated[int, typer.Option(help="validation samples each run is selected on")] = 400,
+    n_test: Annotated[int, typer.Option(help="test samples the selected run is scored on, once")] = 2000,
+    objective: Annotated[str, typer.Option(
+        help="train-llm's objective: answer, or fused (runs are then selected on the fused valid AUC)")] = "answer",
+    k_text: int = 10, batch_size: int = 8, grad_accum: int = 4, rank: int = 8, evals_per_epoch: int = 2,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
+        = "auto",
+    seed: int = 0, threads: Optional[int] = None,
+) -> None:
+    """Train the personalized LoRA over a grid, select on validation AUC, score the test subset once.
+
+    A run whose directory holds train.json is read back, not trained again: rerun to resume."""
+    import torch
+
+    from training.llm.sweep import SweepConfig, parse_list, run_sweep
+    from training.llm.train import LLMTrainConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        template = LLMTrainConfig(k_text=k_text, batch_size=batch_size, grad_accum=grad_accum,
+                                  valid_samples=valid_samples, evals_per_epoch=evals_per_epoch, dtype=dtype,
+                                  lora=dict(r=rank, lora_alpha=2.0 * rank), objective=objective)
+        config = SweepConfig(n_meta=parse_list(n_meta, int, "n-meta"),
+                             temperature=parse_list(temperature, float, "temperature"),
+                             n_samples=parse_list(n_samples, str, "n-samples"),
+                             epochs=parse_list(epochs, int, "epochs"),
+                             lr=parse_list(lr, float, "lr"), max_runs=max_runs, seed=seed, n_test=n_test,
+                             template=template)
+        with timed("sweep"):
+            result = run_sweep(data, crm or data / "crm", base_model, out, config, echo=typer.echo)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo((out / "sweep.md").read_text())
+    typer.echo(f"selected {result['selected']}; table in {out / 'sweep.md'} and {out / 'sweep.json'}")
+
+
 
 
 
 COMMANDS = {
     "train-llm": train_llm,
     "llm-report": llm_report,
+    "sweep": sweep,
 }
 
 

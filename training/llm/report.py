@@ -1,7 +1,8 @@
 """The LLM report: CRM, zero-shot LLM, ReLLa-style, RecLoRA and fused, on one seeded test subset.
 
 Fusion is a logistic regression on (LLM logit, CRM logit) fitted on a validation subset, so
-nothing is tuned on test. Writes report.md, report.json and roc.png.
+nothing is tuned on test; its fusion.json says whether a bundle should serve it or the CRM alone
+(``training.llm.fusion_fit.decide``). Writes report.md, report.json, fusion.json and roc.png.
 """
 
 from __future__ import annotations
@@ -11,29 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
-from sklearn.linear_model import LogisticRegression
 
-from service.model.fusion import FUSION_FILE, Fusion, logit
-from training.crm.checkpoint import load_checkpoint
-from training.crm.dataset import encode_samples
-from training.crm.train import predict
+from service.model.fusion import FUSION_FILE
 from training.data.samples import PreparedData
+from training.llm.fusion_fit import (ValidationScores, crm_probabilities, decide, fit_fusion,  # noqa: F401
+                                     validation_subset)
 from training.llm.train import LLMScorer, load_base, load_trained, user_representations
 from training.metrics import binary_metrics
-
-
-def fit_fusion(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray) -> Fusion:
-    """The serving fusion fitted on validation: a logistic regression on the two logits."""
-    lr = LogisticRegression(C=10.0).fit(np.stack([logit(p_llm), logit(p_crm)], 1), labels)
-    return Fusion(float(lr.coef_[0, 0]), float(lr.coef_[0, 1]), float(lr.intercept_[0]))
-
-
-def crm_probabilities(data: PreparedData, samples: pd.DataFrame, crm_dir: Path, embeddings: np.ndarray) -> np.ndarray:
-    model, config, space = load_checkpoint(crm_dir, data.items, embeddings)
-    enc = encode_samples(data, samples, space, config, torch.from_numpy(np.asarray(embeddings, np.float32)), progress=False)
-    return predict(model, enc)
 
 
 def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | None, reclora_dir: Path | None,
@@ -42,7 +27,7 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
     data = PreparedData.load(data_dir)
     embeddings = np.load(data_dir / "embeddings.npy", allow_pickle=False)
     test = data.split("test").sample(n=min(n_test, len(data.split("test"))), random_state=seed)
-    valid = data.split("valid").sample(n=min(n_valid, len(data.split("valid"))), random_state=seed)
+    valid = validation_subset(data, n_valid, seed)
     labels = {"test": test["label"].to_numpy(), "valid": valid["label"].to_numpy()}
     probs: dict[str, dict[str, np.ndarray]] = {}
     seconds: dict[str, float] = {}
@@ -65,7 +50,9 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
         probs[name] = {s: scorer.score(prompts[s], reps[s], batch_size) for s in ("test", "valid")}
         seconds[name] = time.perf_counter() - start
     fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))
-    fusion = fit_fusion(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"])
+    decision = decide(ValidationScores(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"], seed),
+                      None, "fitted")
+    fusion = decision.fusion
     probs[f"fused ({fused_from.split(' (')[0]} + CRM)"] = {
         s: fusion(probs[fused_from][s], probs["CRM"][s]) for s in ("test", "valid")}
 
@@ -73,7 +60,7 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
              "seconds": seconds.get(name, 0.0)} for name, p in probs.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"n_test": len(test), "n_valid": len(valid), "seed": seed, "k_text": k_text, "rows": rows,
-              "fusion": fusion.to_json(), "fused_from": fused_from}
+              "fusion": fusion.to_json(), "fusion_decision": decision.summary(), "fused_from": fused_from}
     for name, d in (("ReLLa-style (shared LoRA)", rella_dir), ("RecLoRA (personalized LoRA)", reclora_dir)):
         if d is not None and (d / "train.json").is_file():
             t = json.loads((d / "train.json").read_text())
@@ -91,6 +78,10 @@ def markdown(result: dict) -> str:
              "| model | AUC | LogLoss | ACC | valid AUC | scoring time (s) |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['acc']:.4f} | {r['valid_auc']:.4f} | {r['seconds']:.1f} |")
+    d = result.get("fusion_decision")
+    if d:
+        lines += ["", f"Serve: {d['serve']} (valid AUC fused {d['fused_auc']:.4f}, {d['fused_auc_method']}, "
+                      f"against CRM {d['crm_auc']:.4f})."]
     return "\n".join(lines) + "\n"
 
 

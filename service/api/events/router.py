@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from service.api.deps import HistoryDep, MetricsDep, OnlineDep, ScorerDep, SettingsDep
+from service.api.deps import HistoryDep, KnowledgeDep, MetricsDep, OnlineDep, ScorerDep, SettingsDep
 from service.api.errors import ERROR_RESPONSES, ErrorResponse
 from service.api.events import serving
 from service.api.events.protocol import EventsRequest, EventsResponse, ProfileRequest, ProfileResponse
@@ -20,11 +20,12 @@ PathUserId = Annotated[str, Path(min_length=1, max_length=128, pattern=USER_ID_P
 @router.post("/events", response_model=EventsResponse,
              responses={**ERROR_RESPONSES, 409: {"model": ErrorResponse, "description": "Events out of time order."}})
 async def append_events(body: EventsRequest, history: HistoryDep, scorer: ScorerDep, settings: SettingsDep,
-                        metrics: MetricsDep, online: OnlineDep) -> EventsResponse:
+                        metrics: MetricsDep, online: OnlineDep, knowledge: KnowledgeDep) -> EventsResponse:
     """Append a user's new behaviours to their history, atomically and in time order; they label
-    the scores served to the user for those items (online evaluation)."""
+    the scores served to the user for those items (online evaluation), and every so many of them
+    refresh the user's knowledge vector in the background."""
     return await serving.append_events(body, history=history, scorer=scorer, settings=settings, metrics=metrics,
-                                       online=online)
+                                       online=online, knowledge=knowledge)
 
 
 @router.put("/users/{user_id}/profile", response_model=ProfileResponse, responses=ERROR_RESPONSES)

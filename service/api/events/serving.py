@@ -3,7 +3,8 @@
 Nothing is dropped silently: an event batch is written whole or the caller gets an error saying
 why (409 out of order, 422 bad input, 503 store unreachable). A written batch is handed to the
 online evaluation, which labels the scores served to the user for those items off the request
-path: the answer never waits for it, and its failure is counted, never the event's.
+path, and to the knowledge refresh, which queues a background job when the user's knowledge
+vector is due: the answer never waits for either, and their failures are counted, never the event's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from service.api.events.protocol import EventsRequest, EventsResponse, ProfileRe
 from service.config import Settings
 from service.history import Event, HistoryOrderError, HistoryStore
 from service.metrics import Metrics
-from service.scoring.contracts import OnlineEvaluation, Scorer
+from service.scoring.contracts import KnowledgeRefresh, OnlineEvaluation, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def check_batch(request: EventsRequest, settings: Settings, now: float) -> None:
 
 
 async def append_events(request: EventsRequest, *, history: HistoryStore, scorer: Scorer, settings: Settings,
-                        metrics: Metrics, online: OnlineEvaluation | None = None) -> EventsResponse:
+                        metrics: Metrics, online: OnlineEvaluation | None = None,
+                        knowledge: KnowledgeRefresh | None = None) -> EventsResponse:
     check_batch(request, settings, time.time())
     unknown = scorer.unknown_items(list(dict.fromkeys(e.item_id for e in request.events)))
     if unknown:
@@ -56,7 +58,7 @@ async def append_events(request: EventsRequest, *, history: HistoryStore, scorer
         raise unknown_items_error(located, unknown, scorer.model_version)
     events = [Event(item=e.item_id, rating=e.rating, timestamp=e.timestamp) for e in request.events]
     try:
-        stored = await history.append(request.user_id, events)
+        appended = await history.append_counted(request.user_id, events)
     except HistoryOrderError as exc:
         raise Conflict(str(exc), code="out_of_order") from exc
     except RedisConnectionError as exc:
@@ -70,7 +72,12 @@ async def append_events(request: EventsRequest, *, history: HistoryStore, scorer
     metrics.events_appended.inc(len(events))
     if online is not None:
         online.observe(request.user_id, [(e.item, e.rating) for e in events])
-    return EventsResponse(appended=len(events), history_length=stored)
+    if knowledge is not None:
+        try:
+            knowledge.observe(request.user_id, appended)
+        except Exception:  # the events are written: a refresh that cannot be queued never fails them
+            log.exception("queueing a knowledge refresh failed")
+    return EventsResponse(appended=len(events), history_length=appended.stored)
 
 
 async def set_profile(user_id: str, request: ProfileRequest, *, history: HistoryStore) -> ProfileResponse:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from service.api.fields import ItemId, UserId
+from service.scoring.contracts import ScoreSource
 
 
 class ScoreRequest(BaseModel):
@@ -38,9 +39,13 @@ class ScoreRequest(BaseModel):
 
 class CandidateScore(BaseModel):
     item_id: int
-    score: float = Field(description="The final score: P(like), fused from the LLM and CRM when both ran.")
-    llm_score: float | None = Field(description="P('Yes') from the personalized LLM; null when degraded.")
+    score: float = Field(description="The final score: P(like), made as the response's score_source says where "
+                                     "llm_used, else the CRM's.")
+    llm_score: float | None = Field(description="P('Yes') from the personalized LLM; null when degraded or when "
+                                                "the version does not run its LLM (score_source crm).")
     crm_score: float = Field(description="P(like) from the conventional recommender.")
+    llm_used: bool = Field(description="True when the LLM's score went into this candidate's score; false when "
+                                       "score is crm_score (degraded, or score_source crm).")
 
 
 class ScoreResponse(BaseModel):
@@ -50,4 +55,9 @@ class ScoreResponse(BaseModel):
     degraded: bool = Field(description="True when a stage was skipped or failed; see degraded_reasons.")
     degraded_reasons: list[str]
     cold_start: bool = Field(description="True when no stored history or profile was found for the user.")
+    score_source: ScoreSource = Field(
+        description="How the version that answered makes each score where the LLM ran (scores[].llm_used): "
+                    "'fused' (the fusion of the LLM's and the CRM's scores), 'llm' (the LLM's score as it is: a "
+                    "bundle without fusion weights) or 'crm' (the CRM's alone, the LLM never run: the bundle has "
+                    "no LLM, its fusion did not beat the CRM on validation, or the gateway runs no LLM engine).")
     timings: dict[str, float] = Field(description="Milliseconds per stage, and 'total'.")

@@ -11,7 +11,7 @@ from service.api.errors import ErrorDetail, InvalidRequest, Overloaded, unknown_
 from service.api.score.protocol import CandidateScore, ScoreRequest, ScoreResponse
 from service.config import Settings
 from service.scoring.contracts import Overloaded as ScorerOverloaded
-from service.scoring.contracts import ScoreResult, Scorer, UnknownItems
+from service.scoring.contracts import ScoreResult, Scorer, ScoreSource, UnknownItems
 
 
 def check_limits(request: ScoreRequest, settings: Settings) -> None:
@@ -29,12 +29,14 @@ def check_limits(request: ScoreRequest, settings: Settings) -> None:
 
 
 def to_response(result: ScoreResult) -> ScoreResponse:
+    runs_llm = result.score_source is not ScoreSource.CRM
     return ScoreResponse(
         user_id=result.user_id, model_version=result.model_version,
-        scores=[CandidateScore(item_id=c.item_id, score=c.score, llm_score=c.llm_score, crm_score=c.crm_score)
+        scores=[CandidateScore(item_id=c.item_id, score=c.score, llm_score=c.llm_score, crm_score=c.crm_score,
+                               llm_used=runs_llm and c.llm_score is not None)
                 for c in result.candidates],
         degraded=result.degraded, degraded_reasons=[str(r) for r in result.degraded_reasons],
-        cold_start=result.cold_start,
+        cold_start=result.cold_start, score_source=result.score_source,
         timings={stage: round(ms, 3) for stage, ms in result.timings_ms.items()})
 
 

@@ -8,7 +8,8 @@ from api_support import FormulaScorer, assert_error, serving
 
 from service.api import build_app
 from service.api.lifecycle import Runtime
-from service.scoring.contracts import Scorer
+from service.api.score.serving import to_response
+from service.scoring.contracts import CandidateResult, Scorer, ScoreResult, ScoreSource
 from service.config import Settings
 
 pytestmark = pytest.mark.anyio
@@ -28,7 +29,8 @@ async def test_scores_every_candidate_in_request_order(client: httpx.AsyncClient
     for s in body["scores"]:
         crm, llm = FormulaScorer.crm(s["item_id"]), FormulaScorer.llm(s["item_id"])
         assert s == pytest.approx({"item_id": s["item_id"], "score": (crm + llm) / 2, "llm_score": llm,
-                                   "crm_score": crm})
+                                   "crm_score": crm, "llm_used": True})
+    assert body["score_source"] == "fused"
     assert body["degraded"] is False and body["degraded_reasons"] == []
     assert body["cold_start"] is True
     assert body["timings"] == {"history": 0.5, "crm": 1.25, "total": 2.0}
@@ -54,8 +56,17 @@ async def test_degraded_answer_is_200_with_reasons(client: httpx.AsyncClient, sc
     scorer.degraded_reasons = ["llm_timeout"]
     body = (await client.post("/v1/score", json={"user_id": "u1", "candidates": [3]})).json()
     assert body["degraded"] is True and body["degraded_reasons"] == ["llm_timeout"]
-    assert body["scores"][0]["llm_score"] is None
+    assert body["scores"][0]["llm_score"] is None and body["scores"][0]["llm_used"] is False
     assert body["scores"][0]["score"] == pytest.approx(FormulaScorer.crm(3))
+
+
+@pytest.mark.parametrize(("source", "llm_used"), [("fused", True), ("llm", True), ("crm", False)])
+def test_the_response_says_what_made_each_score(source: str, llm_used: bool):
+    result = ScoreResult("u1", "v1", [CandidateResult(1, 0.6, 0.7, 0.5), CandidateResult(2, 0.4, None, 0.4)],
+                         score_source=ScoreSource(source))
+    response = to_response(result)
+    assert response.score_source == source and response.model_dump(mode="json")["score_source"] == source
+    assert [s.llm_used for s in response.scores] == [llm_used, False]  # no LLM score: never used
 
 
 async def test_user_with_history_is_not_cold_start(client: httpx.AsyncClient):

@@ -74,6 +74,22 @@ def test_no_adapter_scores_the_base_model(setup) -> None:
     np.testing.assert_allclose(base_engine_scores, expected, atol=1e-5)
 
 
+def test_the_base_model_is_lent_without_an_adapter_and_with_no_forward_beside(setup) -> None:
+    reference, lora, mixer, engine = setup
+    adapter = adapter_for(mixer, lora, torch.randn(8), "lent")
+    engine.slots.install(adapter)  # as if a forward had left it installed
+    ids = torch.tensor([prompts(3)[0]])
+    plain = LlamaForCausalLM.from_pretrained(reference.name_or_path, dtype=torch.float32).eval()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with engine.base_model() as model, torch.inference_mode():
+            assert model is engine.model
+            np.testing.assert_allclose(model(ids).logits.numpy(), plain(ids).logits.numpy(), atol=1e-5)
+            waiting = pool.submit(engine.score, adapter, *prompts(3))  # a forward waits for the loan to end
+            time.sleep(0.2)
+            assert not waiting.done()
+        assert waiting.result(timeout=30).shape == (7,)
+
+
 def test_concurrent_users_never_see_each_others_adapter(setup) -> None:
     _, lora, mixer, engine = setup
     users = {f"u{i}": adapter_for(mixer, lora, torch.randn(8, generator=torch.Generator().manual_seed(i)), f"u{i}")

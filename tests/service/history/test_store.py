@@ -27,9 +27,11 @@ from service.history import (
     HistorySettings,
     HistoryStore,
     bulk_load,
+    count_key,
     decode_records,
     encode_records,
     events_key,
+    knowledge_key,
     profile_key,
 )
 
@@ -264,8 +266,9 @@ async def test_keys_carry_the_user_hash_tag(prefix) -> None:
     finally:
         await store.aclose()
     keys = {k.decode() for k in sync_client().scan_iter(match=f"{prefix}*")}
-    assert keys == {f"{prefix}{{u:42}}:events", f"{prefix}{{u:42}}:profile"}
+    assert keys == {f"{prefix}{{u:42}}:events", f"{prefix}{{u:42}}:profile", f"{prefix}{{u:42}}:count"}
     assert key_slot(events_key(prefix, "42").encode()) == key_slot(profile_key(prefix, "42").encode()) \
+        == key_slot(count_key(prefix, "42").encode()) == key_slot(knowledge_key(prefix, "42").encode()) \
         == key_slot(b"{u:42}")
 
 

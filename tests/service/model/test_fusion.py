@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from service.model import Fusion
+from service.model.fusion import FusionValidation, ScoreSource, score_source
 
 
 def test_round_trip_through_json():
@@ -29,3 +30,45 @@ def test_scores_are_the_logistic_of_weighted_logits():
 def test_malformed_fusion_files_are_refused(data):
     with pytest.raises(ValueError):
         Fusion.from_json(data)
+
+
+VALIDATION = {"fused_auc": 0.74, "crm_auc": 0.75, "llm_auc": 0.56, "n": 500, "seed": 0}
+
+
+def test_an_old_file_with_only_the_weights_loads_and_serves_fused():
+    fusion = Fusion.from_json({"w_llm": 0.8, "w_crm": 0.6, "bias": -0.1})
+    assert (fusion.serve, fusion.validation, fusion.uses_llm) == ("fused", None, True)
+
+
+def test_serve_and_validation_round_trip():
+    data = {"w_llm": 0.1, "w_crm": 1.0, "bias": 0.0, "serve": "crm", "validation": VALIDATION}
+    fusion = Fusion.from_json(json.loads(json.dumps(data)))
+    assert fusion.serve == "crm" and not fusion.uses_llm
+    assert fusion.validation == FusionValidation(**VALIDATION)
+    assert fusion.to_json() == data
+
+
+@pytest.mark.parametrize("data", [
+    {"w_llm": 1.0, "w_crm": 1.0, "bias": 0.0, "serve": "crm", "note": "x"},  # unknown field
+    {"w_llm": 1.0, "w_crm": 1.0, "bias": 0.0, "serve": "llm"},  # not a serve mode
+    {"w_llm": 1.0, "w_crm": 1.0, "bias": 0.0, "serve": True},
+    {"w_llm": True, "w_crm": 1.0, "bias": 0.0},
+    {"w_llm": 1.0, "w_crm": 1.0, "bias": 0.0, "validation": {**VALIDATION, "extra": 1}},
+    {"w_llm": 1.0, "w_crm": 1.0, "bias": 0.0, "validation": {k: v for k, v in VALIDATION.items() if k != "n"}},
+    {"w_llm": 1.0, "w_crm": 1.0, "bias": 0.0, "validation": {**VALIDATION, "fused_auc": 1.5}},
+    {"w_llm": 1.0, "w_crm": 1.0, "bias": 0.0, "validation": {**VALIDATION, "n": 2.5}},
+    {"w_llm": 1.0, "w_crm": 1.0, "bias": 0.0, "validation": [0.7]},
+    [1.0, 1.0, 0.0],
+])
+def test_unknown_or_malformed_fields_are_refused(data):
+    with pytest.raises(ValueError, match="fusion.json"):
+        Fusion.from_json(data)
+
+
+@pytest.mark.parametrize(("fusion", "has_llm", "source"), [
+    (None, False, ScoreSource.CRM), (None, True, ScoreSource.LLM),
+    (Fusion(1.0, 1.0, 0.0), True, ScoreSource.FUSED), (Fusion(1.0, 1.0, 0.0, serve="crm"), True, ScoreSource.CRM),
+    (Fusion(1.0, 1.0, 0.0), False, ScoreSource.CRM),
+])
+def test_score_source_follows_the_bundle(fusion, has_llm, source):
+    assert score_source(fusion, has_llm) is source

@@ -21,7 +21,7 @@ from service.model import ModelHolder
 from service.model.holder import user_bucket
 from service.nearline.served_log import ServedLog
 from service.personalization.adapter_cache import AdapterCache
-from service.scoring.contracts import ServedOutcome
+from service.scoring.contracts import ScoreSource, ServedOutcome
 from service.scoring.pipeline import ScoringEvents, ScoringPipeline
 
 pytestmark = pytest.mark.anyio
@@ -140,6 +140,33 @@ async def test_a_shadow_is_scored_in_the_background_recorded_and_not_served(worl
     assert [o[1] for o in own] == pytest.approx([c.score for c in result.candidates])
     assert sorted((f[b"v"], f[b"sh"]) for f in stream) == [(b"cand-v2", b"1")] * 5 + [(b"e2e-v1", b"0")] * 5
     assert served == [("e2e-v1", ServedOutcome.OK)]  # the shadow is no answer
+
+
+async def test_a_candidate_whose_fusion_says_crm_never_runs_its_llm(world, parts):
+    pipeline, holder, candidate, engine, served, log = parts
+    crm_only = dataclasses.replace(candidate, fusion=dataclasses.replace(candidate.fusion, serve="crm"))
+    holder.start_canary(crm_only, holder.snapshot().builder, 100, shadow=True)  # shadow: the stable answers
+    user = world.users[0]
+    result = await pipeline.score(user, CANDIDATES, request_id="req-crm")
+    assert result.model_version == "e2e-v1" and result.score_source is ScoreSource.FUSED
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        deadline = time.monotonic() + 10
+        while not r.hexists(log.user_key(user), f"{CANDIDATES[0]}|shadow"):  # scored without the engine
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        shadow = [json.loads(r.hget(log.user_key(user), f"{c}|shadow")) for c in CANDIDATES]
+    finally:
+        r.close()
+    assert {s[0] for s in shadow} == {"cand-v2"} and [s[4] for s in shadow] == [None] * 5  # no LLM score
+    assert [s[1] for s in shadow] == pytest.approx([s[5] for s in shadow])  # the CRM's score, served as is
+
+    holder.end_canary(withdraw=True)
+    holder.start_canary(crm_only, holder.snapshot().builder, 100, shadow=False)  # the candidate answers
+    result = await pipeline.score(user, CANDIDATES)
+    assert result.model_version == "cand-v2" and result.score_source is ScoreSource.CRM and not result.degraded
+    assert all(c.llm_score is None and c.score == c.crm_score for c in result.candidates)
+    assert engine.calls == ["e2e-v1"]  # only the stable version's own answer ran a forward
 
 
 async def test_a_failing_request_is_reported_as_an_error_of_its_version(world, parts, monkeypatch):

@@ -106,7 +106,7 @@ def test_load_histories_reads_the_gateways_redis_settings(tmp_path, redis_prefix
         first = users.loc[users["user_idx"] == events["user_idx"].iloc[0], "user"].item()
         stored = decode_records(client.lrange(events_key(redis_prefix, str(first)), 0, -1))[0]
         assert len(stored) == int((events["user_idx"] == events["user_idx"].iloc[0]).sum()) > 0
-        assert sum(1 for _ in client.scan_iter(match=f"{redis_prefix}*", count=1000)) == 2 * len(users)
+        assert sum(1 for _ in client.scan_iter(match=f"{redis_prefix}*", count=1000)) == 3 * len(users)  # events, profile, event count
     finally:
         client.close()
     # an explicit flag wins over the environment

@@ -15,9 +15,13 @@ class _Wire(BaseModel):
 
 class CandidateScore(_Wire):
     item_id: int
-    score: float = Field(description="The final P(like), fused from the LLM and CRM when both ran.")
-    llm_score: float | None = Field(description="P('Yes') from the personalized LLM; None when degraded.")
+    score: float = Field(description="The final P(like): made as the response's score_source says where "
+                                     "llm_used, else the CRM's.")
+    llm_score: float | None = Field(description="P('Yes') from the personalized LLM; None when degraded or when "
+                                                "the version does not run its LLM (score_source 'crm').")
     crm_score: float = Field(description="P(like) from the conventional recommender.")
+    llm_used: bool | None = Field(None, description="Whether the LLM's score went into score (None: a gateway "
+                                                    "that does not say).")
 
 
 class ScoreResponse(_Wire):
@@ -29,6 +33,9 @@ class ScoreResponse(_Wire):
     degraded: bool = Field(description="A stage was skipped or failed; see degraded_reasons.")
     degraded_reasons: list[str]
     cold_start: bool = Field(description="No stored history or profile was found for the user.")
+    score_source: str | None = Field(None, description="How the answering version makes scores where the LLM ran: "
+                                                       "'fused', 'llm' or 'crm' (the LLM never run); None: a "
+                                                       "gateway that does not say.")
     timings: dict[str, float] = Field(description="Milliseconds per stage, and 'total'.")
 
     def by_item(self) -> dict[int, CandidateScore]:

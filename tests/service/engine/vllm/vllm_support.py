@@ -54,6 +54,7 @@ def build_world(root: Path) -> World:
     from training.data.samples import prepare
     from training.data.synthetic import generate_synthetic
     from training.export.crm_bundle import export_crm_bundle
+    from training.llm.fusion_fit import FusionOptions
     from training.history_loader import histories_from_prepared
     from training.llm.train import LLMTrainConfig, train_llm
 
@@ -90,7 +91,7 @@ def build_world(root: Path) -> World:
     store = root / "model_store"
     for version, lora_dir in ((VERSION_1, lora_1), (VERSION_2, lora_2)):
         export_crm_bundle(data_dir, crm_dir, store, version, description="vllm test", llm_dir=lora_dir,
-                          base_model=base_dir, llm_report=report)
+                          base_model=base_dir, llm_report=report, fusion=FusionOptions(serve="fused"))
     records = list(histories_from_prepared(data))
     histories = {user: (items, ratings, stamps, profile) for user, items, ratings, stamps, profile in records}
     users = sorted((u for u, h in histories.items() if len(h[0]) >= 8), key=lambda u: -len(histories[u][0]))

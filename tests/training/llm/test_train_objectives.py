@@ -1,0 +1,95 @@
+"""The training objectives end to end on a tiny random Llama and synthetic data: the default
+(answer) writes what it always wrote, packed or padded alike; the fused one trains w and b and
+writes the fusion serving applies."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from service.model.fusion import FUSION_FILE, Fusion
+from tiny_llama import build_tiny_llama
+from training.cli import app
+from training.crm.checkpoint import save_checkpoint
+from training.crm.train import TrainConfig, train_crm
+from training.data.samples import prepare
+from training.data.synthetic import generate_synthetic
+from training.llm.train import (LLMTrainConfig, crm_probabilities, load_trained, train_llm,
+                                user_representations)
+from training.metrics import binary_metrics
+
+SUMMARY_KEYS = {"config", "lora", "prompt", "best_valid_auc", "history", "train_seconds", "instances"}
+HISTORY_KEYS = {"step", "epoch", "train_loss", "valid_auc", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("objectives")
+    data = prepare(generate_synthetic(n_users=120, n_items=80, n_interactions=4000, seed=3))
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(data.items) + 1, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[0] = 0
+    save_checkpoint(train_crm(data, emb, TrainConfig(epochs=2, batch_size=256, progress=False)), root / "crm")
+    base = build_tiny_llama(root / "base", hidden_size=32, layers=2)
+    return root, data, emb, base
+
+
+def config(**overrides) -> LLMTrainConfig:
+    values = dict(n_samples=32, k_text=3, epochs=2, batch_size=8, grad_accum=2, lr=5e-3, valid_samples=32,
+                  evals_per_epoch=1, dtype="float32", device="cpu", progress=False,
+                  lora=dict(n_meta=4, user_dim=64, r=4, lora_alpha=8))
+    return LLMTrainConfig(**{**values, **overrides})
+
+
+def test_the_default_objective_writes_what_it_wrote_before(world) -> None:
+    root, data, emb, base = world
+    runs = {}
+    for packing in (False, True):  # False: the right-padded loop as it was
+        out = root / f"answer-{packing}"
+        summary = train_llm(data, emb, root / "crm", base, out, config(packing=packing))
+        assert {p.name for p in out.iterdir()} == {"config.json", "train.json", "weights.safetensors"}
+        written = json.loads((out / "train.json").read_text())
+        assert set(written) == SUMMARY_KEYS and "objective" not in written
+        assert all(set(h) == HISTORY_KEYS for h in written["history"]) and written["instances"] == 64
+        runs[packing] = summary, load_file(out / "weights.safetensors")
+    (padded, padded_w), (packed, packed_w) = runs[False], runs[True]
+    assert [h["train_loss"] for h in packed["history"]] == pytest.approx([h["train_loss"] for h in padded["history"]],
+                                                                         rel=1e-5)
+    assert packed["best_valid_auc"] == pytest.approx(padded["best_valid_auc"], abs=1e-6)
+    assert packed_w.keys() == padded_w.keys()
+    for key, weight in padded_w.items():
+        torch.testing.assert_close(packed_w[key], weight, rtol=1e-4, atol=1e-4 * float(weight.abs().max()), msg=key)
+
+
+def test_the_fused_objective_trains_and_writes_the_served_fusion(world) -> None:
+    root, data, emb, base = world
+    out = root / "fused"
+    cfg = config(objective="fused", epochs=3)
+    summary = train_llm(data, emb, root / "crm", base, out, cfg)
+    written = json.loads((out / FUSION_FILE).read_text())
+    fusion = Fusion.from_json(written)
+    assert fusion.w_llm == 1.0 and (fusion.w_crm, fusion.bias) != (1.0, 0.0)  # w and b were trained
+    train = json.loads((out / "train.json").read_text())
+    assert train["objective"] == "fused" and train["fusion"] == written and train["config"]["objective"] == "fused"
+    losses = [h["train_loss"] for h in train["history"]]
+    assert losses[-1] < losses[0], losses
+    assert all({"valid_auc", "valid_llm_auc", "fusion"} <= set(h) for h in train["history"])
+
+    # selected on the fused validation AUC of what serving computes: the saved LoRA, fused by fusion.json
+    valid = data.split("valid").sample(n=cfg.valid_samples, random_state=cfg.seed)
+    scorer = load_trained(out, base, "float32", k_text=cfg.k_text, device="cpu")
+    p_llm = scorer.score(scorer.prompts(data, valid, emb, "semantic"), user_representations(data, valid, root / "crm", emb))
+    fused = fusion(p_llm, crm_probabilities(data, valid, root / "crm", emb))
+    assert binary_metrics(valid["label"].to_numpy(), fused)["auc"] == pytest.approx(summary["best_valid_auc"], abs=1e-6)
+
+
+def test_the_command_refuses_an_unknown_objective(world, tmp_path) -> None:
+    root, *_ = world
+    result = CliRunner().invoke(app, ["train-llm", "--data", str(root), "--base-model", str(root / "base"),
+                                      "--out", str(tmp_path / "out"), "--objective", "margin"])
+    assert result.exit_code == 2 and "objective must be one of answer, fused" in result.output
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,201 @@
+"""The fusion a bundle serves, decided at export: fused when it ranks validation better than the CRM.
+
+A trained LoRA and the CRM score one seeded validation subset (the same draw as ``llm-report``'s:
+``validation_subset``); the fusion is the report's, else the one the fused training objective
+wrote beside the LoRA, else a logistic regression fitted here. A fitted fusion is judged by its
+cross-fitted AUC (each fold scored by a fusion fitted on the other folds), so an LLM that adds
+only noise cannot look useful by fitting that noise; a given fusion is judged as it is. When the
+fused AUC does not beat the CRM's, the bundle says ``serve: crm`` and the gateway never runs the
+LLM for it: the engine's time buys nothing there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+from service.model.fusion import FUSION_FILE, Fusion, FusionValidation, ScoreSource, logit
+from training.data.samples import PreparedData
+from training.metrics import binary_metrics
+
+DEFAULT_SAMPLES = 500
+FOLDS = 5
+Serve = Literal["auto", "fused", "crm"]
+FusionSource = Literal["report", "objective", "fitted"]
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """How the export measures and decides the fusion.
+
+    ``serve``: ``auto`` decides by validation AUC; ``fused`` or ``crm`` force the decision (the
+    figures are still measured and recorded), e.g. to canary a fusion validation does not favour.
+    ``dtype``: the LoRA's scoring precision (``auto``: bfloat16 where the CPU computes it natively,
+    as the serving engine does, else float32; the label logits are float32 either way)."""
+
+    samples: int = DEFAULT_SAMPLES
+    seed: int = 0
+    dtype: str = "auto"
+    batch_size: int = 16
+    serve: Serve = "auto"
+
+    def __post_init__(self) -> None:
+        if self.samples < 2 * FOLDS:
+            raise ValueError(f"the fusion needs at least {2 * FOLDS} validation samples, got {self.samples}")
+        if self.serve not in ("auto", "fused", "crm"):
+            raise ValueError(f"serve must be auto, fused or crm, got {self.serve!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"the fusion's dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class ValidationScores:
+    """P(like) of the LLM and the CRM on one validation subset, with its labels."""
+
+    llm: np.ndarray
+    crm: np.ndarray
+    labels: np.ndarray
+    seed: int
+
+
+@dataclass(frozen=True)
+class FusionDecision:
+    """The fusion to write (``serve`` and ``validation`` set) and how it was reached."""
+
+    fusion: Fusion
+    source: FusionSource
+    forced: bool
+    fused_auc_in_sample: float  # the written weights on the whole subset (equals fused_auc for a given fusion)
+    seconds: float = 0.0
+    dtype: str = ""
+
+    def summary(self) -> dict:
+        """The manifest's record of the decision (``metrics.fusion``)."""
+        v = self.fusion.validation
+        assert v is not None
+        return {"serve": self.fusion.serve, "source": self.source, "forced": self.forced,
+                "fused_auc": v.fused_auc, "crm_auc": v.crm_auc, "llm_auc": v.llm_auc,
+                "fused_auc_in_sample": self.fused_auc_in_sample, "n": v.n, "seed": v.seed,
+                "fused_auc_method": f"{FOLDS}-fold cross-fitted" if self.source == "fitted" else "as given",
+                "weights": {"w_llm": self.fusion.w_llm, "w_crm": self.fusion.w_crm, "bias": self.fusion.bias},
+                "dtype": self.dtype, "seconds": round(self.seconds, 1)}
+
+
+def describe(summary: dict) -> str:
+    """One line for the operator from ``FusionDecision.summary()``: what the bundle serves and why."""
+    how = "forced" if summary["forced"] else (
+        "fused beats the CRM" if summary["serve"] == "fused" else "fused does not beat the CRM: the LLM is not run")
+    return (f"serve {summary['serve']} ({how}): valid AUC fused {summary['fused_auc']:.4f} "
+            f"({summary['fused_auc_method']}), CRM {summary['crm_auc']:.4f}, LLM {summary['llm_auc']:.4f} on "
+            f"{summary['n']} samples (seed {summary['seed']}); fusion {summary['source']}, LoRA scored in "
+            f"{summary['dtype']} in {summary['seconds']:.0f} s")
+
+
+def fit_fusion(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray) -> Fusion:
+    """The serving fusion fitted on validation: a logistic regression on the two logits."""
+    lr = LogisticRegression(C=10.0).fit(np.stack([logit(p_llm), logit(p_crm)], 1), labels)
+    return Fusion(float(lr.coef_[0, 0]), float(lr.coef_[0, 1]), float(lr.intercept_[0]))
+
+
+def validation_subset(data: PreparedData, n: int, seed: int) -> pd.DataFrame:
+    """The seeded validation draw every LLM evaluation uses (``llm-report``, export, sweep): the
+    first ``n`` of one seeded permutation, so a smaller draw is a prefix of a larger one."""
+    valid = data.split("valid")
+    return valid.sample(n=min(n, len(valid)), random_state=seed)
+
+
+def cross_fitted_auc(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    """AUC of fusions scored on folds they were not fitted on."""
+    y = np.asarray(labels).astype(int)
+    folds = StratifiedKFold(n_splits=min(FOLDS, int(np.bincount(y, minlength=2).min())), shuffle=True,
+                            random_state=seed)
+    out = np.empty(len(y))
+    for fit_rows, score_rows in folds.split(np.zeros(len(y)), y):
+        fold_fusion = fit_fusion(p_llm[fit_rows], p_crm[fit_rows], y[fit_rows])
+        out[score_rows] = fold_fusion(p_llm[score_rows], p_crm[score_rows])
+    return binary_metrics(y, out)["auc"]
+
+
+def decide(scores: ValidationScores, given: Fusion | None, source: FusionSource,
+           serve: Serve = "auto") -> FusionDecision:
+    """The fusion to serve and the decision, from validation scores (``given``: the report's or the
+    objective's fusion; None fits one)."""
+    y = np.asarray(scores.labels).astype(int)
+    if len(y) < 2 * FOLDS or np.bincount(y, minlength=2).min() < 2:
+        raise ValueError(f"the validation subset ({len(y)} samples, {int(y.sum())} positive) needs at least "
+                         f"{2 * FOLDS} samples and two of each label to measure the fusion")
+    crm_auc = binary_metrics(y, scores.crm)["auc"]
+    llm_auc = binary_metrics(y, scores.llm)["auc"]
+    if given is None:
+        fusion = fit_fusion(scores.llm, scores.crm, y)
+        fused_auc = cross_fitted_auc(scores.llm, scores.crm, y, scores.seed)
+    else:
+        fusion = given
+        fused_auc = binary_metrics(y, fusion(scores.llm, scores.crm))["auc"]
+    in_sample = binary_metrics(y, fusion(scores.llm, scores.crm))["auc"]
+    chosen = serve if serve != "auto" else (ScoreSource.FUSED.value if fused_auc > crm_auc else ScoreSource.CRM.value)
+    validation = FusionValidation(fused_auc=fused_auc, crm_auc=crm_auc, llm_auc=llm_auc, n=len(y), seed=scores.seed)
+    decided = Fusion(fusion.w_llm, fusion.w_crm, fusion.bias, serve=chosen, validation=validation)
+    return FusionDecision(decided, "fitted" if given is None else source, serve != "auto", in_sample)
+
+
+def given_fusion(llm_dir: Path, report_dir: Path | None) -> tuple[Fusion | None, FusionSource]:
+    """The report's fusion.json, else the one the fused training objective wrote beside the LoRA."""
+    for directory, source in ((report_dir, "report"), (llm_dir, "objective")):
+        if directory is not None and (directory / FUSION_FILE).is_file():
+            path = directory / FUSION_FILE
+            try:
+                return Fusion.from_json(json.loads(path.read_text())), source  # type: ignore[return-value]
+            except (ValueError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: {exc}") from None
+    return None, "fitted"
+
+
+def crm_probabilities(data: PreparedData, samples: pd.DataFrame, crm_dir: Path, embeddings: np.ndarray) -> np.ndarray:
+    """The CRM checkpoint's P(like) of the samples."""
+    import torch
+
+    from training.crm.checkpoint import load_checkpoint, load_user_knowledge
+    from training.crm.dataset import encode_samples
+    from training.crm.train import predict
+
+    model, config, space = load_checkpoint(crm_dir, data.items, embeddings)
+    enc = encode_samples(data, samples, space, config, torch.from_numpy(np.asarray(embeddings, np.float32)),
+                         progress=False, user_knowledge=load_user_knowledge(crm_dir))
+    return predict(model, enc)
+
+
+def score_validation(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, llm_dir: Path, base_dir: Path,
+                     options: FusionOptions, k_text: int) -> ValidationScores:
+    """The LoRA's and the CRM's P(like) on the seeded validation subset."""
+    from training.llm.train import load_trained, user_representations
+
+    valid = validation_subset(data, options.samples, options.seed)
+    crm = crm_probabilities(data, valid, crm_dir, embeddings)
+    scorer = load_trained(llm_dir, base_dir, options.dtype, k_text)
+    reps = user_representations(data, valid, crm_dir, embeddings)
+    llm = scorer.score(scorer.prompts(data, valid, embeddings, "semantic"), reps, options.batch_size)
+    return ValidationScores(np.asarray(llm, np.float64), np.asarray(crm, np.float64),
+                            valid["label"].to_numpy().astype(int), options.seed)
+
+
+def fusion_at_export(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, llm_dir: Path, base_dir: Path,
+                     report_dir: Path | None, k_text: int, options: FusionOptions) -> FusionDecision:
+    """Measure on validation and decide what the bundle serves (see the module docstring)."""
+    from service.llm.precision import resolve_dtype
+    from training.llm.train import resolve_device
+
+    start = time.perf_counter()
+    given, source = given_fusion(llm_dir, report_dir)
+    scores = score_validation(data, embeddings, crm_dir, llm_dir, base_dir, options, k_text)
+    decision = decide(scores, given, source, options.serve)
+    dtype = str(resolve_dtype(options.dtype, resolve_device())).removeprefix("torch.")
+    return replace(decision, seconds=time.perf_counter() - start, dtype=dtype)

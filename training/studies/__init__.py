@@ -1,0 +1,1 @@
+"""Offline studies that train many models and compare them on one protocol (``reclora sample-efficiency``)."""
