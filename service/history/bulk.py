@@ -6,7 +6,7 @@ Synchronous redis-py with a progress bar: a tool for operators, not for the requ
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import redis
@@ -40,9 +40,8 @@ def bulk_load(redis_url: str, histories: Iterable[UserRecords], *, prefix: str =
     try:
         client.ping()  # fail before reading any input when Redis is unreachable
         pipe = client.pipeline(transaction=False)
-        pending = 0
-        for user_id, items, ratings, timestamps, profile in tqdm(histories, total=total, unit="user",
-                                                                disable=not progress):
+        rows = tqdm(histories, total=total, unit="user", disable=not progress)
+        for user_id, items, ratings, timestamps, profile in _flushing(pipe, rows, batch_users):
             user_id = str(user_id)
             timestamps = np.asarray(timestamps, dtype=np.int64)
             check_order(timestamps, user_id)
@@ -59,12 +58,6 @@ def bulk_load(redis_url: str, histories: Iterable[UserRecords], *, prefix: str =
             counts["events"] += len(records)
             counts["truncated"] += len(timestamps) - len(records)
             counts["profiles"] += bool(mapping)
-            pending += 1
-            if pending >= batch_users:
-                pipe.execute()
-                pending = 0
-        if pending:
-            pipe.execute()
     finally:
         client.close()
     return counts
@@ -86,20 +79,28 @@ def bulk_load_knowledge(redis_url: str, records: Iterable[UserKnowledge], *, pre
     try:
         client.ping()
         pipe = client.pipeline(transaction=False)
-        pending = 0
-        for user_id, record in tqdm(records, total=total, unit="user", disable=not progress):
+        rows = tqdm(records, total=total, unit="user", disable=not progress)
+        for user_id, record in _flushing(pipe, rows, batch_users):
             key = knowledge_key(prefix, str(user_id))
             _queue_replace(pipe, key, mapping=None if record is None else encode_knowledge(record))
             counts["vectors" if record is not None else "without"] += 1
-            pending += 1
-            if pending >= batch_users:
-                pipe.execute()
-                pending = 0
-        if pending:
-            pipe.execute()
     finally:
         client.close()
     return counts
+
+
+def _flushing(pipe: redis.client.Pipeline, rows: Iterable, every: int) -> Iterator:
+    """Yield ``rows``; the caller queues each row's commands, and ``pipe`` is sent after every
+    ``every`` rows and once more at the end (many users per round trip)."""
+    pending = 0
+    for row in rows:
+        yield row
+        pending += 1
+        if pending >= every:
+            pipe.execute()
+            pending = 0
+    if pending:
+        pipe.execute()
 
 
 def _queue_replace(pipe: redis.client.Pipeline, key: str, records: Sequence[bytes] = (),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis_support import REDIS_URL, scratch_prefix
+from history_support import make_store, sync_client
+from redis_support import REDIS_URL
 
 from service.history import (Event, HistorySettings, HistoryStore, KnowledgeFormatError, KnowledgeRecord,
                              KnowledgeStamp, bulk_load, bulk_load_knowledge, count_key, decode_knowledge,
@@ -17,19 +18,6 @@ from service.history import (Event, HistorySettings, HistoryStore, KnowledgeForm
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def prefix():
-    with scratch_prefix() as value:
-        yield value
-
-
-def sync_client() -> redis.Redis:
-    return redis.Redis.from_url(REDIS_URL)
-
-
-def make_store(prefix: str, max_events: int = 1000) -> HistoryStore:
-    return HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=prefix, max_events=max_events,
-                                                            socket_timeout=10.0, socket_connect_timeout=10.0))
 
 
 def record(seed: int = 0, dim: int = 8, events_at: int = 3, encoder: str = "enc-a", at: float = 1.7e9):

@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from redis_support import REDIS_URL, scratch_prefix
+from history_support import make_store, sync_client
+from redis_support import REDIS_URL
 import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -38,21 +39,6 @@ from service.history import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def prefix():
-    with scratch_prefix() as value:
-        yield value
-
-
-def sync_client() -> redis.Redis:
-    return redis.Redis.from_url(REDIS_URL)
-
-
-def make_store(prefix: str, max_events: int = 1000) -> HistoryStore:
-    # Generous socket timeouts: these tests are about the data, and a loaded CI host must not turn
-    # 50 concurrent connects into a timeout (the timeouts have tests of their own below).
-    return HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=prefix, max_events=max_events,
-                                                            socket_timeout=10.0, socket_connect_timeout=10.0))
 
 
 def events(*triples: tuple[int, float, int]) -> list[Event]:

@@ -1,0 +1,12 @@
+"""A scratch key prefix for every history test that asks for one."""
+
+from __future__ import annotations
+
+import pytest
+from redis_support import scratch_prefix
+
+
+@pytest.fixture
+def prefix():
+    with scratch_prefix() as value:
+        yield value
