@@ -120,17 +120,14 @@ class PersonalizedLoRALinear(nn.Module):
         return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
 
     def _forward_segments(self, x: torch.Tensor, segments: tuple[int, ...]) -> torch.Tensor:
-        """One packed row (1, T, d_in): each segment of tokens through its own user's adapter.
-
-        The mixed adapter (scaling folded into B_u) is cast to the activations' dtype: the banks
-        stay float32 and get float32 gradients, while a bfloat16 model's tokens need no float32
-        copies on the way in and out of every adapted projection."""
+        """One packed row (1, T, d_in): each segment of tokens through its own user's adapter, in
+        the adapter's dtype as the batched path; the scaling is folded into the small B_u."""
         if x.shape[0] != 1 or sum(segments) != x.shape[1]:
             raise ValueError(f"packed segments {sum(segments)} tokens, input {tuple(x.shape[:-1])}: expected one row")
         out = self.base(x)
         a, b = self.user_weights(self.mixture(self.state.user_rep, len(segments)))
-        a, b = a.to(x.dtype), (b * self.cfg.scaling).to(x.dtype)
-        h = self.dropout(x)[0]
+        b = b * self.cfg.scaling
+        h = self.dropout(x).to(a.dtype)[0]
         if self.gate is None:  # one shared adapter: all tokens at once
             delta = h @ a[0] @ b[0]
         else:
