@@ -153,22 +153,20 @@ def speed(args, dtype: str) -> None:
           f"{max(lengths)}), {model.dtype}, {torch.get_num_threads()} threads, users from {source}; "
           f"a step = one micro-batch of {step_size} instances")
 
-    seconds = {k: 0.0 for k in LOOPS}
+    took: dict[str, list[float]] = {k: [] for k in LOOPS}  # seconds per instance, step by step
     peaks = {k: 0.0 for k in LOOPS}
-    timed = {k: 0 for k in LOOPS}
     lora.train()
     for i, rows in enumerate([steps[0]] + steps):  # the first is the warm-up of both loops
-        for name, packing in LOOPS.items():
+        for name, packing in (LOOPS.items() if i % 2 else reversed(LOOPS.items())):  # alternate who goes first
             cfg = LLMTrainConfig(batch_size=step_size, grad_accum=1, packing=packing)
             with RssPeak() as mem:
                 start = time.perf_counter()
                 accumulate_step(model, lora, loss_fn, data, rows, cfg, pad_id)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                took = time.perf_counter() - start
+                seconds = time.perf_counter() - start
             if i > 0:
-                seconds[name] += took
-                timed[name] += len(rows)
+                took[name].append(seconds / len(rows))
             peaks[name] = max(peaks[name], mem.peak)
 
     floor_flops = flops_per_instance(model.config, lora_cfg, lengths)
@@ -178,13 +176,15 @@ def speed(args, dtype: str) -> None:
     print(f"floor: {floor_flops / 1e9:.1f} GFLOP per instance (forward + backward) at {rate / 1e9:.0f} GFLOP/s "
           f"({model.dtype} matmuls of the model's shapes, {row_tokens} rows, measured now) = {floor:.3f} s "
           f"per instance")
-    print(f"{'loop':<8} {'inst/s':>8} {'s/inst':>8} {'x floor':>8} {'peak MB':>9}")
+    print(f"{'loop':<8} {'inst/s':>8} {'s/inst':>8} {'x floor':>8} {'best s/inst':>12} {'peak MB':>9}")
     for name in LOOPS:
-        per = seconds[name] / max(timed[name], 1)
-        print(f"{name:<8} {1 / per:>8.3f} {per:>8.3f} {per / floor:>8.2f} {peaks[name]:>9.0f}")
-    ratio = seconds["padded"] / max(seconds["packed"], 1e-9)
-    print(f"packed / padded speed: {ratio:.2f}x  (peak MB: RSS growth over a step, sampled; process RSS "
-          f"high-water {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+        per = statistics.mean(took[name])
+        print(f"{name:<8} {1 / per:>8.3f} {per:>8.3f} {per / floor:>8.2f} {min(took[name]):>12.3f} {peaks[name]:>9.0f}")
+    paired = [b / a for a, b in zip(took["packed"], took["padded"])]  # the same rows, back to back
+    ratio = statistics.mean(took["padded"]) / statistics.mean(took["packed"])
+    print(f"packed / padded speed: {ratio:.2f}x overall, {statistics.median(paired):.2f}x median of {len(paired)} "
+          f"paired steps (range {min(paired):.2f}-{max(paired):.2f}); peak MB: RSS growth over a step, sampled; "
+          f"process RSS high-water {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     del model, lora, optimizer, loss_fn
     _trim()
 
