@@ -34,6 +34,12 @@ class KnowledgeConfig(BaseModel):
     prompts: dict[str, Any] = Field(default_factory=dict)
     generator: dict[str, Any] = Field(default_factory=dict)
 
+    def decoding(self, default_max_new_tokens: int) -> dict[str, Any]:
+        """``generate_greedy``'s decoding arguments as the offline texts were made, so a refreshed
+        text is decoded the same way (``default_max_new_tokens`` when the config does not say)."""
+        return {"max_new_tokens": int(self.max_new_tokens or default_max_new_tokens),
+                "repetition_penalty": float(self.generator.get("repetition_penalty") or 1.0)}
+
 
 class ExpertBank(nn.Module):
     """``n`` expert MLPs (dim -> hidden -> out, ReLU and dropout after each layer, as in KAR),

@@ -145,25 +145,27 @@ class HistoryStore:
     def _keys(self, user_id: str) -> tuple[str, str]:
         return events_key(self.settings.prefix, user_id), profile_key(self.settings.prefix, user_id)
 
+    def _queue_state(self, pipe, user_id: str) -> None:
+        """Queue the reads of a user's state on ``pipe``: events, profile, knowledge record (the
+        replies ``_history`` decodes, in that order)."""
+        ev_key, prof_key = self._keys(user_id)
+        pipe.lrange(ev_key, -self.settings.max_events, -1)
+        pipe.hgetall(prof_key)
+        pipe.hgetall(knowledge_key(self.settings.prefix, user_id))
+
     async def read(self, user_id: str) -> UserHistory:
         """The user's most recent ``max_events`` behaviours, profile and knowledge record (LRANGE +
         HGETALL + HGETALL pipelined). A malformed knowledge record reads as none, saying why."""
-        ev_key, prof_key = self._keys(user_id)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.lrange(ev_key, -self.settings.max_events, -1)
-            pipe.hgetall(prof_key)
-            pipe.hgetall(knowledge_key(self.settings.prefix, user_id))
+            self._queue_state(pipe, user_id)
             records, raw_profile, raw_knowledge = _raise_but_knowledge(await pipe.execute(raise_on_error=False))
         return _history(records, raw_profile, raw_knowledge)
 
     async def read_with_count(self, user_id: str) -> tuple[UserHistory, int]:
         """The user's state as ``read`` gives it and their event count at that same moment
         (MULTI/EXEC): what a knowledge refresh generates from, and the count it records."""
-        ev_key, prof_key = self._keys(user_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.lrange(ev_key, -self.settings.max_events, -1)
-            pipe.hgetall(prof_key)
-            pipe.hgetall(knowledge_key(self.settings.prefix, user_id))
+            self._queue_state(pipe, user_id)
             pipe.get(count_key(self.settings.prefix, user_id))
             records, raw_profile, raw_knowledge, count = _raise_but_knowledge(await pipe.execute(raise_on_error=False))
         history = _history(records, raw_profile, raw_knowledge)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -49,7 +50,7 @@ class FusionValidation:
 
     @classmethod
     def from_json(cls, data: Any) -> "FusionValidation":
-        fields = {"fused_auc", "crm_auc", "llm_auc", "n", "seed"}
+        fields = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, Mapping) or set(data) != fields:
             got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
             raise ValueError(f"{FUSION_FILE}: validation must hold exactly {sorted(fields)}, got {got}")
@@ -106,9 +107,7 @@ class Fusion:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"w_llm": self.w_llm, "w_crm": self.w_crm, "bias": self.bias, "serve": self.serve}
         if self.validation is not None:
-            out["validation"] = {"fused_auc": self.validation.fused_auc, "crm_auc": self.validation.crm_auc,
-                                 "llm_auc": self.validation.llm_auc, "n": self.validation.n,
-                                 "seed": self.validation.seed}
+            out["validation"] = dataclasses.asdict(self.validation)
         return out
 
 

@@ -99,18 +99,19 @@ class KnowledgeRefresher:
         # neither keeps a request waiting for the engine.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge")
 
-    def due(self, appended: AppendResult, target: KnowledgeTarget | None) -> bool:
-        """Whether the user's vector needs regenerating after this append: ``every`` events since
-        the one the version can read was generated (since none, when it cannot read one)."""
+    def due(self, count: int, stamp: KnowledgeStamp | None, target: KnowledgeTarget | None) -> bool:
+        """Whether the vector of a user with ``count`` events and a record stamped ``stamp`` needs
+        regenerating: ``every`` events since the one the version can read was generated (since
+        none, when it cannot read one)."""
         if self.every == 0 or target is None:
             return False
-        since = appended.knowledge.events_at if target.made(appended.knowledge) else 0
-        return appended.count - since >= self.every
+        since = stamp.events_at if target.made(stamp) else 0
+        return count - since >= self.every
 
     def observe(self, user_id: str, appended: AppendResult) -> bool:
         """Events were appended for the user (on the event loop): queue a refresh when due.
         Returns whether a job was queued."""
-        if not self.due(appended, self.target()):
+        if not self.due(appended.count, appended.knowledge, self.target()):
             return False
         if self.source is None or self.submit is None:
             self.events.outcome(RefreshOutcome.UNAVAILABLE)
@@ -132,7 +133,7 @@ class KnowledgeRefresher:
             try:
                 history, count = self._on_loop(self.store.read_with_count(user_id), loop)
                 stored = history.knowledge
-                if stored is not None and target.made(stored.stamp) and count - stored.events_at < self.every:
+                if not self.due(count, None if stored is None else stored.stamp, target):
                     return  # refreshed meanwhile (by another gateway)
                 text = source.generate(history, interrupted)
             except self.retried:

@@ -36,7 +36,7 @@ from service.history import HistoryReader, KnowledgeRecord
 from service.logging import BurstLog
 from service.llm.prompt import PromptBuilder
 from service.model import LoadedModel, ModelHolder, ModelSnapshot
-from service.model.fusion import ScoreSource, score_source
+from service.model.fusion import ScoreSource
 from service.nearline.score_cache import LLMScoreCache
 from service.nearline.served_log import ServedLog, ServedScore
 from service.personalization.adapter_cache import AdapterCache
@@ -44,7 +44,8 @@ from service.scoring.contracts import (Admission, CandidateResult, CandidateSour
                                        ScoreResult, ServedOutcome, UnknownItems)
 from service.scoring.engine_scheduler import EngineScheduler
 from service.scoring.shadow import ShadowBuilders, ShadowScores, StoredHistory, shadow_score
-from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
+from service.scoring.stages import (UserHistoryView, answer_source, build_adapter, build_prompts,
+                                    retrieve_text_history, run_crm)
 from service.scoring.user_knowledge import KnowledgeOutcome, serve_knowledge
 
 log = logging.getLogger(__name__)
@@ -250,10 +251,7 @@ class ScoringPipeline:
                                         self._knowledge(model, knowledge, knowledge_error))
         dense = model.catalog.to_dense(candidates)
         loop = asyncio.get_running_loop()
-        # CRM only without an LLM, an engine or a prompt builder, and where the version's fusion says crm:
-        # then no prompt, adapter, forward or background job is spent on the LLM.
-        runs_llm = model.mixer is not None and self.engine is not None and builder is not None
-        made_by = score_source(model.fusion, runs_llm)
+        made_by = answer_source(model, self.engine, builder)  # CRM alone: no prompt, adapter, forward or job
         uses_llm = made_by is not ScoreSource.CRM
         text = (loop.run_in_executor(self._text_pool, _text_side, builder, model, view, dense)
                 if uses_llm else None)

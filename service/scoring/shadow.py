@@ -17,9 +17,10 @@ from service.engine.base import ScoringEngine
 from service.history import KnowledgeRecord
 from service.llm.prompt import PromptBuilder
 from service.model import ModelSnapshot
-from service.model.fusion import ScoreSource, score_source
+from service.model.fusion import ScoreSource
 from service.personalization.adapter_cache import AdapterCache
-from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
+from service.scoring.stages import (UserHistoryView, answer_source, build_adapter, build_prompts,
+                                    retrieve_text_history, run_crm)
 from service.scoring.user_knowledge import serve_knowledge
 
 
@@ -74,8 +75,7 @@ def shadow_score(snapshot: ModelSnapshot, builder: PromptBuilder | None, engine:
     dense = model.catalog.to_dense(candidates)
     crm = run_crm(model, view, dense)
     crm_scores = np.asarray(crm.scores, np.float64)
-    runs_llm = model.mixer is not None and engine is not None and builder is not None
-    if score_source(model.fusion, runs_llm) is ScoreSource.CRM:  # as the version would answer: no LLM forward
+    if answer_source(model, engine, builder) is ScoreSource.CRM:  # as the version would answer: no LLM forward
         return ShadowScores(crm_scores, None, crm_scores)
     prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
     alphas = model.mixer.mixtures(crm.user_rep)

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from service.crm.inputs import build_inputs
-from service.engine.base import UserAdapter
+from service.engine.base import ScoringEngine, UserAdapter
 from service.llm.prompt import Behaviour, PromptBuilder
 from service.retrieval.history import semantic_positions
 from service.model import LoadedModel
+from service.model.fusion import ScoreSource, score_source
 
 
 @dataclass
@@ -39,6 +40,12 @@ class UserHistoryView:
         dense = model.catalog.to_dense(raw_items)
         keep = dense != 0  # items retired from the catalog drop out of the history
         return cls(dense[keep], np.asarray(ratings, np.float32)[keep], profile, knowledge)
+
+
+def answer_source(model: LoadedModel, engine: ScoringEngine | None, builder: PromptBuilder | None) -> ScoreSource:
+    """How ``model`` answers here: the CRM alone without an LLM, an engine or a prompt builder, or
+    where the version's fusion says crm (then no prompt, adapter or forward is spent on the LLM)."""
+    return score_source(model.fusion, model.mixer is not None and engine is not None and builder is not None)
 
 
 @dataclass

@@ -106,7 +106,7 @@ class BaseLLMKnowledge:
         tokenizer = self._tokenizer_once()
         with self.base_model() as llm:
             out = generate_greedy(llm, tokenizer, [prompt], system=system, batch_size=1, interrupted=interrupted,
-                                  max_new_tokens=int(model.knowledge.max_new_tokens or DEFAULT_MAX_NEW_TOKENS))
+                                  **model.knowledge.decoding(DEFAULT_MAX_NEW_TOKENS))
         return out[0].text
 
     def encode(self, text: str, target: KnowledgeTarget) -> np.ndarray:

@@ -29,6 +29,7 @@ from service.scoring.stages import UserHistoryView, run_crm
 VERSION, CRM_ONLY = "e2e-knowledge", "e2e-knowledge-crm"
 EVERY = 4  # events between refreshes
 MAX_NEW_TOKENS = 8
+PENALTY = 1.3  # the offline texts' repetition penalty, which a refresh decodes with too
 CANDIDATES = [2, 13, 29, 64]
 
 
@@ -56,7 +57,8 @@ def kworld(world: World, tmp_path_factory) -> Iterator[KnowledgeWorld]:
     prompts = knowledge_prompts_for(data.meta, max_behaviours=10)
     directory = write_knowledge(root / "knowledge", *planted_vectors(data, dim=384, seed=2), encoder=MINILM,
                                 cutoff_timestamp=cutoff_timestamp(data), max_new_tokens=MAX_NEW_TOKENS,
-                                prompts=prompts.model_dump(), generated_at=time.time() - 3600)
+                                prompts=prompts.model_dump(), generated_at=time.time() - 3600,
+                                generator={"decoding": "greedy", "repetition_penalty": PENALTY})
     embeddings = np.load(world.data_dir / "embeddings.npy")
     trained = train_crm(data, embeddings, TrainConfig(epochs=1, batch_size=256, progress=False, model=dict(
         emb_dim=16, l_crm=20, l_recent=20, mlp_hidden=[64, 32])), load_knowledge(directory, data))
@@ -234,7 +236,8 @@ def test_the_nth_event_refreshes_the_vector_with_the_base_llm(live, kworld, worl
     tokenizer = AutoTokenizer.from_pretrained(world.base_dir, local_files_only=True)
     llm = AutoModelForCausalLM.from_pretrained(world.base_dir, dtype="float32", local_files_only=True).eval()
     system, prompt = BaseLLMKnowledge(None, None, None).prompt(kworld.model, history)
-    text = generate_greedy(llm, tokenizer, [prompt], system=system, max_new_tokens=MAX_NEW_TOKENS)[0].text
+    text = generate_greedy(llm, tokenizer, [prompt], system=system, max_new_tokens=MAX_NEW_TOKENS,
+                           repetition_penalty=PENALTY)[0].text
     want = load_encoder(MINILM).encode([text])[0]
     assert float(np.dot(want, fresh.vector)) > 0.999
 

@@ -99,12 +99,12 @@ def stamp(events_at: int, encoder: str = "enc-a", dim: int = 4) -> KnowledgeStam
 def test_a_refresh_is_due_every_so_many_events(count, knowledge, due) -> None:
     refresher = KnowledgeRefresher(None, every=EVERY, target=lambda: TARGET, source=None, submit=None)
     try:
-        assert refresher.due(AppendResult(stored=min(count, 3), count=count, knowledge=knowledge), TARGET) is due
-        assert not refresher.due(AppendResult(3, 100, None), None)  # a version without knowledge
+        assert refresher.due(count, knowledge, TARGET) is due
+        assert not refresher.due(100, None, None)  # a version without knowledge
     finally:
         refresher.close()
     off = KnowledgeRefresher(None, every=0, target=lambda: TARGET, source=None, submit=None)
-    assert not off.due(AppendResult(3, 100, None), TARGET)
+    assert not off.due(100, None, TARGET)
     off.close()
     with pytest.raises(ValueError):
         KnowledgeRefresher(None, every=-1, target=lambda: TARGET, source=None, submit=None)

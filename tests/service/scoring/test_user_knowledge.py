@@ -75,3 +75,11 @@ def test_the_refresh_prompt_is_the_offline_prompt_for_the_same_events(knowing, w
         assert system == prompts.system_message()
         checked += 1
     assert checked >= 3
+
+
+def test_the_refresh_decodes_as_the_offline_texts_were_decoded() -> None:
+    made = KnowledgeConfig(encoder="enc-a", dim=4, max_new_tokens=96,
+                           generator={"decoding": "greedy", "repetition_penalty": 1.15})
+    assert made.decoding(128) == {"max_new_tokens": 96, "repetition_penalty": 1.15}
+    silent = KnowledgeConfig(encoder="enc-a", dim=4)  # a config from before either was recorded
+    assert silent.decoding(128) == {"max_new_tokens": 128, "repetition_penalty": 1.0}

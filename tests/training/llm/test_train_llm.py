@@ -7,32 +7,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.llm.prompt import AnswerTokenError, PromptBuilder, PromptConfig
-from tiny_llama import build_tiny_llama
 from service.retrieval.history import semantic_positions
-from training.crm.checkpoint import save_checkpoint
-from training.crm.train import TrainConfig, train_crm
-from training.data.samples import prepare
-from training.data.synthetic import generate_synthetic
 from training.llm.prompts import sample_prompts
 from training.llm.train import LLMTrainConfig, load_trained, train_llm
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm")
-    data = prepare(generate_synthetic(n_users=120, n_items=80, n_interactions=4000, seed=3))
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(len(data.items) + 1, 16)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    emb[0] = 0
-    trained = train_crm(data, emb, TrainConfig(epochs=2, batch_size=256, progress=False))
-    save_checkpoint(trained, root / "crm")
-    base = build_tiny_llama(root / "base", hidden_size=32, layers=2)
-    return root, data, emb, base
-
-
-def test_answer_tokens_are_single_and_distinct(world) -> None:
-    *_, base = world
+def test_answer_tokens_are_single_and_distinct(llm_world) -> None:
+    *_, base = llm_world
     builder = PromptBuilder(AutoTokenizer.from_pretrained(base))
     assert builder.yes_id != builder.no_id
     tok = builder.tokenizer
@@ -43,8 +24,8 @@ def test_answer_tokens_are_single_and_distinct(world) -> None:
         PromptBuilder(tok, PromptConfig(yes="Absolutelyzzq"))  # not one token of this vocabulary
 
 
-def test_retrieved_history_is_chronological_and_most_similar(world) -> None:
-    _, data, emb, _ = world
+def test_retrieved_history_is_chronological_and_most_similar(llm_world) -> None:
+    _, data, emb, _ = llm_world
     hist = np.array([5, 9, 13, 2, 40, 33, 7, 21])
     cands = np.array([11, 30])
     for cand, pos in zip(cands, semantic_positions(hist, cands, emb, 3)):
@@ -53,8 +34,8 @@ def test_retrieved_history_is_chronological_and_most_similar(world) -> None:
         assert set(pos) == set(np.argsort(-sims)[:3])
 
 
-def test_prompts_share_the_profile_prefix(world) -> None:
-    _, data, emb, base = world
+def test_prompts_share_the_profile_prefix(llm_world) -> None:
+    _, data, emb, base = llm_world
     builder = PromptBuilder(AutoTokenizer.from_pretrained(base))
     samples = data.split("train")
     user = samples["user_idx"].iloc[0]
@@ -65,8 +46,8 @@ def test_prompts_share_the_profile_prefix(world) -> None:
     assert len(prefix) > 0
 
 
-def test_training_lowers_the_loss_and_saves_a_loadable_adapter(world) -> None:
-    root, data, emb, base = world
+def test_training_lowers_the_loss_and_saves_a_loadable_adapter(llm_world) -> None:
+    root, data, emb, base = llm_world
     cfg = LLMTrainConfig(n_samples=64, k_text=3, epochs=3, batch_size=8, grad_accum=1, lr=5e-3,
                          valid_samples=32, evals_per_epoch=1, dtype="float32", device="cpu", progress=False,
                          lora=dict(n_meta=4, user_dim=64, r=4, lora_alpha=8))

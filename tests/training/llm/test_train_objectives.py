@@ -4,38 +4,19 @@ writes the fusion serving applies."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from service.model.fusion import FUSION_FILE, Fusion
-from tiny_llama import build_tiny_llama
 from training.cli import app
-from training.crm.checkpoint import save_checkpoint
-from training.crm.train import TrainConfig, train_crm
-from training.data.samples import prepare
-from training.data.synthetic import generate_synthetic
 from training.llm.train import (LLMTrainConfig, crm_probabilities, load_trained, train_llm,
                                 user_representations)
 from training.metrics import binary_metrics
 
 SUMMARY_KEYS = {"config", "lora", "prompt", "best_valid_auc", "history", "train_seconds", "instances"}
 HISTORY_KEYS = {"step", "epoch", "train_loss", "valid_auc", "seconds"}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("objectives")
-    data = prepare(generate_synthetic(n_users=120, n_items=80, n_interactions=4000, seed=3))
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(len(data.items) + 1, 16)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    emb[0] = 0
-    save_checkpoint(train_crm(data, emb, TrainConfig(epochs=2, batch_size=256, progress=False)), root / "crm")
-    base = build_tiny_llama(root / "base", hidden_size=32, layers=2)
-    return root, data, emb, base
 
 
 def config(**overrides) -> LLMTrainConfig:
@@ -45,8 +26,8 @@ def config(**overrides) -> LLMTrainConfig:
     return LLMTrainConfig(**{**values, **overrides})
 
 
-def test_the_default_objective_writes_what_it_wrote_before(world) -> None:
-    root, data, emb, base = world
+def test_the_default_objective_writes_what_it_wrote_before(llm_world) -> None:
+    root, data, emb, base = llm_world
     runs = {}
     for packing in (False, True):  # False: the right-padded loop as it was
         out = root / f"answer-{packing}"
@@ -65,8 +46,8 @@ def test_the_default_objective_writes_what_it_wrote_before(world) -> None:
         torch.testing.assert_close(packed_w[key], weight, rtol=1e-4, atol=1e-4 * float(weight.abs().max()), msg=key)
 
 
-def test_the_fused_objective_trains_and_writes_the_served_fusion(world) -> None:
-    root, data, emb, base = world
+def test_the_fused_objective_trains_and_writes_the_served_fusion(llm_world) -> None:
+    root, data, emb, base = llm_world
     out = root / "fused"
     cfg = config(objective="fused", epochs=3)
     summary = train_llm(data, emb, root / "crm", base, out, cfg)
@@ -87,8 +68,8 @@ def test_the_fused_objective_trains_and_writes_the_served_fusion(world) -> None:
     assert binary_metrics(valid["label"].to_numpy(), fused)["auc"] == pytest.approx(summary["best_valid_auc"], abs=1e-6)
 
 
-def test_the_command_refuses_an_unknown_objective(world, tmp_path) -> None:
-    root, *_ = world
+def test_the_command_refuses_an_unknown_objective(llm_world, tmp_path) -> None:
+    root, *_ = llm_world
     result = CliRunner().invoke(app, ["train-llm", "--data", str(root), "--base-model", str(root / "base"),
                                       "--out", str(tmp_path / "out"), "--objective", "margin"])
     assert result.exit_code == 2 and "objective must be one of answer, fused" in result.output
