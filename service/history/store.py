@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.history.layout import (AppendResult, Event, HistoryFormatError, HistoryOrderError, KnowledgeFormatError,
+from service.history.layout import (AppendResult, Event, HistoryOrderError, KnowledgeFormatError,
                                     KnowledgeRecord, UserHistory, check_layout, check_order, count_key,
                                     decode_knowledge, decode_records, decode_stamp, encode_knowledge, encode_records,
                                     events_key, knowledge_key, profile_key, user_keys)
