@@ -3,11 +3,17 @@
 Fusion is a logistic regression on (LLM logit, CRM logit) fitted on a validation subset, so
 nothing is tuned on test; its fusion.json says whether a bundle should serve it or the CRM alone
 (``training.llm.fusion_fit.decide``). Writes report.md, report.json, fusion.json and roc.png.
+
+Scoring an LLM model takes tens of minutes on a CPU, so each model's scores are kept under
+``scores/`` as they finish (NPY, with a JSON record of what produced them: subset, dtype, batch
+size and the model directories' files): a rerun reads back what still matches and scores only the
+rest. Trained models are scored before the zero-shot one, so an interrupted run keeps the most.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +25,9 @@ from training.llm.fusion_fit import (ValidationScores, crm_probabilities, decide
                                      validation_subset)
 from training.llm.train import LLMScorer, load_base, load_trained, user_representations
 from training.metrics import binary_metrics
+
+SCORES_DIR = "scores"
+SPLITS = ("test", "valid")
 
 
 def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | None, reclora_dir: Path | None,
@@ -45,10 +54,16 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
     if reclora_dir is not None:
         scorers["RecLoRA (personalized LoRA)"] = load_trained(reclora_dir, base_dir, dtype, k_text)
     prompts = {s: scorers["zero-shot LLM"].prompts(data, df, embeddings, "semantic") for s, df in (("test", test), ("valid", valid))}
-    for name, scorer in scorers.items():
-        start = time.perf_counter()
-        probs[name] = {s: scorer.score(prompts[s], reps[s], batch_size) for s in ("test", "valid")}
-        seconds[name] = time.perf_counter() - start
+    sources = {"zero-shot LLM": [base_dir], "ReLLa-style (shared LoRA)": [base_dir, rella_dir],
+               "RecLoRA (personalized LoRA)": [base_dir, reclora_dir]}
+    common = {"n_test": len(test), "n_valid": len(valid), "seed": seed, "k_text": k_text, "dtype": dtype,
+              "batch_size": batch_size}
+    for name in sorted(scorers, key=lambda n: n == "zero-shot LLM"):  # trained models first
+        scorer, record = scorers[name], {**common, "model": name, "files": files_record(sources[name])}
+        sizes = {s: len(prompts[s]) for s in SPLITS}
+        probs[name], seconds[name] = kept_scores(
+            out_dir / SCORES_DIR, record, sizes, lambda scorer=scorer: {s: scorer.score(prompts[s], reps[s], batch_size) for s in SPLITS})
+    probs = {"CRM": probs["CRM"], **{name: probs[name] for name in scorers}}  # the table's order
     fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))
     decision = decide(ValidationScores(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"], seed),
                       None, "fitted")
@@ -70,6 +85,35 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
     (out_dir / "report.md").write_text(markdown(result))
     roc_plot({n: (labels["test"], p["test"]) for n, p in probs.items()}, out_dir / "roc.png")
     return result
+
+
+def files_record(dirs: list[Path]) -> list[list]:
+    """(path, size, mtime) of every file directly in ``dirs``: retraining into a directory, or
+    replacing the base model, changes it and so invalidates that model's kept scores."""
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+            for d in dirs for f in sorted(Path(d).iterdir()) if f.is_file()]
+
+
+def kept_scores(cache: Path, record: dict, sizes: dict[str, int], score) -> tuple[dict[str, np.ndarray], float]:
+    """A model's (scores per split, scoring seconds): read back from ``cache`` when its record
+    matches ``record`` exactly, else ``score()``d now and kept."""
+    slug = re.sub(r"[^a-z0-9]+", "-", record["model"].lower()).strip("-")
+    meta, arrays = cache / f"{slug}.json", {s: cache / f"{slug}.{s}.npy" for s in sizes}
+    if meta.is_file() and all(a.is_file() for a in arrays.values()):
+        kept = json.loads(meta.read_text())
+        if kept.get("record") == json.loads(json.dumps(record)):
+            scores = {s: np.load(a, allow_pickle=False) for s, a in arrays.items()}
+            if all(len(scores[s]) == n for s, n in sizes.items()):
+                return scores, float(kept["seconds"])
+    start = time.perf_counter()
+    scores = {s: np.asarray(v, np.float64) for s, v in score().items()}
+    seconds = time.perf_counter() - start
+    cache.mkdir(parents=True, exist_ok=True)
+    meta.unlink(missing_ok=True)  # no record may vouch for arrays being replaced
+    for s, a in arrays.items():
+        np.save(a, scores[s], allow_pickle=False)
+    meta.write_text(json.dumps({"record": record, "seconds": seconds}, indent=2))  # last: marks it complete
+    return scores, seconds
 
 
 def markdown(result: dict) -> str:
