@@ -33,6 +33,11 @@ def train_llm(
     pack_tokens: Annotated[int, typer.Option(
         help="packed micro-batch token budget (0: --batch-size instances per micro-batch); an optimizer step "
              "is --batch-size x --grad-accum instances either way")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(
+        help="save the mid-run state every N optimizer steps (0: never); rerunning the same command in the "
+             "same --out continues a stopped or killed run from it")] = 8,
+    stop_after_minutes: Annotated[Optional[float], typer.Option(
+        help="stop once a step ends past this many minutes, with the state saved; rerun to continue")] = None,
 ) -> None:
     """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM."""
     import numpy as np
@@ -58,8 +63,17 @@ def train_llm(
         fail(str(exc))
     with timed("train-llm"):
         prepared = PreparedData.load(data)
-        summary = fit(prepared, np.load(data / "embeddings.npy", allow_pickle=False), crm or data / "crm",
-                      base_model, out, cfg)
+        try:
+            summary = fit(prepared, np.load(data / "embeddings.npy", allow_pickle=False), crm or data / "crm",
+                          base_model, out, cfg, checkpoint_every=max(checkpoint_every, 0),
+                          stop_after_seconds=None if stop_after_minutes is None else 60.0 * stop_after_minutes)
+        except ValueError as exc:  # e.g. --out holds a stopped run with other settings
+            fail(str(exc))
+    if summary.get("finished") is False:
+        best = summary["best_valid_auc"]
+        typer.echo(f"{mode}: stopped at step {summary['step']} of {summary['total_steps']} (best valid AUC so far: "
+                   f"{f'{best:.4f}' if best >= 0 else 'none yet'}); rerun the same command to continue")
+        return
     typer.echo(f"{mode}: best valid AUC {summary['best_valid_auc']:.4f} on {summary['instances']} instances, "
                f"{summary['train_seconds']:.0f} s training")
 

@@ -39,6 +39,7 @@ from training.crm.dataset import encode_samples
 from training.crm.train import predict, seed_everything
 from training.data.samples import PreparedData
 from training.llm.prompts import View, prompt_config_for, sample_prompts
+from training.llm.resume import Progress, clear_state, load_state, restore, save_state
 from training.metrics import binary_metrics
 
 OBJECTIVES = ("answer", "fused")
@@ -250,8 +251,16 @@ def accumulate_step(model, lora: PersonalizedLoRA, loss_fn: torch.nn.Module, dat
 
 
 def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_dir: Path, out_dir: Path,
-              cfg: LLMTrainConfig) -> dict:
-    """Train, keep the best validation checkpoint in ``out_dir``; returns the training summary."""
+              cfg: LLMTrainConfig, *, checkpoint_every: int = 8, stop_after_steps: int | None = None,
+              stop_after_seconds: float | None = None) -> dict:
+    """Train, keep the best validation checkpoint in ``out_dir``; returns the training summary.
+
+    Every ``checkpoint_every`` optimizer steps (0: never) the mid-run state goes to ``out_dir/resume``
+    (``training.llm.resume``); a call that finds one with the same settings continues from it, so a
+    run longer than one sitting can be stopped and continued; a killed run loses at most
+    ``checkpoint_every`` steps. ``stop_after_steps`` (or ``stop_after_seconds``) ends this call
+    after that many of its steps (or once a step ends past that time), with the state saved: its summary says ``finished: False`` and no
+    ``train.json`` is written."""
     cfg.check()
     seed_everything(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -294,8 +303,29 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(total_steps - warmup, 1))))
     generator = torch.Generator().manual_seed(cfg.seed)
     eval_every = max(1, steps_per_epoch // max(cfg.evals_per_epoch, 1))
-    history, best_auc, step, start = [], -1.0, 0, time.perf_counter()
-    best_fusion: Fusion | None = None
+    extra_params = dict(loss_fn.named_parameters())  # the fused objective's w and b
+    progress, order = Progress(), None
+    kept = load_state(out_dir, asdict(cfg) | {"progress": None})
+    if kept is not None:
+        progress, meta, tensors = kept
+        weights, extra, order = restore(meta, tensors, optimizer, schedule, generator)
+        lora.load_trainable_state_dict(weights)
+        with torch.no_grad():
+            for name, value in extra.items():
+                extra_params[name].copy_(value)
+        if cfg.progress:
+            tqdm.write(f"resuming {out_dir} at step {progress.step} of {total_steps}")
+    best_fusion = Fusion.from_json(progress.best_fusion) if progress.best_fusion else None
+    history, best_auc, step = progress.history, progress.best_auc, progress.step
+    start = time.perf_counter() - progress.seconds
+    steps_now, call_start = 0, time.perf_counter()
+
+    def checkpoint(epoch: int, position: int, running: float, tokens: int, seen: int) -> None:
+        state = Progress(step=step, epoch=epoch, position=position, running=running, tokens=tokens, seen=seen,
+                         seconds=time.perf_counter() - start, best_auc=best_auc, history=history,
+                         best_fusion=best_fusion.to_json() if best_fusion else None)
+        save_state(out_dir, asdict(cfg) | {"progress": None}, state, order, lora.trainable_state_dict(), optimizer,
+                   schedule, extra_params, generator)
 
     def evaluate() -> dict:
         probs = scorer.score(valid_prompts, valid_reps)
@@ -305,11 +335,14 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
         fused_auc = binary_metrics(valid["label"].to_numpy(), loss_fn.fusion()(probs, valid_crm))["auc"]
         return {"valid_auc": fused_auc, "valid_llm_auc": auc, "fusion": loss_fn.fusion().to_json()}
 
-    bar = tqdm(total=total_steps, desc="llm train", disable=not cfg.progress)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(instances), generator=generator).tolist()
-        running, tokens, seen = 0.0, 0, 0
-        for begin in range(0, len(order), step_size):
+    bar = tqdm(total=total_steps, initial=step, desc="llm train", disable=not cfg.progress)
+    for epoch in range(progress.epoch, cfg.epochs):
+        if order is not None and epoch == progress.epoch:  # the epoch the stopped run was in
+            first, running, tokens, seen = progress.position, progress.running, progress.tokens, progress.seen
+        else:
+            order = torch.randperm(len(instances), generator=generator).tolist()
+            first, running, tokens, seen = 0, 0.0, 0, 0
+        for begin in range(first, len(order), step_size):
             lora.train()
             big = order[begin : begin + step_size]
             loss_sum, n_tokens = accumulate_step(model, lora, loss_fn, instances, big, cfg, scorer.pad_id)
@@ -338,6 +371,17 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
                     if fused:
                         best_fusion = loss_fn.fusion()
                         (out_dir / FUSION_FILE).write_text(json.dumps(best_fusion.to_json(), indent=2))
+            steps_now += 1
+            stopping = step < total_steps and (
+                (stop_after_steps is not None and steps_now >= stop_after_steps)
+                or (stop_after_seconds is not None and time.perf_counter() - call_start >= stop_after_seconds))
+            if stopping or (checkpoint_every and step % checkpoint_every == 0 and step < total_steps):
+                checkpoint(epoch, begin + step_size, running, tokens, seen)
+            if stopping:
+                bar.close()
+                return {"finished": False, "step": step, "total_steps": total_steps, "best_valid_auc": best_auc,
+                        "history": history, "train_seconds": time.perf_counter() - start,
+                        "instances": len(instances)}
     bar.close()
     summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": prompt.model_dump(),
                "best_valid_auc": best_auc, "history": history, "train_seconds": time.perf_counter() - start,
@@ -346,6 +390,7 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
         summary.update(objective="fused", fusion=best_fusion.to_json() if best_fusion else None)
     (out_dir / "config.json").write_text(lora_cfg.model_dump_json(indent=2))
     (out_dir / "train.json").write_text(json.dumps(summary, indent=2))
+    clear_state(out_dir)
     return summary
 
 
