@@ -18,32 +18,36 @@ def _config(objective: str) -> LLMTrainConfig:
                           lora=dict(r=4, lora_alpha=8.0, n_meta=2, gated=True))
 
 
-@pytest.mark.parametrize("objective", ["answer", "fused"])
-def test_a_stopped_run_resumes_to_the_same_weights(llm_world, objective) -> None:
+@pytest.mark.parametrize(("objective", "stops"), [("answer", (3, 3)), ("fused", (3, 3)), ("answer", (4,))])
+def test_a_stopped_run_resumes_to_the_same_weights(llm_world, objective, stops) -> None:
+    """Stops mid-epoch (3, then 6) or exactly at the epoch's end (4)."""
     root, data, emb, base = llm_world
     cfg = _config(objective)
-    whole = train_llm(data, emb, root / "crm", base, root / f"whole-{objective}", cfg)
+    whole_dir = root / f"whole-{objective}"
+    whole = (json.loads((whole_dir / "train.json").read_text()) if (whole_dir / "train.json").is_file()
+             else train_llm(data, emb, root / "crm", base, whole_dir, cfg))
 
-    out = root / f"stopped-{objective}"
-    first = train_llm(data, emb, root / "crm", base, out, cfg, stop_after_steps=3)
-    assert first["finished"] is False and first["step"] == 3
-    assert (out / RESUME_DIR).is_dir() and not (out / "train.json").exists()
-    second = train_llm(data, emb, root / "crm", base, out, cfg, stop_after_steps=3)
-    assert second["step"] == 6
+    out = root / f"stopped-{objective}-{'-'.join(map(str, stops))}"
+    done = 0
+    for n in stops:
+        partial = train_llm(data, emb, root / "crm", base, out, cfg, stop_after_steps=n)
+        done += n
+        assert partial["finished"] is False and partial["step"] == done
+        assert (out / RESUME_DIR).is_dir() and not (out / "train.json").exists()
     rest = train_llm(data, emb, root / "crm", base, out, cfg)
 
     assert not (out / RESUME_DIR).exists()  # a finished run keeps no mid-run state
     assert [h["valid_auc"] for h in rest["history"]] == [h["valid_auc"] for h in whole["history"]]
     assert [h["train_loss"] for h in rest["history"]] == pytest.approx(
         [h["train_loss"] for h in whole["history"]], rel=1e-6)
-    a = load_file(root / f"whole-{objective}" / "weights.safetensors")
+    a = load_file(whole_dir / "weights.safetensors")
     b = load_file(out / "weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
     if objective == "fused":
         assert json.loads((out / "fusion.json").read_text()) == json.loads(
-            (root / f"whole-{objective}" / "fusion.json").read_text())
+            (whole_dir / "fusion.json").read_text())
 
 
 def test_a_stopped_run_with_other_settings_is_refused(llm_world) -> None:
