@@ -65,19 +65,13 @@ def save_state(out_dir: Path, config: dict, progress: Progress, order: list[int]
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(out_dir: Path, config: dict) -> tuple[Progress, dict, dict[str, torch.Tensor]] | None:
-    """(progress, meta, tensors) of a run stopped in ``out_dir`` with the same ``config``, else None.
-
-    A state left by other settings is an error, not silently discarded: the directory is the run's."""
+def load_state(out_dir: Path) -> tuple[Progress, dict, dict[str, torch.Tensor]] | None:
+    """(progress, meta, tensors) of a run stopped in ``out_dir``, else None. ``meta["config"]`` is
+    the settings it ran with, for the caller to compare with its own."""
     path = out_dir / RESUME_DIR
     if not (path / META).is_file() or not (path / TENSORS).is_file():
         return None
     meta = json.loads((path / META).read_text())
-    if meta["config"] != json.loads(json.dumps(config)):
-        changed = sorted(k for k in set(config) | set(meta["config"])
-                         if json.loads(json.dumps(config.get(k))) != meta["config"].get(k))
-        raise ValueError(f"{out_dir} holds a stopped run with other settings ({', '.join(changed)}): "
-                         f"train into another directory, or delete {path} to start over")
     return Progress(**meta["progress"]), meta, load_file(path / TENSORS)
 
 

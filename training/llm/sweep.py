@@ -129,8 +129,7 @@ def run_sweep(data_dir: Path, crm_dir: Path, base_dir: Path, out_dir: Path, conf
         cfg = train_config(setting, config)
         if (run_dir / "train.json").is_file():
             summary, status = json.loads((run_dir / "train.json").read_text()), "resumed"
-            changed = sorted(k for k, v in asdict(cfg).items()
-                             if k != "progress" and json.loads(json.dumps(v)) != summary["config"].get(k))
+            changed = cfg.changed_from(summary["config"])
             if changed:
                 raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): "
                                  "sweep into another --out directory")

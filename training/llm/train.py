@@ -39,7 +39,7 @@ from training.crm.dataset import encode_samples
 from training.crm.train import predict, seed_everything
 from training.data.samples import PreparedData
 from training.llm.prompts import View, prompt_config_for, sample_prompts
-from training.llm.resume import Progress, clear_state, load_state, restore, save_state
+from training.llm.resume import RESUME_DIR, Progress, clear_state, load_state, restore, save_state
 from training.metrics import binary_metrics
 
 OBJECTIVES = ("answer", "fused")
@@ -66,6 +66,12 @@ class LLMTrainConfig:
     objective: str = "answer"  # or "fused" (see the module docstring)
     packing: bool = True  # padding-free packed micro-batches; False: right-padded rows
     pack_tokens: int = 0  # packed micro-batch token budget; 0: batch_size instances per micro-batch
+
+    def changed_from(self, recorded: dict) -> list[str]:
+        """The settings that differ from ``recorded`` (an earlier run's ``asdict`` as JSON); showing
+        progress bars or not is no setting of the run."""
+        return sorted(k for k, v in asdict(self).items()
+                      if k != "progress" and json.loads(json.dumps(v)) != recorded.get(k))
 
     def check(self) -> None:
         """A clear ValueError for settings the loop cannot run."""
@@ -256,11 +262,11 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     """Train, keep the best validation checkpoint in ``out_dir``; returns the training summary.
 
     Every ``checkpoint_every`` optimizer steps (0: never) the mid-run state goes to ``out_dir/resume``
-    (``training.llm.resume``); a call that finds one with the same settings continues from it, so a
-    run longer than one sitting can be stopped and continued; a killed run loses at most
-    ``checkpoint_every`` steps. ``stop_after_steps`` (or ``stop_after_seconds``) ends this call
-    after that many of its steps (or once a step ends past that time), with the state saved: its summary says ``finished: False`` and no
-    ``train.json`` is written."""
+    (``training.llm.resume``); a call that finds one continues from it (one left by other settings
+    is refused), so a run longer than one sitting can be stopped and continued; a killed run loses
+    at most ``checkpoint_every`` steps. ``stop_after_steps`` (or ``stop_after_seconds``) ends this
+    call after that many of its steps (or once a step ends past that time), with the state saved:
+    its summary says ``finished: False`` and no ``train.json`` is written."""
     cfg.check()
     seed_everything(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -305,9 +311,13 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     eval_every = max(1, steps_per_epoch // max(cfg.evals_per_epoch, 1))
     extra_params = dict(loss_fn.named_parameters())  # the fused objective's w and b
     progress, order = Progress(), None
-    kept = load_state(out_dir, asdict(cfg) | {"progress": None})
+    kept = load_state(out_dir)
     if kept is not None:
         progress, meta, tensors = kept
+        changed = cfg.changed_from(meta["config"])
+        if changed:
+            raise ValueError(f"{out_dir} holds a stopped run with other settings ({', '.join(changed)}): train "
+                             f"into another directory, or delete {out_dir / RESUME_DIR} to start over")
         weights, extra, order = restore(meta, tensors, optimizer, schedule, generator)
         lora.load_trainable_state_dict(weights)
         with torch.no_grad():
@@ -318,14 +328,14 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     best_fusion = Fusion.from_json(progress.best_fusion) if progress.best_fusion else None
     history, best_auc, step = progress.history, progress.best_auc, progress.step
     start = time.perf_counter() - progress.seconds
-    steps_now, call_start = 0, time.perf_counter()
+    call_start = time.perf_counter()
 
     def checkpoint(epoch: int, position: int, running: float, tokens: int, seen: int) -> None:
         state = Progress(step=step, epoch=epoch, position=position, running=running, tokens=tokens, seen=seen,
                          seconds=time.perf_counter() - start, best_auc=best_auc, history=history,
                          best_fusion=best_fusion.to_json() if best_fusion else None)
-        save_state(out_dir, asdict(cfg) | {"progress": None}, state, order, lora.trainable_state_dict(), optimizer,
-                   schedule, extra_params, generator)
+        save_state(out_dir, asdict(cfg), state, order, lora.trainable_state_dict(), optimizer, schedule,
+                   extra_params, generator)
 
     def evaluate() -> dict:
         probs = scorer.score(valid_prompts, valid_reps)
@@ -371,9 +381,8 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
                     if fused:
                         best_fusion = loss_fn.fusion()
                         (out_dir / FUSION_FILE).write_text(json.dumps(best_fusion.to_json(), indent=2))
-            steps_now += 1
             stopping = step < total_steps and (
-                (stop_after_steps is not None and steps_now >= stop_after_steps)
+                (stop_after_steps is not None and step - progress.step >= stop_after_steps)
                 or (stop_after_seconds is not None and time.perf_counter() - call_start >= stop_after_seconds))
             if stopping or (checkpoint_every and step % checkpoint_every == 0 and step < total_steps):
                 checkpoint(epoch, begin + step_size, running, tokens, seen)
