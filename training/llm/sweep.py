@@ -6,7 +6,9 @@ resumes. The setting is selected on validation AUC (on the fused validation AUC 
 training objective, which selects its checkpoints on it too); only the selected one scores the
 seeded test subset, once: its figures are kept with the name of the run they belong to. The table
 (one row per run: settings, valid AUC, instances, train seconds) goes to ``sweep.md`` and
-``sweep.json``.
+``sweep.json``, with the validation AUC's standard error and the runs the validation subset cannot
+tell apart from the selected one (within two standard errors): a selection among those is a
+draw, not a measurement.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from service.model.fusion import FUSION_FILE, Fusion
 from training.data.samples import PreparedData
 from training.llm.fusion_fit import ValidationScores, crm_probabilities, decide, validation_subset
 from training.llm.train import LLMTrainConfig
-from training.metrics import binary_metrics
+from training.metrics import auc_standard_error, binary_metrics
 
 RUNS, TABLE_MD, TABLE_JSON, TEST_JSON = "runs", "sweep.md", "sweep.json", "test.json"
 
@@ -142,10 +144,16 @@ def run_sweep(data_dir: Path, crm_dir: Path, base_dir: Path, out_dir: Path, conf
         echo(f"    valid AUC {row['valid_auc']:.4f}" + (f", fused {row['valid_fused_auc']:.4f}"
                                                       if "valid_fused_auc" in row else "")
              + f", {row['instances']} instances, {row['train_seconds']:.0f} s")
+    valid_labels = validation_subset(data, config.template.valid_samples, config.seed)["label"].to_numpy().astype(int)
+    counts = (int(valid_labels.sum()), int(len(valid_labels) - valid_labels.sum()))
+    for row in rows:
+        row["valid_auc_se"] = auc_standard_error(selection_auc(row), *counts)
     best = max(rows, key=selection_auc)
     test = _test_once(data, embeddings, crm_dir, base_dir, out_dir, best, train_config(_setting(best), config), config)
     result = {"selected": best["run"], "selected_on": "valid_fused_auc" if "valid_fused_auc" in best else "valid_auc",
-              "valid_samples": config.template.valid_samples, "seed": config.seed, "rows": rows, "test": test,
+              "valid_samples": config.template.valid_samples, "valid_positives": counts[0],
+              "valid_negatives": counts[1], "not_told_apart": not_told_apart(rows, best), "seed": config.seed,
+              "rows": rows, "test": test,
               "template": asdict(config.template)}
     (out_dir / TABLE_JSON).write_text(json.dumps(result, indent=2))
     (out_dir / TABLE_MD).write_text(markdown(result))
@@ -165,6 +173,13 @@ def table_row(setting: Setting, summary: dict, status: str) -> dict:
 
 def selection_auc(row: dict) -> float:
     return row.get("valid_fused_auc", row["valid_auc"])
+
+
+def not_told_apart(rows: list[dict], best: dict) -> list[str]:
+    """The other runs whose selection AUC is within two standard errors of the selected run's
+    (the larger of the two errors): on this validation subset they may be as good."""
+    return [r["run"] for r in rows if r is not best and selection_auc(best) - selection_auc(r)
+            <= 2.0 * max(r["valid_auc_se"], best["valid_auc_se"])]
 
 
 def _setting(row: dict) -> Setting:
@@ -215,16 +230,21 @@ def _test_once(data, embeddings, crm_dir, base_dir, out_dir: Path, best: dict, c
 def markdown(result: dict) -> str:
     fused = any("valid_fused_auc" in r for r in result["rows"])
     head = ["run", "n_meta", "temperature", "samples", "epochs", "lr", "valid AUC",
-            *(["valid fused AUC"] if fused else []), "instances", "train s", "run status"]
-    lines = [f"Selected on {result['selected_on']} ({result['valid_samples']} validation samples, seed "
-             f"{result['seed']}): **{result['selected']}**.", "",
+            *(["valid fused AUC"] if fused else []), "± SE", "instances", "train s", "run status"]
+    close = result["not_told_apart"]
+    lines = [f"Selected on {result['selected_on']} ({result['valid_samples']} validation samples: "
+             f"{result['valid_positives']} positive, {result['valid_negatives']} negative; seed "
+             f"{result['seed']}): **{result['selected']}**. "
+             + (f"Within two standard errors of it, so not told apart by this validation subset: "
+                f"{', '.join(close)}." if close else "Every other run is more than two standard errors below it."),
+             "", "SE: the selection AUC's standard error (Hanley and McNeil).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(result["rows"], key=selection_auc, reverse=True):
         cells = [r["run"], r["n_meta"], f"{r['temperature']:g}", r["n_samples"], r["epochs"], f"{r['lr']:g}",
                  f"{r['valid_auc']:.4f}"]
         if fused:
             cells.append(f"{r['valid_fused_auc']:.4f}" if "valid_fused_auc" in r else "")
-        cells += [r["instances"], f"{r['train_seconds']:.0f}", r["status"]]
+        cells += [f"{r['valid_auc_se']:.4f}", r["instances"], f"{r['train_seconds']:.0f}", r["status"]]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     t = result["test"]
     lines += ["", f"Test subset ({t['n']} samples, seed {t['seed']}), selected run only: LLM AUC {t['llm_auc']:.4f}, "

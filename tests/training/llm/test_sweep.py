@@ -11,7 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from training.cli import app
-from training.llm.sweep import Setting, SweepConfig, grid, resolve_samples
+from training.data.samples import PreparedData
+from training.llm.fusion_fit import validation_subset
+from training.llm.sweep import Setting, SweepConfig, grid, not_told_apart, resolve_samples
+from training.metrics import auc_standard_error
 
 runner = CliRunner()
 TINY = ["--temperature", "1", "--n-samples", "16", "--epochs", "1", "--lr", "5e-3", "--valid-samples", "24",
@@ -43,6 +46,13 @@ def test_a_two_run_grid_is_trained_selected_tested_once_and_resumed(world, tmp_p
     markdown = (out / "sweep.md").read_text()
     assert all(name in markdown for name in rows) and f"**{table['selected']}**" in markdown
     assert "selected run only" in markdown and markdown.count("| meta") == 2
+    positives = int(validation_subset(PreparedData.load(world.data_dir), 24, 0)["label"].sum())
+    assert (table["valid_positives"], table["valid_negatives"]) == (positives, 24 - positives)
+    for row in rows.values():
+        assert row["valid_auc_se"] == pytest.approx(auc_standard_error(row["valid_auc"], table["valid_positives"],
+                                                                       table["valid_negatives"]))
+        assert f"{row['valid_auc_se']:.4f}" in markdown
+    assert table["not_told_apart"] == not_told_apart(table["rows"], rows[table["selected"]]) and "± SE" in markdown
 
     tested_at = (out / "test.json").stat().st_mtime_ns
     again = sweep(world, out, "--n-meta", "2,4")
@@ -94,3 +104,12 @@ def test_the_fused_objective_is_selected_on_its_fused_auc_and_a_changed_setting_
 
     changed = sweep(world, out, "--n-meta", "2")  # the same run directory, another objective
     assert changed.exit_code == 2 and "trained with other settings (objective)" in changed.output
+
+
+def test_runs_within_two_standard_errors_of_the_selected_one_are_not_told_apart() -> None:
+    rows = [{"run": "best", "valid_auc": 0.70, "valid_auc_se": 0.02},
+            {"run": "close", "valid_auc": 0.67, "valid_auc_se": 0.02},  # 0.03 below: within 2 SE
+            {"run": "wide", "valid_auc": 0.62, "valid_auc_se": 0.05},  # 0.08 below, its own SE is 0.05
+            {"run": "far", "valid_auc": 0.65, "valid_auc_se": 0.02},  # 0.05 below: more than 2 SE
+            {"run": "fused", "valid_auc": 0.50, "valid_fused_auc": 0.69, "valid_auc_se": 0.02}]  # fused AUC selects
+    assert not_told_apart(rows, rows[0]) == ["close", "wide", "fused"]
