@@ -24,7 +24,7 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
     """Hanley and McNeil's (1982) standard error of an AUC measured on ``n_pos`` positives and
     ``n_neg`` negatives: within a tenth of a bootstrap's at ML-100K's label balance, wider where the
-    labels are unbalanced (tests/training/test_metrics.py). Written out because it needs only the
+    labels are unbalanced (tests/training/test_training_metrics.py). Written out because it needs only the
     AUC and the two counts, where sklearn and scipy offer none and a bootstrap would need every
     run's per-sample scores."""
     if n_pos < 1 or n_neg < 1:
