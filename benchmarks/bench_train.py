@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import resource
 import statistics
 import sys
@@ -39,9 +38,12 @@ sys.path.insert(0, str(ROOT))
 from service.llm.personalized_lora import PersonalizedLoRA, PersonalizedLoRAConfig  # noqa: E402
 from service.llm.precision import resolve_dtype  # noqa: E402
 from training.data.samples import PreparedData  # noqa: E402
+from training.llm.crm_outputs import user_representations  # noqa: E402
+from training.llm.loading import load_base  # noqa: E402
+from training.llm.offline_scoring import LLMScorer  # noqa: E402
 from training.llm.prompts import prompt_config_for  # noqa: E402
-from training.llm.train import (AnswerLoss, LLMScorer, LLMTrainConfig, TrainSet, accumulate_step,  # noqa: E402
-                                load_base, user_representations)
+from training.llm.train import LLMTrainConfig  # noqa: E402
+from training.llm.train_step import AnswerLoss, TrainSet, accumulate_step  # noqa: E402
 
 LOOPS = {"packed": True, "padded": False}
 

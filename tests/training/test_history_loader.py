@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from knowledge_support import planted_vectors, write_knowledge
-from redis_support import REDIS_URL, scratch_prefix
+from tests.knowledge_support import planted_vectors, write_knowledge
+from tests.redis_support import REDIS_URL, scratch_prefix
 import redis
 from typer.testing import CliRunner
 

@@ -156,7 +156,7 @@ def _generate(kind: str, frame: pd.DataFrame, key: str, store: PartStore, model,
 def build_knowledge(data_dir: Path, base_dir: Path, out: Path, prompts: KnowledgePrompts,
                     cfg: KnowledgeConfig = KnowledgeConfig()) -> dict:
     """Generate (resuming), encode and write the knowledge of ``data_dir`` into ``out``."""
-    from training.llm.train import load_base
+    from training.llm.loading import load_base
 
     data = PreparedData.load(data_dir)
     cutoff = cutoff_timestamp(data)

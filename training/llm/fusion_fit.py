@@ -159,31 +159,17 @@ def given_fusion(llm_dir: Path, report_dir: Path | None) -> tuple[Fusion | None,
     return None, "fitted"
 
 
-def crm_probabilities(data: PreparedData, samples: pd.DataFrame, crm_dir: Path, embeddings: np.ndarray) -> np.ndarray:
-    """The CRM checkpoint's P(like) of the samples."""
-    import torch
-
-    from training.crm.checkpoint import load_checkpoint, load_user_knowledge
-    from training.crm.dataset import encode_samples
-    from training.crm.train import predict
-
-    model, config, space = load_checkpoint(crm_dir, data.items, embeddings)
-    enc = encode_samples(data, samples, space, config, torch.from_numpy(np.asarray(embeddings, np.float32)),
-                         progress=False, user_knowledge=load_user_knowledge(crm_dir))
-    return predict(model, enc)
-
-
 def score_validation(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, llm_dir: Path, base_dir: Path,
                      options: FusionOptions, k_text: int) -> ValidationScores:
     """The LoRA's and the CRM's P(like) on the seeded validation subset."""
-    from training.llm.train import load_trained, user_representations
+    from training.llm.crm_outputs import FrozenCRM
+    from training.llm.loading import load_trained
 
     valid = validation_subset(data, options.samples, options.seed)
-    crm = crm_probabilities(data, valid, crm_dir, embeddings)
+    crm = FrozenCRM.load(crm_dir, data, embeddings).outputs(valid)
     scorer = load_trained(llm_dir, base_dir, options.dtype, k_text)
-    reps = user_representations(data, valid, crm_dir, embeddings)
-    llm = scorer.score(scorer.prompts(data, valid, embeddings, "semantic"), reps, options.batch_size)
-    return ValidationScores(np.asarray(llm, np.float64), np.asarray(crm, np.float64),
+    llm = scorer.score(scorer.prompts(data, valid, embeddings, "semantic"), crm.user_reps, options.batch_size)
+    return ValidationScores(np.asarray(llm, np.float64), np.asarray(crm.probabilities, np.float64),
                             valid["label"].to_numpy().astype(int), options.seed)
 
 
@@ -191,7 +177,7 @@ def fusion_at_export(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
                      report_dir: Path | None, k_text: int, options: FusionOptions) -> FusionDecision:
     """Measure on validation and decide what the bundle serves (see the module docstring)."""
     from service.llm.precision import resolve_dtype
-    from training.llm.train import resolve_device
+    from training.llm.loading import resolve_device
 
     start = time.perf_counter()
     given, source = given_fusion(llm_dir, report_dir)

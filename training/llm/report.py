@@ -21,9 +21,10 @@ import numpy as np
 
 from service.model.fusion import FUSION_FILE
 from training.data.samples import PreparedData
-from training.llm.fusion_fit import (ValidationScores, crm_probabilities, decide, fit_fusion,  # noqa: F401
-                                     validation_subset)
-from training.llm.train import LLMScorer, load_base, load_trained, user_representations
+from training.llm.crm_outputs import FrozenCRM
+from training.llm.fusion_fit import ValidationScores, decide, fit_fusion, validation_subset  # noqa: F401
+from training.llm.loading import load_base, load_trained
+from training.llm.offline_scoring import LLMScorer
 from training.metrics import binary_metrics
 
 SCORES_DIR = "scores"
@@ -42,11 +43,12 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
-    probs["CRM"] = {s: crm_probabilities(data, df, crm_dir, embeddings) for s, df in (("test", test), ("valid", valid))}
+    crm = FrozenCRM.load(crm_dir, data, embeddings)
+    crm_outputs = {"test": crm.outputs(test), "valid": crm.outputs(valid)}
+    probs["CRM"] = {s: out.probabilities for s, out in crm_outputs.items()}
     seconds["CRM"] = time.perf_counter() - start
 
-    reps = {"test": user_representations(data, test, crm_dir, embeddings),
-            "valid": user_representations(data, valid, crm_dir, embeddings)}
+    reps = {s: out.user_reps for s, out in crm_outputs.items()}
     model, tokenizer = load_base(base_dir, dtype)
     scorers: dict[str, LLMScorer] = {"zero-shot LLM": LLMScorer(model, tokenizer, None, k_text)}
     if rella_dir is not None:

@@ -25,7 +25,8 @@ import numpy as np
 
 from service.model.fusion import FUSION_FILE, Fusion
 from training.data.samples import PreparedData
-from training.llm.fusion_fit import ValidationScores, crm_probabilities, decide, validation_subset
+from training.llm.crm_outputs import FrozenCRM
+from training.llm.fusion_fit import ValidationScores, decide, validation_subset
 from training.llm.train import LLMTrainConfig
 from training.metrics import auc_standard_error, binary_metrics
 
@@ -186,13 +187,11 @@ def _setting(row: dict) -> Setting:
     return Setting(row["n_meta"], row["temperature"], row["n_samples"], row["epochs"], row["lr"])
 
 
-def _scores(scorer, data, embeddings, crm_dir, samples) -> tuple[np.ndarray, np.ndarray]:
-    """The run's LoRA's (``scorer``) and the CRM's P(like) of ``samples``."""
-    from training.llm.train import user_representations
-
-    reps = user_representations(data, samples, crm_dir, embeddings)
-    llm = scorer.score(scorer.prompts(data, samples, embeddings, "semantic"), reps)
-    return np.asarray(llm, np.float64), np.asarray(crm_probabilities(data, samples, crm_dir, embeddings), np.float64)
+def _scores(scorer, data, embeddings, crm: FrozenCRM, samples) -> tuple[np.ndarray, np.ndarray]:
+    """The run's LoRA's (``scorer``) and the CRM's P(like) of ``samples``, encoded once for both."""
+    outputs = crm.outputs(samples)
+    llm = scorer.score(scorer.prompts(data, samples, embeddings, "semantic"), outputs.user_reps)
+    return np.asarray(llm, np.float64), np.asarray(outputs.probabilities, np.float64)
 
 
 def _test_once(data, embeddings, crm_dir, base_dir, out_dir: Path, best: dict, cfg: LLMTrainConfig,
@@ -204,23 +203,24 @@ def _test_once(data, embeddings, crm_dir, base_dir, out_dir: Path, best: dict, c
         kept = json.loads(path.read_text())
         if kept.get("run") == best["run"] and kept.get("n_test") == config.n_test and kept.get("seed") == config.seed:
             return kept
-    from training.llm.train import load_trained
+    from training.llm.loading import load_trained
 
     run_dir = out_dir / RUNS / best["run"]
     start = time.perf_counter()
     scorer = load_trained(run_dir, base_dir, cfg.dtype, cfg.k_text, cfg.device)
+    crm = FrozenCRM.load(crm_dir, data, embeddings)
     valid = validation_subset(data, cfg.valid_samples, cfg.seed)
-    valid_llm, valid_crm = _scores(scorer, data, embeddings, crm_dir, valid)
+    valid_llm, valid_crm = _scores(scorer, data, embeddings, crm, valid)
     given = Fusion.from_json(json.loads((run_dir / FUSION_FILE).read_text())) if (run_dir / FUSION_FILE).is_file() \
         else None
     decision = decide(ValidationScores(valid_llm, valid_crm, valid["label"].to_numpy(), cfg.seed), given, "objective")
     test_split = data.split("test")
     test = test_split.sample(n=min(config.n_test, len(test_split)), random_state=config.seed)
-    llm, crm = _scores(scorer, data, embeddings, crm_dir, test)
+    llm, crm_probs = _scores(scorer, data, embeddings, crm, test)
     labels = test["label"].to_numpy()
     result = {"run": best["run"], "n_test": config.n_test, "seed": config.seed, "n": len(test),
-              "llm_auc": binary_metrics(labels, llm)["auc"], "crm_auc": binary_metrics(labels, crm)["auc"],
-              "fused_auc": binary_metrics(labels, decision.fusion(llm, crm))["auc"],
+              "llm_auc": binary_metrics(labels, llm)["auc"], "crm_auc": binary_metrics(labels, crm_probs)["auc"],
+              "fused_auc": binary_metrics(labels, decision.fusion(llm, crm_probs))["auc"],
               "serve": decision.fusion.serve, "fusion": decision.summary(),
               "seconds": time.perf_counter() - start}
     path.write_text(json.dumps(result, indent=2))

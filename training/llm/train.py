@@ -7,10 +7,11 @@ logit_No) + b, w and b learned: the LLM learns what the frozen CRM misses, and s
 applies the result unchanged). Checkpoints are selected on validation AUC (the fused AUC for the
 fused objective), never on test.
 
-Prompts are tokenized once per run. Micro-batches are packed by default (``training.llm.packing``:
-one padding-free row per micro-batch, attention kept within each instance); ``packing=False``
-runs right-padded rows instead. An optimizer step covers ``batch_size * grad_accum`` instances
-either way; ``pack_tokens`` only changes how a step's instances are split into forwards.
+A run is a few steps: the model (``build_model``); the samples (``prepare_samples``: prompts
+tokenized once, the CRM checkpoint loaded once and each draw encoded once); the objective and its
+optimizer (``build_optimization``); a stopped run's state put back (``resume_or_start``); the loop
+(``train_loop``: optimizer steps, validation and selection, the mid-run state); and the outputs
+(``write_outputs``). How one optimizer step's instances become forwards is ``training.llm.train_step``'s.
 """
 
 from __future__ import annotations
@@ -18,28 +19,26 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from service.llm.personalized_lora import PersonalizedLoRA, PersonalizedLoRAConfig
-from service.llm.precision import resolve_dtype
-from service.llm.prompt import PromptBuilder, PromptConfig
-from service.model.fusion import FUSION_FILE, Fusion, logit
-from training.llm.packing import pack, packed_answer_hidden, token_budget_groups
-from training.llm.scoring import answer_hidden, label_logits, pad_right, score_sequences
-from training.crm.checkpoint import load_checkpoint, load_user_knowledge
-from training.crm.dataset import encode_samples
-from training.crm.train import predict, seed_everything
+from service.model.fusion import FUSION_FILE, logit
+from training.crm.train import seed_everything
 from training.data.samples import PreparedData
-from training.llm.prompts import View, prompt_config_for, sample_prompts
+from training.llm.crm_outputs import CRMOutputs, FrozenCRM
+from training.llm.fusion_fit import validation_subset
+from training.llm.loading import load_base
+from training.llm.offline_scoring import LLMScorer
+from training.llm.prompts import View, prompt_config_for
 from training.llm.resume import RESUME_DIR, Progress, clear_state, load_state, restore, save_state
+from training.llm.train_step import AnswerLoss, FusedLoss, TrainSet, accumulate_step
 from training.metrics import binary_metrics
 
 OBJECTIVES = ("answer", "fused")
@@ -85,175 +84,75 @@ class LLMTrainConfig:
         if self.pack_tokens and not self.packing:
             raise ValueError("pack_tokens applies to packed micro-batches only (packing is off)")
 
-
-def resolve_device(device: str = "auto") -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-
-
-def load_base(base_dir: str | Path, dtype: str, device: str = "auto"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=resolve_dtype(dtype, target)).eval()
-    return model.to(target), tokenizer
-
-
-def pad_id_of(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
-@torch.no_grad()
-def user_representations(data: PreparedData, samples: pd.DataFrame, crm_dir: Path, embeddings: np.ndarray) -> torch.Tensor:
-    """(N, user_dim) frozen CRM user vectors for the samples."""
-    crm, config, space = load_checkpoint(crm_dir, data.items, embeddings)
-    enc = encode_samples(data, samples, space, config, torch.from_numpy(np.asarray(embeddings, np.float32)), progress=False,
-                         user_knowledge=load_user_knowledge(crm_dir))
-    return torch.cat([crm.user_representation(enc.batch(idx)[0]) for idx in torch.arange(len(enc)).split(4096)])
-
-
-def crm_probabilities(data: PreparedData, samples: pd.DataFrame, crm_dir: Path, embeddings: np.ndarray) -> np.ndarray:
-    """(N,) the frozen CRM's P(like) of the samples."""
-    crm, config, space = load_checkpoint(crm_dir, data.items, embeddings)
-    enc = encode_samples(data, samples, space, config, torch.from_numpy(np.asarray(embeddings, np.float32)), progress=False,
-                         user_knowledge=load_user_knowledge(crm_dir))
-    return predict(crm, enc)
-
-
-class LLMScorer:
-    """Base model + optional (personalized) LoRA + prompt builder: scores dataset samples.
-
-    ``prompt`` is the wording the LoRA was trained with; None words each dataset's prompts as its
-    ``meta.json`` says (``prompt_config_for``).
-    """
-
-    def __init__(self, model, tokenizer, lora: PersonalizedLoRA | None, k_text: int,
-                 prompt: PromptConfig | None = None) -> None:
-        self.model, self.tokenizer, self.lora, self.k_text = model, tokenizer, lora, k_text
-        self.prompt = prompt
-        self.builder = PromptBuilder(tokenizer, prompt or PromptConfig())
-        self.pad_id = pad_id_of(tokenizer)
-
-    def builder_for(self, data: PreparedData) -> PromptBuilder:
-        """The builder of ``data``'s prompts (this scorer's own wording when it has one)."""
-        config = self.prompt or prompt_config_for(data.meta)
-        if config.version != self.builder.config.version:  # the version names the words
-            self.builder = PromptBuilder(self.tokenizer, config)
-        return self.builder
-
-    def prompts(self, data: PreparedData, samples: pd.DataFrame, embeddings: np.ndarray, view: View) -> list[list[int]]:
-        return sample_prompts(data, samples, self.builder_for(data), embeddings, self.k_text, view)
-
-    def score(self, prompts: list[list[int]], user_reps: torch.Tensor | None, batch_size: int = 16) -> np.ndarray:
-        ctx = None
-        if self.lora is not None:
-            reps = None if user_reps is None else user_reps.to(self.model.device)
-            ctx = lambda rows: self.lora.user(None if reps is None else reps[rows])  # noqa: E731
-        self.model.eval()
-        if self.lora is not None:
-            self.lora.eval()
-        return score_sequences(self.model, prompts, self.builder.yes_id, self.builder.no_id, self.pad_id,
-                               batch_size, rows_context=ctx).numpy()
-
-
-# ---- the training step: instances, objectives, micro-batches ----------------------------------------
+    @property
+    def fused(self) -> bool:
+        """The fused objective: the loop then also reads the CRM's probabilities and trains w and b."""
+        return self.objective == "fused"
 
 
 @dataclass
-class TrainSet:
-    """Training instances, tokenized once per run, with what the objectives need of each."""
+class RunModel:
+    """The base model with the LoRA being trained, and the scorer that validates it."""
 
-    tokens: list[torch.Tensor]  # (L_i,) token ids of each prompt, on the model's device
-    reps: torch.Tensor  # (N, user_dim) frozen CRM user vectors
-    labels: torch.Tensor  # (N,) 1.0 / 0.0
-    answers: torch.Tensor  # (N,) the answer token: yes_id or no_id
-    crm_logits: torch.Tensor | None = None  # (N,) the frozen CRM's logits (fused objective)
-
-    @classmethod
-    def build(cls, prompts: Sequence[Sequence[int]], reps: torch.Tensor, labels: Sequence[int], yes_id: int,
-              no_id: int, device: torch.device, crm_logits: torch.Tensor | None = None) -> "TrainSet":
-        y = torch.as_tensor(np.asarray(labels, dtype=np.float32), device=device)
-        return cls(tokens=[torch.as_tensor(p, dtype=torch.long, device=device) for p in prompts], reps=reps.to(device),
-                   labels=y, answers=torch.where(y > 0, yes_id, no_id).long(),
-                   crm_logits=None if crm_logits is None else crm_logits.to(device))
-
-    def __len__(self) -> int:
-        return len(self.tokens)
+    scorer: LLMScorer
+    lora: PersonalizedLoRA
 
     @property
-    def lengths(self) -> list[int]:
-        return [int(t.numel()) for t in self.tokens]
+    def model(self):
+        return self.scorer.model
 
 
-class AnswerLoss(torch.nn.Module):
-    """Full-vocabulary cross entropy of the answer token at the answer position, in float32; the
-    frozen output embedding is converted to float32 once per run, not per micro-batch."""
+@dataclass
+class RunSamples:
+    """A run's training instances and validation draw, prepared once."""
 
-    def __init__(self, model) -> None:
-        super().__init__()
-        self._weight = model.get_output_embeddings().weight.detach().float()
-
-    def forward(self, hidden: torch.Tensor, data: TrainSet, rows: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(hidden.float() @ self._weight.T, data.answers[rows])
+    instances: TrainSet
+    valid: pd.DataFrame
+    valid_prompts: list[list[int]]
+    valid_crm: CRMOutputs  # user vectors (and, for the fused objective, probabilities) of ``valid``
 
 
-class FusedLoss(torch.nn.Module):
-    """Binary cross entropy of w * CRM logit + (logit_Yes - logit_No) + b: the LLM's logit is
-    logit(P(Yes)) of a softmax over [Yes, No], so ``fusion()`` is serving's Fusion (w_llm = 1)."""
+@dataclass
+class Optimization:
+    """The objective and what steps it, with the step counts the schedule and the loop share."""
 
-    def __init__(self, model, yes_id: int, no_id: int) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones((), device=model.device))
-        self.b = torch.nn.Parameter(torch.zeros((), device=model.device))
-        self._model = [model]  # not a submodule: its weights are not ours to train or save
-        self.label_ids = [yes_id, no_id]
-
-    def llm_logit(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = label_logits(self._model[0], hidden, self.label_ids)
-        return logits[:, 0] - logits[:, 1]
-
-    def forward(self, hidden: torch.Tensor, data: TrainSet, rows: torch.Tensor) -> torch.Tensor:
-        fused = self.w * data.crm_logits[rows] + self.llm_logit(hidden) + self.b
-        return torch.nn.functional.binary_cross_entropy_with_logits(fused, data.labels[rows])
-
-    def fusion(self) -> Fusion:
-        return Fusion(w_llm=1.0, w_crm=float(self.w.detach()), bias=float(self.b.detach()))
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # draws each epoch's instance order
+    step_size: int  # instances per optimizer step
+    total_steps: int
+    eval_every: int
 
 
-def micro_batches(rows: Sequence[int], lengths: Sequence[int], cfg: LLMTrainConfig) -> list[list[int]]:
-    """One optimizer step's instances split into forwards: by token budget when packing with
-    ``pack_tokens``, else ``batch_size`` instances each."""
-    if cfg.packing and cfg.pack_tokens:
-        return token_budget_groups(rows, lengths, cfg.pack_tokens)
-    return [list(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+@dataclass
+class Run:
+    """What one call of ``train_llm`` built, for the steps that use it."""
+
+    cfg: LLMTrainConfig
+    out_dir: Path
+    model: RunModel
+    samples: RunSamples
+    opt: Optimization
 
 
-def micro_batch_hidden(model, lora: PersonalizedLoRA, data: TrainSet, micro: list[int], packing: bool,
-                       pad_id: int) -> torch.Tensor:
-    """(len(micro), hidden) answer-position hidden states, each instance with its own user."""
-    rows = torch.as_tensor(micro, device=data.reps.device)
-    if packing:
-        batch = pack([data.tokens[i] for i in micro])
-        with lora.user(data.reps[rows], segments=batch.lengths):
-            return packed_answer_hidden(model, batch)
-    ids, mask, last = (t.to(model.device) for t in pad_right([data.tokens[i] for i in micro], pad_id))
-    with lora.user(data.reps[rows]):
-        return answer_hidden(model, ids, mask, last)
+@dataclass(frozen=True)
+class Stops:
+    """When a call saves the mid-run state and when it stops (see ``train_llm``)."""
 
+    checkpoint_every: int
+    after_steps: int | None
+    after_seconds: float | None
 
-def accumulate_step(model, lora: PersonalizedLoRA, loss_fn: torch.nn.Module, data: TrainSet, rows: Sequence[int],
-                    cfg: LLMTrainConfig, pad_id: int) -> tuple[float, int]:
-    """Forward and backward of one optimizer step's instances (gradients accumulate, the loss is
-    their mean); returns (summed instance loss, tokens)."""
-    total, tokens = 0.0, 0
-    lengths = data.lengths
-    for micro in micro_batches(list(rows), lengths, cfg):
-        hidden = micro_batch_hidden(model, lora, data, micro, cfg.packing, pad_id)
-        loss = loss_fn(hidden, data, torch.as_tensor(micro, device=hidden.device)) * len(micro) / len(rows)
-        loss.backward()
-        total += float(loss.detach()) * len(rows)
-        tokens += sum(lengths[i] for i in micro)
-    return total, tokens
+    def stopping(self, step: int, total_steps: int, steps_this_call: int, call_start: float) -> bool:
+        """Whether this call ends after ``step``: never after the last step, which finishes the run."""
+        return step < total_steps and (
+            (self.after_steps is not None and steps_this_call >= self.after_steps)
+            or (self.after_seconds is not None and time.perf_counter() - call_start >= self.after_seconds))
+
+    def checkpointing(self, step: int, total_steps: int) -> bool:
+        """Whether the mid-run state is saved after ``step``: the last step writes the outputs instead."""
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0 and step < total_steps
 
 
 def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_dir: Path, out_dir: Path,
@@ -270,35 +169,56 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     cfg.check()
     seed_everything(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(base_dir, data, cfg)
+    samples = prepare_samples(data, embeddings, crm_dir, cfg, model.scorer)
+    run = Run(cfg, out_dir, model, samples, build_optimization(cfg, model, samples.instances))
+    resumed, order = resume_or_start(run)
+    state, finished = train_loop(run, resumed, order, Stops(checkpoint_every, stop_after_steps, stop_after_seconds))
+    if not finished:
+        return {"finished": False, "step": state.step, "total_steps": run.opt.total_steps,
+                "best_valid_auc": state.best_auc, "history": state.history, "train_seconds": state.seconds,
+                "instances": len(samples.instances)}
+    return write_outputs(run, state)
+
+
+def build_model(base_dir: Path, data: PreparedData, cfg: LLMTrainConfig) -> RunModel:
+    """The base model with a fresh LoRA, worded as the dataset names its items ("movie", "book",
+    ...). Built first after seeding: the LoRA's initial weights follow from the seed."""
     lora_cfg = PersonalizedLoRAConfig(**cfg.lora)
     model, tokenizer = load_base(base_dir, cfg.dtype, cfg.device)
     lora = PersonalizedLoRA(model, lora_cfg).to(model.device)
-    prompt = prompt_config_for(data.meta)  # the dataset names its items ("movie", "book", ...)
-    scorer = LLMScorer(model, tokenizer, lora, cfg.k_text, prompt)
-    fused = cfg.objective == "fused"
+    return RunModel(LLMScorer(model, tokenizer, lora, cfg.k_text, prompt_config_for(data.meta)), lora)
 
+
+def prepare_samples(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, cfg: LLMTrainConfig,
+                    scorer: LLMScorer) -> RunSamples:
+    """The seeded train and validation draws as the loop reads them: every prompt tokenized once,
+    and the CRM checkpoint loaded once, each draw encoded once for its user vectors (and, for the
+    fused objective, its probabilities)."""
     train = data.split("train").sample(n=min(cfg.n_samples, len(data.split("train"))), random_state=cfg.seed)
-    valid = data.split("valid").sample(n=min(cfg.valid_samples, len(data.split("valid"))), random_state=cfg.seed)
-    train_reps = user_representations(data, train, crm_dir, embeddings)
-    valid_reps = user_representations(data, valid, crm_dir, embeddings)
+    valid = validation_subset(data, cfg.valid_samples, cfg.seed)
+    crm = FrozenCRM.load(crm_dir, data, embeddings)
+    train_crm, valid_crm = crm.outputs(train), crm.outputs(valid)
+    reads = 4 if cfg.fused else 2  # the draws' user vectors, and with the fused objective their probabilities
+    crm.draw_initial_weights(reads - 1)  # the load drew once
     views: list[View] = ["recent", "semantic"] if cfg.mixed else ["semantic"]
-    prompts, labels = [], []
-    for view in views:
-        prompts += scorer.prompts(data, train, embeddings, view)
-        labels += train["label"].tolist()
-    crm_logits, valid_crm = None, None
-    if fused:
-        crm_logits = torch.from_numpy(logit(crm_probabilities(data, train, crm_dir, embeddings))).float()
-        crm_logits = crm_logits.repeat(len(views))
-        valid_crm = crm_probabilities(data, valid, crm_dir, embeddings)
-    instances = TrainSet.build(prompts, torch.cat([train_reps] * len(views)), labels, scorer.builder.yes_id,
-                               scorer.builder.no_id, model.device, crm_logits)
-    valid_prompts = scorer.prompts(data, valid, embeddings, "semantic")
-    loss_fn = FusedLoss(model, scorer.builder.yes_id, scorer.builder.no_id) if fused else AnswerLoss(model)
+    prompts = [p for view in views for p in scorer.prompts(data, train, embeddings, view)]
+    crm_logits = None
+    if cfg.fused:
+        crm_logits = torch.from_numpy(logit(train_crm.probabilities)).float().repeat(len(views))
+    instances = TrainSet.build(prompts, torch.cat([train_crm.user_reps] * len(views)),
+                               train["label"].tolist() * len(views), scorer.builder.yes_id, scorer.builder.no_id,
+                               scorer.model.device, crm_logits)
+    return RunSamples(instances, valid, scorer.prompts(data, valid, embeddings, "semantic"), valid_crm)
 
-    params = [p for p in lora.parameters() if p.requires_grad]
-    groups: list[dict] = [{"params": params}]
-    if fused:
+
+def build_optimization(cfg: LLMTrainConfig, model: RunModel, instances: TrainSet) -> Optimization:
+    """The objective, AdamW over the LoRA (and the fused objective's w and b, not decayed), and the
+    warmup-then-linear-decay schedule over the run's steps."""
+    builder = model.scorer.builder
+    loss_fn = FusedLoss(model.model, builder.yes_id, builder.no_id) if cfg.fused else AnswerLoss(model.model)
+    groups: list[dict] = [{"params": [p for p in model.lora.parameters() if p.requires_grad]}]
+    if cfg.fused:
         groups.append({"params": list(loss_fn.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step_size = cfg.batch_size * cfg.grad_accum
@@ -307,109 +227,129 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(total_steps - warmup, 1))))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    eval_every = max(1, steps_per_epoch // max(cfg.evals_per_epoch, 1))
-    extra_params = dict(loss_fn.named_parameters())  # the fused objective's w and b
-    progress, order = Progress(), None
-    kept = load_state(out_dir)
-    if kept is not None:
-        progress, meta, tensors = kept
-        changed = cfg.changed_from(meta["config"])
-        if changed:
-            raise ValueError(f"{out_dir} holds a stopped run with other settings ({', '.join(changed)}): train "
-                             f"into another directory, or delete {out_dir / RESUME_DIR} to start over")
-        weights, extra, order = restore(meta, tensors, optimizer, schedule, generator)
-        lora.load_trainable_state_dict(weights)
-        with torch.no_grad():
-            for name, value in extra.items():
-                extra_params[name].copy_(value)
-        if cfg.progress:
-            tqdm.write(f"resuming {out_dir} at step {progress.step} of {total_steps}")
-    best_fusion = Fusion.from_json(progress.best_fusion) if progress.best_fusion else None
-    history, best_auc, step = progress.history, progress.best_auc, progress.step
-    start = time.perf_counter() - progress.seconds
-    call_start = time.perf_counter()
+    return Optimization(loss_fn, optimizer, schedule, torch.Generator().manual_seed(cfg.seed), step_size, total_steps,
+                        eval_every=max(1, steps_per_epoch // max(cfg.evals_per_epoch, 1)))
 
-    def checkpoint(epoch: int, position: int, running: float, tokens: int, seen: int) -> None:
-        state = Progress(step=step, epoch=epoch, position=position, running=running, tokens=tokens, seen=seen,
-                         seconds=time.perf_counter() - start, best_auc=best_auc, history=history,
-                         best_fusion=best_fusion.to_json() if best_fusion else None)
-        save_state(out_dir, asdict(cfg), state, order, lora.trainable_state_dict(), optimizer, schedule,
-                   extra_params, generator)
 
-    def evaluate() -> dict:
-        probs = scorer.score(valid_prompts, valid_reps)
-        auc = binary_metrics(valid["label"].to_numpy(), probs)["auc"]
-        if not fused:
-            return {"valid_auc": auc}
-        fused_auc = binary_metrics(valid["label"].to_numpy(), loss_fn.fusion()(probs, valid_crm))["auc"]
-        return {"valid_auc": fused_auc, "valid_llm_auc": auc, "fusion": loss_fn.fusion().to_json()}
+def resume_or_start(run: Run) -> tuple[Progress, list[int] | None]:
+    """(progress, the stopped epoch's instance order) of a run stopped in ``out_dir``, its weights,
+    optimizer, schedule and generators put back; a fresh start where none was stopped. A stopped
+    run with other settings is refused: continuing it would train neither run."""
+    kept = load_state(run.out_dir)
+    if kept is None:
+        return Progress(), None
+    progress, meta, tensors = kept
+    changed = run.cfg.changed_from(meta["config"])
+    if changed:
+        raise ValueError(f"{run.out_dir} holds a stopped run with other settings ({', '.join(changed)}): train "
+                         f"into another directory, or delete {run.out_dir / RESUME_DIR} to start over")
+    opt = run.opt
+    weights, extra, order = restore(meta, tensors, opt.optimizer, opt.schedule, opt.generator)
+    run.model.lora.load_trainable_state_dict(weights)
+    extra_params = dict(opt.loss_fn.named_parameters())  # the fused objective's w and b
+    with torch.no_grad():
+        for name, value in extra.items():
+            extra_params[name].copy_(value)
+    if run.cfg.progress:
+        tqdm.write(f"resuming {run.out_dir} at step {progress.step} of {opt.total_steps}")
+    return progress, order
 
-    bar = tqdm(total=total_steps, initial=step, desc="llm train", disable=not cfg.progress)
-    for epoch in range(progress.epoch, cfg.epochs):
-        if order is not None and epoch == progress.epoch:  # the epoch the stopped run was in
-            first, running, tokens, seen = progress.position, progress.running, progress.tokens, progress.seen
+
+def train_loop(run: Run, resumed: Progress, order: list[int] | None, stops: Stops) -> tuple[Progress, bool]:
+    """Optimizer steps from where ``resumed`` stands to the end of the last epoch, validating every
+    ``eval_every`` steps and saving the mid-run state as ``stops`` says; returns (the progress,
+    whether the run finished). A stop is decided after a step, never within one."""
+    cfg, opt = run.cfg, run.opt
+    state = replace(resumed)
+    start, call_start = time.perf_counter() - resumed.seconds, time.perf_counter()
+    bar = tqdm(total=opt.total_steps, initial=state.step, desc="llm train", disable=not cfg.progress)
+    for epoch in range(resumed.epoch, cfg.epochs):
+        if order is not None and epoch == resumed.epoch:  # the epoch the stopped run was in
+            first = resumed.position
         else:
-            order = torch.randperm(len(instances), generator=generator).tolist()
-            first, running, tokens, seen = 0, 0.0, 0, 0
-        for begin in range(first, len(order), step_size):
-            lora.train()
-            big = order[begin : begin + step_size]
-            loss_sum, n_tokens = accumulate_step(model, lora, loss_fn, instances, big, cfg, scorer.pad_id)
-            running += loss_sum
-            seen += len(big)
-            tokens += n_tokens
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - start
+            order = torch.randperm(len(run.samples.instances), generator=opt.generator).tolist()
+            first, state.running, state.tokens, state.seen = 0, 0.0, 0, 0
+        state.epoch = epoch
+        for begin in range(first, len(order), opt.step_size):
+            optimizer_step(run, order[begin : begin + opt.step_size], state)
             bar.update(1)
-            bar.set_postfix(loss=f"{running / max(seen, 1):.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
-            if step % eval_every == 0 or step == total_steps:
-                result = evaluate()
-                auc = result["valid_auc"]
-                history.append({"step": step, "epoch": epoch + 1, "train_loss": running / max(seen, 1), **result,
-                                "seconds": time.perf_counter() - start})
-                if cfg.progress:
-                    tqdm.write(f"step {step}: loss {running / max(seen, 1):.4f}, valid AUC {auc:.4f}"
-                               + (f" (fused; LLM alone {result['valid_llm_auc']:.4f})" if fused else ""))
-                if auc > best_auc:
-                    best_auc = auc
-                    save_file({k: v.detach().cpu().contiguous() for k, v in lora.trainable_state_dict().items()},
-                              out_dir / "weights.safetensors")
-                    if fused:
-                        best_fusion = loss_fn.fusion()
-                        (out_dir / FUSION_FILE).write_text(json.dumps(best_fusion.to_json(), indent=2))
-            stopping = step < total_steps and (
-                (stop_after_steps is not None and step - progress.step >= stop_after_steps)
-                or (stop_after_seconds is not None and time.perf_counter() - call_start >= stop_after_seconds))
-            if stopping or (checkpoint_every and step % checkpoint_every == 0 and step < total_steps):
-                checkpoint(epoch, begin + step_size, running, tokens, seen)
+            bar.set_postfix(loss=f"{state.running / max(state.seen, 1):.4f}",
+                            tok_s=f"{state.tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+            if state.step % opt.eval_every == 0 or state.step == opt.total_steps:
+                validate_and_select(run, state, start)
+            stopping = stops.stopping(state.step, opt.total_steps, state.step - resumed.step, call_start)
+            if stopping or stops.checkpointing(state.step, opt.total_steps):
+                state.position, state.seconds = begin + opt.step_size, time.perf_counter() - start
+                save_state(run.out_dir, asdict(cfg), state, order, run.model.lora.trainable_state_dict(),
+                           opt.optimizer, opt.schedule, dict(opt.loss_fn.named_parameters()), opt.generator)
             if stopping:
                 bar.close()
-                return {"finished": False, "step": step, "total_steps": total_steps, "best_valid_auc": best_auc,
-                        "history": history, "train_seconds": time.perf_counter() - start,
-                        "instances": len(instances)}
+                state.seconds = time.perf_counter() - start
+                return state, False
     bar.close()
-    summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": prompt.model_dump(),
-               "best_valid_auc": best_auc, "history": history, "train_seconds": time.perf_counter() - start,
-               "instances": len(instances)}
-    if fused:
-        summary.update(objective="fused", fusion=best_fusion.to_json() if best_fusion else None)
+    state.seconds = time.perf_counter() - start
+    return state, True
+
+
+def optimizer_step(run: Run, rows: list[int], state: Progress) -> None:
+    """One optimizer step over the instances ``rows``; the epoch's running loss, instances and
+    tokens grow by it."""
+    model, opt = run.model, run.opt
+    model.lora.train()
+    loss_sum, n_tokens = accumulate_step(model.model, model.lora, opt.loss_fn, run.samples.instances, rows, run.cfg,
+                                         model.scorer.pad_id)
+    state.running += loss_sum
+    state.seen += len(rows)
+    state.tokens += n_tokens
+    opt.optimizer.step()
+    opt.schedule.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+
+
+def validate(run: Run) -> dict:
+    """The LoRA as it stands on the validation draw: its AUC, and with the fused objective the
+    fused AUC (what selects) and the fusion that gives it."""
+    samples = run.samples
+    probs = run.model.scorer.score(samples.valid_prompts, samples.valid_crm.user_reps)
+    labels = samples.valid["label"].to_numpy()
+    auc = binary_metrics(labels, probs)["auc"]
+    if not run.cfg.fused:
+        return {"valid_auc": auc}
+    fusion = run.opt.loss_fn.fusion()
+    fused_auc = binary_metrics(labels, fusion(probs, samples.valid_crm.probabilities))["auc"]
+    return {"valid_auc": fused_auc, "valid_llm_auc": auc, "fusion": fusion.to_json()}
+
+
+def validate_and_select(run: Run, state: Progress, start: float) -> None:
+    """Validate, add it to the history, and keep the weights (and the fusion) in ``out_dir`` when
+    they validate best so far: the run's output is its best checkpoint, not its last."""
+    result = validate(run)
+    auc, train_loss = result["valid_auc"], state.running / max(state.seen, 1)
+    state.history.append({"step": state.step, "epoch": state.epoch + 1, "train_loss": train_loss, **result,
+                          "seconds": time.perf_counter() - start})
+    if run.cfg.progress:
+        tqdm.write(f"step {state.step}: loss {train_loss:.4f}, valid AUC {auc:.4f}"
+                   + (f" (fused; LLM alone {result['valid_llm_auc']:.4f})" if run.cfg.fused else ""))
+    if auc > state.best_auc:
+        state.best_auc = auc
+        save_file({k: v.detach().cpu().contiguous() for k, v in run.model.lora.trainable_state_dict().items()},
+                  run.out_dir / "weights.safetensors")
+        if run.cfg.fused:
+            state.best_fusion = run.opt.loss_fn.fusion().to_json()
+            (run.out_dir / FUSION_FILE).write_text(json.dumps(state.best_fusion, indent=2))
+
+
+def write_outputs(run: Run, state: Progress) -> dict:
+    """The finished run's ``config.json`` (the LoRA's) and ``train.json`` (the summary, returned);
+    its mid-run state goes, as nothing is left to continue."""
+    cfg, lora_cfg, out_dir = run.cfg, run.model.lora.cfg, run.out_dir
+    summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": run.model.scorer.prompt.model_dump(),
+               "best_valid_auc": state.best_auc, "history": state.history, "train_seconds": state.seconds,
+               "instances": len(run.samples.instances)}
+    if cfg.fused:
+        summary.update(objective="fused", fusion=state.best_fusion)
     (out_dir / "config.json").write_text(lora_cfg.model_dump_json(indent=2))
     (out_dir / "train.json").write_text(json.dumps(summary, indent=2))
     clear_state(out_dir)
     return summary
-
-
-def load_trained(out_dir: Path, base_dir: Path, dtype: str = "float32", k_text: int = 10,
-                 device: str = "auto") -> LLMScorer:
-    """A trained LoRA directory as a scorer, worded as it was trained (``train.json``'s prompt)."""
-    model, tokenizer = load_base(base_dir, dtype, device)
-    lora = PersonalizedLoRA(model, PersonalizedLoRAConfig.model_validate_json((out_dir / "config.json").read_text()))
-    lora.load_trainable_state_dict(load_file(out_dir / "weights.safetensors"))
-    lora.to(model.device)
-    train = out_dir / "train.json"
-    prompt = PromptConfig.model_validate(json.loads(train.read_text())["prompt"]) if train.is_file() else None
-    return LLMScorer(model, tokenizer, lora, k_text, prompt)

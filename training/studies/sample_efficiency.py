@@ -240,7 +240,9 @@ class _Runner:
 
     def _llm(self, run: Run, view: PreparedData) -> dict:
         from service.crm.model import CRMConfig
-        from training.llm.train import load_trained, train_llm, user_representations
+        from training.llm.crm_outputs import user_representations
+        from training.llm.loading import load_trained
+        from training.llm.train import train_llm
 
         inputs, cfg = self.inputs, self.cfg
         if inputs.crm_dir is None or inputs.base_dir is None:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from knowledge_support import META, fabricate_knowledge, planted_vectors, write_knowledge
+from tests.knowledge_support import META, fabricate_knowledge, planted_vectors, write_knowledge
 from typer.testing import CliRunner
 
 from training.cli import app

@@ -10,7 +10,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
 from service.history import decode_records, events_key
 from training.cli import app
 from training.data.synthetic import generate_synthetic

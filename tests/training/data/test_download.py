@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 
 import pytest
-from http_support import closed_port
+from tests.http_support import closed_port
 
 from training.data.download import DownloadError, download_movielens, extract_zip_safely
 

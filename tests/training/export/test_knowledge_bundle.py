@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from knowledge_support import META, fabricate_knowledge
+from tests.knowledge_support import META, fabricate_knowledge
 
 from service.bundle import BundleError, load_bundle
 from service.model import load_model
@@ -18,7 +18,7 @@ from training.crm.checkpoint import load_user_knowledge, save_checkpoint
 from training.crm.knowledge import load_knowledge
 from training.crm.train import TrainConfig, train_crm
 from training.export.crm_bundle import export_crm_bundle
-from training.llm.train import crm_probabilities, user_representations
+from training.llm.crm_outputs import crm_probabilities, user_representations
 
 DIM = 16
 

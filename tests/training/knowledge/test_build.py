@@ -12,7 +12,7 @@ from service.engine.base import ForwardInterrupted
 from service.knowledge.encode import BASE_LLM_MEAN, MINILM
 from service.knowledge.generate import generate_greedy
 from service.knowledge.prompts import KnowledgePrompts, knowledge_prompts_for
-from tiny_llama import build_tiny_llama
+from tests.tiny_llama import build_tiny_llama
 from training.data.samples import PreparedData, prepare
 from training.data.synthetic import generate_synthetic
 from training.knowledge import build as build_module

@@ -5,7 +5,7 @@ writes its outputs under its own names in ``root``."""
 import numpy as np
 import pytest
 
-from tiny_llama import build_tiny_llama
+from tests.tiny_llama import build_tiny_llama
 from training.crm.checkpoint import save_checkpoint
 from training.crm.train import TrainConfig, train_crm
 from training.data.samples import prepare

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import training.llm.base_model as bm
-from tiny_llama import build_tiny_llama
+from tests.tiny_llama import build_tiny_llama
 from training.cli import app
 from training.llm.base_model import (
     PROVENANCE,

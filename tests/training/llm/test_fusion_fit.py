@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from typer.testing import CliRunner
-from world_support import item_rate_crm
+from tests.world_support import item_rate_crm
 
 from service.bundle import BundleError, load_bundle
 from service.model import Fusion, load_model

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from service.llm.personalized_lora import PersonalizedLoRA, PersonalizedLoRAConfig
-from tiny_llama import build_tiny_llama
+from tests.tiny_llama import build_tiny_llama
+from training.llm.loading import load_base
 from training.llm.packing import pack, packed_answer_hidden, token_budget_groups
 from training.llm.scoring import answer_hidden, pad_right
-from training.llm.train import AnswerLoss, FusedLoss, LLMTrainConfig, TrainSet, accumulate_step, load_base
+from training.llm.train import LLMTrainConfig
+from training.llm.train_step import AnswerLoss, FusedLoss, TrainSet, accumulate_step
 
 YES, NO, PAD = 60, 61, 3  # any two in-vocabulary ids serve as the label tokens here
 USER_DIM = 16

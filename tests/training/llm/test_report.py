@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training.llm.offline_scoring import LLMScorer
 from training.llm.report import SCORES_DIR, kept_scores, run_report
-from training.llm.train import LLMScorer
 
 
 def counting_scores(monkeypatch) -> list[int]:

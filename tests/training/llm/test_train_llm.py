@@ -8,8 +8,9 @@ from transformers import AutoTokenizer
 
 from service.llm.prompt import AnswerTokenError, PromptBuilder, PromptConfig
 from service.retrieval.history import semantic_positions
+from training.llm.loading import load_trained
 from training.llm.prompts import sample_prompts
-from training.llm.train import LLMTrainConfig, load_trained, train_llm
+from training.llm.train import LLMTrainConfig, train_llm
 
 
 def test_answer_tokens_are_single_and_distinct(llm_world) -> None:

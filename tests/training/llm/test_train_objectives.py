@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from service.model.fusion import FUSION_FILE, Fusion
 from training.cli import app
-from training.llm.train import (LLMTrainConfig, crm_probabilities, load_trained, train_llm,
-                                user_representations)
+from training.llm.crm_outputs import crm_probabilities, user_representations
+from training.llm.loading import load_trained
+from training.llm.train import LLMTrainConfig, train_llm
 from training.metrics import binary_metrics
 
 SUMMARY_KEYS = {"config", "lora", "prompt", "best_valid_auc", "history", "train_seconds", "instances"}

@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from knowledge_support import fabricate_knowledge
-from tiny_llama import build_tiny_llama
+from tests.knowledge_support import fabricate_knowledge
+from tests.tiny_llama import build_tiny_llama
 from typer.testing import CliRunner
 
 from training.cli import app
 from training.data.samples import PreparedData
-from training.llm.train import load_trained, user_representations
+from training.llm.crm_outputs import user_representations
+from training.llm.loading import load_trained
 from training.metrics import binary_metrics
 from training.studies.sample_efficiency import StudyConfig, plan_runs
 from training.studies.subsets import shared_test_subset, subset_size, train_subset
