@@ -17,15 +17,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the test suite's own-server helper
 
-from redis_support import own_server, valkey_server  # noqa: E402
+from tests.redis_support import own_server, valkey_server  # noqa: E402  (the test suite's own-server helper)
 from service.history import Event, HistorySettings, HistoryStore  # noqa: E402
 
 
 async def appends(url: str, durable: bool, n: int) -> np.ndarray:
-    store = HistoryStore.from_url(url, HistorySettings(prefix=f"bench-durable-{durable}:", durable=durable,
-                                                       socket_timeout=5.0))
+    store = HistoryStore.from_settings(HistorySettings(redis_url=url, redis_prefix=f"bench-durable-{durable}:",
+                                                       events_durable=durable, redis_timeout_s=5.0))
     times = []
     try:
         for i in range(n):

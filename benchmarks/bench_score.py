@@ -64,7 +64,7 @@ def start_gateway(args) -> subprocess.Popen:
 
 
 async def seed_long_user(settings: Settings, catalog_items: np.ndarray, n: int, rng) -> None:
-    store = HistoryStore.from_url(settings.redis_url)
+    store = HistoryStore.from_settings(settings.history)
     await store.delete(LONG_USER)
     items = rng.choice(catalog_items, size=n, replace=False)
     ratings = rng.integers(1, 6, size=n)
@@ -213,7 +213,7 @@ def main() -> None:
 
     # (b) the same prompts: the engine in-process, and the naive way
     engine, builder = build_torch_engine(settings, model)
-    store = HistoryStore.from_url(settings.redis_url)
+    store = HistoryStore.from_settings(settings.history)
 
     async def read_all():
         out = [await store.read(u) for u, _ in requests]

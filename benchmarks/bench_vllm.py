@@ -82,8 +82,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     model_dir = args.model
     if model_dir is None:
-        sys.path.insert(0, str(ROOT / "tests"))  # the tiny random Llama the tests build
-        from tiny_llama import build_tiny_llama
+        from tests.tiny_llama import build_tiny_llama  # the tiny random Llama the tests build
 
         model_dir = build_tiny_llama(work / "tiny", hidden_size=64, heads=2, kv_heads=1, head_dim=32, layers=2)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -43,7 +43,7 @@ def synthetic_rows(users: int, events: int, seed: int = 0):
 
 async def bench_reads(url: str, prefix: str, users: int, events: int, rounds: int, concurrency: int,
                       with_knowledge: bool = False) -> None:
-    store = HistoryStore.from_url(url, HistorySettings(prefix=prefix, max_events=events))
+    store = HistoryStore.from_settings(HistorySettings(redis_url=url, redis_prefix=prefix, history_max_events=events))
     ids = [f"bench{u}" for u in range(users)]
     try:
         for user in ids[:20]:  # warm the connection and the script cache

@@ -1,38 +1,44 @@
 """Prometheus metrics of the service, owned by one ``Metrics`` object per app.
 
-Each ``Metrics`` has its own ``CollectorRegistry`` (not the process-global one), so tests and
-tools can build several apps in one process. Durations are recorded in seconds (Prometheus base
-unit) with buckets from 0.5 ms to 10 s, the range of a scoring request. Labels are bounded sets
-(route templates, stages, reasons): never user or item ids.
+``Metrics`` is the ``Telemetry`` every component reports through (``service.telemetry``): this
+module alone maps each outcome enum to its counter and each quantity to its histogram or gauge,
+and pre-creates every label set from the enums, so dashboards see zero-valued series from the
+start. Each ``Metrics`` has its own ``CollectorRegistry`` (not the process-global one), so tests
+and tools can build several apps in one process. Durations are recorded in seconds (Prometheus
+base unit) with buckets from 0.5 ms to 10 s, the range of a scoring request. Labels are bounded
+sets (route templates, stages, reasons, configured replicas, loaded versions): never user or
+item ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import gc_collector, platform_collector, process_collector
 from prometheus_client.exposition import choose_encoder
 
+from service.engine.vllm.adapters import ReplicaAdapterOutcome
 from service.nearline.knowledge_refresh import RefreshOutcome
-from service.registry.errors import RefusalReason
+from service.nearline.served_log import ServedLogOutcome
+from service.personalization.adapter_cache import AdapterCacheOutcome
+from service.registry.errors import ActivationKind, RefusalReason
 from service.registry.guard import GuardRail
-from service.scoring.contracts import Admission, CandidateSource, DegradedReason, ServedOutcome, VersionMetrics
+from service.scoring.contracts import (Admission, CandidateSource, DegradedReason, ScoreCacheOutcome, ServedOutcome,
+                                       ShadowOutcome, Stage, VersionMetrics)
+from service.scoring.engine_scheduler import BackgroundOutcome, RequestWorkOutcome
+from service.scoring.online_eval import LabelOutcome
 from service.scoring.user_knowledge import KnowledgeOutcome
+from service.telemetry import Quantity
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-STAGES = ("history", "crm", "retrieval", "prompts", "adapter", "llm_cache", "llm", "total")
+STAGES = tuple(Stage)  # the stages of a score request (service.scoring.contracts)
 DEGRADED_REASONS = tuple(DegradedReason)  # why an answer was degraded (service.scoring.contracts)
 REFUSAL_REASONS = tuple(RefusalReason)  # why a model push or activation was refused (service.registry)
-ACTIVATION_KINDS = ("activate", "rollback", "follow")
+ACTIVATION_KINDS = tuple(ActivationKind)
 SHED_ROUTES = ("/v1/score", "/v1/events")
-SCORE_CACHE_OUTCOMES = ("hit", "miss", "error", "write_error")
-BACKGROUND_OUTCOMES = ("scored", "failed", "dropped", "expired")
 CANARY_SIDES = ("stable", "candidate")
-ABORT_RAILS = (*GuardRail, "operator")
-SERVED_LOG_OUTCOMES = ("written", "dropped", "failed")
-SHADOW_OUTCOMES = ("queued", "not_queued", "unscorable")
-LABEL_OUTCOMES = ("joined", "unmatched", "expired", "error")
 # Ages of served knowledge vectors: a minute to a year (offline vectors are as old as their bundle).
 KNOWLEDGE_AGE_BUCKETS_S = (60.0, 600.0, 3600.0, 6 * 3600.0, 86_400.0, 3 * 86_400.0, 7 * 86_400.0, 30 * 86_400.0,
                            90 * 86_400.0, 365 * 86_400.0)
@@ -169,69 +175,72 @@ class Metrics:
             "reclora_knowledge_refresh", "Nearline refreshes of user knowledge vectors by outcome (refreshed; failed; "
             "unavailable: due but no base LLM on this gateway; superseded: a newer vector was stored meanwhile).",
             ["outcome"], registry=r)
-        for outcome in KnowledgeOutcome:
-            self.user_knowledge.labels(outcome)
-        for outcome in RefreshOutcome:
-            self.knowledge_refresh.labels(outcome)
         self._online_versions: set[str] = set()
-        self.model_activations.labels("promote")
+        # Outcome enum -> how one count lands (labelled counters take the member as their label).
+        labelled = {DegradedReason: self.degraded, Admission: self.llm_admissions, CandidateSource: self.candidates,
+                    ScoreCacheOutcome: self.score_cache, ShadowOutcome: self.shadow_requests,
+                    KnowledgeOutcome: self.user_knowledge, BackgroundOutcome: self.background_jobs,
+                    ServedLogOutcome: self.served_log, LabelOutcome: self.online_labels,
+                    RefreshOutcome: self.knowledge_refresh, RefusalReason: self.model_refusals,
+                    GuardRail: self.canary_aborts}
+        unlabelled = {RequestWorkOutcome.ABANDONED: self.llm_abandoned, RequestWorkOutcome.EXPIRED: self.llm_expired,
+                      AdapterCacheOutcome.HIT: self.adapter_cache_hits,
+                      AdapterCacheOutcome.MISS: self.adapter_cache_misses,
+                      AdapterCacheOutcome.EVICT: self.adapter_cache_evictions}
+        by_replica = {ReplicaAdapterOutcome.LOADED: self.vllm_adapter_loads,
+                      ReplicaAdapterOutcome.EVICTED: self.vllm_adapter_evictions}
+        self._counts: dict[type[StrEnum], Callable[[StrEnum, float, str | None], None]] = {
+            **{kind: _labelled(counter) for kind, counter in labelled.items()},
+            RequestWorkOutcome: _each(unlabelled), AdapterCacheOutcome: _each(unlabelled),
+            ReplicaAdapterOutcome: lambda outcome, n, on: by_replica[outcome].labels(on).inc(n),
+            ServedOutcome: lambda outcome, n, on: self.canary_responses.labels(on, outcome).inc(n),
+            ActivationKind: self._activated}
+        self._measures: dict[StrEnum, Callable[[float, str | None], None]] = {
+            **{stage: (lambda ms, on, stage=stage: self.stage_latency.labels(stage).observe(ms / 1000.0))
+               for stage in Stage},
+            Quantity.ENGINE_QUEUE_REQUESTS: lambda v, on: self.engine_queue_requests.set(v),
+            Quantity.ENGINE_QUEUE_MS: lambda v, on: self.engine_queue_ms.set(v),
+            Quantity.BACKGROUND_QUEUE_JOBS: lambda v, on: self.background_queue.set(v),
+            Quantity.ADAPTER_CACHE_BYTES: lambda v, on: self.adapter_cache_bytes.set(v),
+            Quantity.KNOWLEDGE_AGE_S: lambda v, on: self.user_knowledge_age.observe(v),
+            Quantity.REPLICA_ADAPTER_LOAD_S: lambda v, on: self.vllm_adapter_load_latency.labels(on).observe(v),
+            Quantity.REPLICA_ADAPTERS_RESIDENT: lambda v, on: self.vllm_adapters_resident.labels(on).set(v),
+            Quantity.REPLICA_UP: lambda v, on: self.vllm_replica_up.labels(on).set(v),
+            Quantity.CANARY_PERCENT: lambda v, on: self.canary_percent.set(v),
+            Quantity.CANARY_SHADOW: lambda v, on: self.canary_shadow.set(v)}
+        # Pre-create the known label sets so dashboards see zero-valued series from the start.
+        for kind, counter in labelled.items():
+            for member in kind:
+                counter.labels(member)
+        for kind in ActivationKind:
+            self.model_activations.labels(kind)
         for side in CANARY_SIDES:
             for outcome in ServedOutcome:
                 self.canary_responses.labels(side, outcome)
-        for rail in ABORT_RAILS:
-            self.canary_aborts.labels(rail)
-        for outcome in SERVED_LOG_OUTCOMES:
-            self.served_log.labels(outcome)
-        for outcome in SHADOW_OUTCOMES:
-            self.shadow_requests.labels(outcome)
-        for outcome in LABEL_OUTCOMES:
-            self.online_labels.labels(outcome)
-        # Pre-create the known label sets so dashboards see zero-valued series from the start.
-        for stage in STAGES:
+        for stage in Stage:
             self.stage_latency.labels(stage)
-        for reason in DEGRADED_REASONS:
-            self.degraded.labels(reason)
-        for kind in ACTIVATION_KINDS:
-            self.model_activations.labels(kind)
-        for reason in REFUSAL_REASONS:
-            self.model_refusals.labels(reason)
         for route in SHED_ROUTES:
             self.shed.labels(route)
             self.inflight.labels(route)
-        for outcome in Admission:
-            self.llm_admissions.labels(outcome)
-        for outcome in BACKGROUND_OUTCOMES:
-            self.background_jobs.labels(outcome)
-        for outcome in SCORE_CACHE_OUTCOMES:
-            self.score_cache.labels(outcome)
-        for source in CandidateSource:
-            self.candidates.labels(source)
 
-    def observe_stage(self, stage: str, ms: float) -> None:
-        self.stage_latency.labels(stage).observe(ms / 1000.0)
+    def count(self, outcome: StrEnum, n: float = 1, *, on: str | None = None) -> None:
+        """``Telemetry.count``: ``n`` occurrences of ``outcome`` on its enum's collector."""
+        self._counts[type(outcome)](outcome, n, on)
 
-    def observe_degraded(self, reason: DegradedReason) -> None:
-        self.degraded.labels(reason).inc()
+    def measure(self, quantity: StrEnum, value: float, *, on: str | None = None) -> None:
+        """``Telemetry.measure``: a stage's milliseconds (observed in seconds) or a quantity."""
+        self._measures[quantity](value, on)
 
-    def observe_knowledge(self, outcome: KnowledgeOutcome, age_s: float | None) -> None:
-        self.user_knowledge.labels(outcome).inc()
-        if age_s is not None:
-            self.user_knowledge_age.observe(age_s)
-
-    def observe_engine_queue(self, requests: int, jobs: int, backlog_ms: float) -> None:
-        self.engine_queue_requests.set(requests)
-        self.background_queue.set(jobs)
-        self.engine_queue_ms.set(backlog_ms)
+    def _activated(self, kind: StrEnum, n: float, version: str | None) -> None:
+        self.model_activations.labels(kind).inc(n)
+        if version is not None:
+            self.set_model_version(version)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.request_latency.labels(method, route, str(status)).observe(seconds)
 
     def set_model_version(self, version: str) -> None:
         self.model.info({"version": version})
-
-    def set_canary(self, candidate: str | None, percent: float, shadow: bool) -> None:
-        self.canary_percent.set(percent if candidate is not None else 0.0)
-        self.canary_shadow.set(int(shadow and candidate is not None))
 
     def set_online(self, by_version: Mapping[str, VersionMetrics], loaded: set[str]) -> None:
         """The online gauges of the loaded versions; series of versions no longer loaded go away."""
@@ -261,3 +270,11 @@ class Metrics:
         scraper's Accept header asks for it, else the Prometheus text format."""
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+
+def _labelled(counter: Counter) -> Callable[[StrEnum, float, str | None], None]:
+    return lambda outcome, n, on: counter.labels(outcome).inc(n)
+
+
+def _each(counters: Mapping[StrEnum, Counter]) -> Callable[[StrEnum, float, str | None], None]:
+    return lambda outcome, n, on: counters[outcome].inc(n)

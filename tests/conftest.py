@@ -1,4 +1,4 @@
-"""Shared test setup. This directory is on sys.path, so tests import helpers such as
+"""Shared test setup. Tests are packages (so files may share basenames) and import helpers such as
 ``redis_support``, ``tiny_llama`` and ``world_support``; the fixtures here serve every suite."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from redis_support import scratch_prefix
-from world_support import World, build_world
+from tests.redis_support import scratch_prefix
+from tests.world_support import World, build_world
 
 
 @pytest.fixture(scope="session")

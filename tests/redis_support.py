@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis.exceptions import RedisError
 
-from http_support import closed_port
+from tests.http_support import closed_port
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -88,7 +88,7 @@ def test_redis_persists_with_aof_on_a_named_volume(compose):
 
 def test_gateway_environment_names_real_settings(gateway):
     env = env_of(gateway)
-    fields = {f"RECLORA_{name.upper()}" for name in Settings.model_fields}
+    fields = Settings.env_names()
     unknown = {k for k in env if k.startswith("RECLORA_")} - fields
     assert not unknown, f"not settings of service/config.py: {sorted(unknown)}"
     assert env["RECLORA_REDIS_URL"] == "redis://redis:6379/0"

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.llm.prompt import Behaviour, ItemText, PromptBuilder
 from training.llm.scoring import score_sequences
-from tiny_llama import CHATML_TEMPLATE, DEFAULT_WORDS, PROVENANCE, build_tiny_llama
+from tests.tiny_llama import CHATML_TEMPLATE, DEFAULT_WORDS, PROVENANCE, build_tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
 from service.config import Settings
 
 VERSION = "e2e-v1"
@@ -106,7 +106,7 @@ def item_rate_crm(world: World, out: Path, sign: float = 1.0) -> Path:
 def build_world(root: Path, prefix: str) -> World:
     """Every artefact of the world under ``root``; histories loaded into Redis under ``prefix``."""
     from service.history import bulk_load
-    from tiny_llama import build_tiny_llama
+    from tests.tiny_llama import build_tiny_llama
     from training.crm.checkpoint import save_checkpoint
     from training.crm.train import TrainConfig, train_crm
     from training.data.samples import prepare

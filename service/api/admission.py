@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import error_response
 from service.api.middleware import SHED_ROUTE_KEY
+from service.config import RequestSettings
 from service.metrics import Metrics
 
 
@@ -36,10 +37,13 @@ class InflightLimit:
 
 
 class LoadShedMiddleware:
-    def __init__(self, app: ASGIApp, *, score: InflightLimit, writes: InflightLimit, metrics: Metrics,
-                 retry_after_s: int) -> None:
-        self.app, self.score, self.writes = app, score, writes
-        self.metrics, self.retry_after_s = metrics, retry_after_s
+    """Score requests bounded by ``score_inflight_limit``, event and profile writes by
+    ``events_inflight_limit``; a shed answer says retry after ``shed_retry_after_s``."""
+
+    def __init__(self, app: ASGIApp, *, settings: RequestSettings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.score = InflightLimit("/v1/score", settings.score_inflight_limit)
+        self.writes = InflightLimit("/v1/events", settings.events_inflight_limit)
 
     def _limit(self, scope: Scope) -> tuple[InflightLimit, str] | None:
         """The bound this request counts against, and its route template (for the metrics)."""
@@ -61,9 +65,10 @@ class LoadShedMiddleware:
         if not limit.try_enter():
             scope[SHED_ROUTE_KEY] = template  # never routed: the access log and metrics still name the route
             self.metrics.shed.labels(limit.route).inc()
+            retry_after_s = self.settings.shed_retry_after_s
             response = error_response(429, "overloaded", f"{limit.limit} requests in flight on {limit.route}, "
-                                      f"the most this gateway takes; retry after {self.retry_after_s} s",
-                                      headers={"Retry-After": str(self.retry_after_s)})
+                                      f"the most this gateway takes; retry after {retry_after_s} s",
+                                      headers={"Retry-After": str(retry_after_s)})
             await response(scope, receive, send)
             return
         gauge = self.metrics.inflight.labels(limit.route)

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.api.admin.router import router as admin_router
-from service.api.admission import InflightLimit, LoadShedMiddleware
+from service.api.admission import LoadShedMiddleware
 from service.api.errors import install_error_handlers
 from service.api.events.router import router as events_router
 from service.api.fields import exact_integer_bounds
@@ -49,9 +49,9 @@ def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None,
     metrics = metrics or Metrics()
     app = FastAPI(title="RecLoRA serving", version="0.1.0", lifespan=lifespan,
                   summary="Personalized-LoRA LLM + CRM scoring of candidate items for a user.",
-                  openapi_url=OPENAPI_URL if settings.docs_enabled else None, docs_url=None, redoc_url=None)
+                  openapi_url=OPENAPI_URL if settings.http.docs_enabled else None, docs_url=None, redoc_url=None)
     app.openapi = _exact_openapi(app)  # type: ignore[method-assign]
-    docs_paths = _install_docs(app) if settings.docs_enabled else frozenset()
+    docs_paths = _install_docs(app) if settings.http.docs_enabled else frozenset()
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.scorer = scorer
@@ -61,16 +61,14 @@ def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None,
     app.state.history = history
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       limits={admin_router.prefix: settings.admin_max_upload_bytes})
-    app.add_middleware(LoadShedMiddleware, metrics=metrics, retry_after_s=settings.shed_retry_after_s,
-                       score=InflightLimit("/v1/score", settings.score_inflight_limit),
-                       writes=InflightLimit("/v1/events", settings.events_inflight_limit))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http.max_body_bytes,
+                       limits={admin_router.prefix: settings.admin.admin_max_upload_bytes})
+    app.add_middleware(LoadShedMiddleware, metrics=metrics, settings=settings.requests)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,  # added last = outermost
                        fixed_routes=docs_paths)
     for router in (health_router, metrics_router, score_router, events_router, users_router):
         app.include_router(router)
-    if settings.admin_enabled:
+    if settings.admin.admin_enabled:
         app.include_router(admin_router)
     return app
 

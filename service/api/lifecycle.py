@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from service.config import Settings
-from service.history import HistorySettings, HistoryStore
+from service.history import HistoryStore
 from service.metrics import Metrics
 from service.scoring.contracts import KnowledgeRefresh, OnlineEvaluation, Scorer
 
@@ -61,12 +61,6 @@ class Lifecycle:
         self.draining = True
 
 
-def history_settings(settings: Settings) -> HistorySettings:
-    return HistorySettings(prefix=settings.redis_prefix, max_events=settings.history_max_events,
-                           socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s,
-                           max_connections=settings.redis_max_connections, durable=settings.events_durable)
-
-
 async def load_runtime(app: FastAPI, factory: RuntimeFactory) -> None:
     """Build the runtime in a worker thread and publish it; a failure is logged and kept for /readyz."""
     state = app.state
@@ -93,7 +87,7 @@ async def follow_store(app: FastAPI) -> None:
     canary state says (set by any gateway sharing the store); runs until shutdown."""
     state = app.state
     while True:
-        await asyncio.sleep(state.settings.model_poll_s)
+        await asyncio.sleep(state.settings.model.model_poll_s)
         if state.models is None:
             continue
         try:
@@ -109,9 +103,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.online = None  # the runtime's online evaluation, once loaded
     state.knowledge = None  # the runtime's knowledge refresh, once loaded
     if state.history is None:
-        state.history = HistoryStore.from_url(state.settings.redis_url, history_settings(state.settings))
+        state.history = HistoryStore.from_settings(state.settings.history)
         lifecycle.owned.add("history")
-    if state.settings.events_durable:  # a promise the server cannot keep is refused at startup
+    if state.settings.history.events_durable:  # a promise the server cannot keep is refused at startup
         await state.history.check_durable()
     loader = None
     if state.scorer is None:
@@ -119,7 +113,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     else:
         state.metrics.set_model_version(state.scorer.model_version)
     follower = None
-    if state.settings.follows_store:
+    if state.settings.model.follows_store:
         follower = asyncio.create_task(follow_store(app), name="follow-store")
     try:
         yield

@@ -42,14 +42,15 @@ class DrainingServer(uvicorn.Server):
 
 def make_server(settings: Settings, app: FastAPI | None = None) -> DrainingServer:
     app = app or create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.graceful_timeout_s, lifespan="on")
-    return DrainingServer(config, app, settings.shutdown_delay_s)
+    http = settings.http
+    config = uvicorn.Config(app, host=http.host, port=http.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=http.graceful_timeout_s, lifespan="on")
+    return DrainingServer(config, app, http.shutdown_delay_s)
 
 
 def main() -> None:
     settings = get_settings()
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.logging.log_level, settings.logging.log_json)
     make_server(settings).run()
 
 

@@ -2,8 +2,9 @@
 adapter cache, served-score log, pipeline, model registry with the canary's guard rails, online
 evaluation, the nearline knowledge refresh -> the app.
 
-Everything else receives its parts through constructor arguments; ``create_app`` is what
-``python -m service.api`` serves.
+Everything else receives its parts through constructor arguments: each its group of the settings
+whole, and ``Metrics`` as the ``Telemetry`` it reports its outcomes through; ``create_app`` is
+what ``python -m service.api`` serves.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ from service.llm.precision import resolve_dtype
 from service.llm.prompt import PromptBuilder
 from service.metrics import Metrics
 from service.model import LoadedModel, ModelHolder, load_model
-from service.personalization.adapter_cache import AdapterCache, CacheEvents
-from service.registry.guard import CanaryGuard, GuardConfig
-from service.registry.manager import ModelManager, RegistryEvents
+from service.personalization.adapter_cache import AdapterCache
+from service.registry.guard import CanaryGuard
+from service.registry.manager import ModelManager
 from service.registry.store import ModelStore
 from service.registry.validation import BaseModelSpec
-from service.nearline.knowledge_refresh import KnowledgeRefresher, RefreshEvents
+from service.nearline.knowledge_refresh import KnowledgeRefresher
 from service.nearline.score_cache import LLMScoreCache
-from service.nearline.served_log import ServedLog, ServedLogEvents
+from service.nearline.served_log import ServedLog
 from service.scoring.contracts import ServedOutcome, VersionMetrics
-from service.scoring.engine_scheduler import EngineScheduler, SchedulerEvents
-from service.scoring.online_eval import OnlineEvaluator, OnlineEvents
-from service.scoring.pipeline import ScoringEvents, ScoringPipeline
+from service.scoring.engine_scheduler import EngineScheduler
+from service.scoring.online_eval import OnlineEvaluator
+from service.scoring.pipeline import ScoringPipeline, ServedFeed
 from service.scoring.user_knowledge import BaseLLMKnowledge, knowledge_target
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def build_prompt_builder(settings: Settings, model: LoadedModel) -> PromptBuilde
     """Prompts of ``model``'s config on the base model's tokenizer, which every engine scores with."""
     from transformers import AutoTokenizer
 
-    return PromptBuilder(AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True), model.prompt)
+    tokenizer = AutoTokenizer.from_pretrained(settings.model.base_model_dir, local_files_only=True)
+    return PromptBuilder(tokenizer, model.prompt)
 
 
 def build_torch_engine(settings: Settings, model: LoadedModel):
@@ -67,105 +69,65 @@ def build_torch_engine(settings: Settings, model: LoadedModel):
     from service.engine.torch_engine import PACE_STALE_S, TorchEngine
 
     builder = build_prompt_builder(settings, model)
-    dtype = resolve_dtype(settings.torch_dtype, settings.torch_device)
-    llm = AutoModelForCausalLM.from_pretrained(settings.base_model_dir, dtype=dtype, local_files_only=True)
-    engine = TorchEngine(llm.to(settings.torch_device), yes_id=builder.yes_id, no_id=builder.no_id,
-                         target_modules=model.lora_config.target_modules, max_batch=settings.torch_max_batch,
-                         min_saving=settings.torch_min_shared_tokens,
-                         native_kernels=settings.torch_native_kernels,
+    torch_settings = settings.torch
+    dtype = resolve_dtype(torch_settings.torch_dtype, torch_settings.torch_device)
+    llm = AutoModelForCausalLM.from_pretrained(settings.model.base_model_dir, dtype=dtype, local_files_only=True)
+    engine = TorchEngine(llm.to(torch_settings.torch_device), torch_settings, yes_id=builder.yes_id,
+                         no_id=builder.no_id, target_modules=model.lora_config.target_modules,
                          # Background forwards keep the pace measured when they run (see expected_ms).
-                         pace_max_age_s=None if settings.llm_score_cache else PACE_STALE_S)
+                         pace_max_age_s=None if settings.score_cache.llm_score_cache else PACE_STALE_S)
     return engine, builder
 
 
 def build_vllm_engine(settings: Settings, model: LoadedModel, metrics: Metrics):
     """The remote engine over the configured vLLM replicas, and the prompt builder for the base
     model's tokenizer (the servers serve the same base model directory, so ids agree)."""
-    from service.engine.vllm.adapters import AdapterEvents, AdapterLifecycle, AdapterWriter
-    from service.engine.vllm.client import VLLMClient
+    from service.engine.vllm.adapters import AdapterLifecycle
     from service.engine.vllm.engine import VLLMEngine
-    from service.engine.vllm.routing import AffinityRouter
 
     builder = build_prompt_builder(settings, model)
-    urls = [str(u).rstrip("/") for u in settings.vllm_urls]
-    if settings.vllm_url is not None and str(settings.vllm_url).rstrip("/") not in urls:
-        urls.append(str(settings.vllm_url).rstrip("/"))
-
-    def loaded(replica: str, seconds: float) -> None:
-        metrics.vllm_adapter_load_latency.labels(replica).observe(seconds)
-        metrics.vllm_adapter_loads.labels(replica).inc()
-
-    events = AdapterEvents(loaded=loaded, evicted=lambda replica: metrics.vllm_adapter_evictions.labels(replica).inc(),
-                           resident=lambda replica, n: metrics.vllm_adapters_resident.labels(replica).set(n))
-    writer = AdapterWriter(settings.vllm_adapter_dir, base_model=str(settings.base_model_dir),
-                           server_root=settings.vllm_adapter_server_dir)
-    lifecycle = AdapterLifecycle(writer, settings.vllm_max_adapters, load_timeout_s=settings.vllm_load_timeout_s,
-                                 events=events)
-    clients = [VLLMClient(u, connect_timeout_s=settings.vllm_connect_timeout_s,
-                          max_connections=settings.vllm_max_connections) for u in urls]
-    engine = VLLMEngine(clients, lifecycle, yes_id=builder.yes_id, no_id=builder.no_id,
-                        router=AffinityRouter(urls, load_factor=settings.vllm_load_factor),
-                        scoring_api=settings.vllm_scoring_api, request_timeout_s=settings.max_deadline_ms / 1000.0,
-                        health_interval_s=settings.vllm_health_interval_s,
-                        on_replica_up=lambda replica, up: metrics.vllm_replica_up.labels(replica).set(int(up)))
+    lifecycle = AdapterLifecycle.from_settings(settings.vllm, base_model=str(settings.model.base_model_dir),
+                                               telemetry=metrics)
+    engine = VLLMEngine.from_settings(settings.vllm, lifecycle, yes_id=builder.yes_id, no_id=builder.no_id,
+                                      request_timeout_s=settings.requests.max_deadline_ms / 1000.0, telemetry=metrics)
     return engine, builder
 
 
 def build_adapter_cache(settings: Settings, metrics: Metrics) -> AdapterCache:
-    return AdapterCache(settings.adapter_cache_bytes, settings.adapter_drift_tol, CacheEvents(
-        hit=metrics.adapter_cache_hits.inc, miss=metrics.adapter_cache_misses.inc,
-        evict=metrics.adapter_cache_evictions.inc, size=metrics.adapter_cache_bytes.set))
+    return AdapterCache(settings.adapter_cache, metrics)
 
 
-def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore) -> ScoringPipeline:
+def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore,
+                   on_served: ServedFeed | None = None) -> ScoringPipeline:
     """The scoring pipeline on the active version: its model, the engine (when it has an LLM part),
-    the adapter cache."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    version = active_version(settings.model_store, settings.active_version)
-    model = load_model(settings.model_store / version)
+    the adapter cache; ``on_served`` receives every answer's outcome."""
+    if settings.torch.torch_threads:
+        torch.set_num_threads(settings.torch.torch_threads)
+    version = active_version(settings.model.model_store, settings.model.active_version)
+    model = load_model(settings.model.model_store / version)
     engine = builder = None
     if model.mixer is not None:
-        if settings.engine == "vllm":
+        if settings.model.engine == "vllm":
             engine, builder = build_vllm_engine(settings, model, metrics)
         else:
             engine, builder = build_torch_engine(settings, model)
     log.info("model %s loaded (llm: %s)", version, "yes" if engine else "no")
-    scores = None
-    # Also without an engine: a canary's shadow scoring is background work on its thread.
-    scheduler = EngineScheduler(
-        max_background=settings.background_max_jobs, background_max_age_s=settings.background_max_age_s,
-        events=SchedulerEvents(abandoned=metrics.llm_abandoned.inc, expired=metrics.llm_expired.inc,
-                               background_done=lambda outcome: metrics.background_jobs.labels(outcome).inc(),
-                               depth=metrics.observe_engine_queue))
-    if engine is not None and settings.llm_score_cache:
-        scores = LLMScoreCache(history.client, prefix=settings.redis_prefix, ttl_s=settings.llm_score_cache_ttl_s)
-    events = ScoringEvents(
-        stage=metrics.observe_stage, degraded=metrics.observe_degraded,
-        admission=lambda outcome: metrics.llm_admissions.labels(outcome).inc(),
-        candidates=lambda source, n: metrics.candidates.labels(source).inc(n),
-        score_cache=lambda outcome, n: metrics.score_cache.labels(outcome).inc(n),
-        shadow=lambda outcome: metrics.shadow_requests.labels(outcome).inc(), knowledge=metrics.observe_knowledge)
+    score_cache = None
+    if engine is not None and settings.score_cache.llm_score_cache:
+        score_cache = LLMScoreCache(history.client, settings.score_cache, prefix=settings.history.redis_prefix)
     return ScoringPipeline(
-        history=history, holder=ModelHolder(model, builder), engine=engine, cache=build_adapter_cache(settings, metrics),
-        default_deadline_ms=settings.default_deadline_ms, history_budget_ms=settings.history_budget_ms,
-        llm_min_ms=settings.llm_min_ms, scheduler=scheduler, scores=scores,
-        score_cache_budget_ms=settings.llm_score_cache_budget_ms, max_cpu_queue=settings.cpu_queue_limit,
-        queue_aware=settings.llm_admission == "queue", events=events,
-        served_log=build_served_log(settings, metrics, history))
+        history=history, holder=ModelHolder(model, builder), engine=engine,
+        adapters=build_adapter_cache(settings, metrics), settings=settings.requests,
+        # Also without an engine: a canary's shadow scoring is background work on its thread.
+        scheduler=EngineScheduler(settings.background, telemetry=metrics), score_cache=score_cache,
+        served_log=build_served_log(settings, metrics, history), telemetry=metrics, on_served=on_served)
 
 
 def build_served_log(settings: Settings, metrics: Metrics, history: HistoryStore) -> ServedLog | None:
     """The served-score log on the history store's Redis (None when switched off)."""
-    if not settings.served_log:
+    if not settings.online.served_log:
         return None
-    return ServedLog(history.client, prefix=settings.redis_prefix, max_len=settings.served_log_max_len,
-                     max_age_s=settings.served_log_max_age_s, label_window_s=settings.online_label_window_s,
-                     labels_max_len=settings.online_max_labels, labels_max_age_s=settings.online_window_s,
-                     queue_size=settings.served_log_queue, events=ServedLogEvents(
-                         written=lambda n: metrics.served_log.labels("written").inc(n),
-                         dropped=lambda n: metrics.served_log.labels("dropped").inc(n),
-                         failed=lambda n: metrics.served_log.labels("failed").inc(n)))
+    return ServedLog(history.client, settings.online, prefix=settings.history.redis_prefix, telemetry=metrics)
 
 
 def build_knowledge_refresh(settings: Settings, metrics: Metrics, history: HistoryStore,
@@ -173,7 +135,7 @@ def build_knowledge_refresh(settings: Settings, metrics: Metrics, history: Histo
     """The nearline refresh of user knowledge vectors on the pipeline's engine scheduler (None when
     switched off). It generates with the embedded engine's base LLM; a gateway without one (no LLM
     part in the bundle, or the remote engine) only counts the refreshes that are due."""
-    if settings.knowledge_refresh_events == 0:
+    if settings.knowledge_refresh.knowledge_refresh_events == 0:
         return None
     from service.engine.base import ForwardInterrupted
     from service.engine.torch_engine import TorchEngine
@@ -185,14 +147,13 @@ def build_knowledge_refresh(settings: Settings, metrics: Metrics, history: Histo
         def tokenizer():
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(settings.base_model_dir, local_files_only=True)
+            return AutoTokenizer.from_pretrained(settings.model.base_model_dir, local_files_only=True)
 
         source = BaseLLMKnowledge(holder, engine.base_model, tokenizer)
     return KnowledgeRefresher(
-        history, every=settings.knowledge_refresh_events, target=lambda: knowledge_target(holder.snapshot().model),
+        history, settings.knowledge_refresh, target=lambda: knowledge_target(holder.snapshot().model),
         source=source, submit=pipeline.scheduler.submit_background if pipeline.scheduler is not None else None,
-        events=RefreshEvents(outcome=lambda outcome: metrics.knowledge_refresh.labels(outcome).inc()),
-        retried=(ForwardInterrupted,))
+        telemetry=metrics, retried=(ForwardInterrupted,))
 
 
 def label_thresholds(settings: Settings, holder: ModelHolder) -> Callable[[str], float]:
@@ -201,8 +162,8 @@ def label_thresholds(settings: Settings, holder: ModelHolder) -> Callable[[str],
     known: dict[str, float] = {}
 
     def threshold_of(version: str) -> float:
-        if settings.online_label_threshold is not None:
-            return settings.online_label_threshold
+        if settings.online.online_label_threshold is not None:
+            return settings.online.online_label_threshold
         if version not in known:
             snapshot = holder.snapshot()
             loaded = {snapshot.version: snapshot.model}
@@ -211,7 +172,8 @@ def label_thresholds(settings: Settings, holder: ModelHolder) -> Callable[[str],
             if version in loaded:
                 dataset = loaded[version].bundle.load_json("dataset.json")
             else:
-                dataset = json.loads((ModelStore(settings.model_store).path(version) / "dataset.json").read_text())
+                store = ModelStore(settings.model.model_store)
+                dataset = json.loads((store.path(version) / "dataset.json").read_text())
             known[version] = float(dataset["label_threshold"])
         return known[version]
 
@@ -223,23 +185,11 @@ def build_manager(settings: Settings, metrics: Metrics, pipeline: ScoringPipelin
     builder = pipeline.holder.snapshot().builder
     spec = None
     if builder is not None:
-        spec = BaseModelSpec.from_pretrained_config(settings.base_model_dir, yes_id=builder.yes_id, no_id=builder.no_id)
-
-    def activated(kind: str, version: str) -> None:
-        metrics.model_activations.labels(kind).inc()
-        metrics.set_model_version(version)
-
-    events = RegistryEvents(activated=activated, refused=lambda reason: metrics.model_refusals.labels(reason).inc(),
-                            canary=metrics.set_canary, aborted=lambda rail: metrics.canary_aborts.labels(rail).inc())
-    guard = CanaryGuard(GuardConfig(
-        min_requests=settings.canary_min_requests, max_error_excess=settings.canary_max_error_excess,
-        max_degraded_excess=settings.canary_max_degraded_excess, max_p99_excess_ms=settings.canary_max_p99_excess_ms,
-        min_labels=settings.canary_min_labels, max_auc_drop=settings.canary_max_auc_drop),
-        enabled=settings.canary_guard)
-    manager = ModelManager(ModelStore(settings.model_store), pipeline.holder, pipeline.engine, pipeline.cache, spec,
-                           max_rank=settings.max_lora_rank, max_upload_bytes=settings.admin_max_upload_bytes,
-                           events=events, guard=guard)
-    if settings.admin_enabled:  # only a gateway that administers the store writes to it
+        spec = BaseModelSpec.from_pretrained_config(settings.model.base_model_dir, yes_id=builder.yes_id,
+                                                    no_id=builder.no_id)
+    manager = ModelManager(settings.model, settings.admin, pipeline.holder, pipeline.engine, pipeline.adapters, spec,
+                           telemetry=metrics, guard=CanaryGuard(settings.canary))
+    if settings.admin.admin_enabled:  # only a gateway that administers the store writes to it
         manager.clean_stale()
         manager.record_start()
     return manager
@@ -247,10 +197,20 @@ def build_manager(settings: Settings, metrics: Metrics, pipeline: ScoringPipelin
 
 def build_runtime(settings: Settings, metrics: Metrics, history: HistoryStore) -> Runtime:
     """The production runtime: the pipeline, its registry when this gateway administers or follows
-    the store, and the remote replicas' health when the engine has replicas."""
-    pipeline = build_pipeline(settings, metrics, history)
-    models = None
-    if settings.admin_enabled or settings.follows_store:
+    the store (with the canary's guard rails fed by every answer), online evaluation, the nearline
+    knowledge refresh, and the remote replicas' health when the engine has replicas."""
+    models: ModelManager | None = None
+
+    def served(version: str, outcome: ServedOutcome, ms: float) -> None:
+        """Every answer's outcome: the canary's responses by side, and the registry's guard rails."""
+        canary = pipeline.holder.canary
+        if canary is not None:
+            metrics.count(outcome, on="candidate" if version == canary.candidate.version else "stable")
+        if models is not None:
+            models.observe_request(version, outcome, ms)
+
+    pipeline = build_pipeline(settings, metrics, history, on_served=served)
+    if settings.admin.admin_enabled or settings.model.follows_store:
         try:
             models = build_manager(settings, metrics, pipeline)
         except Exception as exc:
@@ -262,28 +222,18 @@ def build_runtime(settings: Settings, metrics: Metrics, history: HistoryStore) -
             models.follow_canary()  # a restart resumes the canary the store records
         except Exception:
             log.exception("resuming the store's canary failed; serving the stable version")
-    remote = settings.engine == "vllm" and pipeline.engine is not None  # a VLLMEngine: replicas to report
+    remote = settings.model.engine == "vllm" and pipeline.engine is not None  # a VLLMEngine: replicas to report
     return Runtime(scorer=pipeline, models=models, replica_health=pipeline.engine.replica_health if remote else None,
                    online=online, knowledge=build_knowledge_refresh(settings, metrics, history, pipeline))
 
 
 def build_online(settings: Settings, metrics: Metrics, pipeline: ScoringPipeline,
                  models: ModelManager | None) -> OnlineEvaluator | None:
-    """Per-answer outcomes to the canary metrics and guard; labels from events to the online
-    metrics (gauges for the loaded versions) and the online AUC rail."""
-    holder = pipeline.holder
-
-    def served(version: str, outcome: ServedOutcome, ms: float) -> None:
-        canary = holder.canary
-        if canary is not None:
-            metrics.canary_responses.labels("candidate" if version == canary.candidate.version else "stable",
-                                            outcome).inc()
-        if models is not None:
-            models.observe_request(version, outcome, ms)
-
-    pipeline.events.served = served
+    """Labels from events to the online metrics (gauges for the loaded versions) and the canary's
+    online AUC rail; None without a served-score log."""
     if pipeline.served_log is None:
         return None
+    holder = pipeline.holder
 
     def refreshed(by_version: dict[str, VersionMetrics]) -> None:
         snapshot = holder.snapshot()
@@ -292,11 +242,8 @@ def build_online(settings: Settings, metrics: Metrics, pipeline: ScoringPipeline
         if models is not None:
             models.observe_online(by_version)
 
-    return OnlineEvaluator(pipeline.served_log, threshold_of=label_thresholds(settings, holder),
-                           window_s=settings.online_window_s, max_labels=settings.online_max_labels,
-                           interval_s=settings.online_eval_interval_s, events=OnlineEvents(
-                               labels=lambda outcome, n: metrics.online_labels.labels(outcome).inc(n),
-                               metrics=refreshed))
+    return OnlineEvaluator(pipeline.served_log, settings.online, threshold_of=label_thresholds(settings, holder),
+                           telemetry=metrics, on_refresh=refreshed)
 
 
 def create_app(settings: Settings | None = None, **services) -> FastAPI:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from service.config import TorchSettings
 from service.engine.base import ForwardInterrupted, UserAdapter
 from service.engine import native
 from service.engine.lora_slot import LoRASlots
@@ -35,16 +36,15 @@ class DeadlineExceeded(TimeoutError):
 
 
 class TorchEngine:
-    def __init__(self, model, *, yes_id: int, no_id: int, target_modules: list[str],
-                 max_batch: int = 32, min_saving: int = 12, native_kernels: bool = True,
-                 pace_max_age_s: float | None = PACE_STALE_S) -> None:
+    def __init__(self, model, settings: TorchSettings | None = None, *, yes_id: int, no_id: int,
+                 target_modules: list[str], pace_max_age_s: float | None = PACE_STALE_S) -> None:
+        """``settings``: the packed batch size, when a shared run is computed once, native kernels."""
         self.model = model.eval()
+        self.settings = settings or TorchSettings()
         self.pace_max_age_s = pace_max_age_s
         on_cpu = model.get_output_embeddings().weight.device.type == "cpu"
-        self.ragged = RaggedDecoder(model, native.load() if native_kernels and on_cpu else None)
+        self.ragged = RaggedDecoder(model, native.load() if self.settings.torch_native_kernels and on_cpu else None)
         self.label_rows = model.get_output_embeddings().weight[[yes_id, no_id]].detach().float()
-        self.max_batch = max_batch
-        self.min_saving = min_saving
         self.slots = LoRASlots(model, target_modules)
         self._lock = threading.Lock()  # one forward at a time: the installed adapter is per forward
         self._deadline: float | None = None
@@ -135,7 +135,7 @@ class TorchEngine:
         """Score every suffix on the prefix's cache, radix-tree style, one tree level per forward.
 
         A run of tokens that several suffixes share is computed once, as a row that extends its
-        parent's cache, where that saves at least ``min_saving`` tokens of work (a shared run
+        parent's cache, where that saves at least ``torch_min_shared_tokens`` tokens of work (a shared run
         costs a row of its own and a cache copy). The rows on the next level sit on that cache.
         Each level's rows, whatever their contexts, run packed in one forward, so a request takes
         as many forwards as its tree is deep (typically three) rather than one per shared run.
@@ -153,8 +153,9 @@ class TorchEngine:
             rows += [(row, ("leaf", r)) for row, r in leaves]
             rows.sort(key=lambda item: len(item[0].tokens))  # similar lengths share a chunk: little padding
             level = []
-            for start in range(0, len(rows), self.max_batch):
-                chunk = rows[start : start + self.max_batch]
+            max_batch = self.settings.torch_max_batch
+            for start in range(0, len(rows), max_batch):
+                chunk = rows[start : start + max_batch]
                 hidden, caches = self._run([row for row, _ in chunk])
                 scored = [what for _, (kind, what) in chunk if kind == "leaf"]
                 if scored:
@@ -169,8 +170,9 @@ class TorchEngine:
         level), else each subgroup that shares enough is planned the same way and the other rows
         are scored here."""
         rows, offset = node.rows, node.offset
+        min_saving = self.settings.torch_min_shared_tokens
         shared = _common_prefix(suffixes, rows, offset)
-        if len(rows) > 1 and shared and (len(rows) - 1) * shared >= self.min_saving:
+        if len(rows) > 1 and shared and (len(rows) - 1) * shared >= min_saving:
             run = suffixes[rows[0]][offset : offset + shared]
             runs.append((Row(run, node.context, True), rows, offset + shared))
             self.last_extensions.append(len(run))
@@ -180,7 +182,7 @@ class TorchEngine:
             groups.setdefault(suffixes[r][offset + shared] if len(suffixes[r]) > offset + shared + 1 else -1, []).append(r)
         for key, members in groups.items():
             if key != -1 and 1 < len(members) < len(rows) and \
-                    (len(members) - 1) * _common_prefix(suffixes, members, offset) >= self.min_saving:
+                    (len(members) - 1) * _common_prefix(suffixes, members, offset) >= min_saving:
                 self._plan(_Node(node.context, members, offset), suffixes, runs, leaves)
             else:
                 leaves += [(Row(suffixes[r][offset:], node.context), r) for r in members]

@@ -24,7 +24,8 @@ from service.history.layout import (
     knowledge_key,
     profile_key,
 )
-from service.history.store import HistoryReader, HistorySettings, HistoryStore
+from service.config import HistorySettings
+from service.history.store import HistoryReader, HistoryStore
 
 __all__ = ["RECORD", "AppendResult", "Event", "HistoryFormatError", "HistoryOrderError", "HistoryReader",
            "HistorySettings", "HistoryStore", "KnowledgeFormatError", "KnowledgeRecord", "KnowledgeStamp",

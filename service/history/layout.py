@@ -65,6 +65,11 @@ class UserHistory:
     knowledge: "KnowledgeRecord | None" = None
     knowledge_error: str | None = None  # why a stored knowledge record was ignored (malformed)
 
+    @classmethod
+    def empty(cls) -> "UserHistory":
+        """A user with nothing stored: what a cold start is scored with."""
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
 
 @dataclass(frozen=True, eq=False)
 class KnowledgeRecord:

@@ -24,8 +24,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.config import HistorySettings
 from service.history.layout import (AppendResult, Event, HistoryOrderError, KnowledgeFormatError,
-                                    KnowledgeRecord, UserHistory, check_layout, check_order, count_key,
+                                    KnowledgeRecord, UserHistory, check_order, count_key,
                                     decode_knowledge, decode_records, decode_stamp, encode_knowledge, encode_records,
                                     events_key, knowledge_key, profile_key, user_keys)
 
@@ -74,26 +75,8 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
-
-
-@dataclass(frozen=True)
-class HistorySettings:
-    """Short socket timeouts by default: the gateway reads inside a per-request deadline and
-    treats a slow or dead Redis as "unreachable" (cold start) rather than waiting on it."""
-
-    prefix: str = ""
-    max_events: int = 1000
-    socket_timeout: float = 0.5
-    socket_connect_timeout: float = 0.5
-    max_connections: int | None = None
-    durable: bool = False  # an append returns only once Redis has the write on disk (WAITAOF)
-    durable_timeout_ms: int = 2000
-
-    def __post_init__(self) -> None:
-        check_layout(self.prefix, self.max_events)
-        if self.socket_timeout <= 0 or self.socket_connect_timeout <= 0:
-            raise ValueError("socket timeouts must be positive seconds")
-
+# How long a durable append waits for Redis to report the write on disk (WAITAOF).
+DURABLE_TIMEOUT_MS = 2000
 
 
 class HistoryReader(Protocol):
@@ -118,22 +101,23 @@ class HistoryPage:
 class HistoryStore:
     """Async access to the history store for the gateway: one round trip per read."""
 
-    def __init__(self, client: aioredis.Redis, settings: HistorySettings = HistorySettings()) -> None:
+    def __init__(self, client: aioredis.Redis, settings: HistorySettings | None = None) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("the history store needs a client with decode_responses=False (records are binary)")
         self._redis = client
-        self.settings = settings
+        self.settings = settings or HistorySettings()
         self._append = client.register_script(_APPEND_LUA)
         self._put_knowledge = client.register_script(_PUT_KNOWLEDGE_LUA)
 
     @classmethod
-    def from_url(cls, url: str, settings: HistorySettings = HistorySettings()) -> "HistoryStore":
+    def from_settings(cls, settings: HistorySettings) -> "HistoryStore":
+        """A store on its own connection pool to ``settings.redis_url``."""
         # No retries: appends are not idempotent (a retried script may have run already) and a
         # request deadline is better spent degrading than retrying. Stale pooled connections are
         # still replaced when they are checked out.
-        extra = {} if settings.max_connections is None else {"max_connections": settings.max_connections}
-        client = aioredis.Redis.from_url(url, socket_timeout=settings.socket_timeout,
-                                         socket_connect_timeout=settings.socket_connect_timeout,
+        extra = {} if settings.redis_max_connections is None else {"max_connections": settings.redis_max_connections}
+        client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
+                                         socket_connect_timeout=settings.redis_timeout_s,
                                          retry=AsyncRetry(NoBackoff(), 0), decode_responses=False, **extra)
         return cls(client, settings)
 
@@ -143,15 +127,15 @@ class HistoryStore:
         return self._redis
 
     def _keys(self, user_id: str) -> tuple[str, str]:
-        return events_key(self.settings.prefix, user_id), profile_key(self.settings.prefix, user_id)
+        return events_key(self.settings.redis_prefix, user_id), profile_key(self.settings.redis_prefix, user_id)
 
     def _queue_state(self, pipe, user_id: str) -> None:
         """Queue the reads of a user's state on ``pipe``: events, profile, knowledge record (the
         replies ``_history`` decodes, in that order)."""
         ev_key, prof_key = self._keys(user_id)
-        pipe.lrange(ev_key, -self.settings.max_events, -1)
+        pipe.lrange(ev_key, -self.settings.history_max_events, -1)
         pipe.hgetall(prof_key)
-        pipe.hgetall(knowledge_key(self.settings.prefix, user_id))
+        pipe.hgetall(knowledge_key(self.settings.redis_prefix, user_id))
 
     async def read(self, user_id: str) -> UserHistory:
         """The user's most recent ``max_events`` behaviours, profile and knowledge record (LRANGE +
@@ -166,7 +150,7 @@ class HistoryStore:
         (MULTI/EXEC): what a knowledge refresh generates from, and the count it records."""
         async with self._redis.pipeline(transaction=True) as pipe:
             self._queue_state(pipe, user_id)
-            pipe.get(count_key(self.settings.prefix, user_id))
+            pipe.get(count_key(self.settings.redis_prefix, user_id))
             records, raw_profile, raw_knowledge, count = _raise_but_knowledge(await pipe.execute(raise_on_error=False))
         history = _history(records, raw_profile, raw_knowledge)
         return history, len(records) if count is None else int(count)
@@ -176,7 +160,7 @@ class HistoryStore:
         generated from more events, or the user has no events (forgotten meanwhile)."""
         fields = encode_knowledge(record)
         args = [int(record.events_at), *(part for pair in fields.items() for part in pair)]
-        keys = [knowledge_key(self.settings.prefix, user_id), events_key(self.settings.prefix, user_id)]
+        keys = [knowledge_key(self.settings.redis_prefix, user_id), events_key(self.settings.redis_prefix, user_id)]
         return bool(await self._put_knowledge(keys=keys, args=args))
 
     async def read_page(self, user_id: str, limit: int, offset: int = 0, length: int | None = None) -> HistoryPage:
@@ -222,7 +206,8 @@ class HistoryStore:
     async def append_counted(self, user_id: str, events: Sequence[Event]) -> AppendResult:
         """``append``, answering also the user's event count and their knowledge record's stamp."""
         ev_key, _ = self._keys(user_id)
-        cnt_key, kn_key = count_key(self.settings.prefix, user_id), knowledge_key(self.settings.prefix, user_id)
+        prefix = self.settings.redis_prefix
+        cnt_key, kn_key = count_key(prefix, user_id), knowledge_key(prefix, user_id)
         if not events:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.llen(ev_key)
@@ -240,15 +225,15 @@ class HistoryStore:
         ratings = np.fromiter((float(e.rating) for e in events), dtype=np.float32, count=len(events))
         if not np.isfinite(ratings).all():
             raise ValueError(f"events of user {user_id!r} carry a non-finite rating")
-        cap = self.settings.max_events
+        cap = self.settings.history_max_events
         records = encode_records(items[-cap:], ratings[-cap:], timestamps[-cap:])
         args = [cap, int(timestamps[0]), len(events), *records]
         keys = [ev_key, cnt_key, kn_key]
-        if self.settings.durable:
+        if self.settings.events_durable:
             # WAITAOF waits for the writes of its own connection: one pipeline keeps both on one.
             async with self._redis.pipeline(transaction=False) as pipe:
                 await self._append(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_timeout_ms)
+                pipe.execute_command("WAITAOF", 1, 0, DURABLE_TIMEOUT_MS)
                 reply, (local, _) = await pipe.execute()
         else:
             reply = await self._append(keys=keys, args=args)
@@ -258,14 +243,14 @@ class HistoryStore:
                                     f"of user {user_id!r} at {int(reply[1])}; nothing was written")
         if int(local) < 1:
             raise RedisTimeoutError(f"the events were written but not confirmed on disk within "
-                                    f"{self.settings.durable_timeout_ms} ms")
+                                    f"{DURABLE_TIMEOUT_MS} ms")
         return AppendResult(int(reply[1]), int(reply[2]), decode_stamp(*reply[3]) if reply[3] else None)
 
     async def check_durable(self) -> None:
         """Refuse (RuntimeError, saying why) when the server cannot confirm writes on disk: WAITAOF
         needs Redis 7.2+ with ``appendonly yes``."""
         try:
-            await self._redis.execute_command("WAITAOF", 1, 0, self.settings.durable_timeout_ms)
+            await self._redis.execute_command("WAITAOF", 1, 0, DURABLE_TIMEOUT_MS)
         except ResponseError as exc:
             raise RuntimeError(f"events_durable needs a Redis that confirms writes on disk (WAITAOF, Redis 7.2+ "
                                f"with appendonly yes); this server answered: {exc}") from None
@@ -285,7 +270,7 @@ class HistoryStore:
 
     async def delete(self, user_id: str) -> None:
         """Forget a user: history, profile, event count and knowledge record."""
-        await self._redis.delete(*user_keys(self.settings.prefix, user_id))
+        await self._redis.delete(*user_keys(self.settings.redis_prefix, user_id))
 
     async def ping(self) -> bool:
         try:

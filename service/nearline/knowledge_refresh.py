@@ -2,8 +2,8 @@
 
 Every append answers the user's event count and the stamp of their stored knowledge record
 (``HistoryStore.append_counted``, no extra round trip), so the events route decides here, for
-free, whether the vector is due: when ``every`` events were appended since it was generated, or
-since none usable by the serving version exists. A due user gets ONE background job on the
+free, whether the vector is due: when ``knowledge_refresh_events`` events were appended since it
+was generated, or since none usable by the serving version exists. A due user gets ONE background job on the
 engine scheduler (keyed ``("knowledge", user)``, so repeats while it waits are dropped): on the
 engine thread it reads the user's stored history, profile and event count in one transaction
 and generates the preference text with the base LLM, yielding to requests between decode steps
@@ -28,8 +28,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.config import KnowledgeRefreshSettings
 from service.history import AppendResult, HistoryStore, KnowledgeRecord, KnowledgeStamp, UserHistory
 from service.logging import BurstLog
+from service.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
 burst = BurstLog(log)
@@ -74,25 +76,17 @@ class KnowledgeSource(Protocol):
 Submit = Callable[[Hashable, Callable[[Callable[[], bool]], Any], float], bool]
 
 
-@dataclass
-class RefreshEvents:
-    """Metrics hooks."""
-
-    outcome: Callable[[RefreshOutcome], None] = lambda outcome: None
-
-
 class KnowledgeRefresher:
     """Decides on every append whether the user's vector is due, and runs the refresh job."""
 
-    def __init__(self, store: HistoryStore, *, every: int, target: Callable[[], KnowledgeTarget | None],
-                 source: KnowledgeSource | None, submit: Submit | None, events: RefreshEvents | None = None,
-                 retried: tuple[type[BaseException], ...] = (), io_timeout_s: float = 5.0) -> None:
+    def __init__(self, store: HistoryStore, settings: KnowledgeRefreshSettings, *,
+                 target: Callable[[], KnowledgeTarget | None], source: KnowledgeSource | None, submit: Submit | None,
+                 telemetry: Telemetry = NO_TELEMETRY, retried: tuple[type[BaseException], ...] = (),
+                 io_timeout_s: float = 5.0) -> None:
         """``retried``: what a job raises when it yields the engine and is queued again (not a failure)."""
-        if every < 0:
-            raise ValueError(f"every must be >= 0 (0 = off), got {every}")
-        self.store, self.every, self.target, self.source, self.submit = store, every, target, source, submit
+        self.store, self.settings, self.target, self.source, self.submit = store, settings, target, source, submit
         self.retried = retried
-        self.events = events or RefreshEvents()
+        self.telemetry = telemetry
         self.io_timeout_s = io_timeout_s
         self._warned = False
         # Encoding and the write off the engine thread: the encoder loads there on first use, and
@@ -101,12 +95,13 @@ class KnowledgeRefresher:
 
     def due(self, count: int, stamp: KnowledgeStamp | None, target: KnowledgeTarget | None) -> bool:
         """Whether the vector of a user with ``count`` events and a record stamped ``stamp`` needs
-        regenerating: ``every`` events since the one the version can read was generated (since
-        none, when it cannot read one)."""
-        if self.every == 0 or target is None:
+        regenerating: ``knowledge_refresh_events`` events since the one the version can read was
+        generated (since none, when it cannot read one)."""
+        every = self.settings.knowledge_refresh_events
+        if every == 0 or target is None:
             return False
         since = stamp.events_at if target.made(stamp) else 0
-        return count - since >= self.every
+        return count - since >= every
 
     def observe(self, user_id: str, appended: AppendResult) -> bool:
         """Events were appended for the user (on the event loop): queue a refresh when due.
@@ -114,7 +109,7 @@ class KnowledgeRefresher:
         if not self.due(appended.count, appended.knowledge, self.target()):
             return False
         if self.source is None or self.submit is None:
-            self.events.outcome(RefreshOutcome.UNAVAILABLE)
+            self.telemetry.count(RefreshOutcome.UNAVAILABLE)
             if not self._warned:
                 self._warned = True
                 log.warning("knowledge vectors are due for a refresh but this gateway has no base LLM to generate "
@@ -139,7 +134,7 @@ class KnowledgeRefresher:
             except self.retried:
                 raise
             except Exception:
-                self.events.outcome(RefreshOutcome.FAILED)
+                self.telemetry.count(RefreshOutcome.FAILED)
                 raise
             self._pool.submit(self._finish, user_id, text, target, count, loop)
 
@@ -158,9 +153,9 @@ class KnowledgeRefresher:
         except Exception as exc:
             burst.log(logging.WARNING, f"knowledge:{type(exc).__name__}", "knowledge refresh failed",
                       error=repr(exc), exc_info=True)
-            self.events.outcome(RefreshOutcome.FAILED)
+            self.telemetry.count(RefreshOutcome.FAILED)
             return
-        self.events.outcome(RefreshOutcome.REFRESHED if written else RefreshOutcome.SUPERSEDED)
+        self.telemetry.count(RefreshOutcome.REFRESHED if written else RefreshOutcome.SUPERSEDED)
 
     def _on_loop(self, coro, loop: asyncio.AbstractEventLoop):
         """Run a store coroutine on the app's event loop (whose connection pool it uses) and wait."""

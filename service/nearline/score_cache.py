@@ -4,7 +4,7 @@ One hash per user and model version, ``<prefix>{u:<user_id>}:llm:<version>`` (th
 so it sits on the user's Redis Cluster slot), with one field per scored prompt: a fingerprint of
 everything the score depends on (the adapter's content, the user's stored history and profile,
 the prompt's tokens), so a stale score can never be read as a fresh one; a new event, a profile
-change or an activation simply misses. The hash expires ``ttl_s`` after its last write.
+change or an activation simply misses. The hash expires ``llm_score_cache_ttl_s`` after its last write.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 
+from service.config import ScoreCacheSettings
 from service.history.layout import user_tag
 
 
 class LLMScoreCache:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "", ttl_s: int = 600) -> None:
-        if ttl_s < 1:
-            raise ValueError(f"ttl_s must be at least 1, got {ttl_s}")
-        self._redis, self.prefix, self.ttl_s = client, prefix, ttl_s
+    def __init__(self, client: aioredis.Redis, settings: ScoreCacheSettings | None = None, *,
+                 prefix: str = "") -> None:
+        self._redis, self.prefix = client, prefix
+        self.settings = settings or ScoreCacheSettings()
 
     def key(self, user_id: str, version: str) -> str:
         return f"{user_tag(self.prefix, user_id)}:llm:{version}"
@@ -39,5 +40,5 @@ class LLMScoreCache:
         key = self.key(user_id, version)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping={field: repr(float(score)) for field, score in scores.items()})
-            pipe.expire(key, self.ttl_s)
+            pipe.expire(key, self.settings.llm_score_cache_ttl_s)
             await pipe.execute()

@@ -23,14 +23,17 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from service.config import OnlineSettings
 from service.history.layout import user_tag
 from service.logging import BurstLog
+from service.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
 burst = BurstLog(log)
@@ -59,13 +62,12 @@ class Label:
     at_ms: int  # when the event arrived
 
 
-@dataclass
-class ServedLogEvents:
-    """Metrics hooks, in served scores."""
+class ServedLogOutcome(StrEnum):
+    """What became of served scores offered to the log."""
 
-    written: Callable[[int], None] = lambda n: None
-    dropped: Callable[[int], None] = lambda n: None  # the writer's queue was full
-    failed: Callable[[int], None] = lambda n: None  # Redis refused or timed out
+    WRITTEN = "written"
+    DROPPED = "dropped"  # the writer's queue was full
+    FAILED = "failed"  # Redis refused or timed out
 
 
 def _text(value: bytes | str) -> str:
@@ -73,17 +75,17 @@ def _text(value: bytes | str) -> str:
 
 
 class ServedLog:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "", max_len: int = 1_000_000,
-                 max_age_s: int = 86_400, label_window_s: int = 1800, labels_max_len: int = 200_000,
-                 labels_max_age_s: int = 3600, queue_size: int = 1024, batch: int = 32,
-                 events: ServedLogEvents | None = None) -> None:
-        if min(max_len, max_age_s, label_window_s, labels_max_len, labels_max_age_s, queue_size, batch) < 1:
-            raise ValueError("served log bounds must be at least 1")
+    """The stream's bounds, the label window and the labels' bounds (the online evaluation's
+    window and size) come from ``settings``."""
+
+    def __init__(self, client: aioredis.Redis, settings: OnlineSettings | None = None, *, prefix: str = "",
+                 batch: int = 32, telemetry: Telemetry = NO_TELEMETRY) -> None:
+        if batch < 1:
+            raise ValueError("served log batches must be at least 1")
         self._redis, self.prefix = client, prefix
-        self.max_len, self.max_age_s, self.label_window_s = max_len, max_age_s, label_window_s
-        self.labels_max_len, self.labels_max_age_s = labels_max_len, labels_max_age_s
-        self.queue_size, self.batch = queue_size, batch
-        self.events = events or ServedLogEvents()
+        self.settings = settings or OnlineSettings()
+        self.batch = batch
+        self.telemetry = telemetry
         self.stream_key = f"{prefix}online:served"
         self.labels_key = f"{prefix}online:labels"
         self._queue: asyncio.Queue[list[ServedScore]] | None = None
@@ -99,13 +101,13 @@ class ServedLog:
         if not scores:
             return True
         if self._queue is None:
-            self._queue = asyncio.Queue(self.queue_size)
+            self._queue = asyncio.Queue(self.settings.served_log_queue)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._drain(), name="served-log")
         try:
             self._queue.put_nowait(list(scores))
         except asyncio.QueueFull:
-            self.events.dropped(len(scores))
+            self.telemetry.count(ServedLogOutcome.DROPPED, len(scores))
             return False
         return True
 
@@ -119,7 +121,7 @@ class ServedLog:
         if self._writer is not None:
             self._writer.cancel()
         while self._queue is not None and not self._queue.empty():
-            self.events.dropped(len(self._queue.get_nowait()))
+            self.telemetry.count(ServedLogOutcome.DROPPED, len(self._queue.get_nowait()))
 
     async def _drain(self) -> None:
         queue = self._queue
@@ -131,11 +133,11 @@ class ServedLog:
             scores = [s for b in batches for s in b]
             try:
                 await self.write(scores)
-                self.events.written(len(scores))
+                self.telemetry.count(ServedLogOutcome.WRITTEN, len(scores))
             except (RedisError, OSError) as exc:
                 burst.log(logging.WARNING, "served-log", "served-score log write failed; those scores are not "
                           "recorded", error=repr(exc))
-                self.events.failed(len(scores))
+                self.telemetry.count(ServedLogOutcome.FAILED, len(scores))
             finally:
                 for _ in batches:
                     queue.task_done()
@@ -150,15 +152,15 @@ class ServedLog:
                 pipe.xadd(self.stream_key, {
                     "r": s.request_id, "u": s.user_id, "i": s.item, "v": s.version, "s": repr(s.score),
                     "l": "" if s.llm_score is None else repr(s.llm_score), "c": repr(s.crm_score), "t": s.at_ms,
-                    "sh": int(s.shadow)}, maxlen=self.max_len, approximate=True)
+                    "sh": int(s.shadow)}, maxlen=self.settings.served_log_max_len, approximate=True)
                 field = f"{s.item}{SHADOW_SUFFIX}" if s.shadow else str(s.item)
                 per_user.setdefault(s.user_id, {})[field] = json.dumps(
                     [s.version, s.score, s.at_ms, s.request_id, s.llm_score, s.crm_score])
-            pipe.xtrim(self.stream_key, minid=now_ms - self.max_age_s * 1000, approximate=True)
+            pipe.xtrim(self.stream_key, minid=now_ms - self.settings.served_log_max_age_s * 1000, approximate=True)
             for user_id, fields in per_user.items():
                 key = self.user_key(user_id)
                 pipe.hset(key, mapping=fields)
-                pipe.expire(key, self.label_window_s)
+                pipe.expire(key, self.settings.online_label_window_s)
             await pipe.execute()
 
     # -- the event side ---------------------------------------------------------------------
@@ -193,8 +195,8 @@ class ServedLog:
                 s = lab.served
                 pipe.xadd(self.labels_key, {"v": s.version, "s": repr(s.score), "y": lab.label, "t": s.at_ms,
                                             "sh": int(s.shadow), "u": s.user_id, "i": s.item, "r": s.request_id},
-                          maxlen=self.labels_max_len, approximate=True)
-            pipe.xtrim(self.labels_key, minid=now_ms - self.labels_max_age_s * 1000, approximate=True)
+                          maxlen=self.settings.online_max_labels, approximate=True)
+            pipe.xtrim(self.labels_key, minid=now_ms - self.settings.online_window_s * 1000, approximate=True)
             await pipe.execute()
 
     async def read_labels(self, after: str = "-", *, since_ms: int | None = None,

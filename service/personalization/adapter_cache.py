@@ -1,6 +1,6 @@
 """A byte-bounded LRU of materialized user adapters, keyed by user and bundle version.
 
-A cached adapter is reused while the user's mixture weights stay within ``drift_tol`` (max
+A cached adapter is reused while the user's mixture weights stay within ``adapter_drift_tol`` (max
 absolute difference) of the ones it was built from; new history moves the CRM representation,
 and only a real move of the mixture is worth re-materializing for. Keying by bundle version
 means an activation never serves a stale adapter.
@@ -11,29 +11,27 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
+from service.config import AdapterCacheSettings
 from service.engine.base import UserAdapter
+from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 
-@dataclass
-class CacheEvents:
-    """Hooks for metrics: ``hit``, ``miss`` and ``evict`` with no arguments, ``size`` with the bytes
-    held after every change."""
+class AdapterCacheOutcome(StrEnum):
+    """A lookup's outcome, or an adapter evicted to stay within the byte bound."""
 
-    hit: Callable[[], None] = lambda: None
-    miss: Callable[[], None] = lambda: None
-    evict: Callable[[], None] = lambda: None
-    size: Callable[[int], None] = lambda nbytes: None
+    HIT = "hit"
+    MISS = "miss"  # absent or drifted: materialized
+    EVICT = "evict"
 
 
 class AdapterCache:
-    def __init__(self, max_bytes: int, drift_tol: float = 0.02, events: CacheEvents | None = None) -> None:
-        self.max_bytes = max_bytes
-        self.drift_tol = drift_tol
-        self.events = events or CacheEvents()
+    def __init__(self, settings: AdapterCacheSettings | None = None, telemetry: Telemetry = NO_TELEMETRY) -> None:
+        self.settings = settings or AdapterCacheSettings()
+        self.telemetry = telemetry
         self._entries: OrderedDict[tuple[str, str], tuple[torch.Tensor, UserAdapter]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -52,24 +50,24 @@ class AdapterCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[0].shape == alphas.shape and \
-                    float((entry[0] - alphas).abs().max()) <= self.drift_tol:
+                    float((entry[0] - alphas).abs().max()) <= self.settings.adapter_drift_tol:
                 self._entries.move_to_end(key)
-                self.events.hit()
+                self.telemetry.count(AdapterCacheOutcome.HIT)
                 return entry[1], True
-        self.events.miss()
+        self.telemetry.count(AdapterCacheOutcome.MISS)
         adapter = build(alphas)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old[1].nbytes
-            if adapter.nbytes <= self.max_bytes:
+            if adapter.nbytes <= self.settings.adapter_cache_bytes:
                 self._entries[key] = (alphas.clone(), adapter)
                 self._bytes += adapter.nbytes
-                while self._bytes > self.max_bytes:
+                while self._bytes > self.settings.adapter_cache_bytes:
                     _, (_, evicted) = self._entries.popitem(last=False)
                     self._bytes -= evicted.nbytes
-                    self.events.evict()
-            self.events.size(self._bytes)
+                    self.telemetry.count(AdapterCacheOutcome.EVICT)
+            self.telemetry.measure(Quantity.ADAPTER_CACHE_BYTES, self._bytes)
         return adapter, False
 
     def drop_version(self, version: str) -> None:
@@ -77,4 +75,4 @@ class AdapterCache:
         with self._lock:
             for key in [k for k in self._entries if k[0] == version]:
                 self._bytes -= self._entries.pop(key)[1].nbytes
-            self.events.size(self._bytes)
+            self.telemetry.measure(Quantity.ADAPTER_CACHE_BYTES, self._bytes)

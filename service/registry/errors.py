@@ -1,7 +1,9 @@
-"""Why a push or activation is refused; importable without the model runtime (no torch).
+"""Why a push or activation is refused, and how a version became active; importable without the
+model runtime (no torch).
 
 ``RefusalReason`` values are the ``reason`` label of ``reclora_model_refusals`` and the ``type``
 of the 422's detail: one definition for the registry, the admin API and the metrics.
+``ActivationKind`` values are the ``kind`` label of ``reclora_model_activations``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ class RefusalReason(StrEnum):
     PROMPT_MISMATCH = "prompt_mismatch"  # the prompt's answer tokens differ from the engine's
     SMOKE_TEST = "smoke_test"  # golden requests failed to score or gave bad probabilities
     NO_ENGINE = "no_engine"  # a LoRA version on a service without an LLM engine
+
+
+class ActivationKind(StrEnum):
+    """How a version became the active one."""
+
+    ACTIVATE = "activate"
+    ROLLBACK = "rollback"
+    FOLLOW = "follow"  # another gateway's activation, read from the store's pointer
+    PROMOTE = "promote"  # a canary's candidate promoted
 
 
 class ValidationFailed(ValueError):

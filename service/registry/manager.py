@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 from service.bundle import MANIFEST_NAME, BundleError, file_sha256, validate_version
 from service.bundle.writer import BundleWriter
+from service.config import AdminSettings, ModelSettings
 from service.registry.archive import UploadError, unpack
 from service.registry.store import CanaryState, ModelStore, StoreError, UnknownVersion, utc_now
-from service.registry.errors import RefusalReason, ValidationFailed
-from service.registry.guard import CanaryGuard, GuardConfig, Trip
+from service.registry.errors import ActivationKind, RefusalReason, ValidationFailed
+from service.registry.guard import CanaryGuard, GuardRail, Trip
 from service.registry.validation import BaseModelSpec, ValidationReport, validate
 from service.scoring.contracts import ServedOutcome, VersionMetrics
+from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 if TYPE_CHECKING:
     from service.engine.base import ScoringEngine
@@ -67,27 +69,19 @@ class ActivationResult:
     seconds: float
 
 
-@dataclass
-class RegistryEvents:
-    """Metrics hooks."""
-
-    activated: Callable[[str, str], None] = lambda kind, version: None  # activate | rollback | follow | promote
-    refused: Callable[[str], None] = lambda reason: None
-    canary: Callable[[str | None, float, bool], None] = lambda candidate, percent, shadow: None  # None: no canary
-    aborted: Callable[[str], None] = lambda rail: None  # a guard rail, or "operator"
-
-
 class ModelManager:
     """The versions of one service: ``holder`` is what its requests read, ``engine`` (None without
     an LLM) scores the smoke tests, ``cache`` holds adapters keyed by version."""
 
-    def __init__(self, store: ModelStore, holder: "ModelHolder", engine: "ScoringEngine | None",
-                 cache: "AdapterCache", spec: BaseModelSpec | None, *, max_rank: int, max_upload_bytes: int,
-                 events: RegistryEvents | None = None, guard: CanaryGuard | None = None) -> None:
-        self.store, self.holder, self.engine, self.cache, self.spec = store, holder, engine, cache, spec
-        self.max_rank, self.max_upload_bytes = max_rank, max_upload_bytes
-        self.events = events or RegistryEvents()
-        self.guard = guard or CanaryGuard(GuardConfig())
+    def __init__(self, model: ModelSettings, admin: AdminSettings, holder: "ModelHolder",
+                 engine: "ScoringEngine | None", cache: "AdapterCache", spec: BaseModelSpec | None, *,
+                 telemetry: Telemetry = NO_TELEMETRY, guard: CanaryGuard | None = None) -> None:
+        """``model``: the store and what a version may bring; ``admin``: how large an upload may be."""
+        self.model_settings, self.admin_settings = model, admin
+        self.store = ModelStore(model.model_store)
+        self.holder, self.engine, self.cache, self.spec = holder, engine, cache, spec
+        self.telemetry = telemetry
+        self.guard = guard or CanaryGuard()
         self._lock = threading.Lock()
         self._refused_pointer: str | None = None
         # (candidate, started_at) of a canary this gateway must not route to although the store
@@ -149,7 +143,7 @@ class ModelManager:
             try:
                 target = staging / version
                 target.mkdir()
-                unpack(archive, target, max_bytes=self.max_upload_bytes)
+                unpack(archive, target, max_bytes=self.admin_settings.admin_max_upload_bytes)
                 return self._publish_validated(staging, version, activate)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -166,7 +160,8 @@ class ModelManager:
             try:
                 parts = staging / "parts"
                 parts.mkdir()
-                names = set(unpack(archive, parts, max_bytes=self.max_upload_bytes, allow_manifest=False))
+                names = set(unpack(archive, parts, max_bytes=self.admin_settings.admin_max_upload_bytes,
+                                   allow_manifest=False))
                 replaced = self._check_parts(names)
                 self._derive(staging, base, version, parts, names, replaced, description)
                 return self._publish_validated(staging, version, activate)
@@ -186,7 +181,7 @@ class ModelManager:
     def activate(self, version: str) -> ActivationResult:
         with self._refusals(), self._lock:
             self._check_no_canary("activating another version")
-            return self._activate(version, kind="activate")
+            return self._activate(version, kind=ActivationKind.ACTIVATE)
 
     def rollback(self) -> ActivationResult:
         with self._refusals(), self._lock:
@@ -194,7 +189,7 @@ class ModelManager:
             previous = self.store.previous(self.active)
             if previous is None:
                 raise StoreError("there is no previous version to roll back to")
-            return self._activate(previous, kind="rollback")
+            return self._activate(previous, kind=ActivationKind.ROLLBACK)
 
     def follow_pointer(self) -> ActivationResult | None:
         """Serve what the store's ACTIVE pointer names when another gateway sharing the store
@@ -212,10 +207,10 @@ class ModelManager:
                 report = self._swap_in(target)
             except (ValidationFailed, UploadError) as exc:
                 self._refused_pointer = target
-                self.events.refused(exc.reason)
+                self.telemetry.count(exc.reason)
                 log.error("the store's ACTIVE pointer names %s, which fails validation here: %s", target, exc)
                 return None
-            self.events.activated("follow", target)
+            self.telemetry.count(ActivationKind.FOLLOW, on=target)
         log.info("model follow: %s -> %s (the store's ACTIVE pointer)", previous, target)
         return ActivationResult(target, previous, report, time.perf_counter() - start)
 
@@ -273,7 +268,7 @@ class ModelManager:
         """Serve the running canary's candidate to everyone (no reload: it is loaded)."""
         with self._refusals(), self._lock:
             state = self._running_canary()
-            result = self._activate(state.candidate, kind="promote")
+            result = self._activate(state.candidate, kind=ActivationKind.PROMOTE)
             self.store.write_canary(state.model_copy(update={"status": "promoted", "ended_at": utc_now(),
                                                              "ended_by": "operator"}))
         return result
@@ -283,7 +278,7 @@ class ModelManager:
         with self._lock:
             state = self._running_canary()
             ended = self._end(state, by="operator", reason=reason or "aborted by an operator", rail=None)
-        self.events.aborted("operator")
+        self.telemetry.count(GuardRail.OPERATOR)
         log.warning("canary of %s aborted by an operator: %s", state.candidate, ended.reason)
         return ended
 
@@ -305,7 +300,7 @@ class ModelManager:
                 if ended is not None:
                     self._keep_warm(ended.version, ended.model, ended.builder)
                 self.guard.end()
-                self.events.canary(None, 0.0, False)
+                self._report_canary(None)
                 log.info("canary follow: %s ended (%s)", current.candidate.version,
                          state.status if state is not None else "no canary recorded")
                 return
@@ -316,7 +311,7 @@ class ModelManager:
                     model, builder = self._load(want.candidate)
             except (ValidationFailed, UploadError) as exc:
                 self._not_followed = (want.candidate, want.started_at)
-                self.events.refused(exc.reason)
+                self.telemetry.count(exc.reason)
                 log.error("the store's canary names %s, which fails validation here: %s", want.candidate, exc)
                 return
             self._route(model, builder, want)
@@ -373,8 +368,8 @@ class ModelManager:
         if ended is None:
             return
         log.error("canary of %s aborted by the %s guard rail: %s", ended.version, trip.rail, trip.reason)
-        self.events.aborted(trip.rail)
-        self.events.canary(None, 0.0, False)
+        self.telemetry.count(trip.rail)
+        self._report_canary(None)
         threading.Thread(target=self._record_trip, args=(ended, trip), name="canary-abort", daemon=True).start()
 
     def _record_trip(self, ended, trip: Trip) -> None:
@@ -413,7 +408,7 @@ class ModelManager:
                 or current.percent != state.percent:
             self.guard.begin(self.active, state.candidate)
         self._not_followed = None
-        self.events.canary(state.candidate, state.percent, state.shadow)
+        self._report_canary(state)
 
     def _end(self, state: CanaryState, *, by: str, reason: str, rail: str | None) -> CanaryState:
         ended = self.holder.end_canary(withdraw=True)
@@ -423,19 +418,24 @@ class ModelManager:
                                           "reason": reason, "rail": rail})
         self.store.write_canary(record)
         self.guard.end()
-        self.events.canary(None, 0.0, False)
+        self._report_canary(None)
         return record
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _activate(self, version: str, *, kind: str) -> ActivationResult:
+    def _report_canary(self, state: CanaryState | None) -> None:
+        """The running canary's share and mode for the metrics (0 and off without one)."""
+        self.telemetry.measure(Quantity.CANARY_PERCENT, state.percent if state is not None else 0.0)
+        self.telemetry.measure(Quantity.CANARY_SHADOW, int(state is not None and state.shadow))
+
+    def _activate(self, version: str, *, kind: ActivationKind) -> ActivationResult:
         start = time.perf_counter()
         previous = self.active
         if not self.store.exists(version):
             raise UnknownVersion(f"version {version!r} is not in the store")
         report = self._swap_in(version) if version != previous else None
-        self.store.record_activation(version, rollback=kind == "rollback")
-        self.events.activated(kind, version)
+        self.store.record_activation(version, rollback=kind is ActivationKind.ROLLBACK)
+        self.telemetry.count(kind, on=version)
         seconds = time.perf_counter() - start
         log.info("model %s: %s -> %s in %.2f s", kind, previous, version, seconds)
         return ActivationResult(version, previous, report, seconds)
@@ -457,7 +457,7 @@ class ModelManager:
         self._keep_warm(old.version, old.model, old.builder)
         if canary is not None and self.holder.canary is None:  # the candidate promoted, here or elsewhere
             self.guard.end()
-            self.events.canary(None, 0.0, False)
+            self._report_canary(None)
         return report
 
     def _validate(self, bundle_dir: Path):
@@ -469,7 +469,8 @@ class ModelManager:
 
             return PromptBuilder(tokenizer, prompt_config)
 
-        return validate(bundle_dir, self.spec if tokenizer is not None else None, max_rank=self.max_rank,
+        return validate(bundle_dir, self.spec if tokenizer is not None else None,
+                        max_rank=self.model_settings.max_lora_rank,
                         engine=self.engine if tokenizer is not None else None, builder_for=builder_for)
 
     def _publish_validated(self, staging: Path, version: str, activate: bool) -> dict[str, Any]:
@@ -481,7 +482,7 @@ class ModelManager:
         log.info("model %s published to the store", version)
         result: dict[str, Any] = {"version": version, "checks": report.checks, "activated": False}
         if activate:
-            activation = self._activate(version, kind="activate")
+            activation = self._activate(version, kind=ActivationKind.ACTIVATE)
             result.update(activated=True, previous=activation.previous)
         return result
 
@@ -564,7 +565,7 @@ class ModelManager:
         try:
             yield
         except (ValidationFailed, UploadError) as exc:
-            self.events.refused(exc.reason)
+            self.telemetry.count(exc.reason)
             raise
 
     def clean_stale(self) -> None:

@@ -23,7 +23,8 @@ from service.engine.base import ScoringEngine
 from service.llm.prompt import PromptBuilder
 from service.registry.errors import RefusalReason, ValidationFailed
 from service.model import LoadedModel, load_model
-from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm
+from service.scoring.sequence import Scored, score_sequence
+from service.scoring.stages import UserHistoryView
 
 SMOKE_CANDIDATES = 5
 FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})  # safetensors header names
@@ -55,7 +56,7 @@ class BaseModelSpec:
 class ValidationReport:
     version: str
     checks: list[str] = field(default_factory=list)
-    smoke_scores: list[list[float]] = field(default_factory=list)
+    smoke_scores: list[list[float]] = field(default_factory=list)  # served scores per golden request
 
 
 def load_candidate(bundle_dir: Path) -> LoadedModel:
@@ -126,23 +127,24 @@ def golden_requests(model: LoadedModel) -> list[tuple[UserHistoryView, np.ndarra
     return out
 
 
+def score_golden(model: LoadedModel, engine: ScoringEngine | None, builder: PromptBuilder | None, index: int,
+                 view: UserHistoryView, candidates: np.ndarray) -> Scored:
+    """One golden request scored by the candidate through the one scoring sequence, as the
+    pipeline answers it: a version that serves its CRM runs no LLM."""
+    return score_sequence(model, builder, engine, None, f"smoke-{index}", view, candidates).scored
+
+
 def smoke_test(model: LoadedModel, engine: ScoringEngine | None, builder: PromptBuilder | None,
                report: ValidationReport) -> None:
-    """Score the golden requests with the candidate exactly as the pipeline would."""
+    """Score the golden requests with the candidate exactly as the pipeline would; every score it
+    computed (CRM, LLM, served) must be a probability. Records the served scores."""
     for i, (view, candidates) in enumerate(golden_requests(model)):
-        crm = run_crm(model, view, candidates)
-        _check_probabilities(crm.scores, f"golden request {i}: CRM")
-        row = [float(x) for x in crm.scores]
-        if model.mixer is not None and engine is not None and builder is not None:
-            histories = retrieve_text_history(model, view, candidates)
-            adapter = build_adapter(model, f"smoke-{i}", model.mixer.mixtures(crm.user_rep))
-            prefix, suffixes = build_prompts(builder, model, view, candidates, histories)
-            llm = engine.score(adapter, prefix, suffixes)
-            _check_probabilities(llm, f"golden request {i}: LLM")
-            if model.fusion is not None:
-                _check_probabilities(model.fusion(llm, crm.scores), f"golden request {i}: fused")
-            row = [float(x) for x in llm]
-        report.smoke_scores.append(row)
+        scored = score_golden(model, engine, builder, i, view, candidates)
+        _check_probabilities(scored.crm, f"golden request {i}: CRM")
+        if scored.has_llm.any():
+            _check_probabilities(scored.llm, f"golden request {i}: LLM")
+        _check_probabilities(scored.final, f"golden request {i}: {scored.source} score")
+        report.smoke_scores.append([float(x) for x in scored.final])
     report.checks.append(f"smoke test: {len(report.smoke_scores)} golden requests scored")
 
 

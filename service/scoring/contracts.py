@@ -49,6 +49,36 @@ class ServedOutcome(StrEnum):
     ERROR = "error"  # an exception instead of an answer (a 5xx)
 
 
+class Stage(StrEnum):
+    """The timed stages of a score request (the keys of ``timings_ms``, the ``stage`` label)."""
+
+    HISTORY = "history"
+    CRM = "crm"
+    RETRIEVAL = "retrieval"
+    PROMPTS = "prompts"
+    ADAPTER = "adapter"
+    LLM_CACHE = "llm_cache"
+    LLM = "llm"
+    TOTAL = "total"
+
+
+class ScoreCacheOutcome(StrEnum):
+    """Candidates looked up in (or written to) the LLM score cache, by outcome."""
+
+    HIT = "hit"
+    MISS = "miss"
+    ERROR = "error"  # the lookup failed or ran past its budget: all misses
+    WRITE_ERROR = "write_error"
+
+
+class ShadowOutcome(StrEnum):
+    """What became of a request a shadow candidate was to score."""
+
+    QUEUED = "queued"
+    NOT_QUEUED = "not_queued"  # already queued, or no engine thread
+    UNSCORABLE = "unscorable"  # the candidate's catalog lacks an item
+
+
 class CandidateSource(StrEnum):
     """Where a candidate's LLM score came from."""
 

@@ -22,9 +22,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
+from service.config import BackgroundSettings
 from service.engine.base import ForwardInterrupted
+from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,20 @@ log = logging.getLogger(__name__)
 Work = Callable[[Callable[[], bool]], Any]
 
 
-@dataclass
-class SchedulerEvents:
-    """Metrics hooks."""
+class RequestWorkOutcome(StrEnum):
+    """Request work the engine did not finish in time."""
 
-    abandoned: Callable[[], None] = lambda: None  # a request's forward started, then stopped at its deadline
-    expired: Callable[[], None] = lambda: None  # a request's work reached the engine after its deadline
-    background_done: Callable[[str], None] = lambda outcome: None  # scored | failed | dropped | expired
-    depth: Callable[[int, int, float], None] = lambda requests, jobs, backlog_ms: None
+    ABANDONED = "abandoned"  # a request's forward started, then stopped at its deadline
+    EXPIRED = "expired"  # a request's work reached the engine after its deadline (not started)
+
+
+class BackgroundOutcome(StrEnum):
+    """How a background job ended."""
+
+    SCORED = "scored"
+    FAILED = "failed"
+    DROPPED = "dropped"  # the queue was full (the oldest go first) or its key was cancelled
+    EXPIRED = "expired"  # older than the age limit when the engine was free
 
 
 @dataclass
@@ -54,11 +63,9 @@ class _Job:
 
 
 class EngineScheduler:
-    def __init__(self, *, max_background: int = 256, background_max_age_s: float = 60.0,
-                 events: SchedulerEvents | None = None) -> None:
-        self.max_background = max_background
-        self.background_max_age_s = background_max_age_s
-        self.events = events or SchedulerEvents()
+    def __init__(self, settings: BackgroundSettings | None = None, *, telemetry: Telemetry = NO_TELEMETRY) -> None:
+        self.settings = settings or BackgroundSettings()
+        self.telemetry = telemetry
         self._cv = threading.Condition()
         self._requests: deque[_Job] = deque()
         self._background: OrderedDict[Hashable, _Job] = OrderedDict()
@@ -90,9 +97,9 @@ class EngineScheduler:
             if self._closed or key in self._background or (self._running is not None and self._running.key == key):
                 return False
             self._background[key] = _Job(work, predicted_ms, key=key)
-            while len(self._background) > self.max_background:
+            while len(self._background) > self.settings.background_max_jobs:
                 self._background.popitem(last=False)
-                self.events.background_done("dropped")
+                self.telemetry.count(BackgroundOutcome.DROPPED)
             self._report()
             self._cv.notify()
         return True
@@ -119,8 +126,9 @@ class EngineScheduler:
         return total
 
     def _report(self) -> None:
-        self.events.depth(len(self._requests) + int(self._running_request), len(self._background),
-                          self._backlog_locked())
+        self.telemetry.measure(Quantity.ENGINE_QUEUE_REQUESTS, len(self._requests) + int(self._running_request))
+        self.telemetry.measure(Quantity.BACKGROUND_QUEUE_JOBS, len(self._background))
+        self.telemetry.measure(Quantity.ENGINE_QUEUE_MS, self._backlog_locked())
 
     # -- the engine thread ------------------------------------------------------------------
 
@@ -137,8 +145,8 @@ class EngineScheduler:
                 now = time.monotonic()
                 while self._background:
                     _, job = self._background.popitem(last=False)
-                    if now - job.queued_at > self.background_max_age_s:
-                        self.events.background_done("expired")
+                    if now - job.queued_at > self.settings.background_max_age_s:
+                        self.telemetry.count(BackgroundOutcome.EXPIRED)
                         continue
                     self._start(job, request=False)
                     return job, False
@@ -170,13 +178,13 @@ class EngineScheduler:
 
     def _run_request(self, job: _Job) -> None:
         if job.deadline is not None and time.perf_counter() > job.deadline:
-            self.events.expired()
+            self.telemetry.count(RequestWorkOutcome.EXPIRED)
             job.future.set_exception(TimeoutError("the request deadline passed while waiting for the engine"))
             return
         try:
             job.future.set_result(job.work(lambda: False))
         except TimeoutError as exc:  # the engine stopped at the request's deadline
-            self.events.abandoned()
+            self.telemetry.count(RequestWorkOutcome.ABANDONED)
             job.future.set_exception(exc)
         except BaseException as exc:
             job.future.set_exception(exc)
@@ -186,17 +194,17 @@ class EngineScheduler:
             job.work(self._waiting)
         except ForwardInterrupted:  # a request arrived: try again once the engine is free
             with self._cv:
-                if job.key not in self._background and len(self._background) < self.max_background:
+                if job.key not in self._background and len(self._background) < self.settings.background_max_jobs:
                     self._background[job.key] = job
                     self._background.move_to_end(job.key, last=False)
                 else:
-                    self.events.background_done("dropped")
+                    self.telemetry.count(BackgroundOutcome.DROPPED)
             return
         except Exception:
             log.warning("background engine job failed", exc_info=True)
-            self.events.background_done("failed")
+            self.telemetry.count(BackgroundOutcome.FAILED)
             return
-        self.events.background_done("scored")
+        self.telemetry.count(BackgroundOutcome.SCORED)
 
     def close(self) -> None:
         """Stop taking work; queued requests fail, queued background work is dropped."""

@@ -5,7 +5,7 @@ same user for the same item labels it, with the training rule (label = rating ab
 dataset's threshold, read from the served version's ``dataset.json``); a shadow score of the
 same request is labelled by the same event. Labels go to a Redis stream, so every gateway
 sharing Redis sees every label; each gateway reads the new ones incrementally and recomputes,
-at most every ``interval_s``, AUC, LogLoss and calibration per version over the sliding window
+at most every ``online_eval_interval_s``, AUC, LogLoss and calibration per version over the sliding window
 (sklearn's metrics, as offline). ``report`` reads the window from Redis again, bucketed in time,
 for ``reclora online-report``.
 """
@@ -17,15 +17,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 from redis.exceptions import RedisError
 from sklearn.metrics import log_loss, roc_auc_score
 
+from service.config import OnlineSettings
 from service.logging import BurstLog
 from service.nearline.served_log import Label, ServedLog
 from service.scoring.contracts import OnlineReport, VersionMetrics
+from service.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
 burst = BurstLog(log)
@@ -55,23 +57,29 @@ def metrics_by_version(labels: Iterable[Label]) -> dict[str, VersionMetrics]:
     return {v: version_metrics(v, s, y) for v, (s, y) in sorted(groups.items())}
 
 
-@dataclass
-class OnlineEvents:
-    """Metrics hooks."""
+class LabelOutcome(StrEnum):
+    """Behaviours joined with served scores, by outcome."""
 
-    labels: Callable[[str, int], None] = lambda outcome, n: None  # joined | unmatched | expired | error
-    metrics: Callable[[dict[str, VersionMetrics]], None] = lambda by_version: None  # after every refresh
+    JOINED = "joined"
+    UNMATCHED = "unmatched"  # no score served for the item
+    EXPIRED = "expired"  # served before the label window
+    ERROR = "error"
 
 
 class OnlineEvaluator:
     """The ``OnlineEvaluation`` of the service (``service.scoring.contracts``)."""
 
-    def __init__(self, log: ServedLog, *, threshold_of: Callable[[str], float], window_s: float = 3600.0,
-                 max_labels: int = 200_000, interval_s: float = 5.0, events: OnlineEvents | None = None) -> None:
+    def __init__(self, log: ServedLog, settings: OnlineSettings | None = None, *,
+                 threshold_of: Callable[[str], float], telemetry: Telemetry = NO_TELEMETRY,
+                 on_refresh: Callable[[dict[str, VersionMetrics]], None] = lambda by_version: None) -> None:
+        """``settings``: the window, its size and how often it is recomputed; the label window is
+        the served-score log's. ``on_refresh`` receives every recomputed window (the metrics'
+        gauges and the canary's online guard rail read it)."""
         self.served, self.threshold_of = log, threshold_of
-        self.window_s, self.max_labels, self.interval_s = window_s, max_labels, interval_s
-        self.events = events or OnlineEvents()
-        self._pairs: deque[tuple[int, str, float, int]] = deque(maxlen=max_labels)  # (label ms, version, score, y)
+        self.settings = settings or OnlineSettings()
+        self.telemetry, self.on_refresh = telemetry, on_refresh
+        # (label ms, version, score, y)
+        self._pairs: deque[tuple[int, str, float, int]] = deque(maxlen=self.settings.online_max_labels)
         self._last_id = ""
         self._wake = asyncio.Event()
         self._joins: set[asyncio.Task] = set()
@@ -95,22 +103,22 @@ class OnlineEvaluator:
             rating_of.setdefault(int(item), float(rating))  # the first behaviour with the item labels it
         try:
             served = await self.served.take(user_id, list(rating_of))
-            oldest = now_ms - self.served.label_window_s * 1000
+            oldest = now_ms - self.served.settings.online_label_window_s * 1000
             labels = [Label(s, int(rating_of[s.item] > self.threshold_of(s.version)), now_ms)
                       for s in served if s.at_ms >= oldest]
             await self.served.add_labels(labels)
         except (RedisError, OSError) as exc:
             burst.log(logging.WARNING, "online-labels", "labelling served scores failed", error=repr(exc))
-            self.events.labels("error", len(rating_of))
+            self.telemetry.count(LabelOutcome.ERROR, len(rating_of))
             return []
         except Exception:  # a bundle without a readable threshold, a malformed entry: never the event's failure
             burst.log(logging.ERROR, "online-labels", "labelling served scores failed", exc_info=True)
-            self.events.labels("error", len(rating_of))
+            self.telemetry.count(LabelOutcome.ERROR, len(rating_of))
             return []
         matched = {s.item for s in served if not s.shadow}
-        self.events.labels("joined", len(labels))
-        self.events.labels("expired", len(served) - len(labels))
-        self.events.labels("unmatched", len(set(rating_of) - matched))
+        self.telemetry.count(LabelOutcome.JOINED, len(labels))
+        self.telemetry.count(LabelOutcome.EXPIRED, len(served) - len(labels))
+        self.telemetry.count(LabelOutcome.UNMATCHED, len(set(rating_of) - matched))
         if labels:
             self._wake.set()
         return labels
@@ -120,7 +128,7 @@ class OnlineEvaluator:
     async def refresh(self) -> dict[str, VersionMetrics]:
         """Read the labels added since the last refresh, drop those past the window, recompute."""
         now_ms = int(time.time() * 1000)
-        since = now_ms - int(self.window_s * 1000)
+        since = now_ms - int(self.settings.online_window_s * 1000)
         while True:
             rows = await self.served.read_labels(self._last_id, since_ms=since, count=READ_BATCH)
             for entry_id, lab in rows:
@@ -140,37 +148,38 @@ class OnlineEvaluator:
         return self.latest
 
     async def run(self) -> None:
-        """Refresh after new labels, at most once per ``interval_s`` (and at least every second
-        interval, so the window slides without traffic); hand each result to ``events.metrics``."""
+        """Refresh after new labels, at most once per ``online_eval_interval_s`` (and at least every second
+        interval, so the window slides without traffic); hand each result to ``on_refresh``."""
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                await asyncio.wait_for(self._wake.wait(), self.settings.online_eval_interval_s)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
             started = time.monotonic()
             try:
-                self.events.metrics(await self.refresh())
+                self.on_refresh(await self.refresh())
             except (RedisError, OSError) as exc:
                 burst.log(logging.WARNING, "online-refresh", "online metrics not refreshed", error=repr(exc))
             except Exception:
                 burst.log(logging.ERROR, "online-refresh", "online metrics not refreshed", exc_info=True)
-            await asyncio.sleep(max(self.interval_s - (time.monotonic() - started), 0.0))
+            await asyncio.sleep(max(self.settings.online_eval_interval_s - (time.monotonic() - started), 0.0))
 
     async def report(self, window_s: float | None = None, bucket_s: float = 60.0) -> OnlineReport:
         """The last ``window_s`` of labels from Redis: metrics per version, and per time bucket."""
-        window = float(window_s or self.window_s)
+        window = float(window_s or self.settings.online_window_s)
+        max_labels = self.settings.online_max_labels
         now_ms = int(time.time() * 1000)
         start_ms = now_ms - int(window * 1000)
         labels: list[Label] = []
         after = ""
-        while len(labels) < self.max_labels:
-            rows = await self.served.read_labels(after, since_ms=start_ms, count=min(READ_BATCH, self.max_labels))
+        while len(labels) < max_labels:
+            rows = await self.served.read_labels(after, since_ms=start_ms, count=min(READ_BATCH, max_labels))
             labels.extend(lab for _, lab in rows)
             if len(rows) < READ_BATCH:
                 break
             after = rows[-1][0]
-        labels = labels[-self.max_labels:]
+        labels = labels[-max_labels:]
         buckets: dict[int, list[Label]] = {}
         for lab in labels:
             buckets.setdefault(int((lab.at_ms - start_ms) // (bucket_s * 1000)), []).append(lab)

@@ -1,6 +1,8 @@
 """POST /v1/score as a sequence of timed stages inside one deadline, degrading instead of failing.
 
-history (Redis, one round trip) -> two branches at once: the CRM over the long history (scores
+The steps are the scoring sequence's (``service.scoring.sequence``, the same that shadow scoring
+and the registry's smoke test run whole); this module adds the deadline, the score cache and the
+fallbacks between them. history (Redis, one round trip) -> two branches at once: the CRM over the long history (scores
 + user vector), and per candidate semantic retrieval of the short text history then the prompts
 -> the user's adapter (gate on the CRM's user vector, cache, materialize) -> LLM scores: cached
 ones from Redis, the rest from the engine when the work queued on it and this request's own
@@ -26,27 +28,30 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
 
 import numpy as np
 from redis.exceptions import RedisError
 
 from service.engine.base import ScoringEngine, UserAdapter
-from service.history import HistoryReader, KnowledgeRecord
+from service.history import HistoryReader, KnowledgeRecord, UserHistory
+from service.config import RequestSettings
 from service.logging import BurstLog
-from service.llm.prompt import PromptBuilder
 from service.model import LoadedModel, ModelHolder, ModelSnapshot
 from service.model.fusion import ScoreSource
 from service.nearline.score_cache import LLMScoreCache
 from service.nearline.served_log import ServedLog, ServedScore
 from service.personalization.adapter_cache import AdapterCache
 from service.scoring.contracts import (Admission, CandidateResult, CandidateSource, DegradedReason, Overloaded,
-                                       ScoreResult, ServedOutcome, UnknownItems)
+                                       ScoreCacheOutcome, ScoreResult, ServedOutcome, ShadowOutcome, Stage,
+                                       UnknownItems)
 from service.scoring.engine_scheduler import EngineScheduler
-from service.scoring.shadow import ShadowBuilders, ShadowScores, StoredHistory, shadow_score
-from service.scoring.stages import (UserHistoryView, answer_source, build_adapter, build_prompts,
-                                    retrieve_text_history, run_crm)
-from service.scoring.user_knowledge import KnowledgeOutcome, serve_knowledge
+from service.scoring.sequence import Scored
+from service.scoring.shadow import ShadowBuilders, StoredHistory, shadow_score
+from service.scoring.stages import Prompts, UserHistoryView, answer_source, run_crm, text_inputs, user_adapter
+from service.scoring.user_knowledge import serve_knowledge
+from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 log = logging.getLogger(__name__)
 burst = BurstLog(log)
@@ -93,18 +98,47 @@ def prompt_fingerprints(adapter: UserAdapter, view: UserHistoryView, prefix: Seq
     return out
 
 
-@dataclass
-class ScoringEvents:
-    """Metrics hooks of the pipeline."""
+# What every answer's outcome feeds (the canary's metrics and guard rails): version, outcome, ms.
+ServedFeed = Callable[[str, ServedOutcome, float], None]
 
-    stage: Callable[[str, float], None] = lambda stage, ms: None
-    degraded: Callable[[DegradedReason], None] = lambda reason: None
-    admission: Callable[[Admission], None] = lambda outcome: None
-    candidates: Callable[[CandidateSource, int], None] = lambda source, n: None
-    score_cache: Callable[[str, int], None] = lambda outcome, n: None  # hit | miss | error | write_error
-    served: Callable[[str, ServedOutcome, float], None] = lambda version, outcome, ms: None  # per answer
-    shadow: Callable[[str], None] = lambda outcome: None  # queued | not_queued | unscorable
-    knowledge: Callable[[KnowledgeOutcome, float | None], None] = lambda outcome, age_s: None  # per request
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """What the LLM stage needs of its request."""
+
+    model: LoadedModel
+    user_id: str
+    view: UserHistoryView
+    candidates: np.ndarray  # dense ids
+    deadline: float  # a time.perf_counter() instant
+
+
+@dataclass(frozen=True)
+class LLMStage:
+    """What the LLM stage gave one request: a P(Yes) per candidate (NaN: none), where each came
+    from, why candidates went without, and its steps' milliseconds in the order they ran."""
+
+    scores: np.ndarray
+    sources: tuple[CandidateSource, ...]
+    reasons: tuple[DegradedReason, ...] = ()
+    timings_ms: dict[Stage, float] = field(default_factory=dict)
+
+    @classmethod
+    def none(cls, n: int) -> "LLMStage":
+        """No LLM stage: the version answers with its CRM."""
+        return cls(np.full(n, np.nan), (CandidateSource.NONE,) * n)
+
+
+@dataclass(frozen=True)
+class PendingScores:
+    """A request's LLM work that the engine may do later: the adapter and prompts, and the
+    candidates' score-cache fields (None without a cache: then nothing is scored later)."""
+
+    user_id: str
+    version: str
+    adapter: UserAdapter
+    prompts: Prompts
+    fields: list[str] | None
 
 
 class LoopLag:
@@ -141,18 +175,17 @@ class ScoringPipeline:
     """The ``Scorer`` of the service: one request's stages inside its deadline."""
 
     def __init__(self, *, history: HistoryReader, holder: ModelHolder, engine: ScoringEngine | None,
-                 cache: AdapterCache, default_deadline_ms: int, history_budget_ms: float, llm_min_ms: float,
-                 scheduler: EngineScheduler | None = None, scores: LLMScoreCache | None = None,
-                 score_cache_budget_ms: float = 50.0, max_cpu_queue: int = 64, queue_aware: bool = True,
-                 events: ScoringEvents | None = None, served_log: ServedLog | None = None) -> None:
-        self.history, self.holder, self.engine, self.cache = history, holder, engine, cache
-        self.default_deadline_ms = default_deadline_ms
-        self.history_budget_ms = history_budget_ms
-        self.llm_min_ms = llm_min_ms
-        self.scores, self.score_cache_budget_ms = scores, score_cache_budget_ms
-        self.max_cpu_queue = max_cpu_queue
-        self.queue_aware = queue_aware
-        self.events = events or ScoringEvents()
+                 adapters: AdapterCache, settings: RequestSettings, scheduler: EngineScheduler | None = None,
+                 score_cache: LLMScoreCache | None = None, served_log: ServedLog | None = None,
+                 telemetry: Telemetry = NO_TELEMETRY, on_served: ServedFeed | None = None) -> None:
+        """``settings``: the deadlines, the Redis budget, the least time an LLM stage needs, the CRM
+        queue's bound and the admission rule; ``on_served`` receives every answer's outcome."""
+        self.history, self.holder, self.engine = history, holder, engine
+        self.adapters = adapters  # materialized user adapters, by (version, user)
+        self.score_cache = score_cache  # LLM scores in Redis, by prompt fingerprint
+        self.settings = settings
+        self.telemetry = telemetry
+        self.on_served = on_served or (lambda version, outcome, ms: None)
         self.served_log = served_log
         self._shadow_builders = ShadowBuilders()  # touched by the engine thread only
         # The engine runs one forward at a time; requests before background work (see EngineScheduler).
@@ -189,7 +222,7 @@ class ScoringPipeline:
     async def score(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None,
                     request_id: str = "") -> ScoreResult:
         start = time.perf_counter()
-        deadline = start + (deadline_ms or self.default_deadline_ms) / 1000.0
+        deadline = start + (deadline_ms or self.settings.default_deadline_ms) / 1000.0
         # The one read of the versions (stable, candidate, share) this request makes: it routes the
         # user, and the version it gives scores everything from the catalog check on.
         snapshot, shadow = self.holder.snapshot().route(user_id)
@@ -201,10 +234,10 @@ class ScoringPipeline:
         except (UnknownItems, Overloaded):
             raise
         except Exception:
-            self.events.served(snapshot.version, ServedOutcome.ERROR, (time.perf_counter() - start) * 1000.0)
+            self.on_served(snapshot.version, ServedOutcome.ERROR, (time.perf_counter() - start) * 1000.0)
             raise
-        self.events.served(result.model_version, ServedOutcome.DEGRADED if result.degraded else ServedOutcome.OK,
-                           result.timings_ms["total"])
+        self.on_served(result.model_version, ServedOutcome.DEGRADED if result.degraded else ServedOutcome.OK,
+                           result.timings_ms[Stage.TOTAL])
         if self.served_log is not None:
             at_ms = int(time.time() * 1000)
             self.served_log.offer([ServedScore(request_id, user_id, c.item_id, result.model_version, c.score,
@@ -215,82 +248,74 @@ class ScoringPipeline:
 
     async def _score(self, snapshot: ModelSnapshot, user_id: str, candidates: Sequence[int], start: float,
                      deadline: float) -> tuple[ScoreResult, StoredHistory]:
-        """One version's answer, and the history it read (for a shadow to score the same)."""
+        """One version's answer, and the history it read (for a shadow to score the same): the
+        scoring sequence's steps (``service.scoring.sequence``) with the deadline, the score
+        cache and the fallbacks between them."""
         model, builder = snapshot.model, snapshot.builder
         unknown = model.catalog.unknown(candidates)
         if unknown:
             raise UnknownItems(unknown, model.version)
-        if self._cpu_queued >= self.max_cpu_queue:
-            raise Overloaded(f"{self._cpu_queued} requests wait for the CRM; at most {self.max_cpu_queue}")
+        limit = self.settings.cpu_queue_limit
+        if self._cpu_queued >= limit:
+            raise Overloaded(f"{self._cpu_queued} requests wait for the CRM; at most {limit}")
         self.loop_lag.ensure_running()
-        timings: dict[str, float] = {}
-        reasons: list[DegradedReason] = []
-
-        def record(stage: str, ms: float) -> None:
-            timings[stage] = ms
-            self.events.stage(stage, ms)
-
-        def lap(stage: str, t0: float) -> float:
-            record(stage, (time.perf_counter() - t0) * 1000.0)
-            return time.perf_counter()
-
         t = time.perf_counter()
-        try:
-            # The budget is Redis's: time the event loop is late running callbacks is not held against it.
-            budget_s = (self.history_budget_ms + self.loop_lag.ms) / 1000.0
-            stored = await asyncio.wait_for(self.history.read(user_id), budget_s)
-            raw_items, ratings, profile, exists = stored.items, stored.ratings, stored.profile, stored.exists
-            knowledge, knowledge_error = stored.knowledge, stored.knowledge_error
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            burst.log(logging.WARNING, "history", "history unavailable, scoring as cold start", error=repr(exc))
-            raw_items, ratings, profile, exists = np.zeros(0, np.int64), np.zeros(0, np.float32), {}, False
-            knowledge = knowledge_error = None
-            reasons.append(DegradedReason.HISTORY_UNAVAILABLE)
-        t = lap("history", t)
-        view = UserHistoryView.from_raw(model, raw_items, ratings, profile,
-                                        self._knowledge(model, knowledge, knowledge_error))
+        stored, history_reason = await self._read_history(user_id)
+        timings: dict[Stage, float] = {Stage.HISTORY: (time.perf_counter() - t) * 1000.0}
+        view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile,
+                                        self._knowledge(model, stored.knowledge, stored.knowledge_error))
         dense = model.catalog.to_dense(candidates)
         loop = asyncio.get_running_loop()
         made_by = answer_source(model, self.engine, builder)  # CRM alone: no prompt, adapter, forward or job
-        uses_llm = made_by is not ScoreSource.CRM
-        text = (loop.run_in_executor(self._text_pool, _text_side, builder, model, view, dense)
-                if uses_llm else None)
+        text = (loop.run_in_executor(self._text_pool, text_inputs, builder, model, view, dense)
+                if made_by is not ScoreSource.CRM else None)
         self._cpu_queued += 1
         try:
-            crm, crm_ms = await loop.run_in_executor(self._crm_pool, _timed, run_crm, model, view, dense)
+            crm, timings[Stage.CRM] = await loop.run_in_executor(self._crm_pool, _timed, run_crm, model, view, dense)
         except BaseException:
             if text is not None:
                 text.cancel()
             raise
         finally:
             self._cpu_queued -= 1
-        record("crm", crm_ms)
-
-        llm = np.full(len(dense), np.nan)  # NaN: no LLM score for that candidate
-        sources = [CandidateSource.NONE] * len(dense)
-        if text is not None:
-            await self._llm_stage(user_id, model, view, text, crm.user_rep, deadline, llm, sources, reasons, record,
-                                  lap)
-        has = ~np.isnan(llm)
-        if has.any() and not has.all():
+        llm = (await self._llm_stage(LLMRequest(model, user_id, view, dense, deadline), text, crm.user_rep)
+               if text is not None else LLMStage.none(len(dense)))
+        timings.update(llm.timings_ms)
+        scored = Scored.of(model, made_by, crm.scores, llm.scores)
+        reasons = [*history_reason, *llm.reasons]
+        if scored.has_llm.any() and not scored.has_llm.all():
             reasons.append(DegradedReason.LLM_PARTIAL)
-        final = np.asarray(crm.scores, np.float64).copy()
-        if has.any():
-            final[has] = model.fusion(llm[has], crm.scores[has]) if model.fusion is not None else llm[has]
-        for reason in reasons:
-            self.events.degraded(reason)
-        for source in CandidateSource:
-            n = sum(s is source for s in sources)
-            if n:
-                self.events.candidates(source, n)
-        timings["total"] = (time.perf_counter() - start) * 1000.0
-        self.events.stage("total", timings["total"])
+        timings[Stage.TOTAL] = (time.perf_counter() - start) * 1000.0
+        self._report(timings, reasons, llm.sources)
         return ScoreResult(
             user_id=user_id, model_version=model.version,
             candidates=[CandidateResult(int(c), float(s), None if np.isnan(l) else float(l), float(k))
-                        for c, s, l, k in zip(candidates, final, llm, crm.scores)],
-            degraded=bool(reasons), degraded_reasons=reasons, cold_start=not exists, score_source=made_by,
-            timings_ms=timings), StoredHistory(raw_items, ratings, profile, knowledge)
+                        for c, s, l, k in zip(candidates, scored.final, scored.llm, scored.crm)],
+            degraded=bool(reasons), degraded_reasons=reasons, cold_start=not stored.exists, score_source=made_by,
+            timings_ms=timings), StoredHistory(stored.items, stored.ratings, stored.profile, stored.knowledge)
+
+    async def _read_history(self, user_id: str) -> tuple[UserHistory, tuple[DegradedReason, ...]]:
+        """The user's stored history within the Redis budget; an empty one (cold start) and why
+        when Redis fails or is slow."""
+        # The budget is Redis's: time the event loop is late running callbacks is not held against it.
+        budget_s = (self.settings.history_budget_ms + self.loop_lag.ms) / 1000.0
+        try:
+            return await asyncio.wait_for(self.history.read(user_id), budget_s), ()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            burst.log(logging.WARNING, "history", "history unavailable, scoring as cold start", error=repr(exc))
+            return UserHistory.empty(), (DegradedReason.HISTORY_UNAVAILABLE,)
+
+    def _report(self, timings: dict[Stage, float], reasons: Sequence[DegradedReason],
+                sources: Sequence[CandidateSource]) -> None:
+        """One answer's stage times (in the order they ran), degrade reasons and candidate sources."""
+        for stage, ms in timings.items():
+            self.telemetry.measure(stage, ms)
+        for reason in reasons:
+            self.telemetry.count(reason)
+        for source in CandidateSource:
+            n = sum(s is source for s in sources)
+            if n:
+                self.telemetry.count(source, n)
 
     def _knowledge(self, model: LoadedModel, record: KnowledgeRecord | None, error: str | None) -> np.ndarray | None:
         """The user's stored knowledge vector when ``model`` reads it, else None (the CRM's default)."""
@@ -299,144 +324,152 @@ class ScoringPipeline:
             if error:
                 burst.log(logging.WARNING, "knowledge-record", "malformed knowledge record, serving the default",
                           error=error)
-            self.events.knowledge(served.outcome, served.age_s)
+            self.telemetry.count(served.outcome)
+            if served.age_s is not None:
+                self.telemetry.measure(Quantity.KNOWLEDGE_AGE_S, served.age_s)
         return served.vector
 
     def _shadow(self, snapshot: ModelSnapshot, request_id: str, user_id: str, candidates: Sequence[int],
                 stored: StoredHistory) -> None:
         """Score the request with the shadow candidate when the engine is free; record, never serve."""
         if self.scheduler is None:
-            self.events.shadow("not_queued")
+            self.telemetry.count(ShadowOutcome.NOT_QUEUED)
             return
-        loop, engine, cache, builders = asyncio.get_running_loop(), self.engine, self.cache, self._shadow_builders
+        loop, engine, adapters, builders = asyncio.get_running_loop(), self.engine, self.adapters, self._shadow_builders
         request_id = request_id or uuid.uuid4().hex
         items = list(candidates)
 
         def work(interrupted):
-            scored = shadow_score(snapshot, builders.of(snapshot), engine, cache, user_id, stored, items, interrupted)
+            scored = shadow_score(snapshot, builders.of(snapshot), engine, adapters, user_id, stored, items, interrupted)
             if scored is None:
-                loop.call_soon_threadsafe(self.events.shadow, "unscorable")
+                loop.call_soon_threadsafe(self.telemetry.count, ShadowOutcome.UNSCORABLE)
                 return
             loop.call_soon_threadsafe(self._record_shadow, request_id, user_id, snapshot.version, items, scored)
 
         queued = self.scheduler.submit_background(("shadow", snapshot.version, request_id), work, 0.0)
-        self.events.shadow("queued" if queued else "not_queued")
+        self.telemetry.count(ShadowOutcome.QUEUED if queued else ShadowOutcome.NOT_QUEUED)
 
     def _record_shadow(self, request_id: str, user_id: str, version: str, candidates: list[int],
-                       scored: ShadowScores) -> None:
+                       scored: Scored) -> None:
         at_ms = int(time.time() * 1000)
-        llm = scored.llm if scored.llm is not None else [None] * len(candidates)
         self.served_log.offer([ServedScore(request_id, user_id, int(c), version, float(s),
-                                           None if l is None else float(l), float(k), at_ms, shadow=True)
-                               for c, s, l, k in zip(candidates, scored.score, llm, scored.crm)])
+                                           None if np.isnan(l) else float(l), float(k), at_ms, shadow=True)
+                               for c, s, l, k in zip(candidates, scored.final, scored.llm, scored.crm)])
 
-    async def _llm_stage(self, user_id: str, model: LoadedModel, view: UserHistoryView, text: asyncio.Future,
-                         user_rep, deadline: float, llm: np.ndarray, sources: list[CandidateSource],
-                         reasons: list[DegradedReason], record, lap) -> None:
-        """Fill ``llm`` (and ``sources``) with what the cache and the engine can give in time."""
-        fields: list[str] | None = None
+    async def _llm_stage(self, request: LLMRequest, text: asyncio.Future[Prompts], user_rep) -> LLMStage:
+        """What the score cache and the engine can give in time: cached scores, then the misses
+        live when the engine's queue and this forward fit the time left, else none now and a
+        background job that scores them into the cache. A failure keeps what the cache gave."""
+        model, user_id, view, deadline = request.model, request.user_id, request.view, request.deadline
+        count = len(request.candidates)
+        timings: dict[Stage, float] = {}
+        scores = np.full(count, np.nan)
+        sources = [CandidateSource.NONE] * count
+        pending: PendingScores | None = None
         misses: list[int] = []
-        adapter = prefix = suffixes = None
         try:
-            prompts, retrieval_ms, prompts_ms = await text
-            record("retrieval", retrieval_ms)
-            record("prompts", prompts_ms)
+            prompts = await text
+            timings[Stage.RETRIEVAL], timings[Stage.PROMPTS] = prompts.retrieval_ms, prompts.prompts_ms
             t = time.perf_counter()
-            alphas = model.mixer.mixtures(user_rep)
-            adapter, _ = self.cache.get_or_build(user_id, model.version, alphas,
-                                                 lambda a: build_adapter(model, user_id, a))
-            t = lap("adapter", t)
-            prefix, suffixes = prompts
-            if self.scores is not None:
-                fields = prompt_fingerprints(adapter, view, prefix, suffixes)
-                cached = await self._cached(user_id, model.version, fields)
-                for i, value in enumerate(cached):
-                    if value is not None:
-                        llm[i], sources[i] = value, CandidateSource.CACHED
-                t = lap("llm_cache", t)
-            misses = [i for i in range(len(llm)) if np.isnan(llm[i])]
+            adapter = user_adapter(model, user_id, user_rep, self.adapters)
+            timings[Stage.ADAPTER], t = _since(t)
+            fields = (prompt_fingerprints(adapter, view, prompts.prefix, prompts.suffixes)
+                      if self.score_cache is not None else None)
+            pending = PendingScores(user_id, model.version, adapter, prompts, fields)
+            if fields is not None:
+                scores = await self._cached_scores(user_id, model.version, fields)
+                sources = [CandidateSource.NONE if np.isnan(s) else CandidateSource.CACHED for s in scores]
+                timings[Stage.LLM_CACHE], t = _since(t)
+            misses = [i for i in range(count) if np.isnan(scores[i])]
             if not misses:
-                self.events.admission(Admission.CACHED)
-                return
-            miss_suffixes = [suffixes[i] for i in misses]
+                self.telemetry.count(Admission.CACHED)
+                return LLMStage(scores, tuple(sources), (), timings)
+            miss_suffixes = [prompts.suffixes[i] for i in misses]
             remaining_ms = (deadline - time.perf_counter()) * 1000.0
-            expected = self.engine.expected_ms(prefix, miss_suffixes)
-            backlog = self.scheduler.backlog_ms() if self.queue_aware else 0.0
-            skip = llm_admission(remaining_ms, expected, self.llm_min_ms, backlog)
+            expected = self.engine.expected_ms(prompts.prefix, miss_suffixes)
+            backlog = self.scheduler.backlog_ms() if self.settings.queue_aware else 0.0
+            skip = llm_admission(remaining_ms, expected, self.settings.llm_min_ms, backlog)
             if skip is not None:
-                self.events.admission(ADMISSION_OF[skip])
-                reasons.append(skip)
-                self._score_later(user_id, model.version, adapter, prefix, suffixes, misses, fields, expected)
-                return
-            self.events.admission(Admission.LIVE)
+                self.telemetry.count(ADMISSION_OF[skip])
+                self._score_later(pending, misses, expected)
+                return LLMStage(scores, tuple(sources), (skip,), timings)
+            self.telemetry.count(Admission.LIVE)
             engine = self.engine
 
             def work(interrupted):
-                return engine.score(adapter, prefix, miss_suffixes, deadline)
+                return engine.score(adapter, prompts.prefix, miss_suffixes, deadline)
 
             future = self.scheduler.submit(work, expected if expected is not None else remaining_ms, deadline)
             scored = await asyncio.wait_for(asyncio.wrap_future(future), max(remaining_ms, 0.0) / 1000.0)
-            llm[misses] = scored
+            scores[misses] = scored
             for i in misses:
                 sources[i] = CandidateSource.LIVE
-            lap("llm", t)
-            if fields is not None:
-                self._store(user_id, model.version, {fields[i]: float(s) for i, s in zip(misses, scored)})
+            timings[Stage.LLM], _ = _since(t)
+            if pending.fields is not None:
+                self._cache_scores(user_id, model.version, {pending.fields[i]: float(s) for i, s in zip(misses, scored)})
+            return LLMStage(scores, tuple(sources), (), timings)
         except (asyncio.TimeoutError, TimeoutError):  # waited too long, or the engine gave up
-            reasons.append(DegradedReason.LLM_TIMEOUT)
-            if adapter is not None and misses:
-                self._score_later(user_id, model.version, adapter, prefix, suffixes, misses, fields, None)
+            if pending is not None and misses:
+                self._score_later(pending, misses, None)
+            return LLMStage(scores, tuple(sources), (DegradedReason.LLM_TIMEOUT,), timings)
         except Exception as exc:  # the LLM stage must never turn an answer into a 5xx
             burst.log(logging.ERROR, f"llm:{type(exc).__name__}", f"LLM stage failed, answering with CRM scores: "
                       f"{type(exc).__name__}: {exc}", exc_info=True)
-            reasons.append(DegradedReason.LLM_ERROR)
+            return LLMStage(scores, tuple(sources), (DegradedReason.LLM_ERROR,), timings)
 
-    async def _cached(self, user_id: str, version: str, fields: list[str]) -> list[float | None]:
-        """Cached scores within the cache's budget; a slow or failing Redis is all misses."""
+    async def _cached_scores(self, user_id: str, version: str, fields: list[str]) -> np.ndarray:
+        """Cached LLM scores (NaN: a miss) within the cache's budget; a slow or failing Redis is
+        all misses."""
         try:
-            cached = await asyncio.wait_for(self.scores.get(user_id, version, fields),
-                                            (self.score_cache_budget_ms + self.loop_lag.ms) / 1000.0)
+            cached = await asyncio.wait_for(self.score_cache.get(user_id, version, fields),
+                                            (self.score_cache.settings.llm_score_cache_budget_ms + self.loop_lag.ms) / 1000.0)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             burst.log(logging.WARNING, "score-cache", "LLM score cache unavailable, scoring without it",
                       error=repr(exc))
-            self.events.score_cache("error", len(fields))
-            return [None] * len(fields)
+            self.telemetry.count(ScoreCacheOutcome.ERROR, len(fields))
+            return np.full(len(fields), np.nan)
         hits = sum(v is not None for v in cached)
-        self.events.score_cache("hit", hits)
-        self.events.score_cache("miss", len(fields) - hits)
-        return cached
+        self.telemetry.count(ScoreCacheOutcome.HIT, hits)
+        self.telemetry.count(ScoreCacheOutcome.MISS, len(fields) - hits)
+        return np.asarray([np.nan if v is None else v for v in cached], np.float64)
 
-    def _store(self, user_id: str, version: str, scores: dict[str, float]) -> None:
-        """Write scores to the cache off the request path: a slow or failed write delays nothing."""
-        task = asyncio.get_running_loop().create_task(self._write(user_id, version, scores))
+    def _cache_scores(self, user_id: str, version: str, scores: dict[str, float]) -> None:
+        """Write LLM scores to the score cache off the request path: a slow or failed write delays
+        nothing."""
+        task = asyncio.get_running_loop().create_task(self._write_scores(user_id, version, scores))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _write(self, user_id: str, version: str, scores: dict[str, float]) -> None:
+    async def _write_scores(self, user_id: str, version: str, scores: dict[str, float]) -> None:
         try:
-            await self.scores.put(user_id, version, scores)
+            await self.score_cache.put(user_id, version, scores)
         except (RedisError, OSError) as exc:
             burst.log(logging.WARNING, "score-cache-write", "LLM score cache write failed", error=repr(exc))
-            self.events.score_cache("write_error", len(scores))
+            self.telemetry.count(ScoreCacheOutcome.WRITE_ERROR, len(scores))
 
-    def _score_later(self, user_id: str, version: str, adapter: UserAdapter, prefix: Sequence[int],
-                     suffixes: Sequence[Sequence[int]], misses: list[int], fields: list[str] | None,
-                     expected_ms: float | None) -> None:
-        """Queue the candidates without an LLM score for background scoring into the cache, so
-        the user's next request finds them; nothing without a cache to put them in."""
-        if fields is None or self.scheduler is None:
+    def _score_later(self, pending: PendingScores, misses: list[int], expected_ms: float | None) -> None:
+        """Queue the candidates without an LLM score for background scoring into the score cache,
+        so the user's next request finds them; nothing without a cache to put them in."""
+        if pending.fields is None or self.scheduler is None:
             return
-        miss_fields = [fields[i] for i in misses]
-        miss_suffixes = [suffixes[i] for i in misses]
+        miss_fields = [pending.fields[i] for i in misses]
+        miss_suffixes = [pending.prompts.suffixes[i] for i in misses]
         loop, engine = asyncio.get_running_loop(), self.engine
 
         def work(interrupted):
-            scored = engine.score(adapter, prefix, miss_suffixes, None, interrupted)
+            scored = engine.score(pending.adapter, pending.prompts.prefix, miss_suffixes, None, interrupted)
             scores = {field: float(s) for field, s in zip(miss_fields, scored)}
-            loop.call_soon_threadsafe(self._store, user_id, version, scores)
+            loop.call_soon_threadsafe(self._cache_scores, pending.user_id, pending.version, scores)
 
-        key = (user_id, version, hashlib.blake2b("".join(miss_fields).encode(), digest_size=16).hexdigest())
+        key = (pending.user_id, pending.version,
+               hashlib.blake2b("".join(miss_fields).encode(), digest_size=16).hexdigest())
         self.scheduler.submit_background(key, work, expected_ms or 0.0)
+
+
+def _since(t0: float) -> tuple[float, float]:
+    """(milliseconds since ``t0``, now), to time consecutive steps."""
+    now = time.perf_counter()
+    return (now - t0) * 1000.0, now
 
 
 def _timed(fn: Callable, *args):
@@ -444,12 +477,3 @@ def _timed(fn: Callable, *args):
     start = time.perf_counter()
     out = fn(*args)
     return out, (time.perf_counter() - start) * 1000.0
-
-
-def _text_side(builder: PromptBuilder, model: LoadedModel, view: UserHistoryView,
-               dense: np.ndarray) -> tuple[tuple[list[int], list[list[int]]], float, float]:
-    """The LLM's inputs that need nothing from the CRM: per candidate retrieval, then the prompts;
-    returns the prompts and each step's milliseconds."""
-    histories, retrieval_ms = _timed(retrieve_text_history, model, view, dense)
-    prompts, prompts_ms = _timed(build_prompts, builder, model, view, dense, histories)
-    return prompts, retrieval_ms, prompts_ms

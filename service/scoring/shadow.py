@@ -17,10 +17,9 @@ from service.engine.base import ScoringEngine
 from service.history import KnowledgeRecord
 from service.llm.prompt import PromptBuilder
 from service.model import ModelSnapshot
-from service.model.fusion import ScoreSource
 from service.personalization.adapter_cache import AdapterCache
-from service.scoring.stages import (UserHistoryView, answer_source, build_adapter, build_prompts,
-                                    retrieve_text_history, run_crm)
+from service.scoring.sequence import Scored, score_sequence
+from service.scoring.stages import UserHistoryView
 from service.scoring.user_knowledge import serve_knowledge
 
 
@@ -32,13 +31,6 @@ class StoredHistory:
     ratings: np.ndarray
     profile: Mapping[str, str]
     knowledge: KnowledgeRecord | None = None  # the user's stored knowledge vector record
-
-
-@dataclass(frozen=True)
-class ShadowScores:
-    score: np.ndarray
-    llm: np.ndarray | None
-    crm: np.ndarray
 
 
 class ShadowBuilders:
@@ -62,24 +54,15 @@ class ShadowBuilders:
 
 
 def shadow_score(snapshot: ModelSnapshot, builder: PromptBuilder | None, engine: ScoringEngine | None,
-                 cache: AdapterCache, user_id: str, stored: StoredHistory, candidates: Sequence[int],
-                 interrupted: Callable[[], bool]) -> ShadowScores | None:
-    """Every candidate scored by ``snapshot``'s version; None when its catalog lacks one of them.
-    The engine raises ``ForwardInterrupted`` when a request arrives (the scheduler queues the job
-    again)."""
+                 adapters: AdapterCache, user_id: str, stored: StoredHistory, candidates: Sequence[int],
+                 interrupted: Callable[[], bool]) -> Scored | None:
+    """Every candidate scored by ``snapshot``'s version through the one scoring sequence; None
+    when its catalog lacks one of them. The engine raises ``ForwardInterrupted`` when a request
+    arrives (the scheduler queues the job again)."""
     model = snapshot.model
     if model.catalog.unknown(candidates):
         return None
     view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile,
                                     serve_knowledge(model, stored.knowledge, None).vector)  # as the candidate serves it
-    dense = model.catalog.to_dense(candidates)
-    crm = run_crm(model, view, dense)
-    crm_scores = np.asarray(crm.scores, np.float64)
-    if answer_source(model, engine, builder) is ScoreSource.CRM:  # as the version would answer: no LLM forward
-        return ShadowScores(crm_scores, None, crm_scores)
-    prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
-    alphas = model.mixer.mixtures(crm.user_rep)
-    adapter, _ = cache.get_or_build(user_id, model.version, alphas, lambda a: build_adapter(model, user_id, a))
-    llm = np.asarray(engine.score(adapter, prefix, suffixes, None, interrupted), np.float64)
-    final = model.fusion(llm, crm_scores) if model.fusion is not None else llm
-    return ShadowScores(np.asarray(final, np.float64), llm, crm_scores)
+    return score_sequence(model, builder, engine, adapters, user_id, view, model.catalog.to_dense(candidates),
+                          interrupted).scored

@@ -1,12 +1,15 @@
-"""The CPU-bound stages of one scoring request, as plain functions of a loaded model.
+"""The CPU-bound steps of one scoring request, as plain functions of a loaded model.
 
-Kept synchronous and free of I/O so the pipeline can time each one, run them off the event
-loop, and tests can call them directly.
+Kept synchronous and free of I/O so the pipeline can time each one and run them off the event
+loop; ``service.scoring.sequence`` composes them into the one scoring sequence that shadow
+scoring and the registry's smoke test run whole, and the request pipeline runs with its
+deadlines, score cache and fallbacks around the same steps.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,6 +22,7 @@ from service.llm.prompt import Behaviour, PromptBuilder
 from service.retrieval.history import semantic_positions
 from service.model import LoadedModel
 from service.model.fusion import ScoreSource, score_source
+from service.personalization.adapter_cache import AdapterCache
 
 
 @dataclass
@@ -93,8 +97,51 @@ def build_prompts(builder: PromptBuilder, model: LoadedModel, history: UserHisto
     return builder.encode(history.profile, histories, [texts[int(c)] for c in candidates])
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """The LLM's input for one request: a shared prefix and one suffix per candidate, with the
+    milliseconds its two steps took (retrieval, then tokenized prompts)."""
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+    retrieval_ms: float = 0.0
+    prompts_ms: float = 0.0
+
+
+def text_inputs(builder: PromptBuilder, model: LoadedModel, history: UserHistoryView,
+                candidates: np.ndarray) -> Prompts:
+    """The LLM's inputs that need nothing from the CRM: per candidate retrieval, then the prompts."""
+    start = time.perf_counter()
+    histories = retrieve_text_history(model, history, candidates)
+    retrieved = time.perf_counter()
+    prefix, suffixes = build_prompts(builder, model, history, candidates, histories)
+    done = time.perf_counter()
+    return Prompts(prefix, suffixes, (retrieved - start) * 1000.0, (done - retrieved) * 1000.0)
+
+
 def build_adapter(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> UserAdapter:
     """Materialize one user's adapter; the key names user, version and content."""
     weights = model.mixer.adapter(alphas)
     digest = hashlib.sha256(alphas.float().numpy().tobytes()).hexdigest()[:12]
     return UserAdapter(f"{user_id}@{model.version}#{digest}", weights, model.lora_config.scaling, user_id=user_id)
+
+
+def user_adapter(model: LoadedModel, user_id: str, user_rep: torch.Tensor, adapters: AdapterCache | None) -> UserAdapter:
+    """The user's adapter: the gates' mixture of the meta-LoRAs for the CRM's user representation,
+    from the adapter cache while the mixture has not drifted (built afresh without a cache)."""
+    alphas = model.mixer.mixtures(user_rep)
+    if adapters is None:
+        return build_adapter(model, user_id, alphas)
+    adapter, _ = adapters.get_or_build(user_id, model.version, alphas, lambda a: build_adapter(model, user_id, a))
+    return adapter
+
+
+def fuse(model: LoadedModel, crm: np.ndarray, llm: np.ndarray) -> np.ndarray:
+    """The served score per candidate: the version's fusion of LLM and CRM where the candidate has
+    an LLM score (the LLM's own without a fusion), the CRM's where it has none (NaN)."""
+    crm = np.asarray(crm)
+    final = crm.astype(np.float64)
+    has = ~np.isnan(llm)
+    if has.any():
+        final[has] = model.fusion(llm[has], crm[has]) if model.fusion is not None else llm[has]
+    return final

@@ -22,8 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "service" / "api"))  # api_support (FormulaScorer)
-from api_support import REDIS_URL, FormulaScorer  # noqa: E402
-from http_support import closed_port, wait_for  # noqa: E402,F401  (closed_port re-exported)
+from tests.service.api.api_support import REDIS_URL, FormulaScorer  # noqa: E402
+from tests.http_support import closed_port, wait_for  # noqa: E402,F401  (closed_port re-exported)
 
 from service.api.server import make_server  # noqa: E402
 from service.config import Settings  # noqa: E402

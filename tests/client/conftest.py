@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from client_support import REDIS_URL, FormulaScorer, Gateway, running_gateway
+from tests.client.client_support import REDIS_URL, FormulaScorer, Gateway, running_gateway
 
 from service.api import build_app
 from service.config import Settings

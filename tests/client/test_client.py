@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from client_support import Answer, FormulaScorer, Gateway, closed_port, running_gateway, scripted
+from tests.client.client_support import Answer, FormulaScorer, Gateway, closed_port, running_gateway, scripted
 from reclora_client import (
     AsyncRecLoRAClient,
     CandidateScore,

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from http_support import serving
-from promql_support import AGGREGATIONS, Parsed, literal_alternatives, parse
-from redis_support import REDIS_URL, scratch_prefix
+from tests.http_support import serving
+from tests.deploy.promql_support import AGGREGATIONS, Parsed, literal_alternatives, parse
+from tests.redis_support import REDIS_URL, scratch_prefix
 
 from service.api import build_app
 from service.config import Settings
@@ -287,7 +287,7 @@ def test_dashboard_covers_traffic_scoring_model_vllm_and_health():
 
 def test_settings_named_in_the_dashboard_are_real():
     names = set(re.findall(r"\bRECLORA_[A-Z0-9_]*[A-Z0-9]", DASHBOARD.read_text() + (GRAFANA / "README.md").read_text()))
-    assert names and names <= {f"RECLORA_{field.upper()}" for field in Settings.model_fields}
+    assert names and names <= Settings.env_names()
 
 
 def test_no_planned_metric_on_the_dashboard():
@@ -330,7 +330,7 @@ def test_rules_and_dashboard_agree_on_the_job(exported):
 
 
 def test_the_reader_rejects_what_it_cannot_read():
-    from promql_support import PromQLError
+    from tests.deploy.promql_support import PromQLError
 
     for bad in ("rat(reclora_x[5m])", "sum(reclora_x", "reclora_x{route=/v1}", "reclora_x[5q]", "{job='a'}",
                 "sum by (route (x)"):

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 import yaml
-from promql_support import literal_alternatives, parse
+from tests.deploy.promql_support import literal_alternatives, parse
 
 from service.config import Settings
 
@@ -29,7 +29,7 @@ KUBECTL = shutil.which("kubectl")
 KUBERNETES_VERSION = "1.32.0"  # schemas shipped with kubernetes-validate; the oldest release targeted
 CRD_GROUPS = ("monitoring.coreos.com/",)  # Prometheus Operator kinds: no schema in kubernetes-validate
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-SETTINGS_ENV = {f"RECLORA_{name.upper()}" for name in Settings.model_fields}
+SETTINGS_ENV = Settings.env_names()
 # Read by the `reclora` command line (training/admin), not the gateway: the README's push example.
 CLI_ENV = {"RECLORA_ADMIN_URL", "RECLORA_ADMIN_TOKEN"}
 SAMPLE_DIGEST = "0" * 63 + "1"
@@ -213,21 +213,21 @@ def test_gateway_environment_makes_valid_settings(overlay, monkeypatch):
     for deployment in gateways(overlay):
         settings = settings_of(overlay, deployment, monkeypatch)
         container = gateway_container(deployment)
-        assert settings.host == "0.0.0.0"
-        assert settings.engine == {"cpu-gateway": "torch", "gpu-vllm": "vllm"}[overlay]
-        assert claim_of(deployment, container, str(settings.model_store)) == "reclora-model-store"
-        assert claim_of(deployment, container, str(settings.base_model_dir)) == "reclora-base-model"
-        assert settings.active_version is None and settings.follows_store  # followers track ACTIVE
+        assert settings.http.host == "0.0.0.0"
+        assert settings.model.engine == {"cpu-gateway": "torch", "gpu-vllm": "vllm"}[overlay]
+        assert claim_of(deployment, container, str(settings.model.model_store)) == "reclora-model-store"
+        assert claim_of(deployment, container, str(settings.model.base_model_dir)) == "reclora-base-model"
+        assert settings.model.active_version is None and settings.model.follows_store  # followers track ACTIVE
 
         # The Redis URL names the StatefulSet's first pod through its headless Service.
         redis = named(overlay, "StatefulSet", "reclora-redis")
         service = named(overlay, "Service", redis["spec"]["serviceName"])
-        url = urlsplit(settings.redis_url)
+        url = urlsplit(settings.history.redis_url)
         assert url.hostname == f"{redis['metadata']['name']}-0.{service['metadata']['name']}"
         assert url.port in {p["port"] for p in service["spec"]["ports"]}
 
-        if settings.torch_threads is not None:  # no more threads than the CPU quota
-            assert settings.torch_threads <= float(container["resources"]["limits"]["cpu"])
+        if settings.torch.torch_threads is not None:  # no more threads than the CPU quota
+            assert settings.torch.torch_threads <= float(container["resources"]["limits"]["cpu"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -237,18 +237,18 @@ def test_one_admin_gateway_writes_the_store_and_followers_only_read_it(overlay, 
     admin, follower = by_name["reclora-gateway-admin"], by_name[GATEWAY]
 
     admin_settings = settings_of(overlay, admin, monkeypatch)
-    assert admin_settings.admin_enabled and admin_settings.admin_token_sha256 == [SAMPLE_DIGEST]
+    assert admin_settings.admin.admin_enabled and admin_settings.admin.admin_token_sha256 == [SAMPLE_DIGEST]
     (token,) = [e for e in gateway_container(admin)["env"] if e["name"] == "RECLORA_ADMIN_TOKEN_SHA256"]
     assert token["valueFrom"]["secretKeyRef"] == {"name": "reclora-admin-token", "key": "admin-token-sha256"}
     assert admin["spec"]["replicas"] == 1 and admin["spec"]["strategy"]["type"] == "Recreate"
-    mount = mount_at(admin, gateway_container(admin), str(admin_settings.model_store))
+    mount = mount_at(admin, gateway_container(admin), str(admin_settings.model.model_store))
     assert not mount.get("readOnly", False)
     assert not volume_of(admin, mount)["persistentVolumeClaim"].get("readOnly", False)
 
     follower_settings = settings_of(overlay, follower, monkeypatch)
-    assert not follower_settings.admin_enabled and not follower_settings.admin_token_sha256
+    assert not follower_settings.admin.admin_enabled and not follower_settings.admin.admin_token_sha256
     container = gateway_container(follower)
-    for path in (follower_settings.model_store, follower_settings.base_model_dir):
+    for path in (follower_settings.model.model_store, follower_settings.model.base_model_dir):
         mount = mount_at(follower, container, str(path))
         assert mount["readOnly"] is True and volume_of(follower, mount)["persistentVolumeClaim"]["readOnly"] is True
 
@@ -274,19 +274,19 @@ def test_gateway_probes_map_to_livez_and_readyz(overlay, monkeypatch):
         for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
             get = container[probe]["httpGet"]
             assert get["path"] == path, (deployment["metadata"]["name"], probe)
-            assert ports.get(get["port"], get["port"]) == settings.port == 8000
+            assert ports.get(get["port"], get["port"]) == settings.http.port == 8000
         # The readiness probe must notice a 503 within the drain window.
         readiness = container["readinessProbe"]
-        assert readiness["periodSeconds"] <= settings.shutdown_delay_s
+        assert readiness["periodSeconds"] <= settings.http.shutdown_delay_s
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_period_outlasts_the_drain(overlay, monkeypatch):
     for deployment in gateways(overlay):
         settings = settings_of(overlay, deployment, monkeypatch)
-        assert settings.shutdown_delay_s > 0
+        assert settings.http.shutdown_delay_s > 0
         grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
-        assert grace > settings.shutdown_delay_s + settings.graceful_timeout_s, deployment["metadata"]["name"]
+        assert grace > settings.http.shutdown_delay_s + settings.http.graceful_timeout_s, deployment["metadata"]["name"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -403,14 +403,14 @@ def test_vllm_servers_run_with_the_documented_flags(monkeypatch):
     # --max-lora-rank: an allowed vLLM value, at least the rank the gateways accept in a push.
     rank = int(args["--max-lora-rank"])
     assert rank in {1, 8, 16, 32, 64, 128, 256, 320, 512}
-    assert all(s.max_lora_rank <= rank for s in settings.values())
+    assert all(s.model.max_lora_rank <= rank for s in settings.values())
     # --max-cpu-loras: every gateway registers up to vllm_max_adapters of its own per server.
     hpa = named("gpu-vllm", "HorizontalPodAutoscaler", GATEWAY)
     most_gateways = hpa["spec"]["maxReplicas"] + named("gpu-vllm", "Deployment", "reclora-gateway-admin")["spec"]["replicas"]
-    assert int(args["--max-cpu-loras"]) >= follower.vllm_max_adapters * most_gateways
+    assert int(args["--max-cpu-loras"]) >= follower.vllm.vllm_max_adapters * most_gateways
     # The served base model is the one the gateways tokenize with, from the same claim.
     model = args["--model"]
-    assert Path(model).name == follower.base_model_dir.name
+    assert Path(model).name == follower.model.base_model_dir.name
     assert claim_of(vllm, container, model) == "reclora-base-model"
     assert mount_at(vllm, container, model)["readOnly"] is True
 
@@ -430,15 +430,15 @@ def test_gateways_address_each_vllm_replica_and_share_its_adapter_volume(monkeyp
     adapter_dirs = set()
     for deployment in gateways("gpu-vllm"):
         settings = settings_of("gpu-vllm", deployment, monkeypatch)
-        assert {str(u).rstrip("/") for u in settings.vllm_urls} == replicas
-        assert settings.vllm_url is None
+        assert {str(u).rstrip("/") for u in settings.vllm.vllm_urls} == replicas
+        assert settings.vllm.vllm_url is None
         container = gateway_container(deployment)
-        adapter_dir = str(settings.vllm_adapter_dir)
+        adapter_dir = str(settings.vllm.vllm_adapter_dir)
         mount = mount_at(deployment, container, adapter_dir)
         assert not mount.get("readOnly", False)
         assert claim_of(deployment, container, adapter_dir) == "reclora-adapters"
         # The servers read the same files at the same path (no RECLORA_VLLM_ADAPTER_SERVER_DIR) ...
-        assert settings.vllm_adapter_server_dir is None
+        assert settings.vllm.vllm_adapter_server_dir is None
         assert claim_of(vllm, server, adapter_dir) == "reclora-adapters"
         assert mount_at(vllm, server, adapter_dir)["mountPath"] == mount["mountPath"]
         assert mount_at(vllm, server, adapter_dir)["readOnly"] is True
@@ -519,7 +519,7 @@ def test_latency_objective_is_not_below_the_default_deadline(overlay, monkeypatc
     (rule,) = [r for r in alert_rules(overlay) if r["alert"] == "RecloraScoreLatencyHigh"]
     assert re.sub(r"\s+", "", rule["expr"]).startswith("histogram_quantile(0.99,")
     objective = float(re.search(r">\s*([0-9.]+)\s*$", rule["expr"]).group(1))
-    assert objective >= settings.default_deadline_ms / 1000
+    assert objective >= settings.requests.default_deadline_ms / 1000
 
 
 # ---- README ----------------------------------------------------------------------------------

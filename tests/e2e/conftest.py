@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from e2e_support import LiveServer, Reference, World
+from tests.e2e.e2e_support import LiveServer, Reference, World
 
 
 @pytest.fixture(scope="session")

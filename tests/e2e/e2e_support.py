@@ -24,9 +24,9 @@ from service.api.server import DrainingServer, make_server
 from service.config import Settings
 from service.history import HistorySettings, HistoryStore, UserHistory
 from service.model import Fusion, LoadedModel, load_model
-from http_support import assert_error, closed_port, wait_for  # noqa: F401  (re-exported for the tests)
-from redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
-from world_support import EMBEDDING_DIM, FUSION, VERSION, World, train_lora  # noqa: F401  (re-exported)
+from tests.http_support import assert_error, closed_port, wait_for  # noqa: F401  (re-exported for the tests)
+from tests.redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
+from tests.world_support import EMBEDDING_DIM, FUSION, VERSION, World, train_lora  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -85,7 +85,7 @@ def read_history(world: World, user: str) -> UserHistory:
     """The user's stored history, read back through the service's own store class."""
 
     async def read() -> UserHistory:
-        store = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=world.prefix))
+        store = HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=world.prefix))
         try:
             return await store.read(user)
         finally:
@@ -183,7 +183,7 @@ class Reference:
 
 
 def engine_dtype(live: LiveServer) -> torch.dtype:
-    """The floating-point type the live service's LLM engine runs in (``Settings.torch_dtype``)."""
+    """The floating-point type the live service's LLM engine runs in (``TorchSettings.torch_dtype``)."""
     return next(live.app.state.scorer.engine.model.parameters()).dtype
 
 

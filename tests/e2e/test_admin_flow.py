@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from e2e_support import LiveServer, World, assert_error, metric_value
+from tests.e2e.e2e_support import LiveServer, World, assert_error, metric_value
 from safetensors.torch import load_file, save_file
 
 from service.api.admin.auth import new_token
@@ -379,7 +379,7 @@ class TestCli:
 
 def test_gateways_sharing_a_store_follow_an_activation(admin: LiveServer, client, world: World):
     """A second gateway on the same store (no admin API) serves what the first one activated."""
-    follower = LiveServer.start(world.settings(model_store=Path(admin.app.state.settings.model_store),
+    follower = LiveServer.start(world.settings(model_store=Path(admin.app.state.settings.model.model_store),
                                                active_version=None, model_poll_s=0.2))
     try:
         with follower.client() as other:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from e2e_support import EMBEDDING_DIM, REDIS_URL, LiveServer, Reference, World, read_history, train_lora
-from redis_support import scratch_prefix
+from tests.e2e.e2e_support import EMBEDDING_DIM, REDIS_URL, LiveServer, Reference, World, read_history, train_lora
+from tests.redis_support import scratch_prefix
 from typer.testing import CliRunner
 
 from service.bundle import BundleError
@@ -58,7 +58,7 @@ def write_book_csvs(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def books(tmp_path_factory) -> Iterator[Books]:
-    from tiny_llama import DEFAULT_WORDS, build_tiny_llama
+    from tests.tiny_llama import DEFAULT_WORDS, build_tiny_llama
     from training.cli import app
     from training.crm.checkpoint import save_checkpoint
     from training.crm.train import TrainConfig, train_crm

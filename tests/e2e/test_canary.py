@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from e2e_support import REDIS_URL, LiveServer, World, assert_error, metric_value, wait_for
-from redis_support import scratch_prefix
+from tests.e2e.e2e_support import REDIS_URL, LiveServer, World, assert_error, metric_value, wait_for
+from tests.redis_support import scratch_prefix
 from safetensors.torch import load_file, save_file
 
 from service.api.admin.auth import new_token
@@ -351,7 +351,7 @@ def test_a_bad_candidate_is_aborted_by_its_online_auc(admin, gateway: LiveServer
     assert (state["status"], state["ended_by"], state["rail"]) == ("aborted", "guard", "online_auc"), state
     assert "online AUC" in state["reason"]
     served_by_bad = sum(v == "crm-bad" for _, v in answers)
-    assert MIN_LABELS // 2 <= served_by_bad <= gateway.app.state.settings.canary_min_requests, served_by_bad
+    assert MIN_LABELS // 2 <= served_by_bad <= gateway.app.state.settings.canary.canary_min_requests, served_by_bad
     # After the abort nobody gets the candidate's scores, its users included.
     bad_users = [u for u in users if on_candidate(u, "crm-bad", 50)][:10]
     assert {score(admin, u)[0] for u in bad_users} == {"crm-v1"}

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from e2e_support import LiveServer, World
+from tests.e2e.e2e_support import LiveServer, World
 
 from service.model import load_model
 from service.scoring.stages import UserHistoryView, run_crm

@@ -7,7 +7,7 @@ import uuid
 
 import httpx
 import numpy as np
-from e2e_support import Reference, World, assert_error, read_history
+from tests.e2e.e2e_support import Reference, World, assert_error, read_history
 
 
 CANDIDATES = [4, 19, 33, 47, 66]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from e2e_support import LiveServer, Reference, World, assert_error, closed_port, metric_value
+from tests.e2e.e2e_support import LiveServer, Reference, World, assert_error, closed_port, metric_value
 
 CANDIDATES = [6, 21, 38, 52, 77]
 CRM_ATOL = 1e-5
@@ -114,7 +114,7 @@ def test_retrieval_failure_answers_with_crm_scores(world: World, live: LiveServe
     def failing(*args):
         raise RuntimeError("e2e: retrieval failed")
 
-    monkeypatch.setattr("service.scoring.pipeline.retrieve_text_history", failing)
+    monkeypatch.setattr("service.scoring.stages.retrieve_text_history", failing)
     response = http.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES})
     assert response.status_code == 200, response.text
     body = response.json()

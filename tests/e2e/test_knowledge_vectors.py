@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from e2e_support import REDIS_URL, LiveServer, World, metric_value, wait_for
-from knowledge_support import planted_vectors, write_knowledge
-from redis_support import scratch_prefix
+from tests.e2e.e2e_support import REDIS_URL, LiveServer, World, metric_value, wait_for
+from tests.knowledge_support import planted_vectors, write_knowledge
+from tests.redis_support import scratch_prefix
 from typer.testing import CliRunner
 
 from service.history import HistorySettings, HistoryStore, KnowledgeRecord, UserHistory, knowledge_key
@@ -92,7 +92,7 @@ class Store:
 
     def _run(self, fn):
         async def go():
-            store = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=self.prefix))
+            store = HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=self.prefix))
             try:
                 return await fn(store)
             finally:

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from e2e_support import REDIS_URL, LiveServer, World, closed_port, metric_value
+from tests.e2e.e2e_support import REDIS_URL, LiveServer, World, closed_port, metric_value
 
 from service.engine.base import ForwardInterrupted
 from service.history import decode_records, events_key

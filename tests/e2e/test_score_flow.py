@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from e2e_support import LiveServer, Reference, World, assert_error, engine_dtype, llm_atol, metric_value
+from tests.e2e.e2e_support import LiveServer, Reference, World, assert_error, engine_dtype, llm_atol, metric_value
 
 CANDIDATES = [3, 17, 42, 58, 71, 80]
 STAGES = {"history", "crm", "retrieval", "adapter", "llm", "total"}

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from e2e_support import LiveServer, World, metric_value
-from world_support import item_rate_crm
+from tests.e2e.e2e_support import LiveServer, World, metric_value
+from tests.world_support import item_rate_crm
 
 from service.bundle import MANIFEST_NAME
 from service.model import load_model

@@ -2,8 +2,8 @@
 the service through its own intake routes (profile, then the sample's history as events), is
 scored by the service as the offline code scores it.
 
-Offline side: ``training.llm.report.crm_probabilities`` (the CRM as evaluated), the CRM user
-vectors ``training.llm.train.user_representations`` (what the gates were trained on) and the
+Offline side: ``training.llm.crm_outputs.crm_probabilities`` (the CRM as evaluated), the CRM user
+vectors ``training.llm.crm_outputs.user_representations`` (what the gates were trained on) and the
 training prompts ``training.llm.prompts.sample_prompts``. Online side: POST /v1/score.
 """
 
@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from e2e_support import LiveServer, Reference, World, engine_dtype, llm_atol
+from tests.e2e.e2e_support import LiveServer, Reference, World, engine_dtype, llm_atol
 
 CRM_ATOL = 1e-5
 
@@ -50,8 +50,7 @@ def replay(http: httpx.Client, world: World, sample: pd.Series) -> str:
 def test_replayed_samples_score_online_as_offline(world: World, live: LiveServer, http: httpx.Client,
                                                   reference: Reference, samples: pd.DataFrame) -> None:
     from training.llm.prompts import sample_prompts
-    from training.llm.report import crm_probabilities
-    from training.llm.train import user_representations
+    from training.llm.crm_outputs import crm_probabilities, user_representations
 
     data = world.data
     embeddings = np.load(world.data_dir / "embeddings.npy")

@@ -24,11 +24,11 @@ def clean_env(monkeypatch, tmp_path):
 
 def test_defaults():
     s = Settings()
-    assert (s.host, s.port, s.max_candidates, s.default_deadline_ms, s.max_deadline_ms) == ("127.0.0.1", 8000, 100, 500,
-                                                                                            10_000)
-    assert s.history_max_events == 1000 and s.max_event_batch == 100 and s.engine == "torch"
-    assert s.active_version is None and s.model_store == Path("model_store")
-    assert s.log_json is True and s.log_level == "INFO"
+    assert (s.http.host, s.http.port, s.requests.max_candidates, s.requests.default_deadline_ms,
+            s.requests.max_deadline_ms) == ("127.0.0.1", 8000, 100, 500, 10_000)
+    assert s.history.history_max_events == 1000 and s.events.max_event_batch == 100 and s.model.engine == "torch"
+    assert s.model.active_version is None and s.model.model_store == Path("model_store")
+    assert s.logging.log_json is True and s.logging.log_level == "INFO"
 
 
 def test_environment_variables_use_the_reclora_prefix(monkeypatch):
@@ -40,15 +40,15 @@ def test_environment_variables_use_the_reclora_prefix(monkeypatch):
     monkeypatch.setenv("RECLORA_TORCH_THREADS", "4")
     monkeypatch.setenv("MAX_CANDIDATES", "7")  # unprefixed: ignored
     s = get_settings()
-    assert s.redis_url == "redis://cache:6380/2" and s.max_candidates == 250
-    assert s.active_version == "2025-01-01_crm-v3" and s.log_json is False
-    assert s.model_store == Path("/srv/models") and s.torch_threads == 4
+    assert s.history.redis_url == "redis://cache:6380/2" and s.requests.max_candidates == 250
+    assert s.model.active_version == "2025-01-01_crm-v3" and s.logging.log_json is False
+    assert s.model.model_store == Path("/srv/models") and s.torch.torch_threads == 4
     assert get_settings() is s  # read once per process
 
 
 def test_dotenv_file_is_read(tmp_path):
     (tmp_path / ".env").write_text("RECLORA_PORT=9100\n")
-    assert Settings().port == 9100
+    assert Settings().http.port == 9100
 
 
 @pytest.mark.parametrize("values,problem", [
@@ -70,12 +70,12 @@ def test_inconsistent_settings_are_refused(values, problem):
 
 def test_vllm_engine_with_url():
     s = Settings(engine="vllm", vllm_url="http://vllm:8000")
-    assert str(s.vllm_url) == "http://vllm:8000/"
+    assert str(s.vllm.vllm_url) == "http://vllm:8000/"
 
 
 def test_settings_are_immutable():
     with pytest.raises(ValidationError):
-        Settings().port = 1
+        Settings().http.port = 1
 
 
 def test_admin_needs_a_token_digest():
@@ -83,7 +83,7 @@ def test_admin_needs_a_token_digest():
         Settings(admin_enabled=True)
     with pytest.raises(ValueError, match="64 lowercase hex"):
         Settings(admin_enabled=True, admin_token_sha256=["secret-in-clear"])
-    assert Settings(admin_enabled=True, admin_token_sha256=["a" * 64]).admin_enabled
+    assert Settings(admin_enabled=True, admin_token_sha256=["a" * 64]).admin.admin_enabled
 
 
 def test_admin_token_matching_is_by_digest():

@@ -51,8 +51,8 @@ async def require_admin(request: Request) -> None:
     settings = request.app.state.settings
     credentials: HTTPAuthorizationCredentials | None = await _bearer(request)
     if credentials is None:
-        request.app.state.metrics.model_refusals.labels(RefusalReason.UNAUTHORIZED).inc()
+        request.app.state.metrics.count(RefusalReason.UNAUTHORIZED)
         raise Unauthorized("admin requests need an 'Authorization: Bearer <token>' header")
-    if not token_matches(credentials.credentials, settings.admin_token_sha256):
-        request.app.state.metrics.model_refusals.labels(RefusalReason.UNAUTHORIZED).inc()
+    if not token_matches(credentials.credentials, settings.admin.admin_token_sha256):
+        request.app.state.metrics.count(RefusalReason.UNAUTHORIZED)
         raise Unauthorized("the admin token is not valid")

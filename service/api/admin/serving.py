@@ -77,13 +77,13 @@ async def push(manager: ModelManager, body: AsyncIterator[bytes], version: str, 
     path = manager.incoming_path()
     try:
         try:
-            await receive(body, path, manager.max_upload_bytes)
+            await receive(body, path, manager.admin_settings.admin_max_upload_bytes)
         except UploadError as exc:
-            manager.events.refused(exc.reason)
+            manager.telemetry.count(exc.reason)
             raise _refusal(exc) from None
         except HTTPException as exc:  # the body limit middleware cut the stream
             if exc.status_code == 413:
-                manager.events.refused(RefusalReason.TOO_LARGE)
+                manager.telemetry.count(RefusalReason.TOO_LARGE)
             raise
         if parts:
             result = await _run(manager.push_parts, path, version, base=base, activate=activate,

@@ -24,7 +24,7 @@ async def append_events(body: EventsRequest, history: HistoryDep, scorer: Scorer
     """Append a user's new behaviours to their history, atomically and in time order; they label
     the scores served to the user for those items (online evaluation), and every so many of them
     refresh the user's knowledge vector in the background."""
-    return await serving.append_events(body, history=history, scorer=scorer, settings=settings, metrics=metrics,
+    return await serving.append_events(body, history=history, scorer=scorer, settings=settings.events, metrics=metrics,
                                        online=online, knowledge=knowledge)
 
 

@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.api.errors import Conflict, ErrorDetail, InvalidRequest, Unavailable, unknown_items_error
 from service.api.events.protocol import EventsRequest, EventsResponse, ProfileRequest, ProfileResponse
-from service.config import Settings
+from service.config import EventsSettings
 from service.history import Event, HistoryOrderError, HistoryStore
 from service.metrics import Metrics
 from service.scoring.contracts import KnowledgeRefresh, OnlineEvaluation, Scorer
@@ -25,7 +25,7 @@ from service.scoring.contracts import KnowledgeRefresh, OnlineEvaluation, Scorer
 log = logging.getLogger(__name__)
 
 
-def check_batch(request: EventsRequest, settings: Settings, now: float) -> None:
+def check_batch(request: EventsRequest, settings: EventsSettings, now: float) -> None:
     """Batch size, rating range, timestamp plausibility and in-batch time order."""
     problems: list[ErrorDetail] = []
     if len(request.events) > settings.max_event_batch:
@@ -48,7 +48,7 @@ def check_batch(request: EventsRequest, settings: Settings, now: float) -> None:
         raise InvalidRequest(problems)
 
 
-async def append_events(request: EventsRequest, *, history: HistoryStore, scorer: Scorer, settings: Settings,
+async def append_events(request: EventsRequest, *, history: HistoryStore, scorer: Scorer, settings: EventsSettings,
                         metrics: Metrics, online: OnlineEvaluation | None = None,
                         knowledge: KnowledgeRefresh | None = None) -> EventsResponse:
     check_batch(request, settings, time.time())

@@ -17,7 +17,7 @@ from starlette.datastructures import State
 
 from service.api.deps import HistoryDep, SettingsDep
 from service.api.errors import ERROR_RESPONSES, ErrorDetail, Unavailable
-from service.config import Settings
+from service.config import HistorySettings
 from service.history import HistoryStore
 
 router = APIRouter(tags=["health"])
@@ -45,7 +45,7 @@ async def livez() -> dict[str, str]:
 async def readyz(request: Request, history: HistoryDep, settings: SettingsDep) -> Readiness:
     """200 with component status when ready; 503 naming what is missing otherwise."""
     state = request.app.state
-    components = {"model": _model_status(state), "redis": await _redis_status(history, settings)}
+    components = {"model": _model_status(state), "redis": await _redis_status(history, settings.history)}
     if state.lifecycle.draining:
         components["server"] = Component(ok=False, detail="shutting down")
     failing = [ErrorDetail(loc=name, message=c.detail, type="not_ready") for name, c in components.items() if not c.ok]
@@ -71,7 +71,7 @@ def _model_status(state: State) -> Component:
     return Component(ok=False, detail="loading")
 
 
-async def _redis_status(history: HistoryStore, settings: Settings) -> Component:
+async def _redis_status(history: HistoryStore, settings: HistorySettings) -> Component:
     try:
         ok = await asyncio.wait_for(history.ping(), timeout=2 * settings.redis_timeout_s)
     except TimeoutError:

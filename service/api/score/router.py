@@ -16,4 +16,4 @@ router = APIRouter(prefix="/v1", tags=["score"])
 async def score(body: ScoreRequest, scorer: ScorerDep, settings: SettingsDep,
                 request_id: RequestIdDep) -> ScoreResponse:
     """Score candidate items for a user: always an answer, degraded (CRM scores) rather than failed."""
-    return await serving.score(body, scorer=scorer, settings=settings, request_id=request_id)
+    return await serving.score(body, scorer=scorer, settings=settings.requests, request_id=request_id)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from service.api.errors import ErrorDetail, InvalidRequest, Overloaded, unknown_items_error
 from service.api.score.protocol import CandidateScore, ScoreRequest, ScoreResponse
-from service.config import Settings
+from service.config import RequestSettings
 from service.scoring.contracts import Overloaded as ScorerOverloaded
 from service.scoring.contracts import ScoreResult, Scorer, ScoreSource, UnknownItems
 
 
-def check_limits(request: ScoreRequest, settings: Settings) -> None:
+def check_limits(request: ScoreRequest, settings: RequestSettings) -> None:
     """The configured bounds the wire type cannot know."""
     problems = []
     if len(request.candidates) > settings.max_candidates:
@@ -40,7 +40,8 @@ def to_response(result: ScoreResult) -> ScoreResponse:
         timings={stage: round(ms, 3) for stage, ms in result.timings_ms.items()})
 
 
-async def score(request: ScoreRequest, *, scorer: Scorer, settings: Settings, request_id: str) -> ScoreResponse:
+async def score(request: ScoreRequest, *, scorer: Scorer, settings: RequestSettings,
+                request_id: str) -> ScoreResponse:
     check_limits(request, settings)
     try:
         result = await scorer.score(request.user_id, request.candidates, request.deadline_ms, request_id)

@@ -22,14 +22,17 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
+from service.config import VLLMSettings
 from service.engine.base import UserAdapter
 from service.engine.vllm.client import VLLMClient
 from service.llm.personalized_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_weights
+from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}\.[A-Za-z0-9_-]{1,40}\.[0-9a-f]{16}$")
@@ -53,13 +56,12 @@ class AdapterFiles:
     path: Path  # the directory on the gateway's side
 
 
-@dataclass(frozen=True)
-class AdapterEvents:
-    """Hooks for metrics (all per replica URL)."""
+class ReplicaAdapterOutcome(StrEnum):
+    """An adapter loaded onto a replica, or unloaded from it to stay within capacity (counted on
+    the replica's URL)."""
 
-    loaded: Callable[[str, float], None] = lambda replica, seconds: None
-    evicted: Callable[[str], None] = lambda replica: None
-    resident: Callable[[str, int], None] = lambda replica, count: None
+    LOADED = "loaded"
+    EVICTED = "evicted"
 
 
 class AdapterWriter:
@@ -122,18 +124,27 @@ class AdapterLifecycle:
     """
 
     def __init__(self, writer: AdapterWriter, capacity: int, *, load_timeout_s: float = 10.0,
-                 events: AdapterEvents = AdapterEvents(), max_known: int = 4096) -> None:
+                 telemetry: Telemetry = NO_TELEMETRY, max_known: int = 4096) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.writer = writer
         self.capacity = capacity
         self.load_timeout_s = load_timeout_s
-        self.events = events
+        self.telemetry = telemetry
         self._max_known = max_known
         self._known: OrderedDict[tuple[str, int], AdapterFiles] = OrderedDict()  # (key, id) -> files
         self._resident: dict[str, OrderedDict[str, AdapterFiles]] = {}
         self._in_use: Counter[tuple[str, str]] = Counter()
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_settings(cls, settings: VLLMSettings, *, base_model: str,
+                      telemetry: Telemetry = NO_TELEMETRY) -> "AdapterLifecycle":
+        """Adapters written under ``vllm_adapter_dir``, ``vllm_max_adapters`` kept per replica."""
+        writer = AdapterWriter(settings.vllm_adapter_dir, base_model=base_model,
+                               server_root=settings.vllm_adapter_server_dir)
+        return cls(writer, settings.vllm_max_adapters, load_timeout_s=settings.vllm_load_timeout_s,
+                   telemetry=telemetry)
 
     @contextmanager
     def lease(self, replica: str, client: VLLMClient, adapter: UserAdapter,
@@ -152,9 +163,10 @@ class AdapterLifecycle:
                     files = self.writer.write(adapter)
                 started = time.perf_counter()
                 client.load_adapter(files.name, self.writer.server_path(files), timeout)
-                self.events.loaded(replica, time.perf_counter() - started)
+                self.telemetry.count(ReplicaAdapterOutcome.LOADED, on=replica)
+                self.telemetry.measure(Quantity.REPLICA_ADAPTER_LOAD_S, time.perf_counter() - started, on=replica)
                 held[files.name] = files
-                self.events.resident(replica, len(held))
+                self.telemetry.measure(Quantity.REPLICA_ADAPTERS_RESIDENT, len(held), on=replica)
             self._in_use[(replica, files.name)] += 1
         try:
             yield files.name
@@ -174,7 +186,7 @@ class AdapterLifecycle:
                 files = held.pop(gone, None)
                 if files is not None:
                     self._delete_if_unused(files)
-            self.events.resident(replica, len(held))
+            self.telemetry.measure(Quantity.REPLICA_ADAPTERS_RESIDENT, len(held), on=replica)
 
     def adopt(self, replica: str, names: Iterable[str]) -> None:
         """Count adapters the server already holds (from an earlier gateway run) against its
@@ -185,7 +197,7 @@ class AdapterLifecycle:
                 if NAME_PATTERN.match(name) and name not in held:
                     held[name] = AdapterFiles(name, self.writer.root / name)
                     held.move_to_end(name, last=False)  # least recently used: first to go
-            self.events.resident(replica, len(held))
+            self.telemetry.measure(Quantity.REPLICA_ADAPTERS_RESIDENT, len(held), on=replica)
 
     def resident(self, replica: str) -> list[str]:
         """Names held on ``replica``, least recently used first."""
@@ -215,7 +227,7 @@ class AdapterLifecycle:
                 continue  # a request is scoring with it: never pull it from under that request
             client.unload_adapter(name, timeout_s)
             files = held.pop(name)
-            self.events.evicted(replica)
+            self.telemetry.count(ReplicaAdapterOutcome.EVICTED, on=replica)
             self._delete_if_unused(files)
         # Every held adapter is in use: go above capacity for now rather than fail the request.
 

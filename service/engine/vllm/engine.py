@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.config import VLLMSettings
 from service.engine.base import UserAdapter
 from service.engine.vllm.adapters import AdapterLifecycle, split_key
 from service.engine.vllm.client import AdapterNotLoaded, ReplicaUnavailable, VLLMClient, VLLMTimeout
 from service.engine.vllm.protocol import CompletionRequest, GenerativeScoringRequest
 from service.engine.vllm.routing import AffinityRouter
 from service.logging import BurstLog
+from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 log = logging.getLogger(__name__)
 burst = BurstLog(log)  # a failing replica logs once per burst, not once per request
@@ -55,8 +57,7 @@ class VLLMEngine:
 
     def __init__(self, clients: Sequence[VLLMClient], lifecycle: AdapterLifecycle, *, yes_id: int, no_id: int,
                  router=None, scoring_api: str = "auto", request_timeout_s: float = 30.0,
-                 health_interval_s: float | None = 2.0,
-                 on_replica_up: Callable[[str, bool], None] = lambda replica, up: None) -> None:
+                 health_interval_s: float | None = 2.0, telemetry: Telemetry = NO_TELEMETRY) -> None:
         if not clients:
             raise ValueError("the vLLM engine needs at least one server")
         if scoring_api not in SCORING_APIS:
@@ -67,7 +68,7 @@ class VLLMEngine:
         self.router = router if router is not None else AffinityRouter(list(self.replicas))
         self.scoring_api = scoring_api
         self.request_timeout_s = request_timeout_s
-        self.on_replica_up = on_replica_up
+        self.telemetry = telemetry
         self.last_replica: str | None = None  # where the last request was answered (tests, logs)
         self._stop = threading.Event()
         for url in self.replicas:
@@ -77,6 +78,18 @@ class VLLMEngine:
             self._monitor = threading.Thread(target=self._watch, args=(health_interval_s,), daemon=True,
                                              name="vllm-health")
             self._monitor.start()
+
+    @classmethod
+    def from_settings(cls, settings: VLLMSettings, lifecycle: AdapterLifecycle, *, yes_id: int, no_id: int,
+                      request_timeout_s: float, telemetry: Telemetry = NO_TELEMETRY) -> "VLLMEngine":
+        """The engine over ``settings.replica_urls``, routed by affinity."""
+        urls = settings.replica_urls
+        clients = [VLLMClient(url, connect_timeout_s=settings.vllm_connect_timeout_s,
+                              max_connections=settings.vllm_max_connections) for url in urls]
+        return cls(clients, lifecycle, yes_id=yes_id, no_id=no_id,
+                   router=AffinityRouter(urls, load_factor=settings.vllm_load_factor),
+                   scoring_api=settings.vllm_scoring_api, request_timeout_s=request_timeout_s,
+                   health_interval_s=settings.vllm_health_interval_s, telemetry=telemetry)
 
     # --- ScoringEngine
 
@@ -183,7 +196,7 @@ class VLLMEngine:
             self._mark_down(url)
             return False
         self.router.mark_up(url)
-        self.on_replica_up(url, True)
+        self.telemetry.measure(Quantity.REPLICA_UP, 1, on=url)
         return True
 
     def _mark_down(self, url: str) -> None:
@@ -191,7 +204,7 @@ class VLLMEngine:
         replica = self.replicas[url]
         replica.base_model = replica.api = None  # probe again when back: it may be another server
         self.lifecycle.forget(url)
-        self.on_replica_up(url, False)
+        self.telemetry.measure(Quantity.REPLICA_UP, 0, on=url)
 
     def _watch(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):

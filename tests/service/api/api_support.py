@@ -14,8 +14,8 @@ import httpx
 
 from service.scoring.contracts import CandidateResult, ScoreResult, UnknownItems
 from service.history import HistoryStore
-from http_support import assert_error, serving  # noqa: F401  (re-exported for the tests)
-from redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
+from tests.http_support import assert_error, serving  # noqa: F401  (re-exported for the tests)
+from tests.redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
 
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 KNOWN_ITEMS = range(1, 101)

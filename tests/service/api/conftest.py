@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from api_support import REDIS_URL, FormulaScorer, serving
+from tests.service.api.api_support import REDIS_URL, FormulaScorer, serving
 from fastapi import FastAPI
 
 from service.api import build_app

@@ -8,7 +8,7 @@ import re
 
 import httpx
 import pytest
-from api_support import FormulaScorer, assert_error, serving
+from tests.service.api.api_support import FormulaScorer, assert_error, serving
 
 from service.api import build_app
 from service.config import Settings
@@ -63,7 +63,7 @@ async def test_docs_requests_are_labelled_as_themselves(client: httpx.AsyncClien
 
 
 async def test_docs_can_be_turned_off(settings: Settings):
-    app = build_app(settings.model_copy(update={"docs_enabled": False}), scorer=FormulaScorer())
+    app = build_app(settings.replace(docs_enabled=False), scorer=FormulaScorer())
     async with serving(app) as client:
         for path in ("/docs", "/redoc", "/openapi.json", "/docs/static/swagger-ui-bundle.js"):
             assert_error(await client.get(path), 404, "not_found")

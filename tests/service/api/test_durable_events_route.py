@@ -4,8 +4,8 @@ disk; with a server that can, POST /v1/events answers after the write is on disk
 from __future__ import annotations
 
 import pytest
-from api_support import FormulaScorer, serving
-from redis_support import REDIS_URL, own_server, valkey_server
+from tests.service.api.api_support import FormulaScorer, serving
+from tests.redis_support import REDIS_URL, own_server, valkey_server
 
 from service.api import build_app
 from service.config import Settings

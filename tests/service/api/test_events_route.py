@@ -7,7 +7,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from api_support import DEAD_REDIS_URL, FormulaScorer, assert_error, serving
+from tests.service.api.api_support import DEAD_REDIS_URL, FormulaScorer, assert_error, serving
 
 from service.api import build_app
 from service.config import Settings
@@ -38,7 +38,7 @@ async def test_events_are_read_back_in_order(client: httpx.AsyncClient, app):
 
 async def test_events_are_stored_under_the_configured_prefix(client: httpx.AsyncClient, settings: Settings):
     await client.post("/v1/events", json={"user_id": "bob", "events": events((1, 3.0, T0))})
-    other = HistoryStore.from_url(settings.redis_url)  # no prefix: must not see the user
+    other = HistoryStore.from_settings(settings.history.model_copy(update={"redis_prefix": ""}))  # no prefix
     try:
         assert not (await other.read("bob")).exists
     finally:
@@ -79,7 +79,7 @@ async def test_profile_is_replaced(client: httpx.AsyncClient, app):
 
 
 async def test_redis_unreachable_is_503_for_events_and_profile(settings: Settings, scorer: FormulaScorer):
-    app = build_app(settings.model_copy(update={"redis_url": DEAD_REDIS_URL}), scorer=scorer)
+    app = build_app(settings.replace(redis_url=DEAD_REDIS_URL), scorer=scorer)
     async with serving(app) as client:
         response = await client.post("/v1/events", json={"user_id": "gina", "events": events((1, 3.0, T0))})
         error = assert_error(response, 503, "history_unavailable")

@@ -7,7 +7,7 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from api_support import DEAD_REDIS_URL, FormulaScorer, assert_error, serving
+from tests.service.api.api_support import DEAD_REDIS_URL, FormulaScorer, assert_error, serving
 
 from service.api import build_app
 from service.api.lifecycle import Runtime
@@ -26,7 +26,7 @@ async def test_ready_with_model_and_redis(client):
 
 
 async def test_not_ready_when_redis_is_unreachable(settings: Settings, scorer: FormulaScorer):
-    app = build_app(settings.model_copy(update={"redis_url": DEAD_REDIS_URL}), scorer=scorer)
+    app = build_app(settings.replace(redis_url=DEAD_REDIS_URL), scorer=scorer)
     async with serving(app) as client:
         assert (await client.get("/livez")).status_code == 200
         error = assert_error(await client.get("/readyz"), 503, "not_ready")

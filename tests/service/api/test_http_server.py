@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import FormulaScorer, assert_error
+from tests.service.api.api_support import FormulaScorer, assert_error
 
 from service.api import build_app
 from service.api.server import DrainingServer, make_server
@@ -42,7 +42,7 @@ def _wait(predicate, timeout: float = 10.0) -> None:
 @pytest.fixture
 def live_server(settings: Settings) -> Iterator[tuple[DrainingServer, str, threading.Thread]]:
     """The app under uvicorn in a background thread, on a pre-bound loopback socket."""
-    settings = settings.model_copy(update={"shutdown_delay_s": 0.5, "graceful_timeout_s": 5.0})
+    settings = settings.replace(shutdown_delay_s=0.5, graceful_timeout_s=5.0)
     sock = _loopback_socket()
     scorer = FormulaScorer()
     app = build_app(settings, scorer=scorer)

@@ -6,13 +6,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.scoring.contracts import Stage
+
 pytestmark = pytest.mark.anyio
 
 SECRET_USER = "user-secret-4711"
 
 
 async def test_metrics_expose_histograms_without_user_ids(client: httpx.AsyncClient, app):
-    app.state.metrics.observe_stage("llm", 12.5)  # what the scoring pipeline reports
+    app.state.metrics.measure(Stage.LLM, 12.5)  # what the scoring pipeline reports
     await client.post("/v1/score", json={"user_id": SECRET_USER, "candidates": [1, 2]})
     await client.put(f"/v1/users/{SECRET_USER}/profile", json={"profile": {}})
     await client.post("/v1/score", json={"user_id": SECRET_USER, "candidates": []})

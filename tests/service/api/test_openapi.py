@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import assert_error
+from tests.service.api.api_support import assert_error
 
 from service.api.fields import INT64_MAX, INT64_MIN, exact_integer_bounds
 

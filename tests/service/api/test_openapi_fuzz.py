@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from api_support import KNOWN_ITEMS, FormulaScorer
+from tests.service.api.api_support import KNOWN_ITEMS, FormulaScorer
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings

@@ -6,7 +6,7 @@ import logging
 
 import httpx
 import pytest
-from api_support import FormulaScorer, assert_error
+from tests.service.api.api_support import FormulaScorer, assert_error
 
 pytestmark = pytest.mark.anyio
 

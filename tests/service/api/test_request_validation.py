@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from service.history import HistoryStore
-from api_support import FormulaScorer, assert_error
+from tests.service.api.api_support import FormulaScorer, assert_error
 
 pytestmark = pytest.mark.anyio
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from api_support import FormulaScorer, assert_error, serving
+from tests.service.api.api_support import FormulaScorer, assert_error, serving
 
 from service.api import build_app
 from service.api.lifecycle import Runtime
@@ -78,7 +78,7 @@ async def test_user_with_history_is_not_cold_start(client: httpx.AsyncClient):
 
 
 async def test_limits_come_from_settings(settings: Settings, scorer: FormulaScorer):
-    app = build_app(settings.model_copy(update={"max_candidates": 2, "max_deadline_ms": 100}), scorer=scorer)
+    app = build_app(settings.replace(max_candidates=2, max_deadline_ms=100, default_deadline_ms=100), scorer=scorer)
     async with serving(app) as client:
         error = assert_error(await client.post("/v1/score", json={"user_id": "u", "candidates": [1, 2, 3]}), 422)
         assert error["details"][0]["loc"] == "candidates" and "at most 2" in error["message"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from api_support import DEAD_REDIS_URL, FormulaScorer, assert_error, serving
+from tests.service.api.api_support import DEAD_REDIS_URL, FormulaScorer, assert_error, serving
 
 from service.api import build_app
 from service.config import Settings
@@ -120,7 +120,7 @@ async def test_cursor_past_the_end_is_an_empty_last_page(client: httpx.AsyncClie
 
 
 async def test_redis_unreachable_is_503(settings: Settings, scorer: FormulaScorer):
-    app = build_app(settings.model_copy(update={"redis_url": DEAD_REDIS_URL}), scorer=scorer)
+    app = build_app(settings.replace(redis_url=DEAD_REDIS_URL), scorer=scorer)
     async with serving(app) as client:
         response = await client.get("/v1/users/gina/history")
     error = assert_error(response, 503, "history_unavailable")

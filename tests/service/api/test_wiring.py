@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
 from service.api.wiring import build_adapter_cache, build_runtime
 from service.engine.base import UserAdapter
 from service.engine.torch_engine import TorchEngine
@@ -21,7 +21,7 @@ ADMIN_DIGEST = hashlib.sha256(b"wiring-token").hexdigest()
 
 
 def history_for(world) -> HistoryStore:
-    return HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=world.prefix))
+    return HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=world.prefix))
 
 
 def test_a_pinned_gateway_gets_a_pipeline_and_no_registry(world):
@@ -35,8 +35,8 @@ def test_a_pinned_gateway_gets_a_pipeline_and_no_registry(world):
         assert pipeline.holder.snapshot().builder is not None  # a bundle with an LLM part gets prompts
         assert runtime.models is None  # pinned version, no admin API: nothing to manage
         assert runtime.replica_health is None  # the embedded engine has no replicas
-        assert pipeline.default_deadline_ms == settings.default_deadline_ms
-        assert pipeline.llm_min_ms == settings.llm_min_ms
+        assert pipeline.settings.default_deadline_ms == settings.requests.default_deadline_ms
+        assert pipeline.settings.llm_min_ms == settings.requests.llm_min_ms
     finally:
         runtime.scorer.close()
 
@@ -53,7 +53,7 @@ def test_the_registry_shares_the_pipeline_parts(world, tmp_path):
     try:
         pipeline, models = runtime.scorer, runtime.models
         assert isinstance(models, ModelManager)
-        assert models.holder is pipeline.holder and models.engine is pipeline.engine and models.cache is pipeline.cache
+        assert models.holder is pipeline.holder and models.engine is pipeline.engine and models.cache is pipeline.adapters
         assert models.active == world.version and models.history()[-1]["version"] == world.version
         assert models.spec is not None and models.spec.yes_id == pipeline.holder.snapshot().builder.yes_id
     finally:
@@ -62,7 +62,7 @@ def test_the_registry_shares_the_pipeline_parts(world, tmp_path):
 
 def test_a_follower_gets_a_registry_without_writing_the_store(world):
     settings = world.settings(active_version=None, model_poll_s=5.0)
-    assert settings.follows_store
+    assert settings.model.follows_store
     before = sorted(p.name for p in world.store.iterdir())
     runtime = build_runtime(settings, Metrics(process=False), history_for(world))
     try:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from service.config import TorchSettings
 from service.engine.base import ForwardInterrupted, UserAdapter
 from service.engine.torch_engine import DeadlineExceeded, TorchEngine
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRA, PersonalizedLoRAConfig
@@ -39,8 +40,8 @@ def setup(tmp_path_factory):
             layer.lora_B.normal_(std=0.3)
     lora.eval()
     mixer = AdapterMixer(lora.cfg, lora.trainable_state_dict())
-    engine = TorchEngine(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), yes_id=YES, no_id=NO,
-                         target_modules=TARGETS, max_batch=3)
+    engine = TorchEngine(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), TorchSettings(torch_max_batch=3),
+                         yes_id=YES, no_id=NO, target_modules=TARGETS)
     return reference, lora, mixer, engine
 
 
@@ -133,11 +134,11 @@ def test_shared_suffix_runs_are_computed_once_and_stay_exact(setup) -> None:
     suffixes += [rng.integers(1, 99, size=n).tolist() for n in (3, 7)] + [shared_a[:3]]
     rep = torch.randn(8)
     adapter = adapter_for(mixer, lora, rep, "radix")
-    min_saving, engine.min_saving = engine.min_saving, 2
+    settings, engine.settings = engine.settings, engine.settings.model_copy(update={"torch_min_shared_tokens": 2})
     try:
         got = engine.score(adapter, prefix, suffixes)
     finally:
-        engine.min_saving = min_saving
+        engine.settings = settings
     # the prefix; shared_a[:2] once for the six rows that start with it (shared_a[:3] is one), the
     # rest of shared_a once for the five that go on with it, then shared_b once for its two
     assert engine.last_extensions == [9, 2, 4, 5]
@@ -157,11 +158,12 @@ def test_runs_shared_after_a_short_common_start_are_found(setup) -> None:
     suffixes += [start + line_b + rng.integers(1, 99, size=n).tolist() for n in (5, 1)]
     suffixes += [start + rng.integers(1, 99, size=6).tolist()]
     rep = torch.randn(8)
-    min_saving, engine.min_saving = engine.min_saving, 12  # the 2-token start alone saves 10
+    # the 2-token start alone saves 10
+    settings, engine.settings = engine.settings, engine.settings.model_copy(update={"torch_min_shared_tokens": 12})
     try:
         got = engine.score(adapter_for(mixer, lora, rep, "short-start"), prefix, suffixes)
     finally:
-        engine.min_saving = min_saving
+        engine.settings = settings
     assert sorted(engine.last_extensions) == [6, 12, 14]  # the prefix, then start + line_a and start + line_b
     with lora.user(rep.reshape(1, -1)):
         alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
@@ -227,8 +229,9 @@ def test_the_native_kernels_are_used_on_cpus_and_score_as_torch_kernels_do(setup
     reference, lora, mixer, engine = setup
     assert engine.ragged.kernel is not None
     torch.manual_seed(0)
-    plain = TorchEngine(LlamaForCausalLM.from_pretrained(reference.name_or_path, dtype=torch.float32), yes_id=YES,
-                        no_id=NO, target_modules=TARGETS, max_batch=3, native_kernels=False)
+    plain = TorchEngine(LlamaForCausalLM.from_pretrained(reference.name_or_path, dtype=torch.float32),
+                        TorchSettings(torch_max_batch=3, torch_native_kernels=False), yes_id=YES, no_id=NO,
+                        target_modules=TARGETS)
     assert plain.ragged.kernel is None
     adapter = adapter_for(mixer, lora, torch.randn(8), "u-native")
     rng = np.random.default_rng(5)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from redis_support import scratch_prefix
+from tests.redis_support import scratch_prefix
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import redis
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
 
 from service.history import HistorySettings, HistoryStore
 
@@ -15,5 +15,5 @@ def sync_client() -> redis.Redis:
 def make_store(prefix: str, max_events: int = 1000) -> HistoryStore:
     # Generous socket timeouts: these tests are about the data, and a loaded CI host must not turn
     # 50 concurrent connects into a timeout (the timeouts have tests of their own).
-    return HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=prefix, max_events=max_events,
-                                                            socket_timeout=10.0, socket_connect_timeout=10.0))
+    return HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=prefix,
+                                                      history_max_events=max_events, redis_timeout_s=10.0))

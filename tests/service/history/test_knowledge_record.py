@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
-from history_support import make_store, sync_client
-from redis_support import REDIS_URL
+from tests.service.history.history_support import make_store, sync_client
+from tests.redis_support import REDIS_URL
 
 from service.history import (Event, HistorySettings, HistoryStore, KnowledgeFormatError, KnowledgeRecord,
                              KnowledgeStamp, bulk_load, bulk_load_knowledge, count_key, decode_knowledge,
@@ -74,10 +74,10 @@ async def test_the_record_round_trips_through_the_store(prefix) -> None:
 
 
 async def test_read_fetches_the_record_in_the_same_round_trip(prefix) -> None:
-    from test_store import CountingConnection
+    from tests.service.history.test_store import CountingConnection
 
     pool = aioredis.ConnectionPool.from_url(REDIS_URL, connection_class=CountingConnection)
-    store = HistoryStore(aioredis.Redis(connection_pool=pool), HistorySettings(prefix=prefix))
+    store = HistoryStore(aioredis.Redis(connection_pool=pool), HistorySettings(redis_prefix=prefix))
     try:
         await store.append("u1", events(2))
         await store.set_profile("u1", {"age": "25-34"})

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from history_support import make_store, sync_client
-from redis_support import REDIS_URL
+from tests.service.history.history_support import make_store, sync_client
+from tests.redis_support import REDIS_URL
 import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -109,7 +109,7 @@ class CountingConnection(aioredis.Connection):
 
 async def test_read_is_one_pipelined_round_trip(prefix) -> None:
     pool = aioredis.ConnectionPool.from_url(REDIS_URL, connection_class=CountingConnection)
-    store = HistoryStore(aioredis.Redis(connection_pool=pool), HistorySettings(prefix=prefix))
+    store = HistoryStore(aioredis.Redis(connection_pool=pool), HistorySettings(redis_prefix=prefix))
     try:
         await store.append("u1", events((1, 4.0, 1), (2, 5.0, 2)))
         await store.set_profile("u1", {"age": "25-34"})
@@ -208,7 +208,7 @@ async def test_profile_only_user_exists(prefix) -> None:
 
 
 async def test_unreachable_redis_fails_fast() -> None:
-    store = HistoryStore.from_url("redis://127.0.0.1:1/0")
+    store = HistoryStore.from_settings(HistorySettings(redis_url="redis://127.0.0.1:1/0"))
     try:
         start = time.perf_counter()
         with pytest.raises(RedisConnectionError):
@@ -225,8 +225,8 @@ async def test_hung_redis_fails_within_the_socket_timeout() -> None:
     """A server that accepts connections but never answers costs about one socket timeout."""
     with socket.create_server(("127.0.0.1", 0)) as hung:
         port = hung.getsockname()[1]
-        store = HistoryStore.from_url(f"redis://127.0.0.1:{port}/0",
-                                      HistorySettings(socket_timeout=0.2, socket_connect_timeout=0.2))
+        store = HistoryStore.from_settings(HistorySettings(redis_url=f"redis://127.0.0.1:{port}/0",
+                                                           redis_timeout_s=0.2))
         try:
             start = time.perf_counter()
             with pytest.raises(RedisTimeoutError):
@@ -260,9 +260,9 @@ async def test_keys_carry_the_user_hash_tag(prefix) -> None:
 
 def test_settings_reject_a_prefix_that_would_steal_the_hash_tag() -> None:
     with pytest.raises(ValueError, match="braces"):
-        HistorySettings(prefix="{shard}:")
+        HistorySettings(redis_prefix="{shard}:")
     with pytest.raises(ValueError):
-        HistorySettings(max_events=0)
+        HistorySettings(history_max_events=0)
 
 
 async def test_foreign_records_surface_as_a_redis_error(prefix) -> None:
@@ -418,7 +418,7 @@ async def test_pages_past_the_end_or_of_a_shrunk_list_are_empty(prefix) -> None:
 
 async def test_a_page_is_one_round_trip_in_one_transaction(prefix) -> None:
     pool = aioredis.ConnectionPool.from_url(REDIS_URL, connection_class=CountingConnection)
-    store = HistoryStore(aioredis.Redis(connection_pool=pool), HistorySettings(prefix=prefix))
+    store = HistoryStore(aioredis.Redis(connection_pool=pool), HistorySettings(redis_prefix=prefix))
     try:
         await store.append("u1", events((1, 4.0, 1), (2, 5.0, 2), (3, 1.0, 3)))
         await store.set_profile("u1", {"age": "25-34"})
@@ -445,7 +445,7 @@ async def test_page_arguments_are_checked(prefix) -> None:
 
 
 async def test_unreachable_redis_fails_a_page_fast() -> None:
-    store = HistoryStore.from_url("redis://127.0.0.1:1/0")
+    store = HistoryStore.from_settings(HistorySettings(redis_url="redis://127.0.0.1:1/0"))
     try:
         start = time.perf_counter()
         with pytest.raises(RedisConnectionError):

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.llm.prompt import Behaviour, ItemText, PromptBuilder
-from tiny_llama import build_tiny_llama
+from tests.tiny_llama import build_tiny_llama
 
 HISTORIES = [
     [Behaviour(ItemText("Toy Story", 1995), 4.0), Behaviour(ItemText("Star Wars", 1977), 1.0)],

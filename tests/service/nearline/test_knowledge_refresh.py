@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import redis
 
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
+from tests.telemetry_support import RecordedTelemetry
+from service.config import KnowledgeRefreshSettings
 from service.engine.base import ForwardInterrupted
 from service.history import (AppendResult, Event, HistorySettings, HistoryStore, KnowledgeRecord, KnowledgeStamp,
                              events_key)
-from service.nearline.knowledge_refresh import KnowledgeRefresher, KnowledgeTarget, RefreshEvents, RefreshOutcome
-from service.scoring.engine_scheduler import EngineScheduler, SchedulerEvents
+from service.nearline.knowledge_refresh import KnowledgeRefresher, KnowledgeTarget, RefreshOutcome
+from service.scoring.engine_scheduler import BackgroundOutcome, EngineScheduler
 
 pytestmark = pytest.mark.anyio
 
@@ -57,18 +59,24 @@ class StandInSource:
         return np.asarray([len(items), sum(items), 1.0, 0.0], np.float32)
 
 
+def refresh_every(events: int) -> KnowledgeRefreshSettings:
+    return KnowledgeRefreshSettings(knowledge_refresh_events=events)
+
+
 class Setup:
     def __init__(self, prefix: str, source: StandInSource | None, *, every: int = EVERY) -> None:
-        self.store = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=prefix, socket_timeout=10.0,
-                                                                      socket_connect_timeout=10.0))
-        self.background: list[str] = []
-        self.scheduler = EngineScheduler(events=SchedulerEvents(background_done=self.background.append))
-        self.outcomes: list[RefreshOutcome] = []
+        self.store = HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=prefix,
+                                                                redis_timeout_s=10.0))
+        self.telemetry = RecordedTelemetry()
+        self.background: list[BackgroundOutcome] = self.telemetry.of(BackgroundOutcome)
+        self.scheduler = EngineScheduler(telemetry=self.telemetry)
+        self.outcomes: list[RefreshOutcome] = self.telemetry.of(RefreshOutcome)
         self.queued: list[bool] = []
         self.source = source
         self.refresher = KnowledgeRefresher(
-            self.store, every=every, target=lambda: TARGET, source=source, submit=self.scheduler.submit_background,
-            events=RefreshEvents(outcome=self.outcomes.append), retried=(ForwardInterrupted,))
+            self.store, refresh_every(every), target=lambda: TARGET, source=source,
+            submit=self.scheduler.submit_background,
+            telemetry=self.telemetry, retried=(ForwardInterrupted,))
 
     async def append(self, user: str, n: int, start: int) -> AppendResult:
         appended = await self.store.append_counted(user, [Event(100 + i, 4.0, start + i) for i in range(n)])
@@ -97,17 +105,17 @@ def stamp(events_at: int, encoder: str = "enc-a", dim: int = 4) -> KnowledgeStam
     (5, stamp(3, encoder="enc-b"), True), (4, stamp(3, dim=8), False),  # another encoder counts as none
 ])
 def test_a_refresh_is_due_every_so_many_events(count, knowledge, due) -> None:
-    refresher = KnowledgeRefresher(None, every=EVERY, target=lambda: TARGET, source=None, submit=None)
+    refresher = KnowledgeRefresher(None, refresh_every(EVERY), target=lambda: TARGET, source=None, submit=None)
     try:
         assert refresher.due(count, knowledge, TARGET) is due
         assert not refresher.due(100, None, None)  # a version without knowledge
     finally:
         refresher.close()
-    off = KnowledgeRefresher(None, every=0, target=lambda: TARGET, source=None, submit=None)
+    off = KnowledgeRefresher(None, refresh_every(0), target=lambda: TARGET, source=None, submit=None)
     assert not off.due(100, None, TARGET)
     off.close()
     with pytest.raises(ValueError):
-        KnowledgeRefresher(None, every=-1, target=lambda: TARGET, source=None, submit=None)
+        KnowledgeRefresher(None, refresh_every(-1), target=lambda: TARGET, source=None, submit=None)
 
 
 async def test_the_nth_event_queues_one_job_which_writes_the_new_record(redis_prefix) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
+from service.config import ScoreCacheSettings
 from service.nearline.score_cache import LLMScoreCache
 
 pytestmark = pytest.mark.anyio
@@ -19,7 +20,7 @@ async def client():
 
 
 async def test_scores_round_trip_exactly_per_version(client, redis_prefix):
-    cache = LLMScoreCache(client, prefix=redis_prefix, ttl_s=60)
+    cache = LLMScoreCache(client, ScoreCacheSettings(llm_score_cache_ttl_s=60), prefix=redis_prefix)
     scores = {"f1": 0.123456789012345, "f2": 1e-7}
     await cache.put("u1", "v1", scores)
     assert await cache.get("u1", "v1", ["f1", "f2", "f3"]) == [scores["f1"], scores["f2"], None]
@@ -28,7 +29,7 @@ async def test_scores_round_trip_exactly_per_version(client, redis_prefix):
 
 
 async def test_keys_sit_on_the_users_slot_and_expire(client, redis_prefix):
-    cache = LLMScoreCache(client, prefix=redis_prefix, ttl_s=30)
+    cache = LLMScoreCache(client, ScoreCacheSettings(llm_score_cache_ttl_s=30), prefix=redis_prefix)
     await cache.put("u1", "v1", {"f": 0.5})
     key = cache.key("u1", "v1")
     assert key == f"{redis_prefix}{{u:u1}}:llm:v1"
@@ -37,4 +38,4 @@ async def test_keys_sit_on_the_users_slot_and_expire(client, redis_prefix):
 
 def test_ttl_must_be_positive():
     with pytest.raises(ValueError):
-        LLMScoreCache(None, ttl_s=0)
+        LLMScoreCache(None, ScoreCacheSettings(llm_score_cache_ttl_s=0))

@@ -9,9 +9,11 @@ import time
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
 
-from service.nearline.served_log import Label, ServedLog, ServedLogEvents, ServedScore
+from service.config import OnlineSettings
+from service.nearline.served_log import Label, ServedLog, ServedLogOutcome, ServedScore
+from tests.telemetry_support import RecordedTelemetry
 
 pytestmark = pytest.mark.anyio
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
@@ -37,7 +39,7 @@ def sync_redis():
 
 
 async def test_the_stream_stays_within_its_length_cap(client, sync_redis, redis_prefix):
-    log = ServedLog(client, prefix=redis_prefix, max_len=200)
+    log = ServedLog(client, OnlineSettings(served_log_max_len=200), prefix=redis_prefix)
     for batch in range(20):
         await log.write([served(f"u{batch}", i) for i in range(50)])
     node = int(sync_redis.config_get("stream-node-max-entries")["stream-node-max-entries"])
@@ -45,7 +47,7 @@ async def test_the_stream_stays_within_its_length_cap(client, sync_redis, redis_
 
 
 async def test_entries_past_the_age_cap_are_trimmed(client, sync_redis, redis_prefix):
-    log = ServedLog(client, prefix=redis_prefix, max_age_s=60)
+    log = ServedLog(client, OnlineSettings(served_log_max_age_s=60), prefix=redis_prefix)
     old_ms = int(time.time() * 1000) - 3_600_000
     for i in range(300):  # three full nodes of entries an hour old
         sync_redis.xadd(log.stream_key, {"i": i}, id=f"{old_ms}-{i}")
@@ -71,32 +73,32 @@ async def test_a_join_takes_only_the_same_user_and_item_and_only_once(client, re
 
 
 async def test_the_per_user_index_expires_with_the_label_window(client, sync_redis, redis_prefix):
-    log = ServedLog(client, prefix=redis_prefix, label_window_s=30)
+    log = ServedLog(client, OnlineSettings(online_label_window_s=30), prefix=redis_prefix)
     await log.write([served("carol", 1)])
     assert 0 < sync_redis.ttl(log.user_key("carol")) <= 30
 
 
 async def test_offer_drops_past_its_queue_and_counts(client, redis_prefix):
-    counts = {"written": 0, "dropped": 0}
-    log = ServedLog(client, prefix=redis_prefix, queue_size=2, events=ServedLogEvents(
-        written=lambda n: counts.__setitem__("written", counts["written"] + n),
-        dropped=lambda n: counts.__setitem__("dropped", counts["dropped"] + n)))
+    telemetry = RecordedTelemetry()
+    log = ServedLog(client, OnlineSettings(served_log_queue=2), prefix=redis_prefix, telemetry=telemetry)
     results = [log.offer([served("dave", i), served("dave", i + 100)]) for i in range(5)]  # no await: no drain yet
     assert results == [True, True, False, False, False]
     await log.flush()
+    counts = {o.value: telemetry.total(o) for o in (ServedLogOutcome.WRITTEN, ServedLogOutcome.DROPPED)}
     assert counts == {"written": 4, "dropped": 6}
     assert [s.item for s in await log.take("dave", [0, 1, 2])] == [0, 1]
     log.close()
 
 
 async def test_a_dead_redis_fails_the_write_never_the_caller(redis_prefix):
-    failed = []
+    telemetry = RecordedTelemetry()
     dead = aioredis.Redis.from_url(DEAD_REDIS_URL, socket_connect_timeout=0.2)
-    log = ServedLog(dead, prefix=redis_prefix, events=ServedLogEvents(failed=failed.append))
+    log = ServedLog(dead, prefix=redis_prefix, telemetry=telemetry)
     start = time.perf_counter()
     assert log.offer([served("erin", 1), served("erin", 2)])
     assert time.perf_counter() - start < 0.01  # the caller only queued
     await asyncio.wait_for(log.flush(), 5)
+    failed = [n for outcome, n, _ in telemetry.counts if outcome is ServedLogOutcome.FAILED]
     assert failed == [2]
     log.close()
     await dead.aclose()

@@ -1,7 +1,9 @@
 import torch
 
+from service.config import AdapterCacheSettings
 from service.engine.base import UserAdapter
-from service.personalization.adapter_cache import AdapterCache, CacheEvents
+from service.personalization.adapter_cache import AdapterCache, AdapterCacheOutcome
+from tests.telemetry_support import RecordedTelemetry
 
 
 def make(alphas: torch.Tensor, tag: str) -> UserAdapter:
@@ -9,9 +11,8 @@ def make(alphas: torch.Tensor, tag: str) -> UserAdapter:
 
 
 def test_hit_within_tolerance_miss_beyond() -> None:
-    counts = {"hit": 0, "miss": 0, "evict": 0}
-    events = CacheEvents(*(lambda k=k: counts.__setitem__(k, counts[k] + 1) for k in ("hit", "miss", "evict")))
-    cache = AdapterCache(max_bytes=1000, drift_tol=0.05, events=events)
+    telemetry = RecordedTelemetry()
+    cache = AdapterCache(AdapterCacheSettings(adapter_cache_bytes=1000, adapter_drift_tol=0.05), telemetry)
     a = torch.tensor([[0.5, 0.5]])
     first, cached = cache.get_or_build("u", "v1", a, lambda x: make(x, "first"))
     assert not cached and first.key == "first"
@@ -21,17 +22,19 @@ def test_hit_within_tolerance_miss_beyond() -> None:
     assert not cached and moved.key == "third"
     other_version, cached = cache.get_or_build("u", "v2", a, lambda x: make(x, "v2"))
     assert not cached and other_version.key == "v2"
+    counts = {o.value: telemetry.total(o) for o in AdapterCacheOutcome}
     assert counts == {"hit": 1, "miss": 3, "evict": 0}
 
 
 def test_evicts_least_recently_used_by_bytes() -> None:
-    evicted = []
-    cache = AdapterCache(max_bytes=200, events=CacheEvents(evict=lambda: evicted.append(1)))
+    telemetry = RecordedTelemetry()
+    cache = AdapterCache(AdapterCacheSettings(adapter_cache_bytes=200), telemetry)
     a = torch.tensor([[1.0]])
     for user in ("a", "b", "c"):
         cache.get_or_build(user, "v", a, lambda x, u=user: make(x, u))
     cache.get_or_build("a", "v", a, lambda x: make(x, "a2"))  # touch a: b is now oldest
     cache.get_or_build("d", "v", a, lambda x: make(x, "d"))
+    evicted = [o for o in telemetry.of(AdapterCacheOutcome) if o is AdapterCacheOutcome.EVICT]
     assert len(evicted) == 1 and cache.nbytes <= 200
     assert cache.get_or_build("b", "v", a, lambda x: make(x, "b-new"))[0].key == "b-new"
     assert cache.get_or_build("a", "v", a, lambda x: make(x, "a3"))[0].key == "a"

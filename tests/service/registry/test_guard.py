@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from service.registry.guard import CanaryGuard, GuardConfig, GuardRail
+from service.config import CanarySettings
+from service.registry.guard import CanaryGuard, GuardRail
 from service.scoring.contracts import ServedOutcome, VersionMetrics
 
 OK, DEGRADED, ERROR = ServedOutcome.OK, ServedOutcome.DEGRADED, ServedOutcome.ERROR
-CONFIG = GuardConfig(min_requests=100, max_error_excess=0.02, max_degraded_excess=0.05, max_p99_excess_ms=20.0,
-                     min_labels=50, max_auc_drop=0.03)
+CONFIG = CanarySettings(canary_min_requests=100, canary_max_error_excess=0.02, canary_max_degraded_excess=0.05,
+                        canary_max_p99_excess_ms=20.0, canary_min_labels=50, canary_max_auc_drop=0.03)
 
 
 def guard() -> CanaryGuard:
@@ -31,7 +32,7 @@ def test_the_error_rail_trips_at_the_minimum_when_past_the_margin():
     g = guard()
     assert feed(g, "v1", 100, every=50)[0] is None  # stable: 2 % errors
     trip, at = feed(g, "v2", 200, every=20)  # candidate: 5 % errors
-    assert trip.rail is GuardRail.ERRORS and at == CONFIG.min_requests
+    assert trip.rail is GuardRail.ERRORS and at == CONFIG.canary_min_requests
     assert "5.00%" in trip.reason and "2.00%" in trip.reason
     assert feed(g, "v2", 50, every=2)[0] is None  # a rail trips once
 
@@ -83,7 +84,7 @@ def test_other_versions_and_a_disabled_guard_are_ignored():
     g = guard()
     assert feed(g, "v0", 500, outcome=ERROR)[0] is None
     assert g.stats()["v2"]["requests"] == 0 and "v0" not in g.stats()
-    off = CanaryGuard(CONFIG, enabled=False)
+    off = CanaryGuard(CONFIG.model_copy(update={"canary_guard": False}))
     off.begin("v1", "v2")
     feed(off, "v1", 200)
     assert feed(off, "v2", 200, outcome=ERROR)[0] is None

@@ -9,7 +9,7 @@ import torch
 
 from service.llm.personalized_lora import AdapterMixer, Gate, PersonalizedLoRAConfig
 from service.registry.errors import ValidationFailed
-from tiny_llama import build_tiny_llama
+from tests.tiny_llama import build_tiny_llama
 from service.registry.validation import BaseModelSpec, check_lora
 
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16), "model.layers.0.self_attn.v_proj": (16, 8),

@@ -14,15 +14,16 @@ import time
 import numpy as np
 import pytest
 import redis
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
 
+from service.config import AdapterCacheSettings, RequestSettings
 from service.history import HistorySettings, HistoryStore
 from service.model import ModelHolder
 from service.model.holder import user_bucket
 from service.nearline.served_log import ServedLog
 from service.personalization.adapter_cache import AdapterCache
 from service.scoring.contracts import ScoreSource, ServedOutcome
-from service.scoring.pipeline import ScoringEvents, ScoringPipeline
+from service.scoring.pipeline import ScoringPipeline
 
 pytestmark = pytest.mark.anyio
 CANDIDATES = [3, 11, 17, 29, 42]
@@ -54,17 +55,18 @@ class VersionEngine:
 
 @pytest.fixture
 async def parts(world, loaded, redis_prefix):
-    history = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=world.prefix))
+    history = HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=world.prefix))
     model, builder = loaded
     candidate = dataclasses.replace(model, version="cand-v2")
     served: list[tuple[str, ServedOutcome]] = []
     log = ServedLog(history.client, prefix=redis_prefix)
     engine = VersionEngine()
     holder = ModelHolder(model, builder)
-    pipeline = ScoringPipeline(history=history, holder=holder, engine=engine, cache=AdapterCache(64 << 20),
-                               default_deadline_ms=20_000, history_budget_ms=2_000, llm_min_ms=1.0,
-                               events=ScoringEvents(served=lambda v, outcome, ms: served.append((v, outcome))),
-                               served_log=log)
+    adapters = AdapterCache(AdapterCacheSettings(adapter_cache_bytes=64 << 20))
+    pipeline = ScoringPipeline(history=history, holder=holder, engine=engine, adapters=adapters,
+                               settings=RequestSettings(default_deadline_ms=20_000, max_deadline_ms=20_000,
+                                                        history_budget_ms=2_000, llm_min_ms=1.0),
+                               on_served=lambda v, outcome, ms: served.append((v, outcome)), served_log=log)
     yield pipeline, holder, candidate, engine, served, log
     pipeline.close()
     await history.aclose()

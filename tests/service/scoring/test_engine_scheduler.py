@@ -8,22 +8,24 @@ import time
 
 import pytest
 
+from service.config import BackgroundSettings
 from service.engine.base import ForwardInterrupted
-from service.scoring.engine_scheduler import EngineScheduler, SchedulerEvents
+from service.scoring.engine_scheduler import BackgroundOutcome, EngineScheduler, RequestWorkOutcome
+from tests.telemetry_support import RecordedTelemetry
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.outcomes: list[str] = []
-        self.abandoned = self.expired = 0
-        self.events = SchedulerEvents(abandoned=self._abandoned, expired=self._expired,
-                                      background_done=self.outcomes.append)
+class Recorder(RecordedTelemetry):
+    @property
+    def outcomes(self) -> list[BackgroundOutcome]:
+        return self.of(BackgroundOutcome)
 
-    def _abandoned(self) -> None:
-        self.abandoned += 1
+    @property
+    def abandoned(self) -> float:
+        return self.total(RequestWorkOutcome.ABANDONED)
 
-    def _expired(self) -> None:
-        self.expired += 1
+    @property
+    def expired(self) -> float:
+        return self.total(RequestWorkOutcome.EXPIRED)
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def scheduler(recorder):
-    s = EngineScheduler(max_background=3, background_max_age_s=30.0, events=recorder.events)
+    s = EngineScheduler(BackgroundSettings(background_max_jobs=3, background_max_age_s=30.0), telemetry=recorder)
     yield s
     s.close()
 
@@ -127,7 +129,7 @@ def test_background_jobs_are_deduplicated_bounded_and_the_oldest_dropped(schedul
 
 
 def test_stale_background_jobs_are_dropped(recorder):
-    scheduler = EngineScheduler(background_max_age_s=0.05, events=recorder.events)
+    scheduler = EngineScheduler(BackgroundSettings(background_max_age_s=0.05), telemetry=recorder)
     try:
         hold, entered, release = blocker()
         scheduler.submit(hold, 10.0)

@@ -9,11 +9,13 @@ import time
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
 from sklearn.metrics import log_loss, roc_auc_score
 
+from service.config import OnlineSettings
 from service.nearline.served_log import ServedLog, ServedScore
-from service.scoring.online_eval import OnlineEvaluator, OnlineEvents, version_metrics
+from service.scoring.online_eval import OnlineEvaluator, version_metrics
+from tests.telemetry_support import RecordedTelemetry
 
 pytestmark = pytest.mark.anyio
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 async def log(redis_prefix):
     client = aioredis.Redis.from_url(REDIS_URL)
-    yield ServedLog(client, prefix=redis_prefix, label_window_s=60)
+    yield ServedLog(client, OnlineSettings(online_label_window_s=60), prefix=redis_prefix)
     await client.aclose()
 
 
@@ -29,10 +31,21 @@ def served(user: str, item: int, score: float, version: str = "v1", age_s: float
     return ServedScore("r", user, item, version, score, None, score, int((time.time() - age_s) * 1000))
 
 
+class OutcomeCounts(RecordedTelemetry):
+    """Counted label outcomes summed into ``into`` by outcome."""
+
+    def __init__(self, into: dict) -> None:
+        super().__init__()
+        self.into = into
+
+    def count(self, outcome, n=1, *, on=None) -> None:
+        super().count(outcome, n, on=on)
+        self.into[outcome] = self.into.get(outcome, 0) + n
+
+
 def evaluator(log: ServedLog, outcomes: dict | None = None, **kwargs) -> OnlineEvaluator:
     counts = outcomes if outcomes is not None else {}
-    return OnlineEvaluator(log, threshold_of=lambda version: 3.0, events=OnlineEvents(
-        labels=lambda outcome, n: counts.__setitem__(outcome, counts.get(outcome, 0) + n)), **kwargs)
+    return OnlineEvaluator(log, threshold_of=lambda version: 3.0, telemetry=OutcomeCounts(counts), **kwargs)
 
 
 async def test_the_label_is_the_training_rule_and_joins_within_the_window(log):
@@ -61,7 +74,7 @@ async def test_metrics_equal_sklearns_on_the_same_pairs(log):
 
 
 async def test_the_window_reads_incrementally_and_forgets_old_labels(log):
-    online = evaluator(log, window_s=60)
+    online = evaluator(log, settings=OnlineSettings(online_window_s=60))
     users = [f"u{i}" for i in range(40)]
     await log.write([served(u, 1, 0.2 + 0.6 * (i % 2), version="v1" if i < 20 else "v2") for i, u in enumerate(users)])
     for i, u in enumerate(users):
@@ -78,8 +91,8 @@ async def test_the_window_reads_incrementally_and_forgets_old_labels(log):
 
 async def test_run_refreshes_after_labels_and_the_report_buckets_them(log):
     seen: list[dict] = []
-    online = OnlineEvaluator(log, threshold_of=lambda v: 3.0, interval_s=0.05,
-                             events=OnlineEvents(metrics=seen.append))
+    online = OnlineEvaluator(log, OnlineSettings(online_eval_interval_s=0.05), threshold_of=lambda v: 3.0,
+                             on_refresh=seen.append)
     runner = asyncio.get_running_loop().create_task(online.run())
     try:
         await log.write([served("a", 1, 0.8), served("b", 1, 0.3)])

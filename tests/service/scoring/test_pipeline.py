@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from service.config import AdapterCacheSettings, RequestSettings
 from service.history import HistorySettings, HistoryStore, UserHistory
 from service.model import ModelHolder
 from service.personalization.adapter_cache import AdapterCache
-from service.scoring.contracts import DegradedReason, UnknownItems
-from service.scoring.pipeline import ScoringEvents, ScoringPipeline, llm_admission
+from service.scoring.contracts import DegradedReason, Stage, UnknownItems
+from service.scoring.pipeline import ScoringPipeline, llm_admission
 from service.scoring.stages import UserHistoryView, run_crm
-from redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL
+from tests.telemetry_support import RecordedTelemetry
 
 pytestmark = pytest.mark.anyio
 CANDIDATES = [3, 11, 17, 29, 42]
@@ -82,23 +84,22 @@ class CountingHolder(ModelHolder):
 
 @pytest.fixture
 async def history(world):
-    store = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=world.prefix))
+    store = HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=world.prefix))
     yield store
     await store.aclose()
 
 
 def make_pipeline(loaded, history, engine, **overrides) -> tuple[ScoringPipeline, list[str], list[DegradedReason]]:
     """A pipeline on the world's bundle; returns it with the stages and degraded reasons it reported."""
-    stages: list[str] = []
-    degraded: list[DegradedReason] = []
+    telemetry = RecordedTelemetry()
     model, builder = loaded
     options = dict(default_deadline_ms=20_000, history_budget_ms=2_000, llm_min_ms=20.0)
     options.update(overrides)
     holder = options.pop("holder", None) or ModelHolder(model, builder)
-    pipeline = ScoringPipeline(history=history, holder=holder, engine=engine, cache=AdapterCache(64 << 20),
-                               events=ScoringEvents(stage=lambda stage, ms: stages.append(stage),
-                                                    degraded=degraded.append), **options)
-    return pipeline, stages, degraded
+    adapters = AdapterCache(AdapterCacheSettings(adapter_cache_bytes=64 << 20))
+    pipeline = ScoringPipeline(history=history, holder=holder, engine=engine, adapters=adapters,
+                               settings=RequestSettings(max_deadline_ms=600_000, **options), telemetry=telemetry)
+    return pipeline, telemetry.of(Stage), telemetry.of(DegradedReason)
 
 
 def expected_crm(world, loaded, user: str) -> np.ndarray:

