@@ -213,20 +213,19 @@ def summarize(outcomes: list[Outcome], wall_s: float, metrics: tuple[str, str], 
 
 def load_users(args) -> tuple[list[str], np.ndarray]:
     """Load the prepared dataset's histories into Redis under the benchmark's prefix."""
-    from service.history import bulk_load
+    from service.history import HistorySettings, bulk_load
+    from service.history.clients import sync_client
     from training.data.samples import PreparedData
     from training.history_loader import histories_from_prepared
 
-    import redis
-
-    client = redis.Redis.from_url(args.redis_url)
-    stale = list(client.scan_iter(match=f"{args.prefix}*", count=10_000))  # an earlier run's histories and scores
-    for start in range(0, len(stale), 10_000):
-        client.delete(*stale[start:start + 10_000])
+    store = HistorySettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster)
+    client = sync_client(store)
+    for key in client.scan_iter(match=f"{args.prefix}*", count=10_000):  # an earlier run's histories and scores
+        client.delete(key)
     client.close()
     data = PreparedData.load(args.data)
     records = list(histories_from_prepared(data, until_split="test"))
-    bulk_load(args.redis_url, records, prefix=args.prefix, progress=False, total=len(records))
+    bulk_load(store, records, prefix=args.prefix, progress=False, total=len(records))
     users = [str(r[0]) for r in records if len(r[1]) >= 5]
     return users, data.items["item"].to_numpy(np.int64)
 
@@ -238,6 +237,7 @@ def main() -> None:
     ap.add_argument("--version", required=True)
     ap.add_argument("--base-model", type=Path, default=ROOT / "models/smollm2-135m-instruct")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--redis-cluster", action="store_true", help="--redis-url names a seed node of a cluster")
     ap.add_argument("--prefix", default="bench-load:")
     ap.add_argument("--port", type=int, default=8031)
     ap.add_argument("--rates", default="0.5,1,2,4", help="multiples of the measured LLM capacity")
@@ -255,7 +255,7 @@ def main() -> None:
 
     users, items = load_users(args)
     base = dict(active_version=args.version, model_store=args.store, base_model_dir=args.base_model,
-                redis_url=args.redis_url, redis_prefix=args.prefix, log_level="WARNING", model_poll_s=0,
+                redis_url=args.redis_url, redis_cluster=args.redis_cluster, redis_prefix=args.prefix, log_level="WARNING", model_poll_s=0,
                 max_deadline_ms=60_000)
     url = f"http://127.0.0.1:{args.port}"
     results: dict = {"candidates": args.candidates, "duration_s": args.duration_s, "deadline_ms": args.deadline_ms}

@@ -33,20 +33,21 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway_support import metric, start_gateway, stop_gateway  # noqa: E402
+from service.history import HistorySettings  # noqa: E402
+from service.history.clients import sync_client  # noqa: E402
 
 
-def load_histories(redis_url: str, data, prefix: str) -> None:
+def load_histories(store: HistorySettings, data, prefix: str) -> None:
     from service.history import bulk_load
     from training.history_loader import histories_from_prepared
 
     records = list(histories_from_prepared(data, until_split="test"))
-    bulk_load(redis_url, records, prefix=prefix, progress=False, total=len(records))
+    bulk_load(store, records, prefix=prefix, progress=False, total=len(records))
 
 
 def offline_scores(data, embeddings: np.ndarray, crm_dir: Path, samples) -> np.ndarray:
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--max-events", type=int, default=3000)
     parser.add_argument("--candidates", type=int, default=20, help="per request, the true item included")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-cluster", action="store_true", help="--redis-url names a seed node of a cluster")
     parser.add_argument("--port", type=int, default=18710)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("work/bench-online.json"))
@@ -146,7 +148,8 @@ def main() -> None:
     run = uuid.uuid4().hex[:8]
     prefixes = {mode: f"bench-online:{run}:{mode}:" for mode in ("on", "off")}
     procs = {}
-    r = redis.Redis.from_url(args.redis_url)
+    store_settings = HistorySettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster)
+    r = sync_client(store_settings)
     try:
         gateways = {}
         for k, mode in enumerate(("on", "off")):
@@ -154,10 +157,10 @@ def main() -> None:
             for version in (args.stable, args.candidate):
                 shutil.copytree(args.store / version, store / version)
             (store / "ACTIVE").write_text(f"{args.stable}\n")
-            load_histories(args.redis_url, data, prefixes[mode])
+            load_histories(store_settings, data, prefixes[mode])
             port = args.port + k
             procs[mode] = start_gateway(port, tmp / f"gateway-{mode}.log", {
-                "model_store": store, "redis_url": args.redis_url, "redis_prefix": prefixes[mode],
+                "model_store": store, "redis_url": args.redis_url, "redis_cluster": str(args.redis_cluster).lower(), "redis_prefix": prefixes[mode],
                 "admin_enabled": "true", "admin_token_sha256": json.dumps([digest]), "model_poll_s": "0",
                 "served_log": "true" if mode == "on" else "false", "canary_guard": "false",
                 "online_max_labels": str(max(args.max_events * 2, 1000)),
@@ -172,7 +175,7 @@ def main() -> None:
         wall = time.perf_counter() - wall
 
         with httpx.Client(base_url=gateways["on"], timeout=120, headers={"Authorization": f"Bearer {token}"}) as admin:
-            labels_key = f"{prefixes['on']}online:labels"
+            labels_key = f"{prefixes['on']}online:labels"  # the gateways' default: one shard
             previous, settle = -1, time.monotonic() + 30
             while time.monotonic() < settle and r.xlen(labels_key) != previous:
                 previous = r.xlen(labels_key)

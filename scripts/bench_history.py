@@ -19,13 +19,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import redis
 from redis.utils import HIREDIS_AVAILABLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.history import (HistorySettings, HistoryStore, KnowledgeRecord, bulk_load,  # noqa: E402
                              bulk_load_knowledge, decode_records, events_key)
+from service.history.clients import sync_client  # noqa: E402
 
 
 def percentiles(samples_s: list[float]) -> str:
@@ -41,9 +41,9 @@ def synthetic_rows(users: int, events: int, seed: int = 0):
                {"age": "25-34", "gender": "F", "occupation": "engineer"})
 
 
-async def bench_reads(url: str, prefix: str, users: int, events: int, rounds: int, concurrency: int,
+async def bench_reads(store_settings: HistorySettings, prefix: str, users: int, events: int, rounds: int, concurrency: int,
                       with_knowledge: bool = False) -> None:
-    store = HistoryStore.from_settings(HistorySettings(redis_url=url, redis_prefix=prefix, history_max_events=events))
+    store = HistoryStore.from_settings(store_settings.model_copy(update=dict(redis_prefix=prefix, history_max_events=events)))
     ids = [f"bench{u}" for u in range(users)]
     try:
         for user in ids[:20]:  # warm the connection and the script cache
@@ -74,8 +74,8 @@ async def bench_reads(url: str, prefix: str, users: int, events: int, rounds: in
         await store.aclose()
 
 
-def bench_decode(url: str, prefix: str, users: int, events: int, rounds: int) -> None:
-    client = redis.Redis.from_url(url)
+def bench_decode(store_settings: HistorySettings, prefix: str, users: int, events: int, rounds: int) -> None:
+    client = sync_client(store_settings)
     replies = [client.lrange(events_key(prefix, f"bench{u}"), 0, -1) for u in range(users)]
     client.close()
     cost = []
@@ -91,6 +91,7 @@ def bench_decode(url: str, prefix: str, users: int, events: int, rounds: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-cluster", action="store_true", help="--redis-url names a seed node of a cluster")
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
@@ -99,26 +100,26 @@ def main() -> None:
                         "user (0: none)")
     args = parser.parse_args()
     prefix = f"bench:{uuid.uuid4().hex}:"
+    store_settings = HistorySettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster)
     print(f"reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python (install hiredis for ~10x faster reads)'}")
     try:
         t = time.perf_counter()
-        counts = bulk_load(args.redis_url, synthetic_rows(args.users, args.events), prefix=prefix,
+        counts = bulk_load(store_settings, synthetic_rows(args.users, args.events), prefix=prefix,
                            max_events=args.events, progress=False)
         print(f"bulk_load {counts['users']} users x {args.events} events: {time.perf_counter() - t:.2f} s")
         if args.knowledge_dim:
             rng = np.random.default_rng(1)
-            bulk_load_knowledge(args.redis_url, ((f"bench{u}", KnowledgeRecord(
+            bulk_load_knowledge(store_settings, ((f"bench{u}", KnowledgeRecord(
                 rng.normal(size=args.knowledge_dim).astype(np.float32), "bench-encoder", args.events, time.time()))
                 for u in range(args.users)), prefix=prefix, progress=False)
             print(f"knowledge vectors of {args.knowledge_dim} floats stored for every user")
-        asyncio.run(bench_reads(args.redis_url, prefix, args.users, args.events, args.rounds, args.concurrency,
+        asyncio.run(bench_reads(store_settings, prefix, args.users, args.events, args.rounds, args.concurrency,
                                 with_knowledge=bool(args.knowledge_dim)))
-        bench_decode(args.redis_url, prefix, args.users, args.events, args.rounds)
+        bench_decode(store_settings, prefix, args.users, args.events, args.rounds)
     finally:
-        client = redis.Redis.from_url(args.redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for i in range(0, len(keys), 1000):
-            client.delete(*keys[i:i + 1000])
+        client = sync_client(store_settings)
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):  # one by one: keys of many slots
+            client.delete(key)
         client.close()
 
 

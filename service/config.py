@@ -52,7 +52,13 @@ class HistorySettings(SettingsGroup):
     per-request deadline and treats a slow or dead Redis as unreachable (cold start) rather than
     waiting on it."""
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL of the history store.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description=(
+        "redis:// or rediss:// URL of the history store; with redis_cluster, one node of the cluster (a seed: the "
+        "client discovers the others)."))
+    redis_cluster: bool = Field(False, description=(
+        "The history store is a Redis (or Valkey) Cluster: clients follow MOVED/ASK redirects and replica "
+        "promotions. Every user's keys share one hash slot ({u:<id>}), so each read, append and score-cache "
+        "lookup stays on one shard."))
     redis_prefix: str = Field("", max_length=64, description="Prefix of every key, e.g. 'reclora:'; no braces.")
     redis_timeout_s: float = Field(0.5, gt=0, le=30, description=(
         "Socket connect and read timeout: a slow Redis counts as unreachable rather than eating the deadline."))
@@ -60,7 +66,10 @@ class HistorySettings(SettingsGroup):
     history_max_events: int = Field(1000, ge=1, le=100_000, description="Behaviours kept (and read) per user.")
     events_durable: bool = Field(False, description=(
         "Acknowledge POST /v1/events only after Redis reports the write on disk (WAITAOF; Redis 7.2+ with "
-        "appendonly yes). The gateway refuses to start when the server cannot."))
+        "appendonly yes). The gateway refuses to start when the server cannot. On a cluster the write must be "
+        "on the disks of the user's master and of one of its replicas (WAITAOF 1 1; replicas with appendfsync "
+        "always acknowledge at once, everysec within about a second): a slot whose master has no replica "
+        "refuses durable appends (503) until one joins."))
 
     @model_validator(mode="after")
     def _no_hash_tag(self) -> HistorySettings:
@@ -282,6 +291,10 @@ class OnlineSettings(SettingsGroup):
         "Entries the served-score stream keeps at most (trimmed approximately, XADD MAXLEN ~)."))
     served_log_max_age_s: int = Field(86_400, ge=60, le=90 * 86_400, description=(
         "Entries older than this are trimmed from the served-score stream (XTRIM MINID ~)."))
+    served_log_shards: int = Field(1, ge=1, le=1024, description=(
+        "Streams the served-score log (and its stream of labels) is split over, by user, each its own key and "
+        "hash slot, so a cluster spreads their writes; readers merge them. served_log_max_len holds per shard "
+        "as max_len / shards."))
     served_log_queue: int = Field(1024, ge=1, le=1_000_000, description=(
         "Responses waiting for the log writer at most; past it a response's scores are dropped from the "
         "log (counted), never delaying or failing the response."))

@@ -3,7 +3,8 @@ with the training protocol, a CRM trained on it, random L2-normalized item embed
 speed), a tiny random Llama as the base LLM, a personalized LoRA trained for a couple of steps with
 ``train_llm`` (then with its B banks perturbed so adapters visibly matter), a fusion file, all
 exported as one model bundle; every user's history and profile bulk-loaded into the real Redis
-under a key prefix unique to this session.
+under a key prefix unique to this session (``World.load_histories`` loads them into another store,
+e.g. the session's cluster, the same way).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.redis_support import REDIS_URL
+from tests.redis_support import SINGLE, RedisTarget
 from service.config import Settings
 
 VERSION = "e2e-v1"
@@ -51,8 +52,18 @@ class World:
     def crm_dir(self) -> Path:
         return self.root / "crm"
 
-    def settings(self, **overrides) -> Settings:
-        values = dict(redis_url=REDIS_URL, redis_prefix=self.prefix, model_store=self.store,
+    def load_histories(self, target: RedisTarget, prefix: str) -> None:
+        """Every user's history and profile, as loaded for the session, into ``target`` under ``prefix``
+        (the bulk loader, as ``reclora load-histories`` runs it)."""
+        from service.history import bulk_load
+
+        records = [(user, *self.histories[user]) for user in self.histories]
+        counts = bulk_load(target.history(), records, prefix=prefix, progress=False, total=len(records))
+        assert counts["users"] == len(records)
+
+    def settings(self, target: RedisTarget = SINGLE, **overrides) -> Settings:
+        """Gateway settings on ``target`` (the session's single node unless told) and the world's prefix."""
+        values = dict(**target.values(), redis_prefix=self.prefix, model_store=self.store,
                       active_version=self.version, base_model_dir=self.base_dir,
                       # Generous deadlines: a loaded 2-core CI box must not turn the happy path into
                       # a degraded answer. The deadline fallbacks ask for tiny deadlines explicitly.
@@ -140,7 +151,7 @@ def build_world(root: Path, prefix: str) -> World:
                                    base_model=base_dir, llm_report=report, fusion=FusionOptions(serve="fused"))
 
     records = list(histories_from_prepared(data))
-    counts = bulk_load(REDIS_URL, records, prefix=prefix, progress=False, total=len(records))
+    counts = bulk_load(SINGLE.history(), records, prefix=prefix, progress=False, total=len(records))
     assert counts["users"] == len(records) == len(data.users)
     histories = {user: (items, ratings, stamps, profile) for user, items, ratings, stamps, profile in records}
     users = sorted((u for u, h in histories.items() if len(h[0]) >= 10), key=lambda u: -len(histories[u][0]))

@@ -254,6 +254,9 @@ def load_histories(
     data: DataDir,
     redis_url: Annotated[str, typer.Option(envvar="RECLORA_REDIS_URL", help="the serving history store")]
         = "redis://127.0.0.1:6379/0",
+    redis_cluster: Annotated[bool, typer.Option(envvar="RECLORA_REDIS_CLUSTER",
+                                                help="the store is a Redis Cluster; --redis-url names a seed node")]
+        = False,
     prefix: Annotated[str, typer.Option(envvar="RECLORA_REDIS_PREFIX",
                                         help="key prefix, the same as the gateway's")] = "",
     max_events: Annotated[int, typer.Option(help="most recent behaviours kept per user")] = 1000,
@@ -266,18 +269,19 @@ def load_histories(
     """Write every user's behaviour history and profile (raw ids) to Redis, and with --knowledge
     their knowledge vectors; re-running is idempotent.
 
-    The Redis URL and key prefix default to the gateway's settings (RECLORA_REDIS_URL,
-    RECLORA_REDIS_PREFIX), so both read and write the same keys.
+    The Redis URL, cluster mode and key prefix default to the gateway's settings (RECLORA_REDIS_URL,
+    RECLORA_REDIS_CLUSTER, RECLORA_REDIS_PREFIX), so both read and write the same keys.
     """
     from redis.exceptions import RedisError
 
-    from service.history import bulk_load, bulk_load_knowledge
+    from service.history import HistorySettings, bulk_load, bulk_load_knowledge
     from training.data.samples import PreparedData
     from training.history_loader import UNTIL_SPLITS, histories_from_prepared, knowledge_records
 
     if until_split not in UNTIL_SPLITS:
         fail(f"--until-split must be one of {', '.join(UNTIL_SPLITS)}, got {until_split!r}")
-    where = _redis_where(redis_url)
+    where = _redis_where(redis_url) + (" (cluster)" if redis_cluster else "")
+    store = HistorySettings(redis_url=redis_url, redis_cluster=redis_cluster)
     with timed("load-histories"):
         prepared = PreparedData.load(data)
         vectors = None
@@ -287,10 +291,10 @@ def load_histories(
             except ValueError as exc:
                 fail(f"cannot load knowledge vectors: {exc}")
         try:
-            counts = bulk_load(redis_url, histories_from_prepared(prepared, until_split=until_split), prefix=prefix,
+            counts = bulk_load(store, histories_from_prepared(prepared, until_split=until_split), prefix=prefix,
                                max_events=max_events, total=len(prepared.users))
             if vectors is not None:
-                written = bulk_load_knowledge(redis_url, vectors, prefix=prefix, total=len(vectors))
+                written = bulk_load_knowledge(store, vectors, prefix=prefix, total=len(vectors))
         except RedisError as exc:
             fail(f"cannot write histories to Redis at {where}: {exc}")
     keys = f"key prefix {prefix!r}" if prefix else "no key prefix"

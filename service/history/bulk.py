@@ -9,18 +9,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.client import Pipeline
 
+from service.config import HistorySettings
+from service.history.clients import SyncRedis, sync_client
 from service.history.layout import (KnowledgeRecord, check_layout, check_order, count_key, encode_knowledge,
                                     encode_records, events_key, knowledge_key, profile_key)
 
 UserRecords = tuple[str, np.ndarray, np.ndarray, np.ndarray, Mapping[str, str]]
 UserKnowledge = tuple[str, KnowledgeRecord | None]
+# Where to load: the store's settings (a single node or a cluster; their connection fields, the key
+# prefix being an argument of its own) or a single node's URL.
+Target = HistorySettings | str
 
 
-def bulk_load(redis_url: str, histories: Iterable[UserRecords], *, prefix: str = "", max_events: int = 1000,
+def _connect(target: Target) -> SyncRedis:
+    settings = target if isinstance(target, HistorySettings) else HistorySettings(redis_url=target)
+    return sync_client(settings, timeout_s=60.0)
+
+
+def bulk_load(target: Target, histories: Iterable[UserRecords], *, prefix: str = "", max_events: int = 1000,
               batch_users: int = 500, progress: bool = True, total: int | None = None) -> dict[str, int]:
     """Replace the stored history, profile and event count of every user in ``histories``;
     idempotent. Knowledge records stay as they are (``bulk_load_knowledge`` writes them).
@@ -29,13 +37,15 @@ def bulk_load(redis_url: str, histories: Iterable[UserRecords], *, prefix: str =
     oldest first. Many users go in one pipelined round trip. Each key is built under a staging
     name and RENAMEd into place, so a gateway reading during the load sees a user's old or new
     history, never a half-written one. Events appended to a user while the load runs are lost.
+    On a cluster the staging key shares the user's hash tag, so each RENAME stays in one slot and
+    redis-py's cluster pipeline sends each master its users' commands.
     """
     from tqdm import tqdm
 
     check_layout(prefix, max_events)
     if batch_users < 1:
         raise ValueError(f"batch_users must be at least 1, got {batch_users}")
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5.0, socket_timeout=60.0, retry=Retry(NoBackoff(), 0))
+    client = _connect(target)
     counts = {"users": 0, "events": 0, "truncated": 0, "profiles": 0}
     try:
         client.ping()  # fail before reading any input when Redis is unreachable
@@ -63,7 +73,7 @@ def bulk_load(redis_url: str, histories: Iterable[UserRecords], *, prefix: str =
     return counts
 
 
-def bulk_load_knowledge(redis_url: str, records: Iterable[UserKnowledge], *, prefix: str = "",
+def bulk_load_knowledge(target: Target, records: Iterable[UserKnowledge], *, prefix: str = "",
                         batch_users: int = 500, progress: bool = True, total: int | None = None) -> dict[str, int]:
     """Replace the knowledge record of every user in ``records`` ((user_id, record), None for a
     user without a vector: their stored record is deleted); idempotent, each record renamed into
@@ -73,8 +83,7 @@ def bulk_load_knowledge(redis_url: str, records: Iterable[UserKnowledge], *, pre
     check_layout(prefix, 1)
     if batch_users < 1:
         raise ValueError(f"batch_users must be at least 1, got {batch_users}")
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5.0, socket_timeout=60.0,
-                                  retry=Retry(NoBackoff(), 0))
+    client = _connect(target)
     counts = {"vectors": 0, "without": 0}
     try:
         client.ping()
@@ -89,7 +98,7 @@ def bulk_load_knowledge(redis_url: str, records: Iterable[UserKnowledge], *, pre
     return counts
 
 
-def _flushing(pipe: redis.client.Pipeline, rows: Iterable, every: int) -> Iterator:
+def _flushing(pipe: Pipeline, rows: Iterable, every: int) -> Iterator:
     """Yield ``rows``; the caller queues each row's commands, and ``pipe`` is sent after every
     ``every`` rows and once more at the end (many users per round trip)."""
     pending = 0
@@ -103,7 +112,7 @@ def _flushing(pipe: redis.client.Pipeline, rows: Iterable, every: int) -> Iterat
         pipe.execute()
 
 
-def _queue_replace(pipe: redis.client.Pipeline, key: str, records: Sequence[bytes] = (),
+def _queue_replace(pipe: Pipeline, key: str, records: Sequence[bytes] = (),
                    mapping: Mapping[str, str | bytes] | None = None) -> None:
     """Queue writing ``records`` (a list) or ``mapping`` (a hash) under a staging name and a RENAME
     over ``key``; with nothing to write, queue a DEL of ``key``."""
@@ -116,4 +125,6 @@ def _queue_replace(pipe: redis.client.Pipeline, key: str, records: Sequence[byte
         pipe.rpush(staging, *records)
     else:
         pipe.hset(staging, mapping=mapping)
-    pipe.rename(staging, key)
+    # RENAME by name: redis-py's cluster pipeline refuses its rename() method (which could cross
+    # slots); the staging key shares ``key``'s hash tag, so this one stays in the user's slot.
+    pipe.execute_command("RENAME", staging, key)

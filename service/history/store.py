@@ -6,6 +6,10 @@ offset 8 to enforce time order, and answers the stamp of the user's knowledge re
 whether it is due for a refresh costs no round trip of its own. A read is one pipelined round
 trip (LRANGE + HGETALL of the profile + HGETALL of the knowledge record).
 
+On a Redis Cluster (``redis_cluster``; the client comes from ``service.history.clients``) every
+read, append, page and script here touches one user's keys, which share the ``{u:<id>}`` hash
+tag: each pipeline, transaction and script runs on the master of that user's slot.
+
 Reply parsing, not decoding, is the cost of a long history: LRANGE answers one bulk string per
 record, which redis-py's pure-Python parser handles at ~4 us each (~4 ms for 1000 records) and
 the hiredis parser at ~0.3 ms in all; deploy with hiredis (``scripts/bench_history.py``).
@@ -18,13 +22,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config import HistorySettings
+from service.history.clients import AsyncRedis, ClusterUnavailable, async_client, is_cluster, pipeline, rediscover
+from service.history.clients import ping as ping_client
 from service.history.layout import (AppendResult, Event, HistoryOrderError, KnowledgeFormatError,
                                     KnowledgeRecord, UserHistory, check_order, count_key,
                                     decode_knowledge, decode_records, decode_stamp, encode_knowledge, encode_records,
@@ -101,7 +104,7 @@ class HistoryPage:
 class HistoryStore:
     """Async access to the history store for the gateway: one round trip per read."""
 
-    def __init__(self, client: aioredis.Redis, settings: HistorySettings | None = None) -> None:
+    def __init__(self, client: AsyncRedis, settings: HistorySettings | None = None) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("the history store needs a client with decode_responses=False (records are binary)")
         self._redis = client
@@ -111,18 +114,12 @@ class HistoryStore:
 
     @classmethod
     def from_settings(cls, settings: HistorySettings) -> "HistoryStore":
-        """A store on its own connection pool to ``settings.redis_url``."""
-        # No retries: appends are not idempotent (a retried script may have run already) and a
-        # request deadline is better spent degrading than retrying. Stale pooled connections are
-        # still replaced when they are checked out.
-        extra = {} if settings.redis_max_connections is None else {"max_connections": settings.redis_max_connections}
-        client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
-                                         socket_connect_timeout=settings.redis_timeout_s,
-                                         retry=AsyncRetry(NoBackoff(), 0), decode_responses=False, **extra)
-        return cls(client, settings)
+        """A store on its own connection pool to ``settings.redis_url`` (a single node or a
+        cluster, ``service.history.clients``)."""
+        return cls(async_client(settings), settings)
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> AsyncRedis:
         """The connection pool, for other per-user data kept beside the histories."""
         return self._redis
 
@@ -140,7 +137,7 @@ class HistoryStore:
     async def read(self, user_id: str) -> UserHistory:
         """The user's most recent ``max_events`` behaviours, profile and knowledge record (LRANGE +
         HGETALL + HGETALL pipelined). A malformed knowledge record reads as none, saying why."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             self._queue_state(pipe, user_id)
             records, raw_profile, raw_knowledge = _raise_but_knowledge(await pipe.execute(raise_on_error=False))
         return _history(records, raw_profile, raw_knowledge)
@@ -148,7 +145,7 @@ class HistoryStore:
     async def read_with_count(self, user_id: str) -> tuple[UserHistory, int]:
         """The user's state as ``read`` gives it and their event count at that same moment
         (MULTI/EXEC): what a knowledge refresh generates from, and the count it records."""
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self._redis, transaction=True) as pipe:
             self._queue_state(pipe, user_id)
             pipe.get(count_key(self.settings.redis_prefix, user_id))
             records, raw_profile, raw_knowledge, count = _raise_but_knowledge(await pipe.execute(raise_on_error=False))
@@ -177,7 +174,7 @@ class HistoryStore:
         if limit < 1 or offset < 0 or (length is not None and length < 0):
             raise ValueError(f"limit must be positive and offset, length not negative: {limit}, {offset}, {length}")
         ev_key, prof_key = self._keys(user_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self._redis, transaction=True) as pipe:
             pipe.llen(ev_key)
             if length is None:
                 pipe.lrange(ev_key, -(offset + limit), -(offset + 1))
@@ -209,7 +206,7 @@ class HistoryStore:
         prefix = self.settings.redis_prefix
         cnt_key, kn_key = count_key(prefix, user_id), knowledge_key(prefix, user_id)
         if not events:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with pipeline(self._redis, transaction=True) as pipe:
                 pipe.llen(ev_key)
                 pipe.get(cnt_key)
                 pipe.hmget(kn_key, ["events_at", "encoder", "dim"])
@@ -230,11 +227,7 @@ class HistoryStore:
         args = [cap, int(timestamps[0]), len(events), *records]
         keys = [ev_key, cnt_key, kn_key]
         if self.settings.events_durable:
-            # WAITAOF waits for the writes of its own connection: one pipeline keeps both on one.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await self._append(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAITAOF", 1, 0, DURABLE_TIMEOUT_MS)
-                reply, (local, _) = await pipe.execute()
+            reply, local = await self._append_durable(keys, args)
         else:
             reply = await self._append(keys=keys, args=args)
             local = 1
@@ -246,11 +239,48 @@ class HistoryStore:
                                     f"{DURABLE_TIMEOUT_MS} ms")
         return AppendResult(int(reply[1]), int(reply[2]), decode_stamp(*reply[3]) if reply[3] else None)
 
+    async def _append_durable(self, keys: list[str], args: list) -> tuple[list, int]:
+        """The append script and WAITAOF in one pipeline, so both go over one connection (WAITAOF
+        waits for the writes of its own connection): the script's reply and whether the write was
+        confirmed on disk (0 or 1).
+
+        On a cluster the pipeline goes to the master of the user's slot, on that node's one
+        connection, and WAITAOF also waits for one replica's AOF. A WAIT for that replica comes
+        first: it makes the replica acknowledge at once, so the WAITAOF after it reads the
+        replica's AOF offset without waiting for its once-a-second report (with ``appendfsync
+        always`` on the replicas a durable append then takes milliseconds, not a second). A
+        script redirected elsewhere (MOVED/ASK: the slot moved) ran nowhere and is sent again."""
+        replicas = 1 if is_cluster(self._redis) else 0
+        for _ in range(3):  # again only after loading the script (a new master lacks it) or a MOVED
+            async with pipeline(self._redis, transaction=False) as pipe:
+                target = {"target_nodes": self._redis.get_node_from_key(keys[0])} if replicas else {}
+                # EVALSHA by name: redis-py's cluster pipeline refuses its evalsha() method, not the command.
+                pipe.execute_command("EVALSHA", self._append.sha, len(keys), *keys, *args)
+                if replicas:
+                    pipe.execute_command("WAIT", replicas, DURABLE_TIMEOUT_MS, **target)
+                pipe.execute_command("WAITAOF", 1, replicas, DURABLE_TIMEOUT_MS, **target)
+                redirect = {"allow_redirections": False} if replicas else {}
+                replies = await pipe.execute(raise_on_error=False, **redirect)
+                if isinstance(replies[0], NoScriptError):  # nothing ran
+                    await self._redis.script_load(_APPEND_LUA)
+                    continue
+                if isinstance(replies[0], AskError):  # MOVED too: the node refused, nothing ran
+                    await rediscover(self._redis)
+                    continue
+                for result in replies:  # raised inside the pipeline: a cluster's refusal is unavailability
+                    if isinstance(result, Exception):
+                        raise result
+            local, copies = int(replies[-1][0]), int(replies[-1][1])
+            return replies[0], int(local >= 1 and copies >= replicas)
+        raise ClusterUnavailable("the user's slot kept moving or the append script could not be loaded; "
+                                 "nothing was written")
+
     async def check_durable(self) -> None:
         """Refuse (RuntimeError, saying why) when the server cannot confirm writes on disk: WAITAOF
-        needs Redis 7.2+ with ``appendonly yes``."""
+        needs Redis 7.2+ (or Valkey 8) with ``appendonly yes``, on every master of a cluster."""
         try:
-            await self._redis.execute_command("WAITAOF", 1, 0, DURABLE_TIMEOUT_MS)
+            await self._redis.execute_command("WAITAOF", 1, 0, DURABLE_TIMEOUT_MS,
+                                              **({"target_nodes": "primaries"} if is_cluster(self._redis) else {}))
         except ResponseError as exc:
             raise RuntimeError(f"events_durable needs a Redis that confirms writes on disk (WAITAOF, Redis 7.2+ "
                                f"with appendonly yes); this server answered: {exc}") from None
@@ -261,7 +291,7 @@ class HistoryStore:
         mapping = {str(k): str(v) for k, v in profile.items()}
         if not replace and not mapping:
             return
-        async with self._redis.pipeline(transaction=replace) as pipe:
+        async with pipeline(self._redis, transaction=replace) as pipe:
             if replace:
                 pipe.delete(prof_key)
             if mapping:
@@ -274,7 +304,7 @@ class HistoryStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._redis.ping())
+            return await ping_client(self._redis)
         except (RedisError, OSError):
             return False
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import redis.asyncio as aioredis
-
 from service.config import ScoreCacheSettings
+from service.history.clients import AsyncRedis, pipeline
 from service.history.layout import user_tag
 
 
 class LLMScoreCache:
-    def __init__(self, client: aioredis.Redis, settings: ScoreCacheSettings | None = None, *,
+    def __init__(self, client: AsyncRedis, settings: ScoreCacheSettings | None = None, *,
                  prefix: str = "") -> None:
         self._redis, self.prefix = client, prefix
         self.settings = settings or ScoreCacheSettings()
@@ -38,7 +37,7 @@ class LLMScoreCache:
         if not scores:
             return
         key = self.key(user_id, version)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis) as pipe:
             pipe.hset(key, mapping={field: repr(float(score)) for field, score in scores.items()})
             pipe.expire(key, self.settings.llm_score_cache_ttl_s)
             await pipe.execute()

@@ -4,13 +4,17 @@ Keys (the user's hash tag keeps their keys on one Redis Cluster slot):
 
 - ``<prefix>online:served``: STREAM of served scores (request id, user, item, version, score,
   LLM and CRM score, time, shadow flag), capped by length (``XADD MAXLEN ~``) and age
-  (``XTRIM MINID ~``): the audit trail of what each version answered;
+  (``XTRIM MINID ~``): the audit trail of what each version answered. With ``served_log_shards``
+  N > 1 it is N streams ``<prefix>{online:served:<i>}`` (each its own hash tag, so a cluster
+  spreads them over its masters), a user's scores in shard ``shard_of(user)``; each shard keeps
+  ``served_log_max_len / N`` entries and the age cap, so the whole log keeps its bounds;
 - ``<prefix>{u:<user_id>}:served``: HASH, item -> the score last served to that user for it
   (field ``<item>``) and the candidate's shadow score (``<item>|shadow``), expiring one label
   window after the last write: the join of an event with its served score is one round trip
   that reads and deletes the fields at once, so an event labels a served score at most once;
 - ``<prefix>online:labels``: STREAM of labelled scores (version, score, label, served time),
-  capped by length and by the evaluation window.
+  capped by length and by the evaluation window; sharded like the served scores
+  (``<prefix>{online:labels:<i>}``, ``online_max_labels / N`` each), readers merge the shards.
 
 A response hands its scores to ``offer`` (a bounded queue; full = dropped and counted) and one
 writer task drains the queue in pipelined batches: a slow or failed Redis write never delays or
@@ -20,6 +24,7 @@ fails a response.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -27,10 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.config import OnlineSettings
+from service.history.clients import AsyncRedis, pipeline
 from service.history.layout import user_tag
 from service.logging import BurstLog
 from service.telemetry import NO_TELEMETRY, Telemetry
@@ -74,11 +79,32 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def shard_keys(prefix: str, name: str, shards: int) -> tuple[str, ...]:
+    """The stream keys of ``name``: ``<prefix>online:<name>`` alone, or one hash-tagged key per shard."""
+    if shards == 1:
+        return (f"{prefix}online:{name}",)
+    return tuple(f"{prefix}{{online:{name}:{i}}}" for i in range(shards))
+
+
+def shard_of(user_id: str, shards: int) -> int:
+    """The shard of a user's entries: a hash of the id that is the same in every process and release."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % shards
+
+
+@dataclass(frozen=True)
+class LabelBatch:
+    """Labels read from every shard, oldest first, and the cursor to read on after them."""
+
+    labels: list[Label]
+    cursor: str
+
+
 class ServedLog:
     """The stream's bounds, the label window and the labels' bounds (the online evaluation's
     window and size) come from ``settings``."""
 
-    def __init__(self, client: aioredis.Redis, settings: OnlineSettings | None = None, *, prefix: str = "",
+    def __init__(self, client: AsyncRedis, settings: OnlineSettings | None = None, *, prefix: str = "",
                  batch: int = 32, telemetry: Telemetry = NO_TELEMETRY) -> None:
         if batch < 1:
             raise ValueError("served log batches must be at least 1")
@@ -86,13 +112,20 @@ class ServedLog:
         self.settings = settings or OnlineSettings()
         self.batch = batch
         self.telemetry = telemetry
-        self.stream_key = f"{prefix}online:served"
-        self.labels_key = f"{prefix}online:labels"
+        shards = self.settings.served_log_shards
+        self.stream_keys = shard_keys(prefix, "served", shards)
+        self.labels_keys = shard_keys(prefix, "labels", shards)
+        self._stream_len = max(self.settings.served_log_max_len // shards, 1)
+        self._labels_len = max(self.settings.online_max_labels // shards, 1)
         self._queue: asyncio.Queue[list[ServedScore]] | None = None
         self._writer: asyncio.Task | None = None
 
     def user_key(self, user_id: str) -> str:
         return f"{user_tag(self.prefix, user_id)}:served"
+
+    def shard(self, user_id: str) -> int:
+        """The index of the user's stream in ``stream_keys`` (and ``labels_keys``)."""
+        return shard_of(user_id, len(self.stream_keys)) if len(self.stream_keys) > 1 else 0
 
     # -- the request side -------------------------------------------------------------------
 
@@ -143,20 +176,21 @@ class ServedLog:
                     queue.task_done()
 
     async def write(self, scores: Sequence[ServedScore]) -> None:
-        """Append to the stream, trim it by length and age, and index each score per user for the
-        label join (one pipelined round trip)."""
+        """Append to the user's shard of the stream, trim every shard by length and age, and index
+        each score per user for the label join (one pipelined round trip)."""
         now_ms = int(time.time() * 1000)
         per_user: dict[str, dict[str, str]] = {}
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis) as pipe:
             for s in scores:
-                pipe.xadd(self.stream_key, {
+                pipe.xadd(self.stream_keys[self.shard(s.user_id)], {
                     "r": s.request_id, "u": s.user_id, "i": s.item, "v": s.version, "s": repr(s.score),
                     "l": "" if s.llm_score is None else repr(s.llm_score), "c": repr(s.crm_score), "t": s.at_ms,
-                    "sh": int(s.shadow)}, maxlen=self.settings.served_log_max_len, approximate=True)
+                    "sh": int(s.shadow)}, maxlen=self._stream_len, approximate=True)
                 field = f"{s.item}{SHADOW_SUFFIX}" if s.shadow else str(s.item)
                 per_user.setdefault(s.user_id, {})[field] = json.dumps(
                     [s.version, s.score, s.at_ms, s.request_id, s.llm_score, s.crm_score])
-            pipe.xtrim(self.stream_key, minid=now_ms - self.settings.served_log_max_age_s * 1000, approximate=True)
+            for key in self.stream_keys:
+                pipe.xtrim(key, minid=now_ms - self.settings.served_log_max_age_s * 1000, approximate=True)
             for user_id, fields in per_user.items():
                 key = self.user_key(user_id)
                 pipe.hset(key, mapping=fields)
@@ -172,7 +206,7 @@ class ServedLog:
             return []
         fields = [f for item in dict.fromkeys(items) for f in (str(item), f"{item}{SHADOW_SUFFIX}")]
         key = self.user_key(user_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self._redis, transaction=True) as pipe:
             pipe.hmget(key, fields)
             pipe.hdel(key, *fields)
             values, _ = await pipe.execute()
@@ -190,26 +224,41 @@ class ServedLog:
         if not labels:
             return
         now_ms = int(time.time() * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis) as pipe:
             for lab in labels:
                 s = lab.served
-                pipe.xadd(self.labels_key, {"v": s.version, "s": repr(s.score), "y": lab.label, "t": s.at_ms,
-                                            "sh": int(s.shadow), "u": s.user_id, "i": s.item, "r": s.request_id},
-                          maxlen=self.settings.online_max_labels, approximate=True)
-            pipe.xtrim(self.labels_key, minid=now_ms - self.settings.online_window_s * 1000, approximate=True)
+                pipe.xadd(self.labels_keys[self.shard(s.user_id)], {
+                    "v": s.version, "s": repr(s.score), "y": lab.label, "t": s.at_ms, "sh": int(s.shadow),
+                    "u": s.user_id, "i": s.item, "r": s.request_id}, maxlen=self._labels_len, approximate=True)
+            for key in self.labels_keys:
+                pipe.xtrim(key, minid=now_ms - self.settings.online_window_s * 1000, approximate=True)
             await pipe.execute()
 
-    async def read_labels(self, after: str = "-", *, since_ms: int | None = None,
-                          count: int = 10_000) -> list[tuple[str, Label]]:
-        """Labels after stream id ``after`` (exclusive) or from ``since_ms`` on, oldest first, at
-        most ``count``: (stream id, label)."""
-        start = f"({after}" if after not in ("-", "") else (str(since_ms) if since_ms is not None else "-")
-        rows = await self._redis.xrange(self.labels_key, min=start, max="+", count=count)
+    async def read_labels(self, after: str = "", *, since_ms: int | None = None, count: int = 10_000) -> LabelBatch:
+        """Labels after ``after`` (a previous batch's cursor; "" to start) or from ``since_ms`` on,
+        oldest first, at most ``count``, merged from every shard. The cursor is the last stream id
+        read from each shard, comma-separated (one shard: just that id)."""
+        keys = self.labels_keys
+        cursors = after.split(",") if after not in ("-", "") else [""] * len(keys)
+        if len(cursors) != len(keys):
+            raise ValueError(f"a label cursor of {len(cursors)} shards for {len(keys)} shards")
+        start = str(since_ms) if since_ms is not None else "-"
+        async with pipeline(self._redis) as pipe:
+            for key, cursor in zip(keys, cursors):
+                pipe.xrange(key, min=f"({cursor}" if cursor else start, max="+", count=count)
+            per_shard = await pipe.execute()
+        rows = sorted(((_stream_id(entry), shard, _text(entry), fields)
+                       for shard, entries in enumerate(per_shard) for entry, fields in entries))[:count]
         out = []
-        for entry_id, fields in rows:
+        for _, shard, entry, fields in rows:
+            cursors[shard] = entry
             f = {_text(k): _text(v) for k, v in fields.items()}
-            entry = _text(entry_id)
             served = ServedScore(f["r"], f["u"], int(f["i"]), f["v"], float(f["s"]), None, float("nan"), int(f["t"]),
                                  f["sh"] == "1")
-            out.append((entry, Label(served, int(f["y"]), int(entry.split("-")[0]))))
-        return out
+            out.append(Label(served, int(f["y"]), int(entry.split("-")[0])))
+        return LabelBatch(out, ",".join(cursors) if out else after)
+
+
+def _stream_id(entry: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry).partition("-")
+    return int(ms), int(seq or 0)

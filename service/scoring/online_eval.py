@@ -130,12 +130,11 @@ class OnlineEvaluator:
         now_ms = int(time.time() * 1000)
         since = now_ms - int(self.settings.online_window_s * 1000)
         while True:
-            rows = await self.served.read_labels(self._last_id, since_ms=since, count=READ_BATCH)
-            for entry_id, lab in rows:
+            batch = await self.served.read_labels(self._last_id, since_ms=since, count=READ_BATCH)
+            for lab in batch.labels:
                 self._pairs.append((lab.at_ms, lab.served.version, lab.served.score, lab.label))
-            if rows:
-                self._last_id = rows[-1][0]
-            if len(rows) < READ_BATCH:
+            self._last_id = batch.cursor
+            if len(batch.labels) < READ_BATCH:
                 break
         while self._pairs and self._pairs[0][0] < since:
             self._pairs.popleft()
@@ -174,11 +173,11 @@ class OnlineEvaluator:
         labels: list[Label] = []
         after = ""
         while len(labels) < max_labels:
-            rows = await self.served.read_labels(after, since_ms=start_ms, count=min(READ_BATCH, max_labels))
-            labels.extend(lab for _, lab in rows)
-            if len(rows) < READ_BATCH:
+            batch = await self.served.read_labels(after, since_ms=start_ms, count=min(READ_BATCH, max_labels))
+            labels.extend(batch.labels)
+            if len(batch.labels) < READ_BATCH:
                 break
-            after = rows[-1][0]
+            after = batch.cursor
         labels = labels[-max_labels:]
         buckets: dict[int, list[Label]] = {}
         for lab in labels:

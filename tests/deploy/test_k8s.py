@@ -6,142 +6,26 @@ that fit the gateways' settings, and alerting rules that parse."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
+from tests.deploy.k8s_support import (GATEWAY, K8S, OVERLAYS, README, REDIS_CLUSTER_OVERLAYS, ROOT, SAMPLE_DIGEST,
+                                      SETTINGS_ENV, claim_of, containers, flags, gateway_container, gateways,
+                                      history_store, mount_at, named, objects, pod_spec, render, resolved_env,
+                                      selects, settings_of, volume_of, workloads)
 from tests.deploy.promql_support import literal_alternatives, parse
 
-from service.config import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
-README = K8S / "README.md"
 VLLM_DOC = ROOT / "docs" / "VLLM.md"
-KUBECTL = shutil.which("kubectl")
 KUBERNETES_VERSION = "1.32.0"  # schemas shipped with kubernetes-validate; the oldest release targeted
 CRD_GROUPS = ("monitoring.coreos.com/",)  # Prometheus Operator kinds: no schema in kubernetes-validate
-OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-SETTINGS_ENV = Settings.env_names()
 # Read by the `reclora` command line (training/admin), not the gateway: the README's push example.
 CLI_ENV = {"RECLORA_ADMIN_URL", "RECLORA_ADMIN_TOKEN"}
-SAMPLE_DIGEST = "0" * 63 + "1"
-GATEWAY = "reclora-gateway"
-
-
-@cache
-def render(overlay: str) -> tuple[dict, ...]:
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed: `kubectl kustomize` renders the overlays")
-    done = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
-
-
-def objects(overlay: str, kind: str) -> list[dict]:
-    return [o for o in render(overlay) if o["kind"] == kind]
-
-
-def named(overlay: str, kind: str, name: str) -> dict:
-    (obj,) = [o for o in objects(overlay, kind) if o["metadata"]["name"] == name]
-    return obj
-
-
-def workloads(overlay: str) -> list[dict]:
-    return [o for o in render(overlay) if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
-
-
-def gateways(overlay: str) -> list[dict]:
-    return [d for d in objects(overlay, "Deployment")
-            if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == GATEWAY]
-
-
-def pod_spec(workload: dict) -> dict:
-    return workload["spec"]["template"]["spec"]
-
-
-def containers(workload: dict) -> list[dict]:
-    spec = pod_spec(workload)
-    return spec.get("initContainers", []) + spec["containers"]
-
-
-def gateway_container(deployment: dict) -> dict:
-    (container,) = [c for c in pod_spec(deployment)["containers"] if c["name"] == "gateway"]
-    return container
-
-
-def selects(selector: dict, labels: dict) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def volume_of(workload: dict, mount: dict) -> dict:
-    (volume,) = [v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"]]
-    return volume
-
-
-def mount_at(workload: dict, container: dict, path: str) -> dict:
-    """The volume mount that holds ``path`` (the longest mount path above it)."""
-    candidates = [m for m in container.get("volumeMounts", [])
-                  if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
-    assert candidates, f"{path} is on no volume of {workload['metadata']['name']}/{container['name']}"
-    return max(candidates, key=lambda m: len(m["mountPath"]))
-
-
-def claim_of(workload: dict, container: dict, path: str) -> str | None:
-    volume = volume_of(workload, mount_at(workload, container, path))
-    return volume.get("persistentVolumeClaim", {}).get("claimName")
-
-
-def resolved_env(overlay: str, workload: dict, container: dict) -> dict[str, str]:
-    """The container's environment as the kubelet builds it: envFrom ConfigMaps first, then `env` in
-    order with $(VAR) expanded from what came before; the pod name and the admin token digest
-    stand in for the downward API and the Secret."""
-    env: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        assert "configMapRef" in source, f"unexpected envFrom source {source}"
-        env.update(named(overlay, "ConfigMap", source["configMapRef"]["name"])["data"])
-    for item in container.get("env", []):
-        if "value" in item:
-            value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                           lambda m: env[m.group(1)] if m.group(1) in env else pytest.fail(
-                               f"$({m.group(1)}) used before it is defined in {workload['metadata']['name']}"),
-                           item["value"])
-        elif "fieldRef" in item.get("valueFrom", {}):
-            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-            value = f"{workload['metadata']['name']}-5d9c7b6f4-x2x7q"
-        elif "secretKeyRef" in item.get("valueFrom", {}):
-            assert item["name"] == "RECLORA_ADMIN_TOKEN_SHA256", item
-            value = json.dumps([SAMPLE_DIGEST])
-        else:
-            pytest.fail(f"unexpected env source {item}")
-        env[item["name"]] = value
-    return env
-
-
-def settings_of(overlay: str, deployment: dict, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings exactly as the gateway process would read them from its environment."""
-    for key in list(os.environ):
-        if key.startswith("RECLORA_"):
-            monkeypatch.delenv(key)
-    for key, value in resolved_env(overlay, deployment, gateway_container(deployment)).items():
-        monkeypatch.setenv(key, value)
-    return Settings(_env_file=None)
-
-
-def flags(args: list[str]) -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for arg in args:
-        name, sep, value = arg.partition("=")
-        out[name] = value if sep else None
-    return out
+# The engine each overlay's gateways score on (RECLORA_ENGINE).
+ENGINES = {"cpu-gateway": "torch", "gpu-vllm": "vllm", "cpu-gateway-redis-cluster": "torch"}
 
 
 # ---- rendering and schemas -------------------------------------------------------------------
@@ -170,9 +54,10 @@ def test_overlay_renders_the_whole_stack(overlay):
     present = {(o["kind"], o["metadata"]["name"]) for o in render(overlay)}
     expected = {("Deployment", GATEWAY), ("Deployment", "reclora-gateway-admin"), ("Service", GATEWAY),
                 ("Service", "reclora-gateway-admin"), ("HorizontalPodAutoscaler", GATEWAY),
-                ("PodDisruptionBudget", GATEWAY), ("StatefulSet", "reclora-redis"), ("Service", "reclora-redis"),
-                ("PersistentVolumeClaim", "reclora-model-store"), ("PersistentVolumeClaim", "reclora-base-model"),
-                ("ServiceMonitor", GATEWAY), ("PrometheusRule", "reclora")}
+                ("PodDisruptionBudget", GATEWAY), ("PersistentVolumeClaim", "reclora-model-store"),
+                ("PersistentVolumeClaim", "reclora-base-model"), ("ServiceMonitor", GATEWAY), ("PrometheusRule", "reclora")}
+    redis = "reclora-redis-cluster" if overlay in REDIS_CLUSTER_OVERLAYS else "reclora-redis"
+    expected |= {("StatefulSet", redis), ("Service", redis), ("NetworkPolicy", redis)}
     if overlay == "gpu-vllm":
         expected |= {("StatefulSet", "reclora-vllm"), ("Service", "reclora-vllm"),
                      ("PersistentVolumeClaim", "reclora-adapters")}
@@ -214,17 +99,21 @@ def test_gateway_environment_makes_valid_settings(overlay, monkeypatch):
         settings = settings_of(overlay, deployment, monkeypatch)
         container = gateway_container(deployment)
         assert settings.http.host == "0.0.0.0"
-        assert settings.model.engine == {"cpu-gateway": "torch", "gpu-vllm": "vllm"}[overlay]
+        assert settings.model.engine == ENGINES[overlay]
         assert claim_of(deployment, container, str(settings.model.model_store)) == "reclora-model-store"
         assert claim_of(deployment, container, str(settings.model.base_model_dir)) == "reclora-base-model"
         assert settings.model.active_version is None and settings.model.follows_store  # followers track ACTIVE
 
-        # The Redis URL names the StatefulSet's first pod through its headless Service.
-        redis = named(overlay, "StatefulSet", "reclora-redis")
+        # The Redis URL names the history store through its headless Service: the single node's
+        # pod, or the cluster's Service itself (test_k8s_redis_cluster.py).
+        redis = history_store(overlay)
         service = named(overlay, "Service", redis["spec"]["serviceName"])
         url = urlsplit(settings.history.redis_url)
-        assert url.hostname == f"{redis['metadata']['name']}-0.{service['metadata']['name']}"
         assert url.port in {p["port"] for p in service["spec"]["ports"]}
+        assert settings.history.redis_cluster is (overlay in REDIS_CLUSTER_OVERLAYS)
+        if not settings.history.redis_cluster:
+            assert redis["spec"]["replicas"] == 1
+            assert url.hostname == f"{redis['metadata']['name']}-0.{service['metadata']['name']}"
 
         if settings.torch.torch_threads is not None:  # no more threads than the CPU quota
             assert settings.torch.torch_threads <= float(container["resources"]["limits"]["cpu"])
@@ -362,7 +251,7 @@ def test_autoscaler_and_disruption_budget_cover_the_followers_only(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_redis_persists_with_aof_on_a_claim(overlay):
-    redis = named(overlay, "StatefulSet", "reclora-redis")
+    redis = history_store(overlay)
     (container,) = containers(redis)
     args = container["args"]
     assert args[0] == "redis-server"
@@ -376,7 +265,7 @@ def test_redis_persists_with_aof_on_a_claim(overlay):
     assert service["spec"]["clusterIP"] == "None"
     assert selects(service["spec"]["selector"], redis["spec"]["template"]["metadata"]["labels"])
 
-    policy = named(overlay, "NetworkPolicy", "reclora-redis")
+    policy = named(overlay, "NetworkPolicy", redis["metadata"]["name"])
     assert selects(policy["spec"]["podSelector"]["matchLabels"], redis["spec"]["template"]["metadata"]["labels"])
     (rule,) = policy["spec"]["ingress"]
     for gateway in gateways(overlay):
@@ -453,8 +342,9 @@ def test_gateways_address_each_vllm_replica_and_share_its_adapter_volume(monkeyp
     assert [p["podSelector"]["matchLabels"] for p in rule["from"]] == [{"app.kubernetes.io/name": GATEWAY}]
 
 
-def test_cpu_overlay_has_no_gpu_parts():
-    text = yaml.safe_dump_all(render("cpu-gateway"))
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if ENGINES[o] == "torch"])
+def test_cpu_overlay_has_no_gpu_parts(overlay):
+    text = yaml.safe_dump_all(render(overlay))
     assert "nvidia.com/gpu" not in text and "reclora-vllm" not in text
 
 

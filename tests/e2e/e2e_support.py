@@ -67,8 +67,10 @@ class LiveServer:
             raise
         return live
 
-    def client(self, timeout: float = 60.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
+    def client(self, timeout: float = 60.0, token: str | None = None) -> httpx.Client:
+        """An HTTP client of this server; with ``token``, an admin's (bearer token)."""
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def stop(self) -> None:
         """Graceful shutdown: uvicorn drains, the lifespan closes the scorer and the history store."""

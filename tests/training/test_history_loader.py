@@ -188,3 +188,28 @@ def test_cli_refuses_knowledge_of_another_dataset_before_writing(data, prefix, t
     missing = CliRunner().invoke(app, ["load-histories", "--data", str(tmp_path / "data"), "--redis-url", REDIS_URL,
                                        "--prefix", prefix, "--knowledge", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "not a knowledge directory" in missing.output
+
+
+def test_cli_loads_into_a_cluster_named_by_the_gateways_settings(raw, data, redis_cluster, tmp_path) -> None:
+    data.save(tmp_path)
+    env = {"RECLORA_REDIS_URL": redis_cluster.url, "RECLORA_REDIS_CLUSTER": "true"}  # as the gateway reads them
+    with scratch_prefix(target=redis_cluster.target) as prefix:
+        result = CliRunner().invoke(app, ["load-histories", "--data", str(tmp_path), "--prefix", prefix], env=env)
+        assert result.exit_code == 0, result.output
+        assert f'"events": {len(raw.interactions)}' in result.output and "(cluster)" in result.output
+        client = redis_cluster.target.client()
+        try:
+            for user, (items, _, stamps) in expected_per_user(raw).items():
+                stored_items, _, stored_stamps = decode_records(client.lrange(events_key(prefix, user), 0, -1))
+                assert (stored_items.tolist(), stored_stamps.tolist()) == (items, stamps)
+        finally:
+            client.close()
+
+
+def test_cli_reports_an_unreachable_cluster_in_one_line(data, tmp_path) -> None:
+    data.save(tmp_path)
+    result = CliRunner().invoke(app, ["load-histories", "--data", str(tmp_path), "--redis-cluster",
+                                      "--redis-url", "redis://:secret@127.0.0.1:1/0"])
+    assert result.exit_code == 2
+    assert "cannot write histories to Redis at 127.0.0.1:1 db 0 (cluster)" in result.output
+    assert "secret" not in result.output

@@ -1,5 +1,6 @@
-"""Fixtures for the HTTP layer: settings on a per-test Redis key prefix (``redis_prefix``, shared),
-the app with its lifespan running, and an in-process HTTP client (``httpx.ASGITransport``)."""
+"""Fixtures for the HTTP layer: settings on a per-test Redis key prefix (``redis_prefix``, shared)
+of the test's store (``redis_target``: the single node, and the cluster too in ``both_redis``
+modules), the app with its lifespan running, and an in-process HTTP client (``httpx.ASGITransport``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from tests.service.api.api_support import REDIS_URL, FormulaScorer, serving
+from tests.redis_support import RedisTarget
+from tests.service.api.api_support import FormulaScorer, serving
 from fastapi import FastAPI
 
 from service.api import build_app
@@ -15,8 +17,8 @@ from service.config import Settings
 
 
 @pytest.fixture
-def settings(redis_prefix: str) -> Settings:
-    return Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, log_json=True)
+def settings(redis_target: RedisTarget, redis_prefix: str) -> Settings:
+    return Settings(**redis_target.values(), redis_prefix=redis_prefix, log_json=True)
 
 
 @pytest.fixture

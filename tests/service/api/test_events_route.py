@@ -13,7 +13,7 @@ from service.api import build_app
 from service.config import Settings
 from service.history import HistoryStore
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_redis]  # the single node and the cluster
 
 T0 = 1_700_000_000
 

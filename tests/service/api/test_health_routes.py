@@ -13,7 +13,7 @@ from service.api import build_app
 from service.api.lifecycle import Runtime
 from service.config import Settings
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_redis]  # the single node and the cluster
 
 
 async def test_ready_with_model_and_redis(client):

@@ -12,7 +12,7 @@ from service.api.score.serving import to_response
 from service.scoring.contracts import CandidateResult, Scorer, ScoreResult, ScoreSource
 from service.config import Settings
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_redis]  # the single node and the cluster
 
 
 def test_formula_scorer_satisfies_the_protocol():

@@ -10,7 +10,7 @@ from tests.service.api.api_support import DEAD_REDIS_URL, FormulaScorer, assert_
 from service.api import build_app
 from service.config import Settings
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_redis]  # the single node and the cluster
 
 T0 = 1_700_000_000
 HISTORY_KEYS = {"user_id", "exists", "events", "profile", "next_cursor"}

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import pytest
-import redis.asyncio as aioredis
 
-from tests.redis_support import REDIS_URL
 from service.config import ScoreCacheSettings
 from service.nearline.score_cache import LLMScoreCache
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_redis]  # the single node and the cluster
 
 
 @pytest.fixture
-async def client():
-    c = aioredis.Redis.from_url(REDIS_URL)
-    yield c
-    await c.aclose()
+def client(redis_client):
+    return redis_client
 
 
 async def test_scores_round_trip_exactly_per_version(client, redis_prefix):

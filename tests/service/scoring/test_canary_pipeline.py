@@ -134,7 +134,7 @@ async def test_a_shadow_is_scored_in_the_background_recorded_and_not_served(worl
         await log.flush()
         shadow = [json.loads(r.hget(key, f"{c}|shadow")) for c in CANDIDATES]
         own = [json.loads(r.hget(key, str(c))) for c in CANDIDATES]
-        stream = [f for _, f in r.xrange(log.stream_key)]
+        stream = [f for _, f in r.xrange(log.stream_keys[0])]
     finally:
         r.close()
     assert {s[0] for s in shadow} == {"cand-v2"} and {s[3] for s in shadow} == {"req-1"}

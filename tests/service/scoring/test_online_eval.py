@@ -8,8 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
-from tests.redis_support import REDIS_URL
 from sklearn.metrics import log_loss, roc_auc_score
 
 from service.config import OnlineSettings
@@ -17,14 +15,14 @@ from service.nearline.served_log import ServedLog, ServedScore
 from service.scoring.online_eval import OnlineEvaluator, version_metrics
 from tests.telemetry_support import RecordedTelemetry
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_redis]  # the single node and the cluster
 
 
-@pytest.fixture
-async def log(redis_prefix):
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield ServedLog(client, OnlineSettings(online_label_window_s=60), prefix=redis_prefix)
-    await client.aclose()
+@pytest.fixture(params=[1, 4], ids=["one-stream", "4-shards"])
+async def log(request, redis_client, redis_prefix):
+    """The served log as one stream (the default) and split over 4 shards, which readers merge."""
+    return ServedLog(redis_client, OnlineSettings(online_label_window_s=60, served_log_shards=request.param),
+                     prefix=redis_prefix)
 
 
 def served(user: str, item: int, score: float, version: str = "v1", age_s: float = 0.0) -> ServedScore:
