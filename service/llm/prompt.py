@@ -1,10 +1,16 @@
 """ReLLa-style prompts in the base model's chat template, split into a shared prefix and suffixes.
 
 Everything that is the same for all candidates of a request (chat header, user profile, the
-instructions) comes first; the candidate-specific part (its retrieved history and the question
-about it) comes last, so a request's candidates share the longest possible prefix and its KV
-cache. The answer is one token, "Yes" or "No", right after the assistant header; their ids are
-derived from the tokenizer and checked when the builder is made.
+instructions) comes first; the candidate-specific part comes last, so a request's candidates
+share the longest possible prefix and its KV cache. Two forms (``PromptConfig.form``):
+
+- ``per_target`` (ReLLa's SUBR): each candidate's suffix carries its own retrieved history and
+  the question about it (~200 tokens a candidate);
+- ``shared``: one history, retrieved for the candidate set as a whole, ends the prefix, which the
+  engine runs once a request; each suffix is only the question about its candidate (~30 tokens).
+
+The answer is one token, "Yes" or "No", right after the assistant header; their ids are derived
+from the tokenizer and checked when the builder is made.
 """
 
 from __future__ import annotations
@@ -15,12 +21,17 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = "rella-chat-v1"
+PROMPT_VERSION = "rella-chat-v1"  # the per-target form's
+SHARED_PROMPT_VERSION = "rella-chat-shared-v1"  # the shared-history form's
+PromptForm = Literal["per_target", "shared"]
+PROMPT_FORMS: tuple[PromptForm, ...] = ("per_target", "shared")
+_BASE_VERSION: dict[str, str] = {"per_target": PROMPT_VERSION, "shared": SHARED_PROMPT_VERSION}
 LINE_CACHE_SIZE = 200_000  # tokenized history lines kept (a line is ~10-20 ids)
 LINE_CACHE_AUDIT_EVERY = 256  # requests between checks of a cached suffix against whole-text tokens
 _PREFIX, _SUFFIX = "\x00RECLORA_PREFIX\x00", "\x00RECLORA_SUFFIX\x00"
@@ -31,10 +42,13 @@ class PromptConfig(BaseModel):
 
     ``item_noun`` / ``item_plural`` (default the noun + "s") name the catalog's items and
     ``verb_past`` what a user did with one ("watched", "read"; it must read as the simple past and
-    as the participle). ``version`` follows from the words: the default (movie) wording is
-    ``PROMPT_VERSION``, any other wording that plus a hash of its words, so the same words always
-    give the same version and other words another one. Left out, it is derived; given (as in a
-    bundle), it must be the one the words give.
+    as the participle). ``form`` is the layout (see the module docstring); a config without one
+    (every bundle before the shared form) is per-target. ``version`` follows from the form and the
+    words: the form's base version (``PROMPT_VERSION`` or ``SHARED_PROMPT_VERSION``) for the
+    default (movie) wording, any other wording that plus a hash of its words, so the same form and
+    words always give the same version and anything else another one (a score cache or prompt
+    fingerprint never mixes forms). Left out, it is derived; given (as in a bundle), it must be
+    the one the form and words give.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,6 +60,7 @@ class PromptConfig(BaseModel):
     system: str = "You are a recommender system. You answer only Yes or No."
     yes: str = "Yes"
     no: str = "No"
+    form: PromptForm = "per_target"
 
     @property
     def items_noun(self) -> str:
@@ -59,7 +74,7 @@ class PromptConfig(BaseModel):
 
     @model_validator(mode="after")
     def _version_follows_the_words(self) -> "PromptConfig":
-        expected = wording_version(self.wording())
+        expected = wording_version(self.wording(), self.form)
         if "version" not in self.model_fields_set:
             self.version = expected
         elif self.version != expected:
@@ -73,12 +88,19 @@ _DEFAULT_WORDING = {"item_noun": "movie", "item_plural": "movies", "verb_past": 
                     "system": "You are a recommender system. You answer only Yes or No.", "yes": "Yes", "no": "No"}
 
 
-def wording_version(wording: Mapping[str, str]) -> str:
-    """``PROMPT_VERSION`` for the default words, else ``PROMPT_VERSION+<12 hex of their sha256>``."""
+def wording_version(wording: Mapping[str, str], form: PromptForm = "per_target") -> str:
+    """The form's base version for the default words, else that plus ``+<12 hex of their sha256>``."""
+    base = _BASE_VERSION[form]
     if dict(wording) == _DEFAULT_WORDING:
-        return PROMPT_VERSION
+        return base
     digest = hashlib.sha256(json.dumps(dict(wording), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    return f"{PROMPT_VERSION}+{digest[:12]}"
+    return f"{base}+{digest[:12]}"
+
+
+def form_of_version(version: str) -> PromptForm:
+    """The form a prompt version names (its base, before any ``+`` hash of the words)."""
+    base = version.split("+", 1)[0]
+    return next((form for form, name in _BASE_VERSION.items() if name == base), "per_target")
 
 
 def _article(noun: str) -> str:
@@ -98,6 +120,20 @@ class ItemText:
 class Behaviour:
     item: ItemText
     rating: float
+
+
+class PromptFormMismatch(ValueError):
+    """A LoRA trained on one prompt form paired with a prompt config of the other."""
+
+
+def check_trained_form(config: PromptConfig, trained: PromptForm) -> None:
+    """Refuse a prompt config in another form than the LoRA's: a LoRA trained on per-candidate
+    histories in the suffixes reads a shared history in the prefix as another input, and the
+    reverse."""
+    if trained != config.form:
+        raise PromptFormMismatch(f"the LoRA was trained on the {trained!r} prompt form but the prompt config is "
+                                 f"{config.form!r} ({config.version}): export the bundle from the LoRA's own "
+                                 "training run")
 
 
 class AnswerTokenError(ValueError):
@@ -180,12 +216,20 @@ class PromptBuilder:
         ("3.") and the rest of its line (ending in a newline), then the question with the turn's
         end and the assistant header. The number is a piece of its own so that a behaviour's
         tokens are cached once, whichever rank retrieval gives it."""
+        return [*self.history_lines(history), self.question(target)]
+
+    def history_lines(self, history: Sequence[Behaviour]) -> list[str]:
+        """The retrieved behaviours as independently tokenized pieces (see ``suffix_lines``)."""
+        return [piece for i, b in enumerate(history, 1) for piece in (f"{i}.", f" {b.item.render()} ({_stars(b.rating)})\n")]
+
+    def question(self, target: ItemText) -> str:
+        """The question about one candidate, with the turn's end and the assistant header. The
+        shared form's says the history is "above": it was retrieved for the whole candidate set,
+        not for this candidate."""
         c = self.config
-        lines = [piece for i, b in enumerate(history, 1)
-                 for piece in (f"{i}.", f" {b.item.render()} ({_stars(b.rating)})\n")]
-        question = (f"Based on the {c.items_noun} the user has {c.verb_past}, deduce if the user will like the "
-                    f"{c.item_noun} ***{target.render()}***.")
-        return [*lines, f"{question}{self._mid}{self._tail}"]
+        above = " above" if c.form == "shared" else ""
+        return (f"Based on the {c.items_noun} the user has {c.verb_past}{above}, deduce if the user will like the "
+                f"{c.item_noun} ***{target.render()}***.{self._mid}{self._tail}")
 
     def suffix_text(self, history: Sequence[Behaviour], target: ItemText) -> str:
         return "".join(self.suffix_lines(history, target))
@@ -234,7 +278,7 @@ class PromptBuilder:
 
     def encode(self, profile: Mapping[str, object], histories: Sequence[Sequence[Behaviour]],
                targets: Sequence[ItemText]) -> tuple[list[int], list[list[int]]]:
-        """Token ids of the shared prefix and of each candidate's suffix."""
+        """Token ids of the shared prefix and of each candidate's suffix (the per-target form)."""
         if len({bool(h) for h in histories}) > 1:
             raise ValueError("either every candidate has a history or none has")
         prefix_text = self.prefix_text(profile, bool(histories and histories[0]))
@@ -257,3 +301,20 @@ class PromptBuilder:
         """Each suffix tokenized as one text, all in one batched call."""
         texts = ["".join(x) for x in lines]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def encode_shared(self, profile: Mapping[str, object], history: Sequence[Behaviour],
+                      targets: Sequence[ItemText]) -> tuple[list[int], list[list[int]]]:
+        """Token ids of the shared form: the prefix (profile, instructions and the one history
+        retrieved for all ``targets``) and each candidate's question.
+
+        The prefix's ids are the header's followed by the history's lines', tokenized apart as in
+        the per-target form (whose line ends the tokenizer never merges across; see
+        ``_encode_suffix``), so the same pieces give the same ids in either form."""
+        head = self.prefix_text(profile, bool(history))
+        lines = self.history_lines(history)
+        questions = [[self.question(t)] for t in targets]
+        if not self.line_cache_enabled:
+            prefix = self.encode_text(head) + (self.encode_text("".join(lines)) if lines else [])
+            return prefix, self._encode_whole(questions)
+        self._cache_lines([[head, *lines], *questions])
+        return self._encode_suffix([head, *lines]), [self._encode_suffix(q) for q in questions]

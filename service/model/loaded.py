@@ -18,7 +18,7 @@ from service.crm.knowledge import KnowledgeConfig
 from service.crm.loading import build_crm
 from service.crm.model import CRM, CRMConfig
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
-from service.llm.prompt import PromptConfig
+from service.llm.prompt import PromptConfig, PromptForm, check_trained_form, form_of_version
 from service.model.catalog import Catalog
 from service.model.fusion import FUSION_FILE, Fusion
 
@@ -42,10 +42,20 @@ class LoadedModel:
     fusion: Fusion | None
     crm_item_table: torch.Tensor  # the CRM's catalog vectors; fixed per version, so built once at load
     knowledge: KnowledgeConfig | None = None  # what a knowledge CRM's user vectors must come from (encoder, dim)
+    lora_prompt_form: PromptForm | None = None  # the form the LoRA was trained on (the manifest's llm component)
+
+
+def trained_prompt_form(llm_config: dict) -> PromptForm:
+    """The prompt form a bundle's LoRA was trained on, as its manifest's llm component records it:
+    ``prompt_form``, else the form its ``prompt_version`` names (bundles before the shared form:
+    per-target)."""
+    form = llm_config.get("prompt_form")
+    return form if form is not None else form_of_version(str(llm_config.get("prompt_version", "")))
 
 
 def load_model(bundle_dir: str | Path) -> LoadedModel:
-    """Validate the bundle (schema, hashes, file kinds) and build its runtime objects."""
+    """Validate the bundle (schema, hashes, file kinds) and build its runtime objects; a LoRA whose
+    prompt form is not the bundle's prompt config's is refused (``PromptFormMismatch``)."""
     bundle = load_bundle(bundle_dir)
     catalog = Catalog(bundle.load_parquet_pandas("items/catalog.parquet"), bundle.load_npy("items/embeddings.npy"))
     config = CRMConfig.model_validate(bundle.load_json("crm/config.json"))
@@ -67,8 +77,11 @@ def load_model(bundle_dir: str | Path) -> LoadedModel:
     fusion = Fusion.from_json(bundle.load_json(FUSION_FILE)) if FUSION_FILE in files else None
     llm = bundle.manifest.components.get("llm")
     k_text = int(llm.config.get("k_text", 10)) if llm else 10
+    lora_form = trained_prompt_form(llm.config) if llm and mixer is not None else None
+    if lora_form is not None:
+        check_trained_form(prompt, lora_form)  # the gateway builds every prompt in the bundle's form
     with torch.no_grad():
         table = crm.item_table()
     return LoadedModel(bundle.manifest.version, bundle, catalog, crm, config, space,
                        torch.from_numpy(catalog.embeddings), mixer, lora_config, prompt, k_text, fusion, table,
-                       knowledge)
+                       knowledge, lora_form)

@@ -3,9 +3,10 @@
 In order: the bundle reader (manifest schema, sizes, hashes, file kinds: safetensors/JSON/NPY/
 parquet only, pickle refused), the runtime loader (CRM weights strictly against the CRM config,
 meta-LoRA banks against the LoRA config), the LoRA against the base model the service runs
-(module names, shapes, floating dtypes, rank within the serving limit), the prompt's answer
-tokens against the engine's, then a smoke test: a few golden requests scored end to end with the
-candidate, refused on NaN, infinities or probabilities outside [0, 1]. Each refusal carries a
+(module names, shapes, floating dtypes, rank within the serving limit), the prompt's form against
+the one the LoRA was trained on (the loader refuses another), the prompt's answer tokens against
+the engine's, then a smoke test: a few golden requests scored end to end with the candidate,
+refused on NaN, infinities or probabilities outside [0, 1]. Each refusal carries a
 ``reason`` (a bounded metrics label) and a message that says what is wrong.
 """
 
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from service.bundle import BundleError
 from service.engine.base import ScoringEngine
-from service.llm.prompt import PromptBuilder
+from service.llm.prompt import PromptBuilder, PromptFormMismatch
 from service.registry.errors import RefusalReason, ValidationFailed
 from service.model import LoadedModel, load_model
 from service.scoring.sequence import Scored, score_sequence
@@ -65,6 +66,8 @@ def load_candidate(bundle_dir: Path) -> LoadedModel:
         return load_model(bundle_dir)
     except BundleError as exc:
         raise ValidationFailed(RefusalReason.BUNDLE, str(exc)) from None
+    except PromptFormMismatch as exc:
+        raise ValidationFailed(RefusalReason.PROMPT_MISMATCH, str(exc)) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"{exc.title}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
@@ -176,6 +179,7 @@ def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, eng
             raise ValidationFailed(RefusalReason.NO_ENGINE, "this version has a LoRA but the service runs no LLM engine "
                                    "(it was started with a CRM-only version); restart it on an LLM version")
         report.checks += check_lora(model, spec, max_rank)
+        report.checks.append(f"prompt: {model.prompt.form} form ({model.prompt.version}), the LoRA's")
         builder = builder_for(model.prompt)
         if (spec.yes_id, spec.no_id) != (builder.yes_id, builder.no_id):
             raise ValidationFailed(RefusalReason.PROMPT_MISMATCH, f"the prompt's answer tokens ({builder.yes_id}, {builder.no_id}) "

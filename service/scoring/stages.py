@@ -19,7 +19,7 @@ import torch
 from service.crm.inputs import build_inputs
 from service.engine.base import ScoringEngine, UserAdapter
 from service.llm.prompt import Behaviour, PromptBuilder
-from service.retrieval.history import semantic_positions
+from service.retrieval.history import semantic_positions, shared_positions
 from service.model import LoadedModel
 from service.model.fusion import ScoreSource, score_source
 from service.personalization.adapter_cache import AdapterCache
@@ -87,8 +87,18 @@ def crm_user_knowledge(model: LoadedModel, history: UserHistoryView) -> np.ndarr
 def retrieve_text_history(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray) -> list[list[Behaviour]]:
     """Per candidate, the K_text most similar history behaviours in time order (one FAISS search)."""
     positions = semantic_positions(history.items, candidates, model.catalog.embeddings, model.k_text)
+    return [behaviours(model, history, pos) for pos in positions]
+
+
+def retrieve_shared_history(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray) -> list[Behaviour]:
+    """The K_text history behaviours most similar to any candidate, in time order (one FAISS
+    search): the shared prompt form's one history for the request."""
+    return behaviours(model, history, shared_positions(history.items, candidates, model.catalog.embeddings, model.k_text))
+
+
+def behaviours(model: LoadedModel, history: UserHistoryView, positions: np.ndarray) -> list[Behaviour]:
     texts = model.catalog.texts
-    return [[Behaviour(texts[int(history.items[p])], float(history.ratings[p])) for p in pos] for pos in positions]
+    return [Behaviour(texts[int(history.items[p])], float(history.ratings[p])) for p in positions]
 
 
 def build_prompts(builder: PromptBuilder, model: LoadedModel, history: UserHistoryView, candidates: np.ndarray,
@@ -110,11 +120,18 @@ class Prompts:
 
 def text_inputs(builder: PromptBuilder, model: LoadedModel, history: UserHistoryView,
                 candidates: np.ndarray) -> Prompts:
-    """The LLM's inputs that need nothing from the CRM: per candidate retrieval, then the prompts."""
+    """The LLM's inputs that need nothing from the CRM: retrieval, then the prompts, in the
+    builder's form (the bundle's): per-candidate histories in the suffixes, or one history for
+    the candidate set in the prefix."""
     start = time.perf_counter()
-    histories = retrieve_text_history(model, history, candidates)
-    retrieved = time.perf_counter()
-    prefix, suffixes = build_prompts(builder, model, history, candidates, histories)
+    if builder.config.form == "shared":
+        shared = retrieve_shared_history(model, history, candidates)
+        retrieved = time.perf_counter()
+        prefix, suffixes = builder.encode_shared(history.profile, shared, [model.catalog.texts[int(c)] for c in candidates])
+    else:
+        histories = retrieve_text_history(model, history, candidates)
+        retrieved = time.perf_counter()
+        prefix, suffixes = build_prompts(builder, model, history, candidates, histories)
     done = time.perf_counter()
     return Prompts(prefix, suffixes, (retrieved - start) * 1000.0, (done - retrieved) * 1000.0)
 

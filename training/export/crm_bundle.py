@@ -27,8 +27,8 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
                       fusion: FusionOptions = FusionOptions()) -> Path:
     """Write STORE/VERSION with crm/*, items/catalog.parquet, items/embeddings.npy,
     users/profiles.parquet and metrics; with ``llm_dir`` also the personalized-LoRA weights and
-    gates (lora/*), the prompt config the LoRA was trained with (it must name the dataset's items
-    as the dataset does) and fusion.json: measured on validation, it says whether the bundle
+    gates (lora/*), the prompt config the LoRA was trained with (its form, per-target or shared,
+    and words, which must name the dataset's items as the dataset does) and fusion.json: measured on validation, it says whether the bundle
     serves the fused score or the CRM's alone (``training.llm.fusion_fit``; ``llm_report``'s
     fusion weights win over fitted ones). Returns the published directory."""
     data = PreparedData.load(data_dir)
@@ -51,21 +51,20 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
         if report.is_file():
             metrics["evaluation"] = json.loads(report.read_text())
         if llm_dir is not None:
-            _add_llm(writer, llm_dir, base_model, llm_report, metrics, prompt_config_for(data.meta),
-                     data, embeddings, crm_dir, fusion)
+            _add_llm(writer, llm_dir, base_model, llm_report, metrics, data, embeddings, crm_dir, fusion)
         writer.set_metrics(metrics)
         writer.set_extra({"dataset": data.meta.get("dataset")})
     return writer.path
 
 
 def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, report_dir: Path | None,
-             metrics: dict, data_prompt: PromptConfig, data: PreparedData, embeddings: np.ndarray, crm_dir: Path,
-             options: FusionOptions) -> None:
+             metrics: dict, data: PreparedData, embeddings: np.ndarray, crm_dir: Path, options: FusionOptions) -> None:
     train = json.loads((llm_dir / "train.json").read_text())
     try:
         trained = PromptConfig.model_validate(train["prompt"])
     except (KeyError, ValidationError) as exc:
         raise BundleError(f"{llm_dir / 'train.json'}: no valid prompt config ({exc})") from None
+    data_prompt = prompt_config_for(data.meta, trained.form)  # the LoRA's form carries into the bundle
     if trained.version != data_prompt.version:
         raise BundleError(
             f"the LoRA in {llm_dir} was trained on prompts about {trained.items_noun} ({trained.version}), but "
@@ -80,12 +79,12 @@ def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, repor
         raise BundleError(f"fusion: {exc}") from None
     writer.add_file("lora/config.json", llm_dir / "config.json")
     writer.add_file("lora/weights.safetensors", llm_dir / "weights.safetensors")
-    writer.add_json("prompt/config.json", train["prompt"])
+    writer.add_json("prompt/config.json", trained.model_dump())
     base_info = {}
     if base_model is not None and (base_model / "reclora_base.json").is_file():
         base_info = json.loads((base_model / "reclora_base.json").read_text())
     writer.set_component("llm", kind="personalized-lora" if train["lora"]["gated"] else "shared-lora", config={
-        "k_text": train["config"]["k_text"], "prompt_version": train["prompt"]["version"],
+        "k_text": train["config"]["k_text"], "prompt_version": trained.version, "prompt_form": trained.form,
         "base_model": base_info.get("source", {}), "base_model_hash": base_info.get("model_hash"),
         "lora": train["lora"], "serve": decision.fusion.serve})
     metrics["llm_training"] = {k: train[k] for k in ("best_valid_auc", "train_seconds", "instances")}

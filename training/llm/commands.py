@@ -38,6 +38,9 @@ def train_llm(
              "same --out continues a stopped or killed run from it")] = 8,
     stop_after_minutes: Annotated[Optional[float], typer.Option(
         help="stop once a step ends past this many minutes, with the state saved; rerun to continue")] = None,
+    prompt_form: Annotated[str, typer.Option(
+        help="per-target (each candidate's own retrieved history in its suffix) or shared (one history for "
+             "the candidate set in the prefix, short suffixes); the bundle serves the form trained")] = "per-target",
 ) -> None:
     """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM."""
     import numpy as np
@@ -56,7 +59,7 @@ def train_llm(
     cfg = LLMTrainConfig(n_samples=n_samples, k_text=k_text, mixed=mixed, epochs=epochs, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, valid_samples=valid_samples, evals_per_epoch=evals_per_epoch,
                          seed=seed, dtype=dtype, lora=lora, objective=objective, packing=packing,
-                         pack_tokens=pack_tokens)
+                         pack_tokens=pack_tokens, prompt_form=prompt_form.replace("-", "_"))
     try:
         cfg.check()
     except ValueError as exc:

@@ -1,4 +1,10 @@
-"""Prompts for dataset samples: the recent-K view and the semantic (SUBR) view of a history."""
+"""Prompts for dataset samples: the recent-K view and the semantic (SUBR) view of a history, in
+either prompt form (``service.llm.prompt``).
+
+A sample has one target, so in the shared form its candidate set is that target: semantic
+retrieval then gives exactly the per-target history (``shared_positions`` of one candidate), and
+only the layout differs (the history closes the prefix, the suffix is the question alone).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,17 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from service.llm.prompt import Behaviour, ItemText, PromptBuilder, PromptConfig
-from service.retrieval.history import recent_positions, semantic_positions
+from service.llm.prompt import Behaviour, ItemText, PromptBuilder, PromptConfig, PromptForm
+from service.retrieval.history import recent_positions, semantic_positions, shared_positions
 from training.data.samples import PreparedData
 
 View = Literal["recent", "semantic"]
 
 
-def prompt_config_for(meta: Mapping[str, object]) -> PromptConfig:
-    """The prompt words of a prepared dataset: its ``item_noun``, ``item_plural`` and ``item_verb``
-    (``meta.json``); a dataset prepared without them is about movies, worded as before."""
+def prompt_config_for(meta: Mapping[str, object], form: PromptForm = "per_target") -> PromptConfig:
+    """The prompt words of a prepared dataset in the given form: its ``item_noun``, ``item_plural``
+    and ``item_verb`` (``meta.json``); a dataset prepared without them is about movies, worded as
+    before."""
     noun = str(meta.get("item_noun", "movie"))
     plural = meta.get("item_plural")
     verb = meta.get("item_verb")
@@ -26,7 +33,7 @@ def prompt_config_for(meta: Mapping[str, object]) -> PromptConfig:
         words["item_plural"] = str(plural)
     if verb is not None:
         words["verb_past"] = str(verb)
-    return PromptConfig(**words)
+    return PromptConfig(**words, form=form)
 
 
 def catalog_texts(items: pd.DataFrame) -> dict[int, ItemText]:
@@ -44,8 +51,11 @@ def user_profiles(users: pd.DataFrame) -> dict[int, dict[str, str]]:
 
 def sample_prompts(data: PreparedData, samples: pd.DataFrame, builder: PromptBuilder, embeddings: np.ndarray,
                    k_text: int, view: View) -> list[list[int]]:
-    """Full token ids (prefix + suffix) of each sample's prompt in the given view."""
+    """Full token ids (prefix + suffix) of each sample's prompt in the given view and the
+    builder's form."""
     texts, profiles = catalog_texts(data.items), user_profiles(data.users)
+    shared = builder.config.form == "shared"
+    semantic = shared_positions if shared else _target_positions
     items = data.events["item_idx"].to_numpy()
     ratings = data.events["rating"].to_numpy()
     prefixes: dict[tuple[int, bool], list[int]] = {}
@@ -55,13 +65,22 @@ def sample_prompts(data: PreparedData, samples: pd.DataFrame, builder: PromptBui
         if view == "recent":
             pos = recent_positions(len(hist_items), k_text)
         else:
-            pos = semantic_positions(hist_items, np.array([target]), embeddings, k_text)[0]
+            pos = semantic(hist_items, np.array([target]), embeddings, k_text)
         history = [Behaviour(texts[int(hist_items[p])], float(hist_ratings[p])) for p in pos]
+        if shared:
+            prefix, (suffix,) = builder.encode_shared(profiles[int(user)], history, [texts[int(target)]])
+            out.append(prefix + suffix)
+            continue
         key = (int(user), bool(history))
         if key not in prefixes:
             prefixes[key] = builder.encode_text(builder.prefix_text(profiles[int(user)], bool(history)))
         out.append(prefixes[key] + builder.encode_text(builder.suffix_text(history, texts[int(target)])))
     return out
+
+
+def _target_positions(hist_items: np.ndarray, target: np.ndarray, embeddings: np.ndarray, k: int) -> np.ndarray:
+    """The per-target form's retrieval for one target."""
+    return semantic_positions(hist_items, target, embeddings, k)[0]
 
 
 def mixed_views(n: int, seed: int) -> Sequence[View]:

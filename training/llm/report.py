@@ -2,7 +2,8 @@
 
 Fusion is a logistic regression on (LLM logit, CRM logit) fitted on a validation subset, so
 nothing is tuned on test; its fusion.json says whether a bundle should serve it or the CRM alone
-(``training.llm.fusion_fit.decide``). Writes report.md, report.json, fusion.json and roc.png.
+(``training.llm.fusion_fit.decide``). A trained model is scored in the prompt form and words it
+was trained with (its ``train.json``), the zero-shot LLM in the dataset's per-target form. Writes report.md, report.json, fusion.json and roc.png.
 
 Scoring an LLM model takes tens of minutes on a CPU, so each model's scores are kept under
 ``scores/`` as they finish (NPY, with a JSON record of what produced them: subset, dtype, batch
@@ -55,16 +56,23 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
         scorers["ReLLa-style (shared LoRA)"] = load_trained(rella_dir, base_dir, dtype, k_text)
     if reclora_dir is not None:
         scorers["RecLoRA (personalized LoRA)"] = load_trained(reclora_dir, base_dir, dtype, k_text)
-    prompts = {s: scorers["zero-shot LLM"].prompts(data, df, embeddings, "semantic") for s, df in (("test", test), ("valid", valid))}
+    # Each model is scored in the form (and words) it was trained with; models of one prompt version share prompts.
+    by_version: dict[str, dict[str, list[list[int]]]] = {}
+    for scorer in scorers.values():
+        version = scorer.builder_for(data).config.version
+        if version not in by_version:
+            by_version[version] = {s: scorer.prompts(data, df, embeddings, "semantic") for s, df in (("test", test), ("valid", valid))}
     sources = {"zero-shot LLM": [base_dir], "ReLLa-style (shared LoRA)": [base_dir, rella_dir],
                "RecLoRA (personalized LoRA)": [base_dir, reclora_dir]}
     common = {"n_test": len(test), "n_valid": len(valid), "seed": seed, "k_text": k_text, "dtype": dtype,
               "batch_size": batch_size}
     for name in sorted(scorers, key=lambda n: n == "zero-shot LLM"):  # trained models first
         scorer, record = scorers[name], {**common, "model": name, "files": files_record(sources[name])}
+        prompts = by_version[scorer.builder.config.version]
         sizes = {s: len(prompts[s]) for s in SPLITS}
         probs[name], seconds[name] = kept_scores(
-            out_dir / SCORES_DIR, record, sizes, lambda scorer=scorer: {s: scorer.score(prompts[s], reps[s], batch_size) for s in SPLITS})
+            out_dir / SCORES_DIR, record, sizes,
+            lambda scorer=scorer, prompts=prompts: {s: scorer.score(prompts[s], reps[s], batch_size) for s in SPLITS})
     probs = {"CRM": probs["CRM"], **{name: probs[name] for name in scorers}}  # the table's order
     fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))
     decision = decide(ValidationScores(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"], seed),

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from service.llm.personalized_lora import PersonalizedLoRA, PersonalizedLoRAConfig
+from service.llm.prompt import PROMPT_FORMS
 from service.model.fusion import FUSION_FILE, logit
 from training.crm.train import seed_everything
 from training.data.samples import PreparedData
@@ -65,12 +66,15 @@ class LLMTrainConfig:
     objective: str = "answer"  # or "fused" (see the module docstring)
     packing: bool = True  # padding-free packed micro-batches; False: right-padded rows
     pack_tokens: int = 0  # packed micro-batch token budget; 0: batch_size instances per micro-batch
+    prompt_form: str = "per_target"  # or "shared" (service.llm.prompt); the bundle serves the form trained
 
     def changed_from(self, recorded: dict) -> list[str]:
         """The settings that differ from ``recorded`` (an earlier run's ``asdict`` as JSON); showing
-        progress bars or not is no setting of the run."""
+        progress bars or not is no setting of the run, and a setting the record predates ran at
+        its default."""
+        defaults = asdict(LLMTrainConfig())
         return sorted(k for k, v in asdict(self).items()
-                      if k != "progress" and json.loads(json.dumps(v)) != recorded.get(k))
+                      if k != "progress" and json.loads(json.dumps(v)) != recorded.get(k, defaults[k]))
 
     def check(self) -> None:
         """A clear ValueError for settings the loop cannot run."""
@@ -83,6 +87,8 @@ class LLMTrainConfig:
             raise ValueError(f"pack_tokens must be 0 (batch_size instances) or a token budget, got {self.pack_tokens}")
         if self.pack_tokens and not self.packing:
             raise ValueError("pack_tokens applies to packed micro-batches only (packing is off)")
+        if self.prompt_form not in PROMPT_FORMS:
+            raise ValueError(f"prompt_form must be one of {', '.join(PROMPT_FORMS)}, not {self.prompt_form!r}")
 
     @property
     def fused(self) -> bool:
@@ -183,11 +189,12 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
 
 def build_model(base_dir: Path, data: PreparedData, cfg: LLMTrainConfig) -> RunModel:
     """The base model with a fresh LoRA, worded as the dataset names its items ("movie", "book",
-    ...). Built first after seeding: the LoRA's initial weights follow from the seed."""
+    ...), in the run's prompt form. Built first after seeding: the LoRA's initial weights follow
+    from the seed."""
     lora_cfg = PersonalizedLoRAConfig(**cfg.lora)
     model, tokenizer = load_base(base_dir, cfg.dtype, cfg.device)
     lora = PersonalizedLoRA(model, lora_cfg).to(model.device)
-    return RunModel(LLMScorer(model, tokenizer, lora, cfg.k_text, prompt_config_for(data.meta)), lora)
+    return RunModel(LLMScorer(model, tokenizer, lora, cfg.k_text, prompt_config_for(data.meta, cfg.prompt_form)), lora)
 
 
 def prepare_samples(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, cfg: LLMTrainConfig,
