@@ -82,9 +82,13 @@ def train_lora(data, embeddings: np.ndarray, crm_dir: Path, base_dir: Path, out_
                          valid_samples=8, evals_per_epoch=1, dtype="float32", device="cpu", progress=False,
                          lora=LORA)
     train_llm(data, embeddings, crm_dir, base_dir, out_dir, cfg)
-    # One optimizer step leaves the B banks (zero-initialized) tiny, so every user's adapter would be
-    # nearly the identity. Perturb them, differently per meta-LoRA, so the gate's per-user mixture
-    # changes the LLM's answer visibly: the suite then checks that personalization is really live.
+    perturb_lora_b(out_dir)
+
+
+def perturb_lora_b(out_dir: Path) -> None:
+    """One optimizer step leaves the B banks (zero-initialized) tiny, so every user's adapter would be
+    nearly the identity. Perturb them, differently per meta-LoRA, so the gate's per-user mixture
+    changes the LLM's answer visibly: the suites then check that personalization is really live."""
     weights = load_file(out_dir / "weights.safetensors")
     gen = torch.Generator().manual_seed(1)
     for key, value in weights.items():

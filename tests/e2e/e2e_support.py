@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -109,21 +110,23 @@ def metric_value(text: str, sample_name: str, labels: dict[str, str] | None = No
 class Reference:
     """The LLM's P(Yes) recomputed in float32 without the serving engine."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, bundle_dir: Path | None = None) -> None:
+        """On the world's bundle, or on ``bundle_dir`` (another bundle on the world's base model)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from service.llm.personalized_lora import PersonalizedLoRA
         from service.llm.prompt import PromptBuilder
 
         self.world = world
-        self.model: LoadedModel = load_model(world.bundle_dir)  # this process's own copy of the bundle
+        bundle_dir = bundle_dir or world.bundle_dir
+        self.model: LoadedModel = load_model(bundle_dir)  # this process's own copy of the bundle
         tokenizer = AutoTokenizer.from_pretrained(world.base_dir, local_files_only=True)
         self.builder = PromptBuilder(tokenizer, self.model.prompt)
         self.pad_id = tokenizer.pad_token_id
         self.llm = AutoModelForCausalLM.from_pretrained(world.base_dir, dtype=torch.float32,
                                                         local_files_only=True).eval()
         self.lora = PersonalizedLoRA(self.llm, self.model.lora_config)
-        self.lora.load_trainable_state_dict(load_file(world.bundle_dir / "lora" / "weights.safetensors"))
+        self.lora.load_trainable_state_dict(load_file(bundle_dir / "lora" / "weights.safetensors"))
         self.lora.eval()  # gate dropout off, as when serving
         self.fusion: Fusion | None = self.model.fusion
 
@@ -152,11 +155,11 @@ class Reference:
         return run_crm(self.model, view, self.model.catalog.to_dense(candidates))
 
     def sequences(self, user_id: str, candidates: Sequence[int]) -> tuple[list[int], list[list[int]]]:
-        from service.scoring.stages import build_prompts, retrieve_text_history
+        """(prefix, suffixes) of the user's request, in the bundle's prompt form."""
+        from service.scoring.stages import text_inputs
 
-        view = self.view(user_id)
-        dense = self.model.catalog.to_dense(candidates)
-        return build_prompts(self.builder, self.model, view, dense, retrieve_text_history(self.model, view, dense))
+        prompts = text_inputs(self.builder, self.model, self.view(user_id), self.model.catalog.to_dense(candidates))
+        return prompts.prefix, prompts.suffixes
 
     def llm_scores(self, user_id: str, candidates: Sequence[int], adapter_user: str | None = None) -> np.ndarray:
         """P(Yes) of ``user_id``'s prompts with the adapter of ``adapter_user`` (default: the same user)."""

@@ -1,6 +1,7 @@
 """Few2Many training, prompts and retrieval on a tiny random Llama and synthetic data."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -59,3 +60,27 @@ def test_training_lowers_the_loss_and_saves_a_loadable_adapter(llm_world) -> Non
     assert json.loads((root / "out" / "train.json").read_text())["instances"] == 128  # ReiT: two views each
     scorer = load_trained(root / "out", base, "float32", k_text=3, device="cpu")
     assert scorer.lora is not None and len(scorer.lora.module_names) == 4  # q and v of two layers
+
+
+def test_shared_form_samples_hold_their_target_history_in_the_prefix(llm_world) -> None:
+    """One target is the sample's candidate set: the same history as the per-target form's, with
+    the history closing the prefix and the question alone after it."""
+    _, data, emb, base = llm_world
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    per_target, shared = PromptBuilder(tokenizer), PromptBuilder(tokenizer, PromptConfig(form="shared"))
+    rows = data.split("train").head(6)
+    above = len(tokenizer(" above", add_special_tokens=False)["input_ids"])  # the one word the forms differ by
+    for view in ("semantic", "recent"):
+        for a, b in zip(sample_prompts(data, rows, per_target, emb, 3, view), sample_prompts(data, rows, shared, emb, 3, view)):
+            at = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            assert b[:at] + b[at + above:] == a
+            assert "watched" in tokenizer.decode(b[at - 1 : at])
+
+
+def test_a_run_recorded_before_the_prompt_form_was_per_target() -> None:
+    recorded = json.loads(json.dumps(asdict(LLMTrainConfig())))
+    del recorded["prompt_form"]
+    assert LLMTrainConfig().changed_from(recorded) == []
+    assert LLMTrainConfig(prompt_form="shared").changed_from(recorded) == ["prompt_form"]
+    with pytest.raises(ValueError, match="prompt_form"):
+        LLMTrainConfig(prompt_form="per-candidate").check()

@@ -1,0 +1,130 @@
+"""The shared-history prompt form end to end on the tiny world: ``train-llm --prompt-form shared``
+through the command line, the export carrying the LoRA's form into the bundle, the gateway
+serving it (the history in a prefix run once a request, short suffixes, scores equal to a plain
+float32 forward of each whole prompt), and bundles refusing a LoRA trained on the other form."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from service.bundle import MANIFEST_NAME
+from service.model import load_model
+from service.registry.errors import RefusalReason, ValidationFailed
+from service.registry.validation import load_candidate
+from tests.e2e.e2e_support import LiveServer, Reference, World
+from tests.world_support import LORA, perturb_lora_b
+
+SHARED_VERSION = "e2e-shared-v1"
+CANDIDATES = list(range(3, 80, 4))  # 20 raw item ids
+ATOL = 1e-4  # float32 engine against the float32 whole-prompt forward
+
+
+@pytest.fixture(scope="module")
+def shared_store(world: World, tmp_path_factory) -> Path:
+    """A store with the world's data, CRM and base model and a LoRA trained on the shared form."""
+    from training.cli import app
+    from training.export.crm_bundle import export_crm_bundle
+    from training.llm.fusion_fit import FusionOptions
+
+    root = tmp_path_factory.mktemp("shared-form")
+    args = ["train-llm", "--data", str(world.data_dir), "--base-model", str(world.base_dir), "--out", str(root / "lora"),
+            "--crm", str(world.crm_dir), "--prompt-form", "shared", "--n-samples", "8", "--k-text", "3", "--no-mixed",
+            "--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-3", "--valid-samples", "8",
+            "--evals-per-epoch", "1", "--dtype", "float32", "--n-meta", str(LORA["n_meta"]), "--rank", str(LORA["r"]),
+            "--temperature", str(LORA["temperature"])]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    perturb_lora_b(root / "lora")
+    store = root / "store"
+    export_crm_bundle(world.data_dir, world.crm_dir, store, SHARED_VERSION, description="shared prompt form",
+                      llm_dir=root / "lora", base_model=world.base_dir, llm_report=world.root / "report",
+                      fusion=FusionOptions(samples=100, dtype="float32", serve="fused"))
+    return store
+
+
+@pytest.fixture(scope="module")
+def reference(world: World, shared_store: Path) -> Reference:
+    return Reference(world, shared_store / SHARED_VERSION)
+
+
+@pytest.fixture(scope="module")
+def shared_server(world: World, shared_store: Path) -> Iterator[LiveServer]:
+    server = LiveServer.start(world.settings(model_store=shared_store, active_version=SHARED_VERSION,
+                                             torch_dtype="float32"))
+    yield server
+    server.stop()
+
+
+def with_trained_form(bundle: Path, out: Path, form: str) -> Path:
+    """A copy of ``bundle`` whose manifest says its LoRA was trained on ``form``."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["components"]["llm"]["config"]["prompt_form"] = form
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return out
+
+
+def test_the_trained_form_is_recorded_in_the_run_and_the_bundle(shared_store: Path) -> None:
+    bundle = shared_store / SHARED_VERSION
+    train = json.loads((bundle.parent.parent / "lora" / "train.json").read_text())
+    assert train["config"]["prompt_form"] == "shared" and train["prompt"]["form"] == "shared"
+    assert json.loads((bundle / "prompt" / "config.json").read_text())["version"] == "rella-chat-shared-v1"
+    llm = json.loads((bundle / MANIFEST_NAME).read_text())["components"]["llm"]["config"]
+    assert (llm["prompt_form"], llm["prompt_version"]) == ("shared", "rella-chat-shared-v1")
+    model = load_model(bundle)
+    assert model.prompt.form == model.lora_prompt_form == "shared"
+
+
+def test_a_bundle_refuses_a_lora_trained_on_the_other_form(world: World, shared_store: Path, tmp_path: Path) -> None:
+    for bundle, other in ((world.bundle_dir, "shared"), (shared_store / SHARED_VERSION, "per_target")):
+        with pytest.raises(ValidationFailed) as refused:
+            load_candidate(with_trained_form(bundle, tmp_path / bundle.name, other))
+        assert refused.value.reason is RefusalReason.PROMPT_MISMATCH
+        assert f"trained on the {other!r} prompt form" in str(refused.value)
+
+
+def test_the_gateway_runs_the_shared_prefix_once_and_scores_as_whole_prompts(
+        world: World, reference: Reference, shared_server: LiveServer) -> None:
+    user = world.users[0]
+    prefix, suffixes = reference.sequences(user, CANDIDATES)
+    assert len(suffixes) == len(CANDIDATES) and all(len(s) < len(prefix) for s in suffixes)
+    assert "rated them:\n1." in reference.builder.tokenizer.decode(prefix)  # the history closes the prefix
+    rows: list[list[int]] = []
+    shared_server.app.state.scorer.engine.observe_rows = lambda batch: rows.extend(list(r.tokens) for r in batch)
+    try:
+        with shared_server.client() as http:
+            response = http.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES})
+    finally:
+        shared_server.app.state.scorer.engine.observe_rows = None
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == SHARED_VERSION and body["degraded"] is False
+    assert rows.count(prefix) == 1  # the prefix, history included, ran once for the 20 candidates
+    assert sum(map(len, rows)) <= len(prefix) + sum(map(len, suffixes))  # nothing ran twice
+    served = np.asarray([s["llm_score"] for s in body["scores"]], np.float64)
+    np.testing.assert_allclose(served, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
+
+
+def test_the_scoring_sequence_scores_in_the_bundles_form(world: World, reference: Reference) -> None:
+    """Shadow scoring and the smoke test run ``score_sequence``: the same prompts and scores."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from service.engine.torch_engine import TorchEngine
+    from service.scoring.sequence import score_sequence
+
+    model, builder, user = reference.model, reference.builder, world.users[1]
+    llm = AutoModelForCausalLM.from_pretrained(world.base_dir, dtype=torch.float32, local_files_only=True)
+    engine = TorchEngine(llm, yes_id=builder.yes_id, no_id=builder.no_id,
+                         target_modules=model.lora_config.target_modules)
+    result = score_sequence(model, builder, engine, None, user, reference.view(user),
+                            model.catalog.to_dense(CANDIDATES))
+    assert (result.prompts.prefix, result.prompts.suffixes) == reference.sequences(user, CANDIDATES)
+    np.testing.assert_allclose(result.scored.llm, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
