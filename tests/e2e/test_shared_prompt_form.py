@@ -128,3 +128,19 @@ def test_the_scoring_sequence_scores_in_the_bundles_form(world: World, reference
                             model.catalog.to_dense(CANDIDATES))
     assert (result.prompts.prefix, result.prompts.suffixes) == reference.sequences(user, CANDIDATES)
     np.testing.assert_allclose(result.scored.llm, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
+
+
+def test_the_vllm_engine_sends_the_shared_prefix_as_the_query(world: World, reference: Reference, tmp_path: Path) -> None:
+    """The remote engine takes the same prefix and suffixes: the history once, as the query the
+    server's prefix cache keys on, and each candidate's question as an item."""
+    from service.scoring.stages import build_adapter, run_crm
+    from tests.service.engine.vllm.test_vllm_engine_unit import build
+
+    user = world.users[2]
+    prefix, suffixes = reference.sequences(user, CANDIDATES)
+    model = reference.model
+    crm = run_crm(model, reference.view(user), model.catalog.to_dense(CANDIDATES))
+    engine, (server,) = build(tmp_path)
+    engine.score(build_adapter(model, user, model.mixer.mixtures(crm.user_rep)), prefix, suffixes)
+    (body,) = [body for path, body in server.calls if path == "/generative_scoring" and body]  # not the probe
+    assert body["query"] == prefix and body["items"] == suffixes
