@@ -290,12 +290,19 @@ class PromptBuilder:
         self._cache_lines([*lines, [prefix_text]])
         prefix = list(self._line_cache[prefix_text])
         suffixes = [self._encode_suffix(x) for x in lines]
-        self._encodes += 1
-        if self._encodes % LINE_CACHE_AUDIT_EVERY == 1 and self.encode_text("".join(lines[0])) != suffixes[0]:
-            log.error("cached line tokens differ from whole-text tokens; line cache switched off")
-            self.line_cache_enabled = False
+        if self._cache_disagrees(lines[0], suffixes[0]):
             return prefix, self._encode_whole(lines)
         return prefix, suffixes
+
+    def _cache_disagrees(self, lines: Sequence[str], ids: list[int]) -> bool:
+        """On every ``LINE_CACHE_AUDIT_EVERY``-th request, whether ``ids`` (from cached lines)
+        differ from tokenizing ``lines`` whole; a difference switches the line cache off for good."""
+        self._encodes += 1
+        if self._encodes % LINE_CACHE_AUDIT_EVERY != 1 or self.encode_text("".join(lines)) == ids:
+            return False
+        log.error("cached line tokens differ from whole-text tokens; line cache switched off")
+        self.line_cache_enabled = False
+        return True
 
     def _encode_whole(self, lines: Sequence[Sequence[str]]) -> list[list[int]]:
         """Each suffix tokenized as one text, all in one batched call."""
@@ -317,4 +324,7 @@ class PromptBuilder:
             prefix = self.encode_text(head) + (self.encode_text("".join(lines)) if lines else [])
             return prefix, self._encode_whole(questions)
         self._cache_lines([[head, *lines], *questions])
-        return self._encode_suffix([head, *lines]), [self._encode_suffix(q) for q in questions]
+        history_ids = self._encode_suffix(lines)
+        if lines and self._cache_disagrees(lines, history_ids):
+            return self.encode_shared(profile, history, targets)  # now without the cache
+        return list(self._line_cache[head]) + history_ids, [self._encode_suffix(q) for q in questions]

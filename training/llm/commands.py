@@ -120,6 +120,7 @@ def sweep(
     n_test: Annotated[int, typer.Option(help="test samples the selected run is scored on, once")] = 2000,
     objective: Annotated[str, typer.Option(
         help="train-llm's objective: answer, or fused (runs are then selected on the fused valid AUC)")] = "answer",
+    prompt_form: Annotated[str, typer.Option(help="train-llm's prompt form: per-target or shared")] = "per-target",
     k_text: int = 10, batch_size: int = 8, grad_accum: int = 4, rank: int = 8, evals_per_epoch: int = 2,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
         = "auto",
@@ -138,7 +139,8 @@ def sweep(
     try:
         template = LLMTrainConfig(k_text=k_text, batch_size=batch_size, grad_accum=grad_accum,
                                   valid_samples=valid_samples, evals_per_epoch=evals_per_epoch, dtype=dtype,
-                                  lora=dict(r=rank, lora_alpha=2.0 * rank), objective=objective)
+                                  lora=dict(r=rank, lora_alpha=2.0 * rank), objective=objective,
+                                  prompt_form=prompt_form.replace("-", "_"))
         config = SweepConfig(n_meta=parse_list(n_meta, int, "n-meta"),
                              temperature=parse_list(temperature, float, "temperature"),
                              n_samples=parse_list(n_samples, str, "n-samples"),

@@ -75,3 +75,15 @@ def test_without_a_history_the_prefix_says_so(tokenizer) -> None:
     builder = PromptBuilder(tokenizer, SHARED)
     prefix, suffixes = builder.encode_shared(PROFILE, [], TARGETS[:1])
     assert "not rated any movies yet" in tokenizer.decode(prefix) and len(suffixes) == 1
+
+
+def test_a_cache_that_disagrees_with_whole_texts_is_switched_off(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, SHARED)
+    builder.encode_shared(PROFILE, HISTORY, TARGETS)  # fills the cache (and audits)
+    line = builder.history_lines(HISTORY)[1]
+    builder._line_cache[line] = (0, *builder._line_cache[line])  # a cached line gone wrong
+    builder._encodes = 0  # the next request is audited
+    prefix, _ = builder.encode_shared(PROFILE, HISTORY, TARGETS)
+    assert not builder.line_cache_enabled
+    assert prefix == builder.encode_text(builder.prefix_text(PROFILE)) + builder.encode_text(
+        "".join(builder.history_lines(HISTORY)))
