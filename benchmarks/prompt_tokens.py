@@ -23,7 +23,8 @@ from training.data.samples import PreparedData
 from training.llm.prompts import catalog_texts, prompt_config_for, user_profiles
 
 
-def request(data: PreparedData, user_position: int, n_candidates: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+def request(data: PreparedData, user_position: int,
+            n_candidates: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """(user, history items, ratings, candidates): the user at ``user_position`` among those with
     the longest histories, the candidates their last rated items and then items they never rated."""
     events = data.events.sort_values([c for c in ("user_idx", "timestamp", "order") if c in data.events])
@@ -34,7 +35,8 @@ def request(data: PreparedData, user_position: int, n_candidates: int) -> tuple[
     history, last = mine.iloc[: len(mine) - held_out], mine.iloc[len(mine) - held_out :]
     unseen = np.setdiff1d(data.items["item_idx"].to_numpy(), mine["item_idx"].to_numpy())
     rng = np.random.default_rng(0)
-    candidates = np.concatenate([last["item_idx"].to_numpy(), rng.choice(unseen, n_candidates - held_out, replace=False)])
+    unrated = rng.choice(unseen, n_candidates - held_out, replace=False)
+    candidates = np.concatenate([last["item_idx"].to_numpy(), unrated])
     return user, history["item_idx"].to_numpy(np.int64), history["rating"].to_numpy(np.float32), candidates
 
 
@@ -52,7 +54,7 @@ def main() -> None:
     data = PreparedData.load(args.data)
     embeddings = np.load(args.data / "embeddings.npy", allow_pickle=False)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    texts, profile = catalog_texts(data.items), None
+    texts = catalog_texts(data.items)
     user, items, ratings, candidates = request(data, args.user, args.candidates)
     profile = user_profiles(data.users)[user]
     targets = [texts[int(c)] for c in candidates]
@@ -63,10 +65,10 @@ def main() -> None:
     words = prompt_config_for(data.meta).wording()
     per_target = PromptBuilder(tokenizer, PromptConfig(**words))
     shared = PromptBuilder(tokenizer, PromptConfig(**words, form="shared"))
-    forms = {
-        "per-target": per_target.encode(profile, [behaviours(p) for p in semantic_positions(items, candidates, embeddings, args.k_text)], targets),
-        "shared": shared.encode_shared(profile, behaviours(shared_positions(items, candidates, embeddings, args.k_text)), targets),
-    }
+    own = [behaviours(p) for p in semantic_positions(items, candidates, embeddings, args.k_text)]
+    one = behaviours(shared_positions(items, candidates, embeddings, args.k_text))
+    forms = {"per-target": per_target.encode(profile, own, targets),
+             "shared": shared.encode_shared(profile, one, targets)}
     print(f"user {user}: {len(items)} behaviours in the history, {len(candidates)} candidates, K_text {args.k_text}, "
           f"tokenizer {args.tokenizer.name}")
     print("| form | prefix | suffix mean | suffix max | tokens per request (prefix once + suffixes) |")

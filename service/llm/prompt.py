@@ -220,7 +220,8 @@ class PromptBuilder:
 
     def history_lines(self, history: Sequence[Behaviour]) -> list[str]:
         """The retrieved behaviours as independently tokenized pieces (see ``suffix_lines``)."""
-        return [piece for i, b in enumerate(history, 1) for piece in (f"{i}.", f" {b.item.render()} ({_stars(b.rating)})\n")]
+        return [piece for i, b in enumerate(history, 1)
+                for piece in (f"{i}.", f" {b.item.render()} ({_stars(b.rating)})\n")]
 
     def question(self, target: ItemText) -> str:
         """The question about one candidate, with the turn's end and the assistant header. The

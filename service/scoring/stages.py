@@ -93,7 +93,8 @@ def retrieve_text_history(model: LoadedModel, history: UserHistoryView, candidat
 def retrieve_shared_history(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray) -> list[Behaviour]:
     """The K_text history behaviours most similar to any candidate, in time order (one FAISS
     search): the shared prompt form's one history for the request."""
-    return behaviours(model, history, shared_positions(history.items, candidates, model.catalog.embeddings, model.k_text))
+    positions = shared_positions(history.items, candidates, model.catalog.embeddings, model.k_text)
+    return behaviours(model, history, positions)
 
 
 def behaviours(model: LoadedModel, history: UserHistoryView, positions: np.ndarray) -> list[Behaviour]:
@@ -127,7 +128,8 @@ def text_inputs(builder: PromptBuilder, model: LoadedModel, history: UserHistory
     if builder.config.form == "shared":
         shared = retrieve_shared_history(model, history, candidates)
         retrieved = time.perf_counter()
-        prefix, suffixes = builder.encode_shared(history.profile, shared, [model.catalog.texts[int(c)] for c in candidates])
+        targets = [model.catalog.texts[int(c)] for c in candidates]
+        prefix, suffixes = builder.encode_shared(history.profile, shared, targets)
     else:
         histories = retrieve_text_history(model, history, candidates)
         retrieved = time.perf_counter()

@@ -34,8 +34,9 @@ def shared_store(world: World, tmp_path_factory) -> Path:
     from training.llm.fusion_fit import FusionOptions
 
     root = tmp_path_factory.mktemp("shared-form")
-    args = ["train-llm", "--data", str(world.data_dir), "--base-model", str(world.base_dir), "--out", str(root / "lora"),
-            "--crm", str(world.crm_dir), "--prompt-form", "shared", "--n-samples", "8", "--k-text", "3", "--no-mixed",
+    args = ["train-llm", "--data", str(world.data_dir), "--base-model", str(world.base_dir),
+            "--out", str(root / "lora"), "--crm", str(world.crm_dir), "--prompt-form", "shared",
+            "--n-samples", "8", "--k-text", "3", "--no-mixed",
             "--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-3", "--valid-samples", "8",
             "--evals-per-epoch", "1", "--dtype", "float32", "--n-meta", str(LORA["n_meta"]), "--rank", str(LORA["r"]),
             "--temperature", str(LORA["temperature"])]
@@ -130,7 +131,8 @@ def test_the_scoring_sequence_scores_in_the_bundles_form(world: World, reference
     np.testing.assert_allclose(result.scored.llm, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
 
 
-def test_the_vllm_engine_sends_the_shared_prefix_as_the_query(world: World, reference: Reference, tmp_path: Path) -> None:
+def test_the_vllm_engine_sends_the_shared_prefix_as_the_query(world: World, reference: Reference,
+                                                               tmp_path: Path) -> None:
     """The remote engine takes the same prefix and suffixes: the history once, as the query the
     server's prefix cache keys on, and each candidate's question as an item."""
     from service.scoring.stages import build_adapter, run_crm

@@ -28,9 +28,10 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
     """Write STORE/VERSION with crm/*, items/catalog.parquet, items/embeddings.npy,
     users/profiles.parquet and metrics; with ``llm_dir`` also the personalized-LoRA weights and
     gates (lora/*), the prompt config the LoRA was trained with (its form, per-target or shared,
-    and words, which must name the dataset's items as the dataset does) and fusion.json: measured on validation, it says whether the bundle
-    serves the fused score or the CRM's alone (``training.llm.fusion_fit``; ``llm_report``'s
-    fusion weights win over fitted ones). Returns the published directory."""
+    and words, which must name the dataset's items as the dataset does) and fusion.json: measured
+    on validation in the LoRA's form, it says whether the bundle serves the fused score or the
+    CRM's alone (``training.llm.fusion_fit``; ``llm_report``'s fusion weights win over fitted
+    ones). Returns the published directory."""
     data = PreparedData.load(data_dir)
     embeddings = np.load(data_dir / "embeddings.npy", allow_pickle=False)
     crm_config = json.loads((crm_dir / CRM_FILES["config"]).read_text())

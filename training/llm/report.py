@@ -3,7 +3,8 @@
 Fusion is a logistic regression on (LLM logit, CRM logit) fitted on a validation subset, so
 nothing is tuned on test; its fusion.json says whether a bundle should serve it or the CRM alone
 (``training.llm.fusion_fit.decide``). A trained model is scored in the prompt form and words it
-was trained with (its ``train.json``), the zero-shot LLM in the dataset's per-target form. Writes report.md, report.json, fusion.json and roc.png.
+was trained with (its ``train.json``), the zero-shot LLM in the dataset's per-target form. Writes
+report.md, report.json, fusion.json and roc.png.
 
 Scoring an LLM model takes tens of minutes on a CPU, so each model's scores are kept under
 ``scores/`` as they finish (NPY, with a JSON record of what produced them: subset, dtype, batch
@@ -61,7 +62,8 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
     for scorer in scorers.values():
         version = scorer.builder_for(data).config.version
         if version not in by_version:
-            by_version[version] = {s: scorer.prompts(data, df, embeddings, "semantic") for s, df in (("test", test), ("valid", valid))}
+            by_version[version] = {s: scorer.prompts(data, df, embeddings, "semantic")
+                                   for s, df in (("test", test), ("valid", valid))}
     sources = {"zero-shot LLM": [base_dir], "ReLLa-style (shared LoRA)": [base_dir, rella_dir],
                "RecLoRA (personalized LoRA)": [base_dir, reclora_dir]}
     common = {"n_test": len(test), "n_valid": len(valid), "seed": seed, "k_text": k_text, "dtype": dtype,

@@ -28,7 +28,8 @@ def test_top_k_by_best_similarity_to_any_candidate_in_time_order() -> None:
 
 def test_independent_of_the_candidates_order() -> None:
     candidates = np.array([11, 30, 57, 3, 26])
-    assert np.array_equal(shared_positions(HISTORY, candidates, EMB, 5), shared_positions(HISTORY, candidates[::-1], EMB, 5))
+    assert np.array_equal(shared_positions(HISTORY, candidates, EMB, 5),
+                          shared_positions(HISTORY, candidates[::-1], EMB, 5))
 
 
 def test_one_candidate_is_per_target_retrieval() -> None:

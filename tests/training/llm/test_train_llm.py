@@ -71,7 +71,8 @@ def test_shared_form_samples_hold_their_target_history_in_the_prefix(llm_world) 
     rows = data.split("train").head(6)
     above = len(tokenizer(" above", add_special_tokens=False)["input_ids"])  # the one word the forms differ by
     for view in ("semantic", "recent"):
-        for a, b in zip(sample_prompts(data, rows, per_target, emb, 3, view), sample_prompts(data, rows, shared, emb, 3, view)):
+        for a, b in zip(sample_prompts(data, rows, per_target, emb, 3, view),
+                        sample_prompts(data, rows, shared, emb, 3, view)):
             at = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
             assert b[:at] + b[at + above:] == a
             assert "watched" in tokenizer.decode(b[at - 1 : at])
