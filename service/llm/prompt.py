@@ -67,6 +67,12 @@ class PromptConfig(BaseModel):
         """The plural of the item noun."""
         return self.item_plural or f"{self.item_noun}s"
 
+    def record(self) -> dict[str, str]:
+        """The config as a run and a bundle record it: a per-target one without ``form``, as every
+        config before the shared form, so its file is unchanged and gateways that predate the
+        field read it too."""
+        return self.model_dump(exclude={"form"} if self.form == "per_target" else None)
+
     def wording(self) -> dict[str, str]:
         """Every word the template takes from the config, as the prompt uses it."""
         return {"item_noun": self.item_noun, "item_plural": self.items_noun, "verb_past": self.verb_past,

@@ -80,7 +80,7 @@ def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, repor
         raise BundleError(f"fusion: {exc}") from None
     writer.add_file("lora/config.json", llm_dir / "config.json")
     writer.add_file("lora/weights.safetensors", llm_dir / "weights.safetensors")
-    writer.add_json("prompt/config.json", trained.model_dump())
+    writer.add_json("prompt/config.json", trained.record())
     base_info = {}
     if base_model is not None and (base_model / "reclora_base.json").is_file():
         base_info = json.loads((base_model / "reclora_base.json").read_text())

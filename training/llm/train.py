@@ -351,7 +351,7 @@ def write_outputs(run: Run, state: Progress) -> dict:
     """The finished run's ``config.json`` (the LoRA's) and ``train.json`` (the summary, returned);
     its mid-run state goes, as nothing is left to continue."""
     cfg, lora_cfg, out_dir = run.cfg, run.model.lora.cfg, run.out_dir
-    summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": run.model.scorer.prompt.model_dump(),
+    summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": run.model.scorer.prompt.record(),
                "best_valid_auc": state.best_auc, "history": state.history, "train_seconds": state.seconds,
                "instances": len(run.samples.instances)}
     if cfg.fused:

@@ -43,6 +43,10 @@ def test_per_target_prompt_is_unchanged(tokenizer):
     assert golden_request(PromptBuilder(tokenizer, config)) == (GOLDEN_TEXT, GOLDEN_IDS)
 
 
+def test_a_per_target_config_records_as_before():
+    assert list(PromptConfig().record()) == ["version", "item_noun", "item_plural", "verb_past", "system", "yes", "no"]
+
+
 def test_config_without_a_form_reads_as_per_target(tokenizer):
     config = PromptConfig.model_validate({"version": "rella-chat-v1", "item_noun": "movie"})
     assert golden_request(PromptBuilder(tokenizer, config)) == (GOLDEN_TEXT, GOLDEN_IDS)

@@ -32,7 +32,8 @@ def test_the_version_names_the_form() -> None:
     assert [form_of_version(c.version) for c in (books, shared_books)] == ["per_target", "shared"]
     with pytest.raises(ValueError, match="does not match"):
         PromptConfig.model_validate({"version": PROMPT_VERSION, "form": "shared"})
-    assert PromptConfig.model_validate(SHARED.model_dump()) == SHARED
+    assert PromptConfig.model_validate(SHARED.record()) == SHARED and SHARED.record()["form"] == "shared"
+    assert "form" not in PromptConfig().record()  # a per-target config's file is as before the field
 
 
 def test_a_lora_of_one_form_refuses_the_other() -> None:
