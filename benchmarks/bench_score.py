@@ -14,8 +14,13 @@
     emulated bfloat16 is far slower; the bfloat16 rate is printed too), and the engine's time
     over it. Also peak memory of the gateway and this process.
 
-Run: python benchmarks/bench_score.py --version reclora-ml100k-v1 (histories loaded with
-`reclora load-histories`); it starts its own gateway on --port.
+Every request asks for candidates its user has not been scored for, so the LLM score cache (on by
+default) answers none of them; the gateway and this process read histories with the same
+settings (``RECLORA_REDIS_URL``, ``RECLORA_REDIS_PREFIX``, ... from the environment). Prompt tokens
+per request (shared prefix, all suffixes) are printed with the rest.
+
+Run: python benchmarks/bench_score.py --version reclora-ml100k-v1 [--store DIR] (histories loaded
+with `reclora load-histories`); it starts its own gateway on --port.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from service.history import Event, HistoryStore  # noqa: E402
 from service.llm.precision import resolve_dtype  # noqa: E402
 from service.api.wiring import build_torch_engine  # noqa: E402
 from service.model import load_model  # noqa: E402
-from service.scoring.stages import UserHistoryView, build_adapter, build_prompts, retrieve_text_history, run_crm  # noqa: E402
+from service.scoring.stages import UserHistoryView, build_adapter, run_crm, text_inputs  # noqa: E402
 
 LONG_USER = "bench-long-history"
 
@@ -180,8 +185,15 @@ def main() -> None:
     model = load_model(args.store / args.version)
     items = model.catalog.items["item"].to_numpy()
     asyncio.run(seed_long_user(settings, items, args.long_history, rng))
-    users = [LONG_USER] + [str(u) for u in rng.choice(np.arange(1, 944), size=args.requests - 1, replace=False)]
-    requests = [(u, [int(i) for i in rng.choice(items, size=args.candidates, replace=False)]) for u in users]
+    users = [LONG_USER] + [str(u) for u in rng.choice(np.arange(1, 944), size=args.requests, replace=False)]
+    warm_user, users = users[-1], users[:-1]
+    # Every request asks for candidates its user was never scored for (the long-history user's come
+    # from one permutation of the catalog), so the LLM score cache answers none of them and every
+    # answer runs its LLM stage.
+    fresh = iter(rng.permutation(items))
+    requests = [(u, [int(next(fresh)) if u == LONG_USER else int(i) for i in rng.choice(items, size=args.candidates,
+                                                                                         replace=False)])
+                for u in users]
 
     # (a) end to end over real HTTP
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +201,8 @@ def main() -> None:
     e2e, stages, answers = [], [], []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=120) as client:
-            client.post("/v1/score", json={"user_id": users[1], "candidates": requests[1][1], "deadline_ms": 60000})  # warm-up
+            warm = [int(i) for i in rng.choice(items, size=args.candidates, replace=False)]
+            client.post("/v1/score", json={"user_id": warm_user, "candidates": warm, "deadline_ms": 60000})  # warm-up
             for user, cands in requests:
                 start = time.perf_counter()
                 r = client.post("/v1/score", json={"user_id": user, "candidates": cands, "deadline_ms": 60000})
@@ -200,7 +213,7 @@ def main() -> None:
                 answers.append(body)
             long_overheads = [e2e[0] - stages[0]["llm"]]  # its first request: cold adapter cache
             for _ in range(args.long_repeats):
-                cands = [int(i) for i in rng.choice(items, size=args.candidates, replace=False)]
+                cands = [int(next(fresh)) for _ in range(args.candidates)]
                 start = time.perf_counter()
                 r = client.post("/v1/score", json={"user_id": LONG_USER, "candidates": cands, "deadline_ms": 60000})
                 body = r.json()
@@ -232,7 +245,7 @@ def main() -> None:
     exact_base = None if dtype == torch.float32 else AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
     exact_model, max_diff_exact = None, 0.0
     engine_ms, naive_ms, max_diff, flops, tmp = [], [], 0.0, [], Path(tempfile.mkdtemp())
-    engine_tokens, naive_tokens, counter = [], [], WorkCounter()
+    engine_tokens, naive_tokens, prompt_tokens, counter = [], [], [], WorkCounter()
     kernel, torch_kernels_ms, max_diff_torch_kernels = engine.ragged.kernel, [], 0.0
     scored = {"engine": [], "naive": [], "exact": []}  # per request, for the error distribution
     for k, ((user, cands), stored) in enumerate(zip(requests, histories)):
@@ -240,7 +253,9 @@ def main() -> None:
         dense = model.catalog.to_dense(cands)
         crm = run_crm(model, view, dense)
         adapter: UserAdapter = build_adapter(model, user, model.mixer.mixtures(crm.user_rep))
-        prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
+        prompts = text_inputs(builder, model, view, dense)
+        prefix, suffixes = prompts.prefix, prompts.suffixes
+        prompt_tokens.append((len(prefix), sum(len(s) for s in suffixes)))
         counter.reset()
         engine.observe_rows = counter
         start = time.perf_counter()
@@ -265,7 +280,7 @@ def main() -> None:
         adir = tmp / f"a{k}"
         adir.mkdir()
         save_file(peft_weights(adapter.weights), adir / "adapter_model.safetensors")
-        cfg = json.loads((ROOT / "model_store" / args.version / "lora" / "config.json").read_text())
+        cfg = json.loads((args.store / args.version / "lora" / "config.json").read_text())
         (adir / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
             "lora_dropout": 0.0, "target_modules": cfg["target_modules"], "bias": "none",
@@ -304,6 +319,8 @@ def main() -> None:
                                 "long_history_user_first": long_overheads[0],
                                 "long_history_user_requests": len(long_overheads)},
         "tokens_p50": {"engine": percentile(engine_tokens, 50), "naive_padded": percentile(naive_tokens, 50)},
+        "prompt_tokens_per_request_p50": {"prefix": percentile([p for p, _ in prompt_tokens], 50),
+                                          "suffixes": percentile([s for _, s in prompt_tokens], 50)},
         "engine_ms_p50": percentile(engine_ms, 50), "naive_ms_p50": percentile(naive_ms, 50),
         "native_kernels": kernel is not None,
         "engine_torch_kernels_ms_p50": percentile(torch_kernels_ms, 50) if torch_kernels_ms else None,
