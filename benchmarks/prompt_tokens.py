@@ -47,6 +47,10 @@ def main() -> None:
     parser.add_argument("--user", type=int, default=0, help="rank of the user by history length (0: longest)")
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--k-text", type=int, default=10)
+    parser.add_argument("--engine", type=Path, help=(
+        "a bundle directory with an LLM part: also time the embedded engine (the --tokenizer directory is "
+        "its base model) on both forms' prompts with the user's adapter, in the same run"))
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -76,6 +80,38 @@ def main() -> None:
     for name, (prefix, suffixes) in forms.items():
         lengths = [len(s) for s in suffixes]
         print(f"| {name} | {len(prefix)} | {np.mean(lengths):.1f} | {max(lengths)} | {len(prefix) + sum(lengths)} |")
+    if args.engine is not None:
+        time_engine(args, forms, items, ratings, profile)
+
+
+def time_engine(args, forms: dict, items: np.ndarray, ratings: np.ndarray, profile: dict) -> None:
+    """Median milliseconds of the embedded engine (the gateway's dtype rule, 2 threads) scoring each
+    form's prompts with the user's own adapter; the adapter's weights do not change the work."""
+    import time
+
+    import torch
+
+    from service.api.wiring import build_torch_engine
+    from service.config import Settings
+    from service.model import load_model
+    from service.scoring.stages import UserHistoryView, run_crm, user_adapter
+
+    torch.set_num_threads(2)
+    model = load_model(args.engine)
+    settings = Settings(base_model_dir=args.tokenizer, model_store=args.engine.parent, active_version=args.engine.name)
+    engine, _ = build_torch_engine(settings, model)
+    raw = model.catalog.items.set_index("item_idx")["item"]
+    view = UserHistoryView.from_raw(model, raw.loc[items].to_numpy(np.int64), ratings, profile)
+    adapter = user_adapter(model, "bench", run_crm(model, view, model.catalog.to_dense([])).user_rep, None)
+    print(f"engine ({next(engine.model.parameters()).dtype}), median of {args.repeats} after a warm-up:")
+    for name, (prefix, suffixes) in forms.items():
+        engine.score(adapter, prefix, suffixes)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            engine.score(adapter, prefix, suffixes)
+            times.append((time.perf_counter() - start) * 1000.0)
+        print(f"  {name}: {np.median(times):.0f} ms per request of {len(suffixes)} candidates")
 
 
 if __name__ == "__main__":
