@@ -13,9 +13,9 @@ Per test sample, exactly as the service scores it: the user's history up to that
 training protocol: every earlier interaction of the user, ``PreparedData.history``), read as the
 serving stages read a stored history (``UserHistoryView.from_raw``); the CRM user representation
 and CRM score (``run_crm``); the user's adapter from the gate mixture (``build_adapter``); the
-prompt with the K_text semantically retrieved behaviours of the bundle (``retrieve_text_history``,
-``build_prompts``; the same tokens as ``training.llm.prompts.sample_prompts`` in the "semantic"
-view). The prompt is scored by the TorchEngine (``build_torch_engine``) in float32, so only the
+prompt with the K_text semantically retrieved behaviours of the bundle (``text_inputs``, in the
+bundle's prompt form; per-target: the same tokens as ``training.llm.prompts.sample_prompts`` in the
+"semantic" view). The prompt is scored by the TorchEngine (``build_torch_engine``) in float32, so only the
 head's rounding differs between the two columns. The two label logits are not inverted from the
 returned sigmoid: the final hidden state the engine computed at the answer position is read with a
 forward hook on its decoder and projected onto the engine's own float32 label rows
@@ -64,9 +64,8 @@ from service.model import load_model  # noqa: E402
 from service.scoring.stages import (  # noqa: E402
     UserHistoryView,
     build_adapter,
-    build_prompts,
-    retrieve_text_history,
     run_crm,
+    text_inputs,
 )
 from training.data.samples import PreparedData  # noqa: E402
 
@@ -199,7 +198,8 @@ def main() -> None:
         dense = model.catalog.to_dense([raw_item[int(sample["item_idx"])]])
         crm = run_crm(model, view, dense)
         adapter = build_adapter(model, f"u{int(sample['user_idx'])}", model.mixer.mixtures(crm.user_rep))
-        prefix, suffixes = build_prompts(builder, model, view, dense, retrieve_text_history(model, view, dense))
+        prompts = text_inputs(builder, model, view, dense)
+        prefix, suffixes = prompts.prefix, prompts.suffixes
         logits[i], engine_p[i] = label_logits(engine, hook, adapter, prefix, suffixes[0])
         crm_p[i] = float(crm.scores[0])
         if vllm_engine is not None:

@@ -30,13 +30,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-
 import numpy as np
 from redis.exceptions import RedisError
 
 from service.engine.base import ScoringEngine, UserAdapter
-from service.history import HistoryReader, KnowledgeRecord, UserHistory
 from service.config import RequestSettings
+from service.history import HistoryReader, KnowledgeRecord, UserHistory
 from service.logging import BurstLog
 from service.model import LoadedModel, ModelHolder, ModelSnapshot
 from service.model.fusion import ScoreSource
@@ -237,7 +236,7 @@ class ScoringPipeline:
             self.on_served(snapshot.version, ServedOutcome.ERROR, (time.perf_counter() - start) * 1000.0)
             raise
         self.on_served(result.model_version, ServedOutcome.DEGRADED if result.degraded else ServedOutcome.OK,
-                           result.timings_ms[Stage.TOTAL])
+                       result.timings_ms[Stage.TOTAL])
         if self.served_log is not None:
             at_ms = int(time.time() * 1000)
             self.served_log.offer([ServedScore(request_id, user_id, c.item_id, result.model_version, c.score,

@@ -172,12 +172,10 @@ class Reference:
 
     def prompt_of(self, view, candidate: int) -> list[int]:
         """The full prompt (prefix + suffix ids) the serving stages build for one candidate."""
-        from service.scoring.stages import build_prompts, retrieve_text_history
+        from service.scoring.stages import text_inputs
 
-        dense = self.model.catalog.to_dense([candidate])
-        prefix, suffixes = build_prompts(self.builder, self.model, view, dense,
-                                         retrieve_text_history(self.model, view, dense))
-        return prefix + suffixes[0]
+        prompts = text_inputs(self.builder, self.model, view, self.model.catalog.to_dense([candidate]))
+        return prompts.prefix + prompts.suffixes[0]
 
     def score_prompts(self, prompts: Sequence[Sequence[int]], user_reps: torch.Tensor) -> np.ndarray:
         """Float32 P(Yes) of full prompts, row i with the adapter of user representation ``user_reps[i]``."""

@@ -61,8 +61,7 @@ class Scenario:
         self.builder = PromptBuilder(tokenizer, self.models[VERSION_1].prompt)
 
     def request(self, user: str, version: str = VERSION_1, candidates=None):
-        from service.scoring.stages import (UserHistoryView, build_adapter, build_prompts, retrieve_text_history,
-                                            run_crm)
+        from service.scoring.stages import UserHistoryView, build_adapter, run_crm, text_inputs
 
         model = self.models[version]
         assert not model.catalog.unknown(candidates or CANDIDATES)
@@ -71,8 +70,8 @@ class Scenario:
         dense = model.catalog.to_dense(candidates or CANDIDATES)
         crm = run_crm(model, view, dense)
         adapter = build_adapter(model, user, model.mixer.mixtures(crm.user_rep))
-        prefix, suffixes = build_prompts(self.builder, model, view, dense, retrieve_text_history(model, view, dense))
-        return adapter, prefix, suffixes
+        prompts = text_inputs(self.builder, model, view, dense)
+        return adapter, prompts.prefix, prompts.suffixes
 
 
 CANDIDATES = [3, 11, 19, 27, 35, 42]
