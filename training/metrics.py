@@ -4,6 +4,7 @@ the standard error of an AUC, which says which differences a validation subset c
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
 
@@ -32,3 +33,26 @@ def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
     q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
     var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
     return float(np.sqrt(max(var, 0.0)))
+
+
+def paired_auc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """AUC(b) - AUC(a) of two scorings of the same samples, and its standard error by DeLong,
+    DeLong and Clarke-Pearson (1988): the two AUCs' covariance over the same positives and
+    negatives is taken out, so a small difference between correlated scorers can be told apart
+    where two unpaired errors could not. Written out (Sun and Xu's midrank form) because sklearn
+    and scipy offer no paired AUC test."""
+    y = np.asarray(labels).astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("a paired AUC difference needs both positive and negative labels")
+    scores = np.stack([np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)])
+    pos, neg = scores[:, y], scores[:, ~y]
+    m, n = pos.shape[1], neg.shape[1]
+    tx = np.stack([rankdata(p) for p in pos])
+    ty = np.stack([rankdata(q) for q in neg])
+    tz = np.stack([rankdata(s) for s in np.concatenate([pos, neg], 1)])
+    aucs = (tz[:, :m].sum(1) / m - (m + 1) / 2) / n
+    v01 = (tz[:, :m] - tx) / n  # each positive's share of negatives ranked below it
+    v10 = 1.0 - (tz[:, m:] - ty) / m  # each negative's share of positives ranked above it
+    cov = np.cov(v01) / m + np.cov(v10) / n
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    return float(aucs[1] - aucs[0]), float(np.sqrt(max(var, 0.0)))

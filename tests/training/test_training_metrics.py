@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from training.metrics import auc_standard_error
+from training.metrics import auc_standard_error, paired_auc_difference
 
 
 def bootstrap(shift: float, n_pos: int, n_neg: int) -> tuple[float, float]:
@@ -36,3 +36,32 @@ def test_the_standard_error_shrinks_with_samples_and_needs_both_labels() -> None
     assert auc_standard_error(1.0, 50, 50) == 0.0
     with pytest.raises(ValueError, match="positive and one negative"):
         auc_standard_error(0.7, 0, 10)
+
+
+def _delong_by_definition(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """DeLong's structural components from every (positive, negative) pair, ties counted half."""
+    y = labels.astype(bool)
+
+    def components(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        psi = (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :])
+        return psi.mean(1), psi.mean(0)
+
+    (va, wa), (vb, wb) = components(a), components(b)
+    m, n = y.sum(), (~y).sum()
+    var = (np.var(vb - va, ddof=1) / m) + (np.var(wb - wa, ddof=1) / n)
+    return float(vb.mean() - va.mean()), float(np.sqrt(var))
+
+
+def test_paired_auc_difference_is_delongs() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.55).astype(int)
+    a = np.round(y + rng.normal(0, 1.5, 300), 1)  # rounded: ties within and across the classes
+    b = np.round(a + rng.normal(0, 0.6, 300) + 0.2 * y, 1)
+    diff, se = paired_auc_difference(y, a, b)
+    assert diff == pytest.approx(roc_auc_score(y, b) - roc_auc_score(y, a), abs=1e-12)
+    assert (diff, se) == pytest.approx(_delong_by_definition(y, a, b), rel=1e-9)
+    assert paired_auc_difference(y, a, a) == (0.0, 0.0)
+    correlated = auc_standard_error(roc_auc_score(y, a), int(y.sum()), int(len(y) - y.sum()))
+    assert se < correlated  # pairing removes what the two scorings share
+    with pytest.raises(ValueError):
+        paired_auc_difference(np.ones(5), a[:5], b[:5])

@@ -41,6 +41,9 @@ def train_llm(
     prompt_form: Annotated[str, typer.Option(
         help="per-target (each candidate's own retrieved history in its suffix) or shared (one history for "
              "the candidate set in the prefix, short suffixes); the bundle serves the form trained")] = "per-target",
+    request_size: Annotated[int, typer.Option(
+        help="shared form: train on requests of up to N candidates (a sample and its user's next ones), one "
+             "history retrieved for them all, the prefix computed once (1: each sample alone)")] = 1,
 ) -> None:
     """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM."""
     import numpy as np
@@ -59,7 +62,8 @@ def train_llm(
     cfg = LLMTrainConfig(n_samples=n_samples, k_text=k_text, mixed=mixed, epochs=epochs, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, valid_samples=valid_samples, evals_per_epoch=evals_per_epoch,
                          seed=seed, dtype=dtype, lora=lora, objective=objective, packing=packing,
-                         pack_tokens=pack_tokens, prompt_form=prompt_form.replace("-", "_"))
+                         pack_tokens=pack_tokens, prompt_form=prompt_form.replace("-", "_"),
+                         request_size=request_size)
     try:
         cfg.check()
     except ValueError as exc:
@@ -121,6 +125,7 @@ def sweep(
     objective: Annotated[str, typer.Option(
         help="train-llm's objective: answer, or fused (runs are then selected on the fused valid AUC)")] = "answer",
     prompt_form: Annotated[str, typer.Option(help="train-llm's prompt form: per-target or shared")] = "per-target",
+    request_size: Annotated[int, typer.Option(help="train-llm's --request-size (shared form)")] = 1,
     k_text: int = 10, batch_size: int = 8, grad_accum: int = 4, rank: int = 8, evals_per_epoch: int = 2,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
         = "auto",
@@ -140,7 +145,8 @@ def sweep(
         template = LLMTrainConfig(k_text=k_text, batch_size=batch_size, grad_accum=grad_accum,
                                   valid_samples=valid_samples, evals_per_epoch=evals_per_epoch, dtype=dtype,
                                   lora=dict(r=rank, lora_alpha=2.0 * rank), objective=objective,
-                                  prompt_form=prompt_form.replace("-", "_"))
+                                  prompt_form=prompt_form.replace("-", "_"), request_size=request_size)
+        template.check()
         config = SweepConfig(n_meta=parse_list(n_meta, int, "n-meta"),
                              temperature=parse_list(temperature, float, "temperature"),
                              n_samples=parse_list(n_samples, str, "n-samples"),

@@ -4,11 +4,15 @@ either prompt form (``service.llm.prompt``).
 A sample has one target, so in the shared form its candidate set is that target: semantic
 retrieval then gives exactly the per-target history (``shared_positions`` of one candidate), and
 only the layout differs (the history closes the prefix, the suffix is the question alone).
+Requests of several samples (``training.llm.requests``) are prompted as served
+(``request_prompts``): one prefix and a suffix per candidate, the shared form's history retrieved
+for the request's whole candidate set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -17,6 +21,7 @@ import pandas as pd
 from service.llm.prompt import Behaviour, ItemText, PromptBuilder, PromptConfig, PromptForm
 from service.retrieval.history import recent_positions, semantic_positions, shared_positions
 from training.data.samples import PreparedData
+from training.llm.requests import request_slices
 
 View = Literal["recent", "semantic"]
 
@@ -75,6 +80,45 @@ def sample_prompts(data: PreparedData, samples: pd.DataFrame, builder: PromptBui
         if key not in prefixes:
             prefixes[key] = builder.encode_text(builder.prefix_text(profiles[int(user)], bool(history)))
         out.append(prefixes[key] + builder.encode_text(builder.suffix_text(history, texts[int(target)])))
+    return out
+
+
+@dataclass(frozen=True)
+class RequestPrompt:
+    """One request's token ids: the prefix every candidate reads, and each candidate's suffix."""
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+
+
+def request_prompts(data: PreparedData, rows: pd.DataFrame, builder: PromptBuilder, embeddings: np.ndarray,
+                    k_text: int, view: View) -> list[RequestPrompt]:
+    """Each request of ``rows`` (``training.llm.requests``) as the gateway prompts it, in the
+    builder's form: per-target, each candidate's own history in its suffix; shared, one history
+    retrieved for the request's candidates closing the prefix."""
+    texts, profiles = catalog_texts(data.items), user_profiles(data.users)
+    items = data.events["item_idx"].to_numpy()
+    ratings = data.events["rating"].to_numpy()
+    columns = rows[["user_idx", "item_idx", "hist_end", "hist_len"]].to_numpy()
+    out = []
+    for part in request_slices(rows):
+        user, _, end, n = (int(v) for v in columns[part.start])
+        candidates = columns[part, 1].astype(np.int64)
+        hist_items, hist_ratings = items[end - n : end], ratings[end - n : end]
+
+        def behaviours(positions: np.ndarray) -> list[Behaviour]:
+            return [Behaviour(texts[int(hist_items[p])], float(hist_ratings[p])) for p in positions]
+
+        targets = [texts[int(c)] for c in candidates]
+        if builder.config.form == "shared":
+            pos = (recent_positions(n, k_text) if view == "recent"
+                   else shared_positions(hist_items, candidates, embeddings, k_text))
+            prefix, suffixes = builder.encode_shared(profiles[user], behaviours(pos), targets)
+        else:
+            own = ([recent_positions(n, k_text)] * len(candidates) if view == "recent"
+                   else semantic_positions(hist_items, candidates, embeddings, k_text))
+            prefix, suffixes = builder.encode(profiles[user], [behaviours(p) for p in own], targets)
+        out.append(RequestPrompt(list(prefix), [list(s) for s in suffixes]))
     return out
 
 

@@ -12,6 +12,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from training.llm.packing import pack_requests, packed_answer_hidden, token_budget_groups
+
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, attention mask, index of each sequence's last token)."""
@@ -59,3 +61,26 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], yes_id: int, no_i
     probs = torch.empty(len(sequences))
     probs[torch.as_tensor(order)] = torch.cat(out).cpu() if out else torch.empty(0)
     return probs
+
+
+@torch.no_grad()
+def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], yes_id: int, no_id: int,
+                   token_budget: int = 8192,
+                   rows_context: Callable[[list[int], tuple[int, ...]], AbstractContextManager] | None = None
+                   ) -> torch.Tensor:
+    """P(yes) of every suffix of requests (prefix ids, [suffix ids, ...]), in order: packed rows
+    of whole requests up to ``token_budget`` tokens, each request's prefix computed once and read
+    by its suffixes as the gateway's engine reads its KV cache.
+
+    ``rows_context(requests, segments)`` is entered around each forward, e.g. to install those
+    requests' users on the packed row's segments.
+    """
+    lengths = [len(p) + sum(len(s) for s in suffixes) for p, suffixes in requests]
+    out = []
+    for rows in token_budget_groups(range(len(requests)), lengths, token_budget):
+        batch = pack_requests([(torch.as_tensor(requests[i][0], dtype=torch.long),
+                                [torch.as_tensor(s, dtype=torch.long) for s in requests[i][1]]) for i in rows])
+        batch = batch.to(model.device)
+        with rows_context(rows, batch.lengths) if rows_context else nullcontext():
+            out.append(yes_probability(label_logits(model, packed_answer_hidden(model, batch), [yes_id, no_id])))
+    return torch.cat(out).cpu() if out else torch.empty(0)

@@ -35,6 +35,7 @@ from training.crm.train import seed_everything
 from training.data.samples import PreparedData
 from training.llm.crm_outputs import CRMOutputs, FrozenCRM
 from training.llm.fusion_fit import validation_subset
+from training.llm.requests import anchored_requests, request_slices
 from training.llm.loading import load_base
 from training.llm.offline_scoring import LLMScorer
 from training.llm.prompts import View, prompt_config_for
@@ -67,6 +68,7 @@ class LLMTrainConfig:
     packing: bool = True  # padding-free packed micro-batches; False: right-padded rows
     pack_tokens: int = 0  # packed micro-batch token budget; 0: batch_size instances per micro-batch
     prompt_form: str = "per_target"  # or "shared" (service.llm.prompt); the bundle serves the form trained
+    request_size: int = 1  # shared form: candidates per training request (training.llm.requests); 1: one each
 
     def changed_from(self, recorded: dict) -> list[str]:
         """The settings that differ from ``recorded`` (an earlier run's ``asdict`` as JSON); showing
@@ -89,6 +91,11 @@ class LLMTrainConfig:
             raise ValueError("pack_tokens applies to packed micro-batches only (packing is off)")
         if self.prompt_form not in PROMPT_FORMS:
             raise ValueError(f"prompt_form must be one of {', '.join(PROMPT_FORMS)}, not {self.prompt_form!r}")
+        if self.request_size < 1:
+            raise ValueError(f"request_size must be at least 1, got {self.request_size}")
+        if self.request_size > 1 and (self.prompt_form != "shared" or not self.packing):
+            raise ValueError("requests of several candidates train the shared prompt form, packed "
+                             "(--prompt-form shared, packing on)")
 
     @property
     def fused(self) -> bool:
@@ -126,7 +133,7 @@ class Optimization:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     generator: torch.Generator  # draws each epoch's instance order
-    step_size: int  # instances per optimizer step
+    step_size: int  # units (prompts or requests) per optimizer step
     total_steps: int
     eval_every: int
 
@@ -183,7 +190,7 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     if not finished:
         return {"finished": False, "step": state.step, "total_steps": run.opt.total_steps,
                 "best_valid_auc": state.best_auc, "history": state.history, "train_seconds": state.seconds,
-                "instances": len(samples.instances)}
+                "instances": samples.instances.n_instances}
     return write_outputs(run, state)
 
 
@@ -202,20 +209,29 @@ def prepare_samples(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, c
     """The seeded train and validation draws as the loop reads them: every prompt tokenized once,
     and the CRM checkpoint loaded once, each draw encoded once for its user vectors (and, for the
     fused objective, its probabilities)."""
-    train = data.split("train").sample(n=min(cfg.n_samples, len(data.split("train"))), random_state=cfg.seed)
+    split = data.split("train")
+    grouped = cfg.request_size > 1
+    train = (anchored_requests(split, min(cfg.n_samples, len(split)), cfg.request_size, cfg.seed) if grouped
+             else split.sample(n=min(cfg.n_samples, len(split)), random_state=cfg.seed))
     valid = validation_subset(data, cfg.valid_samples, cfg.seed)
     crm = FrozenCRM.load(crm_dir, data, embeddings)
     train_crm, valid_crm = crm.outputs(train), crm.outputs(valid)
     reads = 4 if cfg.fused else 2  # the draws' user vectors, and with the fused objective their probabilities
     crm.draw_initial_weights(reads - 1)  # the load drew once
     views: list[View] = ["recent", "semantic"] if cfg.mixed else ["semantic"]
-    prompts = [p for view in views for p in scorer.prompts(data, train, embeddings, view)]
     crm_logits = None
     if cfg.fused:
         crm_logits = torch.from_numpy(logit(train_crm.probabilities)).float().repeat(len(views))
-    instances = TrainSet.build(prompts, torch.cat([train_crm.user_reps] * len(views)),
-                               train["label"].tolist() * len(views), scorer.builder.yes_id, scorer.builder.no_id,
-                               scorer.model.device, crm_logits)
+    labels, builder = train["label"].tolist() * len(views), scorer.builder
+    if grouped:  # a request's rows read one history, so one user vector
+        firsts = [part.start for part in request_slices(train)]
+        requests = [r for view in views for r in scorer.request_prompts(data, train, embeddings, view)]
+        instances = TrainSet.build_requests(requests, torch.cat([train_crm.user_reps[firsts]] * len(views)), labels,
+                                            builder.yes_id, builder.no_id, scorer.model.device, crm_logits)
+    else:
+        prompts = [p for view in views for p in scorer.prompts(data, train, embeddings, view)]
+        instances = TrainSet.build(prompts, torch.cat([train_crm.user_reps] * len(views)), labels, builder.yes_id,
+                                   builder.no_id, scorer.model.device, crm_logits)
     return RunSamples(instances, valid, scorer.prompts(data, valid, embeddings, "semantic"), valid_crm)
 
 
@@ -228,7 +244,7 @@ def build_optimization(cfg: LLMTrainConfig, model: RunModel, instances: TrainSet
     if cfg.fused:
         groups.append({"params": list(loss_fn.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step_size = cfg.batch_size * cfg.grad_accum
+    step_size = instances.units_per(cfg.batch_size * cfg.grad_accum)
     steps_per_epoch = math.ceil(len(instances) / step_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
@@ -299,14 +315,14 @@ def train_loop(run: Run, resumed: Progress, order: list[int] | None, stops: Stop
 
 
 def optimizer_step(run: Run, rows: list[int], state: Progress) -> None:
-    """One optimizer step over the instances ``rows``; the epoch's running loss, instances and
-    tokens grow by it."""
+    """One optimizer step over the units ``rows``; the epoch's running loss, instances and tokens
+    grow by it."""
     model, opt = run.model, run.opt
     model.lora.train()
     loss_sum, n_tokens = accumulate_step(model.model, model.lora, opt.loss_fn, run.samples.instances, rows, run.cfg,
                                          model.scorer.pad_id)
     state.running += loss_sum
-    state.seen += len(rows)
+    state.seen += len(run.samples.instances.instances(rows))
     state.tokens += n_tokens
     opt.optimizer.step()
     opt.schedule.step()
@@ -353,7 +369,7 @@ def write_outputs(run: Run, state: Progress) -> dict:
     cfg, lora_cfg, out_dir = run.cfg, run.model.lora.cfg, run.out_dir
     summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": run.model.scorer.prompt.record(),
                "best_valid_auc": state.best_auc, "history": state.history, "train_seconds": state.seconds,
-               "instances": len(run.samples.instances)}
+               "instances": run.samples.instances.n_instances}
     if cfg.fused:
         summary.update(objective="fused", fusion=state.best_fusion)
     (out_dir / "config.json").write_text(lora_cfg.model_dump_json(indent=2))

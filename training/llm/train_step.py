@@ -4,6 +4,11 @@ Micro-batches are packed by default (``training.llm.packing``: one padding-free 
 micro-batch, attention kept within each instance); ``packing=False`` runs right-padded rows
 instead. A step covers ``batch_size * grad_accum`` instances either way; ``pack_tokens`` only
 changes how a step's instances are split into forwards.
+
+The unit a run shuffles and batches is a prompt, or a request (``TrainSet.build_requests``): one
+prefix and several candidates' suffixes, each candidate an instance with its own label, the
+prefix computed once for all of them. Steps and micro-batches then hold whole requests
+(``UnitBatching``); the loss is still the mean over a step's instances.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import torch
 
 from service.llm.personalized_lora import PersonalizedLoRA
 from service.model.fusion import Fusion
-from training.llm.packing import pack, packed_answer_hidden, token_budget_groups
+from training.llm.packing import PackedBatch, pack, pack_requests, packed_answer_hidden, token_budget_groups
+from training.llm.prompts import RequestPrompt
 from training.llm.scoring import answer_hidden, label_logits, pad_right
 
 
@@ -29,30 +35,89 @@ class Batching(Protocol):
     batch_size: int
 
 
+@dataclass(frozen=True)
+class UnitBatching:
+    """``Batching`` in units (prompts or requests) rather than instances."""
+
+    packing: bool
+    pack_tokens: int
+    batch_size: int
+
+
 @dataclass
 class TrainSet:
-    """Training instances, tokenized once per run, with what the objectives need of each."""
+    """Training units (prompts, or requests of several candidates), tokenized once per run, with
+    what the objectives need of each instance. Indexing is by unit; ``instances(units)`` gives
+    their instances in order."""
 
-    tokens: list[torch.Tensor]  # (L_i,) token ids of each prompt, on the model's device
-    reps: torch.Tensor  # (N, user_dim) frozen CRM user vectors
-    labels: torch.Tensor  # (N,) 1.0 / 0.0
+    tokens: list[torch.Tensor]  # (L_i,) token ids of each unit (a request's prefix, then its suffixes), on the device
+    reps: torch.Tensor  # (units, user_dim) frozen CRM user vectors
+    labels: torch.Tensor  # (N,) 1.0 / 0.0, per instance
     answers: torch.Tensor  # (N,) the answer token: yes_id or no_id
     crm_logits: torch.Tensor | None = None  # (N,) the frozen CRM's logits (fused objective)
+    suffixes: list[tuple[int, ...]] | None = None  # per unit, its suffixes' token counts (requests only)
+    starts: list[int] | None = None  # per unit, its first instance (requests only)
 
     @classmethod
     def build(cls, prompts: Sequence[Sequence[int]], reps: torch.Tensor, labels: Sequence[int], yes_id: int,
               no_id: int, device: torch.device, crm_logits: torch.Tensor | None = None) -> "TrainSet":
+        """One unit per prompt, each one instance."""
         y = torch.as_tensor(np.asarray(labels, dtype=np.float32), device=device)
         return cls(tokens=[torch.as_tensor(p, dtype=torch.long, device=device) for p in prompts], reps=reps.to(device),
                    labels=y, answers=torch.where(y > 0, yes_id, no_id).long(),
                    crm_logits=None if crm_logits is None else crm_logits.to(device))
 
+    @classmethod
+    def build_requests(cls, requests: Sequence[RequestPrompt], reps: torch.Tensor, labels: Sequence[int],
+                       yes_id: int, no_id: int, device: torch.device,
+                       crm_logits: torch.Tensor | None = None) -> "TrainSet":
+        """One unit per request (``reps`` one row each), an instance per suffix (``labels`` and
+        ``crm_logits`` in the requests' suffix order)."""
+        units = cls.build([r.prefix + [t for s in r.suffixes for t in s] for r in requests], reps, labels, yes_id,
+                          no_id, device, crm_logits)
+        units.suffixes = [tuple(len(s) for s in r.suffixes) for r in requests]
+        counts = [len(s) for s in units.suffixes]
+        if sum(counts) != len(units.labels):
+            raise ValueError(f"{sum(counts)} suffixes but {len(units.labels)} labels")
+        units.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        return units
+
     def __len__(self) -> int:
         return len(self.tokens)
 
     @property
+    def n_instances(self) -> int:
+        return len(self.labels)
+
+    @property
     def lengths(self) -> list[int]:
         return [int(t.numel()) for t in self.tokens]
+
+    def instances(self, units: Sequence[int]) -> list[int]:
+        """The instances of ``units``, in order."""
+        if self.suffixes is None:
+            return list(units)
+        return [i for u in units for i in range(self.starts[u], self.starts[u] + len(self.suffixes[u]))]
+
+    def packed(self, units: Sequence[int]) -> PackedBatch:
+        """The units as one packed row."""
+        if self.suffixes is None:
+            return pack([self.tokens[i] for i in units])
+        requests = []
+        for u in units:
+            prefix, rest = self.tokens[u].split([self.tokens[u].numel() - sum(self.suffixes[u]), sum(self.suffixes[u])])
+            requests.append((prefix, list(rest.split(list(self.suffixes[u])))))
+        return pack_requests(requests)
+
+    def batching(self, cfg: "Batching") -> "Batching":
+        """``cfg`` in units: a request counts as its share of instances, so a micro-batch (and a
+        step, ``units_per``) holds about as many instances as with single prompts."""
+        return cfg if self.suffixes is None else UnitBatching(cfg.packing, cfg.pack_tokens,
+                                                             self.units_per(cfg.batch_size))
+
+    def units_per(self, instances: int) -> int:
+        """Whole units holding about ``instances`` instances (at least one)."""
+        return instances if self.suffixes is None else max(1, round(instances * len(self) / self.n_instances))
 
 
 class AnswerLoss(torch.nn.Module):
@@ -100,12 +165,14 @@ def micro_batches(rows: Sequence[int], lengths: Sequence[int], cfg: Batching) ->
 
 def micro_batch_hidden(model, lora: PersonalizedLoRA, data: TrainSet, micro: list[int], packing: bool,
                        pad_id: int) -> torch.Tensor:
-    """(len(micro), hidden) answer-position hidden states, each instance with its own user."""
+    """(instances of micro, hidden) answer-position hidden states, each unit with its own user."""
     rows = torch.as_tensor(micro, device=data.reps.device)
     if packing:
-        batch = pack([data.tokens[i] for i in micro])
+        batch = data.packed(micro)
         with lora.user(data.reps[rows], segments=batch.lengths):
             return packed_answer_hidden(model, batch)
+    if data.suffixes is not None:
+        raise ValueError("requests of several candidates train packed only")
     ids, mask, last = (t.to(model.device) for t in pad_right([data.tokens[i] for i in micro], pad_id))
     with lora.user(data.reps[rows]):
         return answer_hidden(model, ids, mask, last)
@@ -113,14 +180,16 @@ def micro_batch_hidden(model, lora: PersonalizedLoRA, data: TrainSet, micro: lis
 
 def accumulate_step(model, lora: PersonalizedLoRA, loss_fn: torch.nn.Module, data: TrainSet, rows: Sequence[int],
                     cfg: Batching, pad_id: int) -> tuple[float, int]:
-    """Forward and backward of one optimizer step's instances (gradients accumulate, the loss is
-    their mean); returns (summed instance loss, tokens)."""
+    """Forward and backward of one optimizer step's units (gradients accumulate, the loss is the
+    mean over their instances); returns (summed instance loss, tokens)."""
     total, tokens = 0.0, 0
     lengths = data.lengths
-    for micro in micro_batches(list(rows), lengths, cfg):
+    n_instances = len(data.instances(rows))
+    for micro in micro_batches(list(rows), lengths, data.batching(cfg)):
         hidden = micro_batch_hidden(model, lora, data, micro, cfg.packing, pad_id)
-        loss = loss_fn(hidden, data, torch.as_tensor(micro, device=hidden.device)) * len(micro) / len(rows)
+        instances = data.instances(micro)
+        loss = loss_fn(hidden, data, torch.as_tensor(instances, device=hidden.device)) * len(instances) / n_instances
         loss.backward()
-        total += float(loss.detach()) * len(rows)
+        total += float(loss.detach()) * n_instances
         tokens += sum(lengths[i] for i in micro)
     return total, tokens

@@ -1,4 +1,5 @@
-"""``reclora sample-efficiency``: the Laser study of models trained on shares of the training data."""
+"""Study commands: `reclora sample-efficiency` (the Laser study of models trained on shares of the
+training data) and `reclora prompt-forms` (trained LoRAs of either prompt form judged on requests)."""
 
 from __future__ import annotations
 
@@ -116,7 +117,49 @@ def sample_efficiency(
     typer.echo((out / MARKDOWN_FILE).read_text())
 
 
+def prompt_forms(
+    data: Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")],
+    base_model: Annotated[Path, typer.Option(help="base LLM directory the LoRAs were trained on")],
+    lora: Annotated[list[str], typer.Option(
+        help="NAME=DIR of a trained LoRA (train-llm --out), repeated; the first is the one the others are "
+             "compared with")],
+    out: Annotated[Path, typer.Option(help="study directory: prompt_forms.{json,md}, scores/")],
+    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
+    valid_samples: Annotated[int, typer.Option(help="seeded validation draw (as llm-report and the sweep)")] = 2000,
+    n_test: Annotated[int, typer.Option(help="seeded test subset (as llm-report)")] = 2000,
+    request_size: Annotated[int, typer.Option(help="candidates per request at most (a user's rows in time order)")]
+        = 20,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
+        = "auto",
+    seed: int = 0, k_text: int = 10, threads: Optional[int] = None,
+) -> None:
+    """Judge trained LoRAs of either prompt form on the same requests, as served: AUCs alone and
+    fused, paired differences with standard errors, tokens and milliseconds per request."""
+    import torch
+
+    from training.studies.prompt_forms import FormsConfig, run_prompt_forms
+
+    loras: dict[str, Path] = {}
+    for item in lora:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            fail(f"--lora takes NAME=DIR, got {item!r}")
+        if not (Path(directory) / "config.json").is_file():
+            fail(f"--lora {name}: {directory} holds no trained LoRA (config.json)")
+        loras[name] = Path(directory)
+    if request_size < 1 or valid_samples < 10 or n_test < 10:
+        fail("--request-size must be at least 1, --valid-samples and --n-test at least 10")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = FormsConfig(valid_samples=valid_samples, n_test=n_test, request_size=request_size, seed=seed, dtype=dtype,
+                      k_text=k_text)
+    with timed("prompt-forms"):
+        run_prompt_forms(data, crm or data / "crm", base_model, loras, out, cfg, echo=typer.echo)
+    typer.echo((out / "prompt_forms.md").read_text())
+
+
 COMMANDS = {
+    "prompt-forms": prompt_forms,
     "sample-efficiency": sample_efficiency,
 }
 

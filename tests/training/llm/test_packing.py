@@ -1,5 +1,6 @@
 """Packed training batches on a tiny random Llama (float32): the same loss and gradients as padded
-rows, and no instance ever sees another's tokens."""
+rows, and no instance ever sees another's tokens; a request (one prefix, several suffixes) the same
+as its candidates' whole prompts, with the prefix in the row once."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ import torch
 from service.llm.personalized_lora import PersonalizedLoRA, PersonalizedLoRAConfig
 from tests.tiny_llama import build_tiny_llama
 from training.llm.loading import load_base
-from training.llm.packing import pack, packed_answer_hidden, token_budget_groups
+from training.llm.packing import pack, pack_requests, packed_answer_hidden, token_budget_groups
+from training.llm.prompts import RequestPrompt
 from training.llm.scoring import answer_hidden, pad_right
 from training.llm.train import LLMTrainConfig
 from training.llm.train_step import AnswerLoss, FusedLoss, TrainSet, accumulate_step
@@ -135,6 +137,77 @@ def test_packed_lora_needs_one_row_of_the_segments(base) -> None:
 
 
 def test_training_config_refuses_what_the_loop_cannot_run() -> None:
-    for bad in (dict(objective="margin"), dict(pack_tokens=-1), dict(batch_size=0), dict(packing=False, pack_tokens=512)):
+    for bad in (dict(objective="margin"), dict(pack_tokens=-1), dict(batch_size=0), dict(packing=False, pack_tokens=512),
+                dict(request_size=0), dict(request_size=4), dict(request_size=4, prompt_form="shared", packing=False)):
         with pytest.raises(ValueError):
             LLMTrainConfig(**bad).check()
+
+
+def requests(n: int = 5, seed: int = 4) -> list[RequestPrompt]:
+    """Requests of 1 to 4 candidates: a prefix of 10-30 tokens, suffixes of 3-12."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        return torch.randint(10, 200, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    return [RequestPrompt(ids(10, 30), [ids(3, 12) for _ in range(int(torch.randint(1, 5, (1,), generator=g)))])
+            for _ in range(n)]
+
+
+def test_pack_requests_lays_out_prefix_once_and_suffixes_after_it() -> None:
+    batch = pack_requests([(torch.tensor([5, 6, 7]), [torch.tensor([8, 9]), torch.tensor([10])]),
+                           (torch.tensor([11]), [torch.tensor([12, 13])])])
+    assert batch.ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    assert batch.positions.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2]]  # each suffix continues the prefix
+    assert batch.lengths == (6, 3) and batch.last.tolist() == [4, 5, 8]
+    assert batch.trees == ((3, (2, 1)), None)  # one suffix: a plain causal sequence
+    with pytest.raises(ValueError):
+        pack_requests([(torch.tensor([1]), [])])
+
+
+def test_a_request_scores_and_trains_as_its_candidates_whole_prompts(base) -> None:
+    reqs = requests()
+    whole = [r.prefix + s for r in reqs for s in r.suffixes]
+    per_request = torch.randn(len(reqs), USER_DIM, generator=torch.Generator().manual_seed(5))
+    reps = torch.cat([per_request[i : i + 1].expand(len(r.suffixes), -1) for i, r in enumerate(reqs)])
+    labels = [i % 2 for i in range(len(whole))]
+    logits = torch.randn(len(whole), generator=torch.Generator().manual_seed(6))
+
+    def one_step(data: TrainSet, rows: list[int], objective: str) -> tuple[float, dict[str, torch.Tensor]]:
+        model, lora = trained_lora(base)
+        loss_fn = FusedLoss(model, YES, NO) if objective == "fused" else AnswerLoss(model)
+        lora.train(False)  # no dropout: the two layouts would draw different masks
+        total, _ = accumulate_step(model, lora, loss_fn, data, rows, LLMTrainConfig(batch_size=3), PAD)
+        return total, {n: p.grad for n, p in [*lora.named_parameters(), *loss_fn.named_parameters()]
+                       if p.grad is not None}
+
+    for objective in ("answer", "fused"):
+        grouped = TrainSet.build_requests(reqs, per_request, labels, YES, NO, torch.device("cpu"), logits)
+        assert len(grouped) == len(reqs) and grouped.n_instances == len(whole)
+        assert grouped.lengths == [len(r.prefix) + sum(map(len, r.suffixes)) for r in reqs]
+        flat = TrainSet.build(whole, reps, labels, YES, NO, torch.device("cpu"), logits)
+        total, grads = one_step(grouped, list(range(len(reqs))), objective)
+        expected, expected_grads = one_step(flat, list(range(len(whole))), objective)
+        assert total == pytest.approx(expected, rel=1e-5)
+        assert set(grads) == set(expected_grads)
+        for name, grad in expected_grads.items():
+            close(grads[name], grad, name)
+    with pytest.raises(ValueError, match="suffixes"):
+        TrainSet.build_requests(reqs, per_request, labels[:-1], YES, NO, torch.device("cpu"))
+
+
+def test_a_suffix_never_sees_another_suffix(base) -> None:
+    model, lora = trained_lora(base)
+    prefix, suffixes = torch.arange(10, 30), [torch.arange(40, 48), torch.arange(50, 55), torch.arange(60, 70)]
+    rep = torch.randn(1, USER_DIM, generator=torch.Generator().manual_seed(8))
+
+    def hidden(parts: list[torch.Tensor]) -> torch.Tensor:
+        batch = pack_requests([(prefix, parts)])
+        with torch.no_grad(), lora.user(rep, segments=batch.lengths):
+            return packed_answer_hidden(model, batch)
+
+    packed = hidden(suffixes)
+    changed = hidden([suffixes[0], torch.arange(100, 112), suffixes[2]])  # the middle suffix rewritten, longer
+    torch.testing.assert_close(changed[0], packed[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(changed[2], packed[2], rtol=0, atol=1e-6)
+    assert not torch.allclose(changed[1], packed[1])

@@ -8,10 +8,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.llm.prompt import AnswerTokenError, PromptBuilder, PromptConfig
-from service.retrieval.history import semantic_positions
+from service.llm.prompt import Behaviour
+from service.retrieval.history import semantic_positions, shared_positions
 from training.llm.loading import load_trained
-from training.llm.prompts import sample_prompts
+from training.llm.prompts import catalog_texts, request_prompts, sample_prompts, user_profiles
+from training.llm.requests import request_slices, user_requests
 from training.llm.train import LLMTrainConfig, train_llm
+from training.studies.prompt_forms import FormsConfig, judge_forms
 
 
 def test_answer_tokens_are_single_and_distinct(llm_world) -> None:
@@ -85,3 +88,67 @@ def test_a_run_recorded_before_the_prompt_form_was_per_target() -> None:
     assert LLMTrainConfig(prompt_form="shared").changed_from(recorded) == ["prompt_form"]
     with pytest.raises(ValueError, match="prompt_form"):
         LLMTrainConfig(prompt_form="per-candidate").check()
+
+
+def test_requests_are_prompted_as_the_gateway_prompts_them(llm_world) -> None:
+    """Shared form: one history retrieved for the request's candidates closes the prefix; per-target:
+    each candidate's own history in its suffix, the profile prefix once."""
+    _, data, emb, base = llm_world
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = user_requests(data.split("valid").head(40), 4)
+    texts, profiles = catalog_texts(data.items), user_profiles(data.users)
+    items, ratings = data.events["item_idx"].to_numpy(), data.events["rating"].to_numpy()
+    for form in ("shared", "per_target"):
+        builder = PromptBuilder(tokenizer, PromptConfig(form=form))
+        prompts = request_prompts(data, rows, builder, emb, 3, "semantic")
+        assert len(prompts) == rows["request"].nunique()
+        for part, prompt in zip(request_slices(rows), prompts):
+            request = rows.iloc[part]
+            end, n = int(request["hist_end"].iloc[0]), int(request["hist_len"].iloc[0])
+            hist_items, hist_ratings = items[end - n : end], ratings[end - n : end]
+            candidates = request["item_idx"].to_numpy()
+            targets = [texts[int(c)] for c in candidates]
+            profile = profiles[int(request["user_idx"].iloc[0])]
+
+            def behaviours(positions) -> list[Behaviour]:
+                return [Behaviour(texts[int(hist_items[p])], float(hist_ratings[p])) for p in positions]
+
+            if form == "shared":
+                expected = builder.encode_shared(profile, behaviours(shared_positions(hist_items, candidates, emb, 3)),
+                                                 targets)
+            else:
+                expected = builder.encode(profile, [behaviours(p) for p in semantic_positions(
+                    hist_items, candidates, emb, 3)], targets)
+            assert (prompt.prefix, prompt.suffixes) == (list(expected[0]), [list(s) for s in expected[1]])
+
+
+def test_shared_form_trains_on_requests_and_is_judged_against_per_target(llm_world) -> None:
+    """``--request-size``: requests of a user's next samples, the prefix once each; the prompt-forms
+    study scores both forms on the same requests with paired differences."""
+    root, data, emb, base = llm_world
+    common = dict(n_samples=48, k_text=3, epochs=1, batch_size=8, grad_accum=1, lr=5e-3, valid_samples=24,
+                  evals_per_epoch=1, dtype="float32", device="cpu", progress=False,
+                  lora=dict(n_meta=2, user_dim=64, r=4, lora_alpha=8))
+    grouped = train_llm(data, emb, root / "crm", base, root / "requests",
+                        LLMTrainConfig(**common, prompt_form="shared", request_size=6))
+    train_llm(data, emb, root / "crm", base, root / "targets", LLMTrainConfig(**common))
+    assert grouped["instances"] == 96  # 48 samples in requests, two views each
+    recorded = json.loads((root / "requests" / "train.json").read_text())
+    assert recorded["config"]["request_size"] == 6 and recorded["prompt"]["form"] == "shared"
+    cfg = FormsConfig(valid_samples=60, n_test=60, request_size=5, dtype="float32", k_text=3)
+    loras = {"per-target": root / "targets", "shared": root / "requests"}
+    result = judge_forms(data, emb, root / "crm", base, loras, root / "forms", cfg, echo=lambda _: None)
+    assert [r["form"] for r in result["rows"]] == ["per_target", "shared"]
+    assert result["rows_per_split"] == {"valid": 60, "test": 60}
+    assert result["requests"]["valid"] < 60  # candidates of one user share requests
+    first, second = result["rows"]
+    assert "valid_diff" not in first and second["valid_diff"] == pytest.approx(second["valid_auc"] - first["valid_auc"])
+    assert second["valid_diff_se"] > 0 and second["test_fused_diff_se"] > 0
+    assert second["tokens_per_request"] < first["tokens_per_request"]  # the history once, not per candidate
+    assert second["request_size"] == 6 and first["request_size"] == 1
+    table = (root / "forms" / "prompt_forms.md").read_text()
+    assert "| shared | shared | 6 |" in table
+    kept = sorted(p.name for p in (root / "forms" / "scores").iterdir())
+    assert len(kept) == 6  # per LoRA: its record and each split's scores
+    again = judge_forms(data, emb, root / "crm", base, loras, root / "forms", cfg, echo=lambda _: None)
+    assert again["rows"] == result["rows"]  # read back, not scored again
