@@ -15,7 +15,14 @@ In one run, on the same instances (prompts of a prepared dataset, both ReiT view
 (d) float32 loss curves of both loops over the first --steps optimizer steps on the same data
     order, from the same initial LoRA, side by side with the largest absolute difference.
 
+With ``--forms R``, instead: training seconds per instance of the two prompt forms on the same
+samples, taking turns request by request: the per-target form's prompts (each sample its own
+history, packed by --batch-size) against the shared form's requests of up to R samples (one
+history for the request, the prefix once; ``train-llm --prompt-form shared --request-size R``),
+with tokens per instance, in --dtype.
+
 Run: python benchmarks/bench_train.py --data work/ml-100k --instances 64 --steps 50
+     python benchmarks/bench_train.py --data work/ml-100k --instances 160 --forms 20
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from training.llm.crm_outputs import user_representations  # noqa: E402
 from training.llm.loading import load_base  # noqa: E402
 from training.llm.offline_scoring import LLMScorer  # noqa: E402
 from training.llm.prompts import prompt_config_for  # noqa: E402
+from training.llm.requests import anchored_requests, request_slices  # noqa: E402
 from training.llm.train import LLMTrainConfig  # noqa: E402
 from training.llm.train_step import AnswerLoss, TrainSet, accumulate_step  # noqa: E402
 
@@ -191,6 +199,53 @@ def speed(args, dtype: str) -> None:
     _trim()
 
 
+def forms_speed(args, dtype: str) -> None:
+    """Seconds per training instance of the per-target prompts and the shared form's requests,
+    on the same samples, request by request in turns."""
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_base(args.base_model, dtype, "cpu")
+    lora_cfg = PersonalizedLoRAConfig(n_meta=args.n_meta, r=8, lora_alpha=16.0)
+    lora = PersonalizedLoRA(model, lora_cfg)
+    data = PreparedData.load(args.data)
+    embeddings = np.load(args.data / "embeddings.npy", allow_pickle=False)
+    rows = anchored_requests(data.split("train"), args.instances, args.forms, args.seed)
+    parts = request_slices(rows)
+    reps = torch.randn(len(parts), lora_cfg.user_dim, generator=torch.Generator().manual_seed(args.seed))
+    labels = rows["label"].tolist()
+    builders = {form: LLMScorer(model, tokenizer, None, args.k_text, prompt_config_for(data.meta, form))
+                for form in ("per_target", "shared")}
+    per_target = TrainSet.build(builders["per_target"].prompts(data, rows, embeddings, "semantic"),
+                                torch.cat([reps[i : i + 1].expand(p.stop - p.start, -1) for i, p in enumerate(parts)]),
+                                labels, 1, 2, model.device)
+    shared = TrainSet.build_requests(builders["shared"].request_prompts(data, rows, embeddings, "semantic"), reps,
+                                     labels, 1, 2, model.device)
+    loss_fn = AnswerLoss(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cfg = LLMTrainConfig(batch_size=args.batch_size, grad_accum=1, packing=True)
+    took = {"per-target": [], "shared": []}
+    lora.train()
+    for i, part in enumerate([parts[0]] + parts):  # the first request warms both up
+        work = {"per-target": (per_target, list(range(part.start, part.stop))),
+                "shared": (shared, [i - 1 if i else 0])}
+        for name in (work if i % 2 else reversed(list(work))):
+            units, chosen = work[name]
+            start = time.perf_counter()
+            accumulate_step(model, lora, loss_fn, units, chosen, cfg, pad_id)
+            lora.zero_grad(set_to_none=True)
+            if i > 0:
+                took[name].append(time.perf_counter() - start)
+    n = len(rows)
+    tokens = {"per-target": sum(per_target.lengths) / n, "shared": sum(shared.lengths) / n}
+    print(f"forms: {n} samples in {len(parts)} requests of up to {args.forms} (one view), {model.dtype}, "
+          f"{torch.get_num_threads()} threads; forward and backward, the same samples in turns")
+    print(f"{'form':<11} {'tokens/inst':>11} {'s/inst':>8} {'inst/s':>8}")
+    for name in took:
+        per = sum(took[name]) / n
+        print(f"{name:<11} {tokens[name]:>11.0f} {per:>8.3f} {1 / per:>8.2f}")
+    print(f"shared / per-target speed: {sum(took['per-target']) / sum(took['shared']):.2f}x "
+          f"(tokens {tokens['per-target'] / tokens['shared']:.2f}x fewer)")
+
+
 def loss_curves(args) -> None:
     """Both loops in float32 from the same LoRA, RNG state and data order: their per-step losses."""
     torch.manual_seed(args.seed)
@@ -239,6 +294,8 @@ def main() -> None:
     parser.add_argument("--n-meta", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--forms", type=int, default=0, metavar="R",
+                        help="time the two prompt forms instead, the shared one in requests of up to R samples")
     args = parser.parse_args()
     if args.instances < args.batch_size or args.batch_size < 1 or args.steps < 0 or args.curve_batch < 1:
         parser.error("need --instances >= --batch-size >= 1, --steps >= 0 and --curve-batch >= 1")
@@ -246,6 +303,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = str(resolve_dtype(args.dtype, "cpu")).removeprefix("torch.")
     start = time.perf_counter()
+    if args.forms:
+        forms_speed(args, dtype)
+        print(f"total {time.perf_counter() - start:.0f} s wall time")
+        return
     speed(args, dtype)
     if args.steps:
         loss_curves(args)

@@ -137,8 +137,8 @@ def test_packed_lora_needs_one_row_of_the_segments(base) -> None:
 
 
 def test_training_config_refuses_what_the_loop_cannot_run() -> None:
-    for bad in (dict(objective="margin"), dict(pack_tokens=-1), dict(batch_size=0), dict(packing=False, pack_tokens=512),
-                dict(request_size=0), dict(request_size=4), dict(request_size=4, prompt_form="shared", packing=False)):
+    for bad in (dict(objective="margin"), dict(pack_tokens=-1), dict(batch_size=0),
+                dict(packing=False, pack_tokens=512), dict(request_size=0), dict(request_size=4), dict(request_size=4, prompt_form="shared", packing=False)):
         with pytest.raises(ValueError):
             LLMTrainConfig(**bad).check()
 
