@@ -9,6 +9,9 @@
     distribution of the differences and how often a pair of candidates is ranked as the exact
     scores rank it); and the same engine on torch's kernels instead of its native ones (on
     CPUs), time and scores;
+(a') the LLM stage through the gateway against the same engine in this process on the same
+    prompts, request by request in turn (the gateway's ``timings.llm``, then ``TorchEngine.score``
+    here with the same thread count), and the largest difference between their LLM scores;
 (c) the floor: the FLOPs the engine must do divided by a matmul rate measured in the same run,
     in the dtype the engine computes in (float32 on CPUs without native bfloat16, where
     emulated bfloat16 is far slower; the bfloat16 rate is printed too), and the engine's time
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -52,9 +56,23 @@ from service.history import Event, HistoryStore  # noqa: E402
 from service.llm.precision import resolve_dtype  # noqa: E402
 from service.api.wiring import build_torch_engine  # noqa: E402
 from service.model import load_model  # noqa: E402
-from service.scoring.stages import UserHistoryView, build_adapter, run_crm, text_inputs  # noqa: E402
+from service.scoring.stages import Prompts, UserHistoryView, build_adapter, run_crm, text_inputs  # noqa: E402
 
 LONG_USER = "bench-long-history"
+
+
+class RequestInputs(NamedTuple):
+    adapter: UserAdapter
+    prompts: Prompts
+
+
+def request_inputs(model, builder, user: str, candidates: list[int], stored) -> RequestInputs:
+    """A request's adapter and prompts from its stored history, by the gateway's scoring steps."""
+    view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile)
+    dense = model.catalog.to_dense(candidates)
+    crm = run_crm(model, view, dense)
+    return RequestInputs(build_adapter(model, user, model.mixer.mixtures(crm.user_rep)),
+                         text_inputs(builder, model, view, dense))
 
 
 def percentile(xs, q):
@@ -195,15 +213,30 @@ def main() -> None:
                                                                                          replace=False)])
                 for u in users]
 
-    # (a) end to end over real HTTP
+    # The engine in this process and every request's inputs, built as the gateway builds them
+    # from the same stored histories (nothing appends to them meanwhile).
+    engine, builder = build_torch_engine(settings, model)
+    store = HistoryStore.from_settings(settings.history)
+
+    async def read_all():
+        out = [await store.read(u) for u, _ in requests]
+        await store.aclose()
+        return out
+
+    inputs = [request_inputs(model, builder, user, cands, stored)
+              for (user, cands), stored in zip(requests, asyncio.run(read_all()))]
+    warm_inputs = inputs[-1]
+    engine.score(warm_inputs.adapter, warm_inputs.prompts.prefix, warm_inputs.prompts.suffixes)  # warm-up
+
+    # (a) end to end over real HTTP; (a') each request's LLM stage against the same prompts here
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     gateway = start_gateway(args)
-    e2e, stages, answers = [], [], []
+    e2e, stages, answers, here_ms, here_diff = [], [], [], [], 0.0
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=120) as client:
             warm = [int(i) for i in rng.choice(items, size=args.candidates, replace=False)]
             client.post("/v1/score", json={"user_id": warm_user, "candidates": warm, "deadline_ms": 60000})  # warm-up
-            for user, cands in requests:
+            for (user, cands), inp in zip(requests, inputs):
                 start = time.perf_counter()
                 r = client.post("/v1/score", json={"user_id": user, "candidates": cands, "deadline_ms": 60000})
                 e2e.append((time.perf_counter() - start) * 1000)
@@ -211,6 +244,12 @@ def main() -> None:
                 assert r.status_code == 200 and not body["degraded"], body
                 stages.append(body["timings"])
                 answers.append(body)
+                time.sleep(0.05)  # the gateway's idle OpenMP workers stop spinning before the engine here runs
+                start = time.perf_counter()
+                here = engine.score(inp.adapter, inp.prompts.prefix, inp.prompts.suffixes)
+                here_ms.append((time.perf_counter() - start) * 1000)
+                gateway_llm = np.asarray([c["llm_score"] for c in body["scores"]], dtype=np.float64)
+                here_diff = max(here_diff, float(np.abs(gateway_llm - here).max()))
             long_overheads = [e2e[0] - stages[0]["llm"]]  # its first request: cold adapter cache
             for _ in range(args.long_repeats):
                 cands = [int(next(fresh)) for _ in range(args.candidates)]
@@ -225,15 +264,6 @@ def main() -> None:
         gateway.wait(30)
 
     # (b) the same prompts: the engine in-process, and the naive way
-    engine, builder = build_torch_engine(settings, model)
-    store = HistoryStore.from_settings(settings.history)
-
-    async def read_all():
-        out = [await store.read(u) for u, _ in requests]
-        await store.aclose()
-        return out
-
-    histories = asyncio.run(read_all())
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -248,13 +278,9 @@ def main() -> None:
     engine_tokens, naive_tokens, prompt_tokens, counter = [], [], [], WorkCounter()
     kernel, torch_kernels_ms, max_diff_torch_kernels = engine.ragged.kernel, [], 0.0
     scored = {"engine": [], "naive": [], "exact": []}  # per request, for the error distribution
-    for k, ((user, cands), stored) in enumerate(zip(requests, histories)):
-        view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile)
-        dense = model.catalog.to_dense(cands)
-        crm = run_crm(model, view, dense)
-        adapter: UserAdapter = build_adapter(model, user, model.mixer.mixtures(crm.user_rep))
-        prompts = text_inputs(builder, model, view, dense)
-        prefix, suffixes = prompts.prefix, prompts.suffixes
+    for k, inp in enumerate(inputs):
+        adapter: UserAdapter = inp.adapter
+        prefix, suffixes = inp.prompts.prefix, inp.prompts.suffixes
         prompt_tokens.append((len(prefix), sum(len(s) for s in suffixes)))
         counter.reset()
         engine.observe_rows = counter
@@ -314,6 +340,10 @@ def main() -> None:
         "requests": len(requests), "candidates": args.candidates, "k_text": model.k_text, "threads": args.threads,
         "e2e_ms": {"p50": percentile(e2e, 50), "p99": percentile(e2e, 99)},
         "stages_ms_p50": {k: percentile([s[k] for s in stages], 50) for k in stages[0]},
+        "llm_stage_ms_p50": {"gateway": percentile([s["llm"] for s in stages], 50),
+                             "in_process": percentile(here_ms, 50),
+                             "gateway_over_in_process": percentile([s["llm"] / h for s, h in zip(stages, here_ms)], 50),
+                             "max_llm_score_diff": here_diff},
         "gateway_overhead_ms": {"p50": percentile(overhead, 50), "long_history_len": args.long_history,
                                 "long_history_user_p50": percentile(long_overheads, 50),
                                 "long_history_user_first": long_overheads[0],
