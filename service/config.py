@@ -105,7 +105,9 @@ class TorchSettings(SettingsGroup):
     torch_device: str = Field("cpu", description="torch device of the embedded engine and the CRM, e.g. cuda:0.")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
         "Weights of the embedded engine; auto = bfloat16 on GPUs and CPUs with native bfloat16, else float32."))
-    torch_threads: int | None = Field(None, ge=1, le=512, description="torch intra-op threads; None = torch default.")
+    torch_threads: int | None = Field(None, ge=1, le=512, description=(
+        "torch intra-op threads of the engine's thread; None = torch default (the CPUs). The gateway's "
+        "other threads (CRM, retrieval and prompts, loading) compute on one."))
     torch_max_batch: int = Field(32, ge=1, le=1024, description=(
         "Most candidate rows the embedded engine runs in one packed forward."))
     torch_min_shared_tokens: int = Field(12, ge=1, description=(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import torch
 
 from service.history.clients import AsyncRedis, async_client
 from tests.redis_support import (
@@ -31,6 +32,16 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redis_target" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_redis"):
         metafunc.parametrize("redis_target", ["single", "cluster"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept() -> Iterator[None]:
+    """A test that sets the torch thread count of its own thread (building a gateway's pipeline on
+    it does) leaves it as it found it."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

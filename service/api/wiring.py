@@ -34,7 +34,7 @@ from service.nearline.knowledge_refresh import KnowledgeRefresher
 from service.nearline.score_cache import LLMScoreCache
 from service.nearline.served_log import ServedLog
 from service.scoring.contracts import ServedOutcome, VersionMetrics
-from service.scoring.engine_scheduler import EngineScheduler
+from service.scoring.engine_scheduler import EngineScheduler, set_thread_intra_op_threads
 from service.scoring.online_eval import OnlineEvaluator
 from service.scoring.pipeline import ScoringPipeline, ServedFeed
 from service.scoring.user_knowledge import BaseLLMKnowledge, knowledge_target
@@ -100,9 +100,16 @@ def build_adapter_cache(settings: Settings, metrics: Metrics) -> AdapterCache:
 def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore,
                    on_served: ServedFeed | None = None) -> ScoringPipeline:
     """The scoring pipeline on the active version: its model, the engine (when it has an LLM part),
-    the adapter cache; ``on_served`` receives every answer's outcome."""
-    if settings.torch.torch_threads:
-        torch.set_num_threads(settings.torch.torch_threads)
+    the adapter cache; ``on_served`` receives every answer's outcome.
+
+    The engine's thread alone computes with torch intra-op threads (``torch_threads``, else torch's
+    default); everything else computes on one: loading here, the CRM, retrieval and prompts, and
+    threads started later (the registry's loads and smoke tests), so the engine's OpenMP workers
+    wait for its parallel regions as in any process with one team (``docs/ENGINE.md``, "Threads").
+    This sets the count of the calling thread, and the one threads started later begin with, to
+    one."""
+    engine_threads = settings.torch.torch_threads or torch.get_num_threads()
+    set_thread_intra_op_threads(1)
     version = active_version(settings.model.model_store, settings.model.active_version)
     model = load_model(settings.model.model_store / version)
     engine = builder = None
@@ -119,7 +126,9 @@ def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore,
         history=history, holder=ModelHolder(model, builder), engine=engine,
         adapters=build_adapter_cache(settings, metrics), settings=settings.requests,
         # Also without an engine: a canary's shadow scoring is background work on its thread.
-        scheduler=EngineScheduler(settings.background, telemetry=metrics), score_cache=score_cache,
+        scheduler=EngineScheduler(settings.background, telemetry=metrics,
+                                  intra_op_threads=engine_threads if settings.model.engine == "torch" else None),
+        score_cache=score_cache,
         served_log=build_served_log(settings, metrics, history), telemetry=metrics, on_served=on_served)
 
 

@@ -34,6 +34,13 @@ class ItemIndex:
         return self.index.search(q, k)
 
 
+def search_on_one_thread() -> None:
+    """Searches from the calling thread run on it alone. faiss has an OpenMP runtime of its own
+    (beside torch's): a search on several threads leaves their team spinning after it, beside
+    whatever else computes, for the few milliseconds a search of one user's history would gain."""
+    faiss.omp_set_num_threads(1)
+
+
 def topk_items(embeddings: np.ndarray, query_ids: np.ndarray, item_ids: np.ndarray, k: int) -> np.ndarray:
     """For each query item, the ids of the k most similar items among ``item_ids`` (Q, k), -1 padded."""
     _, ids = ItemIndex(embeddings, item_ids).search(embeddings[np.asarray(query_ids, dtype=np.int64)], k)

@@ -11,6 +11,12 @@ forward before it decides to wait for the engine.
 
 Hand-written rather than a ThreadPoolExecutor: an executor has no priorities, cannot tell how
 much work it holds, and cannot drop or interrupt what it queued.
+
+``intra_op_threads`` is the engine thread's own torch intra-op thread count, set on that thread
+when it starts. torch's count is per thread: ``torch.set_num_threads`` sets the calling thread's,
+and the count that threads started later begin with, which the scheduler leaves as its caller had
+it. The gateway computes with several threads on the engine's thread alone (see
+``service.api.wiring.build_pipeline``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import torch
 
 from service.config import BackgroundSettings
 from service.engine.base import ForwardInterrupted
@@ -52,6 +60,14 @@ class BackgroundOutcome(StrEnum):
     EXPIRED = "expired"  # older than the age limit when the engine was free
 
 
+def set_thread_intra_op_threads(threads: int) -> None:
+    """The calling thread's torch intra-op thread count. torch gives a thread the count that new
+    threads begin with on its first op or query, and that would replace a count set before it,
+    so the count is queried first."""
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class _Job:
     work: Work
@@ -63,9 +79,13 @@ class _Job:
 
 
 class EngineScheduler:
-    def __init__(self, settings: BackgroundSettings | None = None, *, telemetry: Telemetry = NO_TELEMETRY) -> None:
+    def __init__(self, settings: BackgroundSettings | None = None, *, telemetry: Telemetry = NO_TELEMETRY,
+                 intra_op_threads: int | None = None) -> None:
+        """``intra_op_threads``: torch intra-op threads on the engine's thread (None: torch's count
+        for a new thread)."""
         self.settings = settings or BackgroundSettings()
         self.telemetry = telemetry
+        self.intra_op_threads = intra_op_threads
         self._cv = threading.Condition()
         self._requests: deque[_Job] = deque()
         self._background: OrderedDict[Hashable, _Job] = OrderedDict()
@@ -73,8 +93,15 @@ class EngineScheduler:
         self._running_since = 0.0
         self._running_request = False
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        caller_threads = torch.get_num_threads() if intra_op_threads is not None else None
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(started,), name="engine", daemon=True)
         self._thread.start()
+        started.wait()
+        if caller_threads is not None:
+            # Setting the engine thread's count also set the count that threads started later
+            # begin with: back to the caller's (which leaves the caller's own as it was).
+            torch.set_num_threads(caller_threads)
 
     # -- submitting -------------------------------------------------------------------------
 
@@ -160,7 +187,10 @@ class EngineScheduler:
     def _waiting(self) -> bool:
         return bool(self._requests)  # read without the lock: a stale answer costs one layer
 
-    def _loop(self) -> None:
+    def _loop(self, started: threading.Event) -> None:
+        if self.intra_op_threads is not None:
+            set_thread_intra_op_threads(self.intra_op_threads)
+        started.set()
         while True:
             picked = self._next()
             if picked is None:

@@ -42,10 +42,11 @@ from service.model.fusion import ScoreSource
 from service.nearline.score_cache import LLMScoreCache
 from service.nearline.served_log import ServedLog, ServedScore
 from service.personalization.adapter_cache import AdapterCache
+from service.retrieval.faiss_index import search_on_one_thread
 from service.scoring.contracts import (Admission, CandidateResult, CandidateSource, DegradedReason, Overloaded,
                                        ScoreCacheOutcome, ScoreResult, ServedOutcome, ShadowOutcome, Stage,
                                        UnknownItems)
-from service.scoring.engine_scheduler import EngineScheduler
+from service.scoring.engine_scheduler import EngineScheduler, set_thread_intra_op_threads
 from service.scoring.sequence import Scored
 from service.scoring.shadow import ShadowBuilders, StoredHistory, shadow_score
 from service.scoring.stages import Prompts, UserHistoryView, answer_source, run_crm, text_inputs, user_adapter
@@ -189,12 +190,11 @@ class ScoringPipeline:
         self._shadow_builders = ShadowBuilders()  # touched by the engine thread only
         # The engine runs one forward at a time; requests before background work (see EngineScheduler).
         self.scheduler = scheduler or (EngineScheduler() if engine is not None else None)
-        # The CRM on a thread of its own too: torch gives every thread that runs ops its own pool of
-        # intra-op threads, so one thread (rather than asyncio's shared pool) keeps one pool warm.
-        self._crm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm")
-        # Retrieval and prompts beside the CRM; one worker, so the prompt builder's token cache
-        # is only ever touched by one thread.
-        self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text")
+        # The CRM on a thread of its own, and retrieval and prompts beside it (one worker, so the
+        # prompt builder's token cache is only ever touched by one thread). Both compute on their
+        # own thread alone (``_on_one_thread``): only the engine's thread runs intra-op threads.
+        self._crm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm", initializer=_on_one_thread)
+        self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text", initializer=_on_one_thread)
         self._cpu_queued = 0  # requests between entering the CRM queue and leaving it (event loop only)
         self._writes: set[asyncio.Task] = set()  # score-cache writes in flight, off the request path
         self.loop_lag = LoopLag()
@@ -463,6 +463,19 @@ class ScoringPipeline:
         key = (pending.user_id, pending.version,
                hashlib.blake2b("".join(miss_fields).encode(), digest_size=16).hexdigest())
         self.scheduler.submit_background(key, work, expected_ms or 0.0)
+
+
+def _on_one_thread() -> None:
+    """A CPU worker beside the engine computes on its own thread alone, in torch and in faiss.
+
+    An OpenMP runtime keeps a team of workers for every thread that ran a parallel region on
+    several threads, and once libgomp manages more workers than there are CPUs its idle workers
+    sleep at once instead of spinning for the next region: the engine's forwards would wait for
+    their workers one way here and another in a process with one team (``docs/ENGINE.md``,
+    "Threads"). The CRM's and the text side's work is small (milliseconds), and the two already
+    run beside each other."""
+    set_thread_intra_op_threads(1)
+    search_on_one_thread()
 
 
 def _since(t0: float) -> tuple[float, float]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 
+import faiss
 import pytest
 import torch
 
@@ -37,6 +39,25 @@ def test_a_pinned_gateway_gets_a_pipeline_and_no_registry(world):
         assert runtime.replica_health is None  # the embedded engine has no replicas
         assert pipeline.settings.default_deadline_ms == settings.requests.default_deadline_ms
         assert pipeline.settings.llm_min_ms == settings.requests.llm_min_ms
+    finally:
+        runtime.scorer.close()
+
+
+def test_only_the_engine_thread_computes_with_intra_op_threads(world):
+    """The engine's thread gets the configured count; the CRM's and the text side's threads (torch
+    and faiss), and threads started later, compute on one."""
+    runtime = build_runtime(world.settings(torch_threads=2), Metrics(process=False), history_for(world))
+    try:
+        pipeline = runtime.scorer
+        assert pipeline.scheduler.submit(lambda interrupted: torch.get_num_threads(), 1.0).result(10) == 2
+        assert pipeline._crm_pool.submit(torch.get_num_threads).result(10) == 1
+        assert pipeline._text_pool.submit(torch.get_num_threads).result(10) == 1
+        assert pipeline._text_pool.submit(faiss.omp_get_max_threads).result(10) == 1
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join(10)
+        assert later == [1]
     finally:
         runtime.scorer.close()
 

@@ -7,10 +7,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 from service.config import BackgroundSettings
 from service.engine.base import ForwardInterrupted
-from service.scoring.engine_scheduler import BackgroundOutcome, EngineScheduler, RequestWorkOutcome
+from service.scoring.engine_scheduler import (BackgroundOutcome, EngineScheduler, RequestWorkOutcome,
+                                              set_thread_intra_op_threads)
 from tests.telemetry_support import RecordedTelemetry
 
 
@@ -177,3 +179,34 @@ def test_a_cancelled_request_is_skipped(scheduler):
     release.set()
     after.result(5)
     assert ran == ["after"]
+
+
+def in_new_thread(fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join(10)
+    return out[0]
+
+
+def test_the_engine_thread_computes_with_its_own_intra_op_threads():
+    """torch's count is per thread, and setting one also sets the count new threads begin with:
+    the engine's thread gets its count, and the caller and threads started later keep theirs."""
+    set_thread_intra_op_threads(1)
+    s = EngineScheduler(intra_op_threads=3)
+    try:
+        assert s.submit(lambda interrupted: torch.get_num_threads(), 1.0).result(10) == 3
+        assert torch.get_num_threads() == 1
+        assert in_new_thread(torch.get_num_threads) == 1
+    finally:
+        s.close()
+
+
+def test_without_a_count_the_engine_thread_begins_as_new_threads_do():
+    set_thread_intra_op_threads(2)
+    s = EngineScheduler()
+    try:
+        assert s.submit(lambda interrupted: torch.get_num_threads(), 1.0).result(10) == 2
+    finally:
+        s.close()
+
