@@ -9,7 +9,8 @@ and candidates in the same order, so the forms are compared on the same traffic 
 
 Per version and caller count it prints: requests, the share answered with an LLM score for every
 candidate (the live LLM answered in time), p50/p99/max end to end, LLM answers per second, and the
-degrade reasons. ML-100K histories are loaded into Redis under the benchmark's own prefix.
+degrade reasons; a phase shorter than ``--duration-s`` ran out of users (each is visited once).
+ML-100K histories are loaded into Redis under the benchmark's own prefix.
 
     python benchmarks/bench_deadline.py --store work/store --versions per-target-v1,shared-v1 \\
         --callers 1,4 --duration-s 30
@@ -103,7 +104,7 @@ def main() -> None:
     for version in [v for v in args.versions.split(",") if v]:
         settings = dict(active_version=version, model_store=args.store, base_model_dir=args.base_model,
                         redis_url=args.redis_url, redis_cluster=args.redis_cluster, redis_prefix=args.prefix,
-                        log_level="WARNING", model_poll_s=0)
+                        log_level="WARNING", model_poll_s=0, max_deadline_ms=60_000)
         proc = start_gateway(args.port, ROOT / f"work/bench-deadline-{version}.log", settings)
         url = f"http://127.0.0.1:{args.port}"
         try:
@@ -120,12 +121,14 @@ def main() -> None:
             stop_gateway(proc)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\n{args.candidates} candidates, first visits, deadline {args.deadline_ms or 'gateway default'}")
-    print("| version | callers | requests | LLM answered every candidate | p50 ms | p99 ms | max ms | LLM answers/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| version | callers | requests (s) | statuses | LLM answered every candidate | p50 ms | p99 ms | max ms "
+          "| LLM answers/s | reasons |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for version, rows in results["versions"].items():
         for n, r in rows.items():
-            print(f"| {version} | {n} | {r['requests']} | {100 * r['llm_share']:.1f}% | {r['p50_ms']:.0f} | "
-                  f"{r['p99_ms']:.0f} | {r['max_ms']:.0f} | {r['llm_answers_per_s']:.2f} |")
+            print(f"| {version} | {n} | {r['requests']} ({r['wall_s']:.0f}) | {r['statuses']} | "
+                  f"{100 * r['llm_share']:.1f}% | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} | "
+                  f"{r['llm_answers_per_s']:.2f} | {r['reasons']} |")
 
 
 if __name__ == "__main__":
