@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_load import Outcome, Visit, load_users, one  # noqa: E402
+from bench_load import Outcome, Visit, add_gateway_args, gateway_settings, load_users, one  # noqa: E402
 from gateway_support import start_gateway, stop_gateway  # noqa: E402
 
 
@@ -77,14 +77,8 @@ def summary(outcomes: list[Outcome], wall_s: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "work/ml-100k", help="prepared ML-100K directory")
-    ap.add_argument("--store", type=Path, default=ROOT / "model_store")
+    add_gateway_args(ap, prefix="bench-deadline:", port=8033)
     ap.add_argument("--versions", required=True, help="bundle versions in --store, comma-separated")
-    ap.add_argument("--base-model", type=Path, default=ROOT / "models/smollm2-135m-instruct")
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    ap.add_argument("--redis-cluster", action="store_true", help="--redis-url names a seed node of a cluster")
-    ap.add_argument("--prefix", default="bench-deadline:")
-    ap.add_argument("--port", type=int, default=8033)
     ap.add_argument("--callers", default="1,4", help="closed-loop caller counts, comma-separated")
     ap.add_argument("--duration-s", type=float, default=30.0, help="per version and caller count")
     ap.add_argument("--candidates", type=int, default=20)
@@ -102,10 +96,7 @@ def main() -> None:
     results: dict = {"candidates": args.candidates, "deadline_ms": args.deadline_ms, "duration_s": args.duration_s,
                      "versions": {}}
     for version in [v for v in args.versions.split(",") if v]:
-        settings = dict(active_version=version, model_store=args.store, base_model_dir=args.base_model,
-                        redis_url=args.redis_url, redis_cluster=args.redis_cluster, redis_prefix=args.prefix,
-                        log_level="WARNING", model_poll_s=0, max_deadline_ms=60_000)
-        proc = start_gateway(args.port, ROOT / f"work/bench-deadline-{version}.log", settings)
+        proc = start_gateway(args.port, ROOT / f"work/bench-deadline-{version}.log", gateway_settings(args, version))
         url = f"http://127.0.0.1:{args.port}"
         try:
             for i, n in enumerate(callers):

@@ -211,6 +211,26 @@ def summarize(outcomes: list[Outcome], wall_s: float, metrics: tuple[str, str], 
     }
 
 
+def add_gateway_args(ap: argparse.ArgumentParser, prefix: str, port: int) -> None:
+    """The dataset, model store, base model, Redis and port arguments that ``load_users`` and
+    ``gateway_settings`` read."""
+    ap.add_argument("--data", type=Path, default=ROOT / "work/ml-100k", help="prepared ML-100K directory")
+    ap.add_argument("--store", type=Path, default=ROOT / "model_store")
+    ap.add_argument("--base-model", type=Path, default=ROOT / "models/smollm2-135m-instruct")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--redis-cluster", action="store_true", help="--redis-url names a seed node of a cluster")
+    ap.add_argument("--prefix", default=prefix)
+    ap.add_argument("--port", type=int, default=port)
+
+
+def gateway_settings(args, version: str) -> dict:
+    """A benchmark gateway's settings: ``version`` from --store, histories under --prefix, deadlines
+    up to a minute."""
+    return dict(active_version=version, model_store=args.store, base_model_dir=args.base_model,
+                redis_url=args.redis_url, redis_cluster=args.redis_cluster, redis_prefix=args.prefix,
+                log_level="WARNING", model_poll_s=0, max_deadline_ms=60_000)
+
+
 def load_users(args) -> tuple[list[str], np.ndarray]:
     """Load the prepared dataset's histories into Redis under the benchmark's prefix."""
     from service.history import HistorySettings, bulk_load
@@ -232,14 +252,8 @@ def load_users(args) -> tuple[list[str], np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "work/ml-100k", help="prepared ML-100K directory")
-    ap.add_argument("--store", type=Path, default=ROOT / "model_store")
+    add_gateway_args(ap, prefix="bench-load:", port=8031)
     ap.add_argument("--version", required=True)
-    ap.add_argument("--base-model", type=Path, default=ROOT / "models/smollm2-135m-instruct")
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    ap.add_argument("--redis-cluster", action="store_true", help="--redis-url names a seed node of a cluster")
-    ap.add_argument("--prefix", default="bench-load:")
-    ap.add_argument("--port", type=int, default=8031)
     ap.add_argument("--rates", default="0.5,1,2,4", help="multiples of the measured LLM capacity")
     ap.add_argument("--duration-s", type=float, default=90.0, help="arrivals per rate for this long")
     ap.add_argument("--candidates", type=int, default=20)
@@ -254,9 +268,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     users, items = load_users(args)
-    base = dict(active_version=args.version, model_store=args.store, base_model_dir=args.base_model,
-                redis_url=args.redis_url, redis_cluster=args.redis_cluster, redis_prefix=args.prefix, log_level="WARNING", model_poll_s=0,
-                max_deadline_ms=60_000)
+    base = gateway_settings(args, args.version)
     url = f"http://127.0.0.1:{args.port}"
     results: dict = {"candidates": args.candidates, "duration_s": args.duration_s, "deadline_ms": args.deadline_ms}
     cursor = 0
