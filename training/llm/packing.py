@@ -113,9 +113,10 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     q_prefix, _ = query.split([prefix, query.shape[2] - prefix], 2)
     k_prefix, _ = key.split([prefix, key.shape[2] - prefix], 2)
     v_prefix, _ = value.split([prefix, value.shape[2] - prefix], 2)
+    lengths = torch.tensor(sizes, device=device)[:, None]
     starts = prefix + torch.cumsum(torch.tensor((0, *sizes[:-1]), device=device), 0)
     steps = torch.arange(longest, device=device)
-    padded = starts[:, None] + torch.minimum(steps[None, :], torch.tensor(sizes, device=device)[:, None] - 1)
+    padded = starts[:, None] + torch.minimum(steps[None, :], lengths - 1)
 
     def gathered(x: torch.Tensor) -> torch.Tensor:  # (1, h, L, D) -> (m, h, longest, D)
         return x[0][:, padded].transpose(0, 1)
@@ -127,8 +128,7 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                       torch.ones(longest, longest, dtype=torch.bool, device=device).tril()], 1)
     suffix_out = F.scaled_dot_product_attention(gathered(query), keys, values, attn_mask=mask, dropout_p=dropout,
                                                 scale=scaling, enable_gqa=gqa)  # (m, H, longest, D)
-    real = (torch.arange(m, device=device)[:, None] * longest + steps[None, :])[steps[None, :] < torch.tensor(
-        sizes, device=device)[:, None]]
+    real = (torch.arange(m, device=device)[:, None] * longest + steps[None, :])[steps[None, :] < lengths]
     suffix_out = suffix_out.transpose(1, 2).reshape(m * longest, *suffix_out.shape[1:2], suffix_out.shape[-1])[real]
     parts = [suffix_out[None]]
     if prefix:

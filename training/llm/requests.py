@@ -27,13 +27,8 @@ def anchored_requests(split: pd.DataFrame, n: int, size: int, seed: int) -> pd.D
     if size < 1:
         raise ValueError(f"a request holds at least one row, got size {size}")
     ordered = split.sort_values(["user_idx", "hist_end"], kind="stable").reset_index()
-    users = ordered["user_idx"].to_numpy()
-    same_user_end = np.empty(len(ordered), dtype=np.int64)  # one past each row's user's last row
-    boundaries = np.flatnonzero(np.diff(users)) + 1
-    ends = np.append(boundaries, len(ordered))
-    starts = np.insert(boundaries, 0, 0)
-    for start, end in zip(starts, ends):
-        same_user_end[start:end] = end
+    starts, ends = _runs(ordered["user_idx"].to_numpy())
+    same_user_end = np.repeat(ends, ends - starts)  # one past each row's user's last row
     anchors = np.random.default_rng(seed).permutation(len(ordered))
     parts, total = [], 0
     for request, anchor in enumerate(anchors):
@@ -68,7 +63,11 @@ def user_requests(samples: pd.DataFrame, size: int) -> pd.DataFrame:
 
 def request_slices(rows: pd.DataFrame) -> list[slice]:
     """Each request's rows in ``rows`` (adjacent, numbered by ``request``)."""
-    ids = rows["request"].to_numpy()
-    bounds = np.flatnonzero(np.diff(ids)) + 1
-    starts, ends = np.insert(bounds, 0, 0), np.append(bounds, len(ids))
+    starts, ends = _runs(rows["request"].to_numpy())
     return [slice(int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the runs of equal adjacent values."""
+    bounds = np.flatnonzero(np.diff(values)) + 1
+    return np.insert(bounds, 0, 0), np.append(bounds, len(values))
