@@ -46,14 +46,14 @@ class PackedBatch:
     positions: torch.Tensor
     bounds: torch.Tensor
     lengths: tuple[int, ...]
-    answers: torch.Tensor | None = None
-    trees: tuple[Tree | None, ...] | None = None
+    answers: torch.Tensor
+    trees: tuple[Tree | None, ...]
 
     @property
     def last(self) -> torch.Tensor:
         """The index of each instance's answer position in the row: a sequence's last token, or
         each suffix's last token in a request."""
-        return self.bounds[1:] - 1 if self.answers is None else self.answers
+        return self.answers
 
     @property
     def tokens(self) -> int:
@@ -61,7 +61,7 @@ class PackedBatch:
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         return PackedBatch(self.ids.to(device), self.positions.to(device), self.bounds.to(device), self.lengths,
-                           None if self.answers is None else self.answers.to(device), self.trees)
+                           self.answers.to(device), self.trees)
 
 
 def pack(sequences: Sequence[torch.Tensor]) -> PackedBatch:
@@ -74,7 +74,8 @@ def pack(sequences: Sequence[torch.Tensor]) -> PackedBatch:
     bounds = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     bounds[1:] = torch.cumsum(torch.tensor(lengths), 0)
     positions = torch.cat([torch.arange(n) for n in lengths])
-    return PackedBatch(torch.cat(list(sequences))[None], positions[None], bounds, lengths)
+    return PackedBatch(torch.cat(list(sequences))[None], positions[None], bounds, lengths, bounds[1:] - 1,
+                       (None,) * len(lengths))
 
 
 def pack_requests(requests: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]]) -> PackedBatch:
@@ -161,10 +162,11 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Causal attention within each packed instance: query (1, H, T, D), key and value
     (1, H_kv, T, D); returns (1, T, H, D) as transformers' attention functions do."""
-    if cu_seq_lens_q is None or query.shape[0] != 1:
-        raise ValueError("packed attention runs on one packed row with its instances' bounds (cu_seq_lens_q)")
+    trees = _trees.get()
+    if cu_seq_lens_q is None or query.shape[0] != 1 or trees is None:
+        raise ValueError("packed attention runs inside packed_attention on one packed row with its segments' "
+                         "bounds (cu_seq_lens_q)")
     lengths = cu_seq_lens_q.diff().tolist()
-    trees = _trees.get() or (None,) * len(lengths)
     gqa = query.shape[1] != key.shape[1]
     dtype = query.dtype
     if CPU_ATTENTION_FLOAT32 and query.device.type == "cpu" and dtype != torch.float32:
@@ -197,7 +199,7 @@ def register_packed_attention() -> None:
 
 
 @contextmanager
-def packed_attention(model, trees: tuple[Tree | None, ...] | None = None) -> Iterator[None]:
+def packed_attention(model, trees: tuple[Tree | None, ...]) -> Iterator[None]:
     """Run the model's attention per packed segment for the forwards inside (backward needs no
     switch), requests (``trees``) as trees. No mask is built for plain segments: the name has no
     mask function, and the bounds make one needless."""
