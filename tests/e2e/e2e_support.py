@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +81,14 @@ class LiveServer:
         self.thread.join(30)
         self.sock.close()
         if self.thread.is_alive():
-            raise RuntimeError("uvicorn did not shut down within 30 s")
+            raise RuntimeError("uvicorn did not shut down within 30 s; the threads were at:\n" + thread_stacks())
 
 
+def thread_stacks() -> str:
+    """Every live thread's stack, to say what a shutdown that hangs waits on."""
+    frames = sys._current_frames()
+    return "\n".join(f"--- {t.name}\n" + "".join(traceback.format_stack(frames[t.ident]))
+                     for t in threading.enumerate() if t.ident in frames)
 
 
 def read_history(world: World, user: str) -> UserHistory:
