@@ -234,6 +234,10 @@ class BackgroundSettings(SettingsGroup):
         "Background engine jobs queued at most; the oldest are dropped first."))
     background_max_age_s: float = Field(60.0, gt=0, description=(
         "A background job older than this when the engine is free is dropped (its user has moved on)."))
+    engine_pack_tokens: int = Field(4096, ge=0, le=1_000_000, description=(
+        "Prompt tokens that one forward of the embedded engine takes from several users at most: waiting "
+        "requests packed together, or else background jobs packed together (never the two mixed). "
+        "0 = one request per forward."))
 
 
 class KnowledgeRefreshSettings(SettingsGroup):

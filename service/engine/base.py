@@ -28,12 +28,56 @@ class UserAdapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
+@dataclass(frozen=True)
+class LoRABanks:
+    """A version's meta-LoRA banks, which an engine that mixes in its forward holds once for every
+    user: per target module ``A`` (n_meta x d_in x r) and ``B`` (n_meta x r x d_out), in
+    ``module_names`` order, and the LoRA scaling. ``key`` names them uniquely (the version)."""
+
+    key: str
+    module_names: tuple[str, ...]
+    a: tuple[torch.Tensor, ...]
+    b: tuple[torch.Tensor, ...]
+    scaling: float
+
+
+@dataclass(frozen=True)
+class UserMixture:
+    """One user's adapter as its gate weights over a version's banks, never materialized: the
+    engine computes each row's LoRA term from the banks and its user's ``alphas`` (n_modules x
+    n_meta) inside the forward, so rows of different users share one forward. ``key`` names user,
+    version and mixture as ``UserAdapter.key`` does."""
+
+    key: str
+    banks: LoRABanks
+    alphas: torch.Tensor
+    user_id: str = ""
+
+
+Adapter = UserAdapter | UserMixture
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """One request's scoring work: its adapter, prompt prefix and candidate suffixes, and the
+    ``time.perf_counter()`` instant after which nobody reads the answer (None: no deadline)."""
+
+    adapter: Adapter | None
+    prefix: Sequence[int]
+    suffixes: Sequence[Sequence[int]]
+    deadline: float | None = None
+
+
 class ForwardInterrupted(Exception):
     """A forward stopped because ``interrupted()`` said more urgent work is waiting."""
 
 
 class ScoringEngine(Protocol):
-    def score(self, adapter: UserAdapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+    # True where the engine takes ``UserMixture`` adapters and computes every row's mixture in its
+    # forward (no per-user adapter is built or cached); else it takes materialized ``UserAdapter``s.
+    mixes_in_forward: bool
+
+    def score(self, adapter: Adapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
               deadline: float | None = None, interrupted: Callable[[], bool] | None = None) -> np.ndarray:
         """P(Yes) per suffix, each scored as prefix + suffix with the adapter installed; work
         past ``deadline`` (a time.perf_counter() instant) may be abandoned with a TimeoutError, and

@@ -12,6 +12,14 @@ forward before it decides to wait for the engine.
 Hand-written rather than a ThreadPoolExecutor: an executor has no priorities, cannot tell how
 much work it holds, and cannot drop or interrupt what it queued.
 
+Work that is an ``EngineCall`` (``submit_call``, ``submit_background_call``) can share a forward:
+where the engine mixes each user's adapter in its forward (``mixes_in_forward``), the engine
+thread takes the next request and every request waiting behind it of the same version, up to
+``engine_pack_tokens`` prompt tokens, into one ``score_many``; with no request waiting, background
+calls the same way. Requests and background work never share a forward, so a request never waits
+for background rows; each call keeps its own deadline (a late one leaves the forward, the others
+finish).
+
 ``intra_op_threads`` is the engine thread's own torch intra-op thread count, set on that thread
 when it starts. torch's count is per thread: ``torch.set_num_threads`` sets the calling thread's,
 and the count that threads started later begin with, which the scheduler leaves as its caller had
@@ -33,8 +41,10 @@ from typing import Any
 
 import torch
 
+import numpy as np
+
 from service.config import BackgroundSettings
-from service.engine.base import ForwardInterrupted
+from service.engine.base import EngineCall, ForwardInterrupted, ScoringEngine, UserMixture
 from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 log = logging.getLogger(__name__)
@@ -70,12 +80,26 @@ def set_thread_intra_op_threads(threads: int) -> None:
 
 @dataclass
 class _Job:
-    work: Work
+    work: Work | None  # None: an engine call (``call``), which may share a forward with others
     predicted_ms: float
     deadline: float | None = None  # time.perf_counter() instant after which nobody reads the answer
     future: Future = field(default_factory=Future)
     key: Hashable | None = None
     queued_at: float = field(default_factory=time.monotonic)
+    call: EngineCall | None = None
+    engine: ScoringEngine | None = None  # what the call runs on
+    on_scores: Callable[[np.ndarray], None] | None = None  # a background call's result goes here
+
+    @property
+    def tokens(self) -> int:
+        call = self.call
+        return 0 if call is None else len(call.prefix) + sum(len(s) for s in call.suffixes)
+
+    @property
+    def banks(self) -> str | None:
+        """The version's banks a call mixes over: calls share a forward only with the same."""
+        adapter = None if self.call is None else self.call.adapter
+        return adapter.banks.key if isinstance(adapter, UserMixture) else None
 
 
 class EngineScheduler:
@@ -89,7 +113,7 @@ class EngineScheduler:
         self._cv = threading.Condition()
         self._requests: deque[_Job] = deque()
         self._background: OrderedDict[Hashable, _Job] = OrderedDict()
-        self._running: _Job | None = None
+        self._running: list[_Job] = []  # the work on the engine now (several calls when packed)
         self._running_since = 0.0
         self._running_request = False
         self._closed = False
@@ -117,13 +141,36 @@ class EngineScheduler:
             self._cv.notify()
         return job.future
 
+    def submit_call(self, engine: ScoringEngine, call: EngineCall, predicted_ms: float) -> Future:
+        """Queue a request's engine call (its deadline is the call's); the future carries P(Yes) per
+        suffix. Calls may share a forward with other users' requests."""
+        job = _Job(None, predicted_ms, call.deadline, call=call, engine=engine)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine scheduler is closed")
+            self._requests.append(job)
+            self._report()
+            self._cv.notify()
+        return job.future
+
     def submit_background(self, key: Hashable, work: Work, predicted_ms: float) -> bool:
         """Queue background work unless work under ``key`` is queued or running already; when the
         queue is full the oldest job is dropped. Returns whether it was queued."""
+        return self._queue_background(_Job(work, predicted_ms, key=key))
+
+    def submit_background_call(self, key: Hashable, engine: ScoringEngine, call: EngineCall,
+                               on_scores: Callable[[np.ndarray], None], predicted_ms: float) -> bool:
+        """``submit_background`` for an engine call: ``on_scores`` gets its P(Yes) on the engine
+        thread. Background calls may share a forward with each other, never with requests."""
+        return self._queue_background(_Job(None, predicted_ms, key=key, call=call, engine=engine,
+                                           on_scores=on_scores))
+
+    def _queue_background(self, job: _Job) -> bool:
+        key = job.key
         with self._cv:
-            if self._closed or key in self._background or (self._running is not None and self._running.key == key):
+            if self._closed or key in self._background or any(r.key == key for r in self._running):
                 return False
-            self._background[key] = _Job(work, predicted_ms, key=key)
+            self._background[key] = job
             while len(self._background) > self.settings.background_max_jobs:
                 self._background.popitem(last=False)
                 self.telemetry.count(BackgroundOutcome.DROPPED)
@@ -147,9 +194,9 @@ class EngineScheduler:
 
     def _backlog_locked(self) -> float:
         total = sum(job.predicted_ms for job in self._requests if not job.future.cancelled())
-        if self._running is not None and self._running_request:
+        if self._running and self._running_request:
             elapsed = (time.monotonic() - self._running_since) * 1000.0
-            total += max(self._running.predicted_ms - elapsed, 0.0)
+            total += max(sum(job.predicted_ms for job in self._running) - elapsed, 0.0)
         return total
 
     def _report(self) -> None:
@@ -159,7 +206,7 @@ class EngineScheduler:
 
     # -- the engine thread ------------------------------------------------------------------
 
-    def _next(self) -> tuple[_Job, bool] | None:
+    def _next(self) -> tuple[list[_Job], bool] | None:
         with self._cv:
             while True:
                 if self._closed:
@@ -167,21 +214,56 @@ class EngineScheduler:
                 while self._requests:
                     job = self._requests.popleft()
                     if job.future.set_running_or_notify_cancel():  # False: its caller gave up waiting
-                        self._start(job, request=True)
-                        return job, True
-                now = time.monotonic()
+                        group = [job] + self._pack(job, self._take_request)
+                        self._start(group, request=True)
+                        return group, True
                 while self._background:
-                    _, job = self._background.popitem(last=False)
-                    if now - job.queued_at > self.settings.background_max_age_s:
-                        self.telemetry.count(BackgroundOutcome.EXPIRED)
-                        continue
-                    self._start(job, request=False)
-                    return job, False
+                    job = self._take_background(lambda _: True)
+                    if job is not None:
+                        group = [job] + self._pack(job, self._take_background)
+                        self._start(group, request=False)
+                        return group, False
                 self._report()
                 self._cv.wait()
 
-    def _start(self, job: _Job, *, request: bool) -> None:
-        self._running, self._running_since, self._running_request = job, time.monotonic(), request
+    def _pack(self, lead: _Job, take: Callable[[Callable[[_Job], bool]], _Job | None]) -> list[_Job]:
+        """The calls that share ``lead``'s forward: of the same banks, within the token budget."""
+        budget = self.settings.engine_pack_tokens
+        if lead.banks is None or budget <= 0 or not getattr(lead.engine, "mixes_in_forward", False):
+            return []
+        tokens, more = lead.tokens, []
+        while True:
+            job = take(lambda j: j.engine is lead.engine and j.banks == lead.banks and tokens + j.tokens <= budget)
+            if job is None:
+                return more
+            tokens += job.tokens
+            more.append(job)
+
+    def _take_request(self, fits: Callable[[_Job], bool]) -> _Job | None:
+        """The first waiting request that ``fits`` (its caller still waiting), taken off the queue."""
+        for job in list(self._requests):
+            if job.future.cancelled():
+                self._requests.remove(job)
+            elif fits(job):
+                self._requests.remove(job)
+                if job.future.set_running_or_notify_cancel():
+                    return job
+        return None
+
+    def _take_background(self, fits: Callable[[_Job], bool]) -> _Job | None:
+        """The oldest queued background job that ``fits``, dropping the expired ones it passes."""
+        now = time.monotonic()
+        for key, job in list(self._background.items()):
+            if now - job.queued_at > self.settings.background_max_age_s:
+                del self._background[key]
+                self.telemetry.count(BackgroundOutcome.EXPIRED)
+            elif fits(job):
+                del self._background[key]
+                return job
+        return None
+
+    def _start(self, group: list[_Job], *, request: bool) -> None:
+        self._running, self._running_since, self._running_request = group, time.monotonic(), request
         self._report()
 
     def _waiting(self) -> bool:
@@ -195,46 +277,76 @@ class EngineScheduler:
             picked = self._next()
             if picked is None:
                 return
-            job, request = picked
+            group, request = picked
             try:
                 if request:
-                    self._run_request(job)
+                    self._run_requests(group)
                 else:
-                    self._run_background(job)
+                    self._run_background(group)
             finally:
                 with self._cv:
-                    self._running, self._running_request = None, False
+                    self._running, self._running_request = [], False
                     self._report()
 
-    def _run_request(self, job: _Job) -> None:
-        if job.deadline is not None and time.perf_counter() > job.deadline:
-            self.telemetry.count(RequestWorkOutcome.EXPIRED)
-            job.future.set_exception(TimeoutError("the request deadline passed while waiting for the engine"))
-            return
+    def _results(self, group: list[_Job], interrupted: Callable[[], bool]) -> list[Any]:
+        """Each job's result or the exception that ended it: one ``score_many`` for a group of calls."""
+        if group[0].work is not None:
+            try:
+                return [group[0].work(interrupted)]
+            except BaseException as exc:
+                return [exc]
+        calls, engine = [job.call for job in group], group[0].engine
         try:
-            job.future.set_result(job.work(lambda: False))
-        except TimeoutError as exc:  # the engine stopped at the request's deadline
-            self.telemetry.count(RequestWorkOutcome.ABANDONED)
-            job.future.set_exception(exc)
+            if len(calls) > 1:
+                return engine.score_many(calls, interrupted)
+            call = calls[0]
+            if group[0].on_scores is None:  # a request's: it never yields
+                return [engine.score(call.adapter, call.prefix, call.suffixes, call.deadline)]
+            return [engine.score(call.adapter, call.prefix, call.suffixes, call.deadline, interrupted)]
         except BaseException as exc:
-            job.future.set_exception(exc)
+            return [exc] * len(calls)
 
-    def _run_background(self, job: _Job) -> None:
-        try:
-            job.work(self._waiting)
-        except ForwardInterrupted:  # a request arrived: try again once the engine is free
-            with self._cv:
-                if job.key not in self._background and len(self._background) < self.settings.background_max_jobs:
-                    self._background[job.key] = job
-                    self._background.move_to_end(job.key, last=False)
-                else:
-                    self.telemetry.count(BackgroundOutcome.DROPPED)
+    def _run_requests(self, group: list[_Job]) -> None:
+        now = time.perf_counter()
+        live = []
+        for job in group:
+            if job.deadline is not None and now > job.deadline:
+                self.telemetry.count(RequestWorkOutcome.EXPIRED)
+                job.future.set_exception(TimeoutError("the request deadline passed while waiting for the engine"))
+            else:
+                live.append(job)
+        if not live:
             return
-        except Exception:
-            log.warning("background engine job failed", exc_info=True)
-            self.telemetry.count(BackgroundOutcome.FAILED)
-            return
-        self.telemetry.count(BackgroundOutcome.SCORED)
+        for job, result in zip(live, self._results(live, lambda: False)):
+            if isinstance(result, TimeoutError):  # the engine stopped at the request's deadline
+                self.telemetry.count(RequestWorkOutcome.ABANDONED)
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+    def _run_background(self, group: list[_Job]) -> None:
+        for job, result in zip(group, self._results(group, self._waiting)):
+            if isinstance(result, ForwardInterrupted):  # a request arrived: try again once the engine is free
+                with self._cv:
+                    if job.key not in self._background and len(self._background) < self.settings.background_max_jobs:
+                        self._background[job.key] = job
+                        self._background.move_to_end(job.key, last=False)
+                    else:
+                        self.telemetry.count(BackgroundOutcome.DROPPED)
+                continue
+            if isinstance(result, BaseException):
+                log.warning("background engine job failed", exc_info=result)
+                self.telemetry.count(BackgroundOutcome.FAILED)
+                continue
+            if job.on_scores is not None:
+                try:
+                    job.on_scores(result)
+                except Exception:
+                    log.warning("background engine job failed", exc_info=True)
+                    self.telemetry.count(BackgroundOutcome.FAILED)
+                    continue
+            self.telemetry.count(BackgroundOutcome.SCORED)
 
     def close(self) -> None:
         """Stop taking work; queued requests fail, queued background work is dropped."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from redis.exceptions import RedisError
 
-from service.engine.base import ScoringEngine, UserAdapter
+from service.engine.base import Adapter, EngineCall, ScoringEngine
 from service.config import RequestSettings
 from service.history import HistoryReader, KnowledgeRecord, UserHistory
 from service.logging import BurstLog
@@ -78,7 +78,7 @@ ADMISSION_OF = {DegradedReason.DEADLINE: Admission.DEADLINE, DegradedReason.LLM_
                 DegradedReason.LLM_QUEUE: Admission.QUEUE}
 
 
-def prompt_fingerprints(adapter: UserAdapter, view: UserHistoryView, prefix: Sequence[int],
+def prompt_fingerprints(adapter: Adapter, view: UserHistoryView, prefix: Sequence[int],
                         suffixes: Sequence[Sequence[int]]) -> list[str]:
     """Per candidate, a digest of everything its LLM score depends on: the adapter's content (its
     key names user, version and mixture), the stored history and profile the request read, and
@@ -136,7 +136,7 @@ class PendingScores:
 
     user_id: str
     version: str
-    adapter: UserAdapter
+    adapter: Adapter
     prompts: Prompts
     fields: list[str] | None
 
@@ -370,7 +370,7 @@ class ScoringPipeline:
             prompts = await text
             timings[Stage.RETRIEVAL], timings[Stage.PROMPTS] = prompts.retrieval_ms, prompts.prompts_ms
             t = time.perf_counter()
-            adapter = user_adapter(model, user_id, user_rep, self.adapters)
+            adapter = user_adapter(model, user_id, user_rep, self.adapters, self.engine)
             timings[Stage.ADAPTER], t = _since(t)
             fields = (prompt_fingerprints(adapter, view, prompts.prefix, prompts.suffixes)
                       if self.score_cache is not None else None)
@@ -393,12 +393,9 @@ class ScoringPipeline:
                 self._score_later(pending, misses, expected)
                 return LLMStage(scores, tuple(sources), (skip,), timings)
             self.telemetry.count(Admission.LIVE)
-            engine = self.engine
-
-            def work(interrupted):
-                return engine.score(adapter, prompts.prefix, miss_suffixes, deadline)
-
-            future = self.scheduler.submit(work, expected if expected is not None else remaining_ms, deadline)
+            call = EngineCall(adapter, prompts.prefix, miss_suffixes, deadline)
+            future = self.scheduler.submit_call(self.engine, call,
+                                                expected if expected is not None else remaining_ms)
             scored = await asyncio.wait_for(asyncio.wrap_future(future), max(remaining_ms, 0.0) / 1000.0)
             scores[misses] = scored
             for i in misses:
@@ -453,16 +450,16 @@ class ScoringPipeline:
             return
         miss_fields = [pending.fields[i] for i in misses]
         miss_suffixes = [pending.prompts.suffixes[i] for i in misses]
-        loop, engine = asyncio.get_running_loop(), self.engine
+        loop = asyncio.get_running_loop()
 
-        def work(interrupted):
-            scored = engine.score(pending.adapter, pending.prompts.prefix, miss_suffixes, None, interrupted)
+        def cache(scored: np.ndarray) -> None:
             scores = {field: float(s) for field, s in zip(miss_fields, scored)}
             loop.call_soon_threadsafe(self._cache_scores, pending.user_id, pending.version, scores)
 
         key = (pending.user_id, pending.version,
                hashlib.blake2b("".join(miss_fields).encode(), digest_size=16).hexdigest())
-        self.scheduler.submit_background(key, work, expected_ms or 0.0)
+        call = EngineCall(pending.adapter, pending.prompts.prefix, miss_suffixes)
+        self.scheduler.submit_background_call(key, self.engine, call, cache, expected_ms or 0.0)
 
 
 def _on_one_thread() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.engine.base import ScoringEngine, UserAdapter
+from service.engine.base import Adapter, ScoringEngine
 from service.llm.prompt import PromptBuilder
 from service.model import LoadedModel
 from service.model.fusion import ScoreSource
@@ -51,7 +51,7 @@ class SequenceResult:
     scored: Scored
     crm: CRMResult
     prompts: Prompts | None = None  # None where the version answers with the CRM alone
-    adapter: UserAdapter | None = None
+    adapter: Adapter | None = None
 
 
 def score_sequence(model: LoadedModel, builder: PromptBuilder | None, engine: ScoringEngine | None,
@@ -66,6 +66,6 @@ def score_sequence(model: LoadedModel, builder: PromptBuilder | None, engine: Sc
     if source is ScoreSource.CRM:
         return SequenceResult(Scored.of(model, source, crm.scores), crm)
     prompts = text_inputs(builder, model, history, dense)
-    adapter = user_adapter(model, user_id, crm.user_rep, adapters)
+    adapter = user_adapter(model, user_id, crm.user_rep, adapters, engine)
     llm = engine.score(adapter, prompts.prefix, prompts.suffixes, interrupted=interrupted)
     return SequenceResult(Scored.of(model, source, crm.scores, llm), crm, prompts, adapter)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,11 +18,12 @@ import numpy as np
 import torch
 
 from service.crm.inputs import build_inputs
-from service.engine.base import ScoringEngine, UserAdapter
+from service.engine.base import Adapter, LoRABanks, ScoringEngine, UserAdapter, UserMixture
 from service.llm.prompt import Behaviour, PromptBuilder
 from service.retrieval.history import semantic_positions, shared_positions
 from service.model import LoadedModel
 from service.model.fusion import ScoreSource, score_source
+from service.llm.personalized_lora import AdapterMixer
 from service.personalization.adapter_cache import AdapterCache
 
 
@@ -141,14 +143,43 @@ def text_inputs(builder: PromptBuilder, model: LoadedModel, history: UserHistory
 def build_adapter(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> UserAdapter:
     """Materialize one user's adapter; the key names user, version and content."""
     weights = model.mixer.adapter(alphas)
+    return UserAdapter(_adapter_key(model, user_id, alphas), weights, model.lora_config.scaling, user_id=user_id)
+
+
+def user_mixture(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> UserMixture:
+    """One user's gate weights over the version's banks, for an engine that mixes in its forward;
+    the key is the materialized adapter's."""
+    return UserMixture(_adapter_key(model, user_id, alphas), mixture_banks(model), alphas, user_id=user_id)
+
+
+_BANKS: "weakref.WeakKeyDictionary[AdapterMixer, LoRABanks]" = weakref.WeakKeyDictionary()
+
+
+def mixture_banks(model: LoadedModel) -> LoRABanks:
+    """The version's meta-LoRA banks as an engine takes them, built once per loaded version."""
+    mixer = model.mixer
+    banks = _BANKS.get(mixer)
+    if banks is None:
+        banks = LoRABanks(f"{model.version}#{id(mixer):x}", tuple(mixer.module_names), tuple(mixer.banks_a),
+                          tuple(mixer.banks_b), model.lora_config.scaling)
+        _BANKS[mixer] = banks
+    return banks
+
+
+def _adapter_key(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> str:
     digest = hashlib.sha256(alphas.float().numpy().tobytes()).hexdigest()[:12]
-    return UserAdapter(f"{user_id}@{model.version}#{digest}", weights, model.lora_config.scaling, user_id=user_id)
+    return f"{user_id}@{model.version}#{digest}"
 
 
-def user_adapter(model: LoadedModel, user_id: str, user_rep: torch.Tensor, adapters: AdapterCache | None) -> UserAdapter:
-    """The user's adapter: the gates' mixture of the meta-LoRAs for the CRM's user representation,
-    from the adapter cache while the mixture has not drifted (built afresh without a cache)."""
+def user_adapter(model: LoadedModel, user_id: str, user_rep: torch.Tensor, adapters: AdapterCache | None,
+                 engine: ScoringEngine | None = None) -> Adapter:
+    """The user's adapter for ``engine``: the gates' mixture weights over the version's banks where
+    the engine mixes in its forward (``mixes_in_forward``: nothing to build or cache), else the
+    materialized mixture of the meta-LoRAs, from the adapter cache while the mixture has not
+    drifted (built afresh without a cache)."""
     alphas = model.mixer.mixtures(user_rep)
+    if getattr(engine, "mixes_in_forward", False):
+        return user_mixture(model, user_id, alphas)
     if adapters is None:
         return build_adapter(model, user_id, alphas)
     adapter, _ = adapters.get_or_build(user_id, model.version, alphas, lambda a: build_adapter(model, user_id, a))

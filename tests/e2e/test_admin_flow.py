@@ -65,8 +65,11 @@ def token() -> tuple[str, str]:
 def admin(world: World, tmp_path_factory, token) -> Iterator[LiveServer]:
     store = tmp_path_factory.mktemp("admin") / "model_store"
     shutil.copytree(world.bundle_dir, store / world.version)
+    # One request per forward (no packing): every answer is then bit-exact per version, which is how
+    # these tests tell the versions' answers apart (a packed bfloat16 forward rounds differently).
     server = LiveServer.start(world.settings(model_store=store, active_version=None, admin_enabled=True,
-                                             admin_token_sha256=[token[1]], admin_max_upload_bytes=UPLOAD_CAP))
+                                             admin_token_sha256=[token[1]], admin_max_upload_bytes=UPLOAD_CAP,
+                                             engine_pack_tokens=0))
     yield server
     server.stop()
 
@@ -380,7 +383,7 @@ class TestCli:
 def test_gateways_sharing_a_store_follow_an_activation(admin: LiveServer, client, world: World):
     """A second gateway on the same store (no admin API) serves what the first one activated."""
     follower = LiveServer.start(world.settings(model_store=Path(admin.app.state.settings.model.model_store),
-                                               active_version=None, model_poll_s=0.2))
+                                               active_version=None, model_poll_s=0.2, engine_pack_tokens=0))
     try:
         with follower.client() as other:
             assert scores(other, world.users[0])[0] == world.version

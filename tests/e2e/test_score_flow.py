@@ -106,9 +106,10 @@ def test_engine_code_path_in_float32_equals_the_reference(world: World, referenc
                                atol=1e-4)
 
 
-def test_personalization_is_live_and_the_adapter_cache_hits_on_a_repeat(world: World, live: LiveServer,
-                                                                        http: httpx.Client,
-                                                                        reference: Reference) -> None:
+def test_personalization_is_live_and_the_embedded_engine_builds_no_user_adapter(world: World, live: LiveServer,
+                                                                               http: httpx.Client,
+                                                                               reference: Reference) -> None:
+    """Each user's mixture is computed in the engine's forward: the adapter cache is never used."""
     a, b = world.users[1], world.users[2]
     metrics = http.get("/metrics").text
     hits0 = metric_value(metrics, "reclora_adapter_cache_hits_total")
@@ -124,14 +125,10 @@ def test_personalization_is_live_and_the_adapter_cache_hits_on_a_repeat(world: W
     assert np.abs(own - crossed).max() > 5 * BF16_ATOL, (own, crossed)
     np.testing.assert_allclose(llm_a, own, atol=llm_atol(engine_dtype(live)))
 
-    metrics = http.get("/metrics").text
-    assert metric_value(metrics, "reclora_adapter_cache_misses_total") == misses0 + 2
-    assert metric_value(metrics, "reclora_adapter_cache_hits_total") == hits0
-
     again = score(http, a)
     metrics = http.get("/metrics").text
-    assert metric_value(metrics, "reclora_adapter_cache_hits_total") == hits0 + 1
-    assert metric_value(metrics, "reclora_adapter_cache_misses_total") == misses0 + 2
+    assert metric_value(metrics, "reclora_adapter_cache_misses_total") == misses0
+    assert metric_value(metrics, "reclora_adapter_cache_hits_total") == hits0
     np.testing.assert_allclose(column(again, "llm_score"), llm_a, atol=1e-6)
     np.testing.assert_allclose(column(again, "crm_score"), column(first_a, "crm_score"), atol=1e-9)
 
@@ -180,8 +177,10 @@ def test_whole_catalog_as_candidates_spans_several_engine_chunks(world: World, l
 
 def test_concurrent_requests_each_get_their_own_users_answer(world: World, live: LiveServer,
                                                              http: httpx.Client) -> None:
-    """Requests of different users in flight together share one engine: each must be scored with its
-    own adapter and history, exactly as when it is alone."""
+    """Requests of different users in flight together share one engine, and packed, its forwards:
+    each must be scored with its own adapter and history as when it is alone (in float32 within
+    1e-5; in bfloat16 a packed forward rounds each user's LoRA term in another order, within the
+    engine's tolerance and far below the spread between two users' adapters)."""
     from concurrent.futures import ThreadPoolExecutor
 
     users = world.users[7:11]
@@ -193,11 +192,12 @@ def test_concurrent_requests_each_get_their_own_users_answer(world: World, live:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         together = list(pool.map(ask, users * 2))
+    atol = 1e-5 if engine_dtype(live) == torch.float32 else llm_atol(engine_dtype(live))
     for user, body in together:
         assert body["degraded"] is False, body
-        np.testing.assert_allclose(column(body, "llm_score"), column(alone[user], "llm_score"), atol=1e-6)
+        np.testing.assert_allclose(column(body, "llm_score"), column(alone[user], "llm_score"), atol=atol)
         np.testing.assert_allclose(column(body, "crm_score"), column(alone[user], "crm_score"), atol=1e-9)
-        np.testing.assert_allclose(column(body, "score"), column(alone[user], "score"), atol=1e-6)
+        np.testing.assert_allclose(column(body, "score"), column(alone[user], "score"), atol=atol)
 
 
 def test_ready_with_the_bundle_version(world: World, http: httpx.Client) -> None:

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.config import TorchSettings
-from service.engine.base import ForwardInterrupted, UserAdapter
+from service.engine.base import EngineCall, ForwardInterrupted, LoRABanks, UserAdapter, UserMixture
+from service.engine.lora_slot import TokenMixtures
 from service.engine.torch_engine import DeadlineExceeded, TorchEngine
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRA, PersonalizedLoRAConfig
 from training.llm.scoring import score_sequences
@@ -242,3 +243,97 @@ def test_the_native_kernels_are_used_on_cpus_and_score_as_torch_kernels_do(setup
     got = engine.score(adapter, prefix, suffixes)
     assert len(engine.last_extensions) > 1  # a shared run was cached
     np.testing.assert_allclose(got, plain.score(adapter, prefix, suffixes), atol=1e-5)
+
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def every_module(tmp_path_factory):
+    """A tiny model with meta-LoRA banks on every projection, its mixer and an engine on it."""
+    torch.manual_seed(1)
+    base = tmp_path_factory.mktemp("every")
+    LlamaForCausalLM(tiny_config()).save_pretrained(base)
+    lora = PersonalizedLoRA(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).eval(),
+                            PersonalizedLoRAConfig(n_meta=3, r=4, user_dim=8, target_modules=ALL_MODULES))
+    with torch.no_grad():
+        for layer in lora.layers.values():
+            layer.lora_B.normal_(std=0.3)
+    mixer = AdapterMixer(lora.cfg, lora.trainable_state_dict())
+    engine = TorchEngine(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), TorchSettings(torch_max_batch=5),
+                         yes_id=YES, no_id=NO, target_modules=ALL_MODULES)
+    banks = LoRABanks("v1", tuple(mixer.module_names), tuple(mixer.banks_a), tuple(mixer.banks_b), lora.cfg.scaling)
+    return lora, mixer, engine, banks
+
+
+def mixture_for(mixer, banks, rep, key) -> UserMixture:
+    return UserMixture(key, banks, mixer.mixtures(rep), user_id=key)
+
+
+def test_the_mixture_in_the_forward_equals_the_materialized_adapter_for_every_module(every_module) -> None:
+    """float32: each row's LoRA term from the banks and its gate weights is the mixed adapter's."""
+    lora, mixer, engine, banks = every_module
+    assert set(banks.module_names) == set(engine.slots.slots) and len(engine.slots.slots) == 2 * len(ALL_MODULES)
+    for seed in range(3):
+        rep = torch.randn(8)
+        prefix, suffixes = prompts(10 + seed)
+        materialized = engine.score(UserAdapter(f"m{seed}", mixer.adapter(mixer.mixtures(rep)), lora.cfg.scaling),
+                                    prefix, suffixes)
+        mixed = engine.score(mixture_for(mixer, banks, rep, f"u{seed}"), prefix, suffixes)
+        np.testing.assert_allclose(mixed, materialized, atol=1e-5)
+    for name, module in engine.slots.slots.items():  # per module: the slot's output itself
+        x = torch.randn(6, module.base.in_features)
+        alphas = mixer.mixtures(torch.randn(8))
+        a, b = mixer.adapter(alphas)[name]
+        m = banks.module_names.index(name)
+        engine.slots.install_mixtures(banks, TokenMixtures(alphas.expand(6, -1, -1), torch.arange(6)))
+        with torch.no_grad():
+            got = module(x)
+            expected = module.base(x) + lora.cfg.scaling * (x @ a) @ b
+        engine.slots.install(None)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{name} (bank {m})")
+
+
+def test_one_forward_of_three_users_equals_three_single_user_forwards(every_module) -> None:
+    lora, mixer, engine, banks = every_module
+    users = [mixture_for(mixer, banks, torch.randn(8), f"user{i}") for i in range(3)]
+    calls = [EngineCall(user, *prompts(20 + i)) for i, user in enumerate(users)]
+    forwards = []
+    engine.observe_rows = forwards.append
+    try:
+        together = engine.score_many(calls)
+        packed_forwards = len(forwards)
+        alone = [engine.score(call.adapter, call.prefix, call.suffixes) for call in calls]
+    finally:
+        engine.observe_rows = None
+    assert packed_forwards < len(forwards) - packed_forwards  # fewer forwards for the three together
+    assert any(len({id(r.context) for r in rows}) > 1 for rows in forwards[:packed_forwards])
+    for got, expected in zip(together, alone):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    # and each user's rows took its own mixture: swapping two users' adapters changes their scores
+    swapped = engine.score_many([EngineCall(users[1], *prompts(20)), EngineCall(users[0], *prompts(21))])
+    assert np.abs(swapped[0] - together[0]).max() > 1e-3
+
+
+def test_a_late_call_leaves_the_forward_and_the_others_finish(every_module) -> None:
+    lora, mixer, engine, banks = every_module
+    users = [mixture_for(mixer, banks, torch.randn(8), f"late{i}") for i in range(2)]
+    expected = engine.score(users[1], *prompts(31))
+    passed = time.perf_counter() - 1.0
+    results = engine.score_many([EngineCall(users[0], *prompts(30), deadline=passed),
+                                 EngineCall(users[1], *prompts(31))])
+    assert isinstance(results[0], DeadlineExceeded)
+    np.testing.assert_allclose(results[1], expected, atol=1e-6)
+
+
+def test_only_mixtures_of_one_version_share_a_forward(every_module) -> None:
+    lora, mixer, engine, banks = every_module
+    rep = torch.randn(8)
+    other = LoRABanks("v2", banks.module_names, banks.a, banks.b, banks.scaling)
+    with pytest.raises(ValueError, match="same version"):
+        engine.score_many([EngineCall(mixture_for(mixer, banks, rep, "a"), *prompts(1)),
+                           EngineCall(mixture_for(mixer, other, rep, "b"), *prompts(2))])
+    with pytest.raises(ValueError, match="same version"):
+        engine.score_many([EngineCall(mixture_for(mixer, banks, rep, "a"), *prompts(1)),
+                           EngineCall(UserAdapter("m", mixer.adapter(mixer.mixtures(rep)), banks.scaling),
+                                      *prompts(2))])

@@ -6,11 +6,12 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from service.config import BackgroundSettings
-from service.engine.base import ForwardInterrupted
+from service.engine.base import EngineCall, ForwardInterrupted, LoRABanks, UserMixture
 from service.scoring.engine_scheduler import (BackgroundOutcome, EngineScheduler, RequestWorkOutcome,
                                               set_thread_intra_op_threads)
 from tests.telemetry_support import RecordedTelemetry
@@ -210,3 +211,91 @@ def test_without_a_count_the_engine_thread_begins_as_new_threads_do():
     finally:
         s.close()
 
+
+
+class PackingEngine:
+    """Records the calls of every forward; each call's scores are its tokens' count per suffix."""
+
+    mixes_in_forward = True
+
+    def __init__(self) -> None:
+        self.forwards: list[list[str]] = []
+
+    def score(self, adapter, prefix, suffixes, deadline=None, interrupted=None):
+        return self.score_many([EngineCall(adapter, prefix, suffixes, deadline)], interrupted)[0]
+
+    def score_many(self, calls, interrupted=None):
+        self.forwards.append([call.adapter.key for call in calls])
+        return [np.full(len(call.suffixes), float(len(call.prefix))) for call in calls]
+
+
+def banks(key: str) -> LoRABanks:
+    return LoRABanks(key, ("q",), (torch.zeros(1, 2, 1),), (torch.zeros(1, 1, 2),), 1.0)
+
+
+def call(user: str, version: str = "v1", tokens: int = 100) -> EngineCall:
+    mixture = UserMixture(user, banks(version), torch.ones(1, 1), user_id=user)
+    return EngineCall(mixture, list(range(tokens - 10)), [[1] * 5, [2] * 5])
+
+
+def test_waiting_requests_of_one_version_share_a_forward_within_the_token_budget(recorder):
+    engine = PackingEngine()
+    s = EngineScheduler(BackgroundSettings(engine_pack_tokens=300), telemetry=recorder)
+    try:
+        hold, entered, release = blocker()
+        held = s.submit(hold, 10.0)
+        assert entered.wait(5)
+        futures = [s.submit_call(engine, call(f"u{i}"), 10.0) for i in range(4)]
+        futures.append(s.submit_call(engine, call("other", version="v2"), 10.0))
+        scored: list[str] = []
+        s.submit_background_call("bg", engine, call("bg"), lambda scores: scored.append("bg"), 10.0)
+        futures.append(s.submit_call(engine, call("u4"), 10.0))
+        release.set()
+        assert held.result(5) == "held"
+        for f in futures:
+            assert list(f.result(5)) == [90.0, 90.0]
+        deadline = time.monotonic() + 5
+        while not scored and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        s.close()
+    # three calls of 100 tokens fill the 300-token budget; v2 never joins v1; background runs alone, last
+    assert engine.forwards == [["u0", "u1", "u2"], ["u3", "u4"], ["other"], ["bg"]]
+    assert scored == ["bg"] and recorder.outcomes == [BackgroundOutcome.SCORED]
+
+
+def test_background_calls_share_a_forward_and_requests_never_join_them(recorder):
+    engine = PackingEngine()
+    s = EngineScheduler(BackgroundSettings(engine_pack_tokens=1000), telemetry=recorder)
+    try:
+        hold, entered, release = blocker()
+        s.submit_background("hold", hold, 0.0)
+        assert entered.wait(5)
+        done: list[str] = []
+        for i in range(3):
+            s.submit_background_call(f"k{i}", engine, call(f"b{i}"), lambda scores, i=i: done.append(f"b{i}"), 0.0)
+        request = s.submit_call(engine, call("r"), 10.0)
+        release.set()
+        assert list(request.result(5)) == [90.0, 90.0]
+        deadline = time.monotonic() + 5
+        while len(done) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        s.close()
+    assert engine.forwards == [["r"], ["b0", "b1", "b2"]] and done == ["b0", "b1", "b2"]
+
+
+def test_no_budget_runs_one_request_per_forward(recorder):
+    engine = PackingEngine()
+    s = EngineScheduler(BackgroundSettings(engine_pack_tokens=0), telemetry=recorder)
+    try:
+        hold, entered, release = blocker()
+        s.submit(hold, 10.0)
+        assert entered.wait(5)
+        futures = [s.submit_call(engine, call(f"u{i}"), 10.0) for i in range(3)]
+        release.set()
+        for f in futures:
+            f.result(5)
+    finally:
+        s.close()
+    assert engine.forwards == [["u0"], ["u1"], ["u2"]]

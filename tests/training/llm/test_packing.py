@@ -208,6 +208,7 @@ def test_a_suffix_never_sees_another_suffix(base) -> None:
 
     packed = hidden(suffixes)
     changed = hidden([suffixes[0], torch.arange(100, 112), suffixes[2]])  # the middle suffix rewritten, longer
-    torch.testing.assert_close(changed[0], packed[0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(changed[2], packed[2], rtol=0, atol=1e-6)
+    # float32 rounding only (a longer pack changes the matmuls' shapes); a leak would move these by far more
+    torch.testing.assert_close(changed[0], packed[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(changed[2], packed[2], rtol=0, atol=1e-5)
     assert not torch.allclose(changed[1], packed[1])
