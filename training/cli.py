@@ -208,22 +208,28 @@ def export(
     serve: Annotated[str, typer.Option(
         help="with --llm: auto serves the fused score when its validation AUC beats the CRM's, else the CRM's "
              "alone (the LLM is then never run); fused or crm force it")] = "auto",
+    prototypes: Annotated[int, typer.Option(
+        help="with --llm: also P prototype adapters, the LoRA mixed at the centroids of the training users' gate "
+             "outputs (seeded k-means), which serving maps each user to; 0 keeps exact per-user adapters only")] = 0,
+    prototype_seed: Annotated[int, typer.Option(help="the prototypes' k-means seed")] = 0,
 ) -> None:
     """Write a validated model bundle to STORE/VERSION; with --llm, decide on validation whether it
     serves the fused score or the CRM's."""
     from service.bundle import BundleError
     from training.export.crm_bundle import export_crm_bundle
+    from training.export.prototypes import PrototypeOptions
     from training.llm.fusion_fit import FusionOptions
 
     try:
         options = FusionOptions(samples=fusion_samples, seed=fusion_seed, dtype=fusion_dtype, serve=serve)
+        prototype_options = PrototypeOptions(count=prototypes, seed=prototype_seed)
     except ValueError as exc:
         fail(str(exc))
     with timed("export"):
         try:
             path = export_crm_bundle(data, crm or data / "crm", store, version, description=description,
                                      overwrite=overwrite, llm_dir=llm, base_model=base_model, llm_report=llm_report,
-                                     fusion=options)
+                                     fusion=options, prototypes=prototype_options)
         except BundleError as exc:
             fail(str(exc))
     _echo_fusion(path)

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from service.bundle.knowledge import knowledge_problem
+from service.bundle.prototypes import prototypes_problem
 from service.bundle.manifest import MANIFEST_NAME, BundleManifest, FileEntry, quote_untrusted, suffix_problem
 
 if TYPE_CHECKING:
@@ -291,7 +292,7 @@ def load_bundle(path: str | os.PathLike[str], *, expect_dir_name: bool = True,
     real_root = root.resolve()
     for entry in manifest.files:
         _check_listed_file(root, real_root, entry)
-    problem = knowledge_problem(root, manifest)
+    problem = knowledge_problem(root, manifest) or prototypes_problem(root, manifest)
     if problem:
         raise BundleError(f"bundle {root.name}: {problem}")
     return Bundle(root=root, manifest=manifest)

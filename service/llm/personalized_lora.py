@@ -241,6 +241,22 @@ def peft_weights(mixed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[st
     return weights
 
 
+def from_peft_weights(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module (A: d_in x r, B: r x d_out) from PEFT state-dict keys: ``peft_weights`` undone."""
+    prefix, a_suffix, b_suffix = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
+    modules = sorted(k[len(prefix):-len(a_suffix)] for k in weights if k.startswith(prefix) and k.endswith(a_suffix))
+    return {m: (weights[f"{prefix}{m}{a_suffix}"].T.contiguous(), weights[f"{prefix}{m}{b_suffix}"].T.contiguous())
+            for m in modules}
+
+
+def peft_config(rank: int, scaling: float, target_modules: list[str], base_model: str) -> dict:
+    """adapter_config.json of a mixed adapter (a plain rank-r LoRA) as peft and vLLM read it."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": rank, "lora_alpha": scaling * rank, "lora_dropout": 0.0, "bias": "none",
+            "target_modules": sorted(target_modules), "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "modules_to_save": None, "inference_mode": True}
+
+
 class AdapterMixer(nn.Module):
     """The serving side of personalized LoRA: gates and meta-LoRA banks without a base model.
 
@@ -277,13 +293,21 @@ class AdapterMixer(nn.Module):
             return torch.ones(len(self.module_names), 1)
         if user_rep is None:
             raise ValueError("a gated adapter needs a user representation")
+        return self.gate_outputs(user_rep.reshape(1, -1))[0]
+
+    @torch.no_grad()
+    def gate_outputs(self, user_reps: torch.Tensor) -> torch.Tensor:
+        """(N, n_modules, n_meta) alpha of N users (user_reps: (N, user_dim)); what ``mixtures``
+        gives one user, for many at once (the export clusters them)."""
+        if not self.cfg.gated:
+            return torch.ones(len(user_reps), len(self.module_names), 1)
         if not hasattr(self, "_stacked"):
             self._stack_gates()
         ln_w, ln_b, w1, b1, w2, b2 = self._stacked
-        rep = torch.nn.functional.layer_norm(user_rep.reshape(1, -1).float(), (self.cfg.user_dim,))
-        h = rep * ln_w + ln_b  # (M, user_dim): every module's gate at once
-        h = torch.relu(torch.einsum("md,mhd->mh", h, w1) + b1)
-        return torch.softmax((torch.einsum("mh,mkh->mk", h, w2) + b2) / self.cfg.temperature, -1)
+        rep = torch.nn.functional.layer_norm(user_reps.float(), (self.cfg.user_dim,))
+        h = rep[:, None, :] * ln_w + ln_b  # (N, M, user_dim): every module's gate at once
+        h = torch.relu(torch.einsum("nmd,mhd->nmh", h, w1) + b1)
+        return torch.softmax((torch.einsum("nmh,mkh->nmk", h, w2) + b2) / self.cfg.temperature, -1)
 
     def _stack_gates(self) -> None:
         """One batched gate for all modules: the per-module loop costs more than the arithmetic."""

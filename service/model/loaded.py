@@ -18,6 +18,7 @@ from service.crm.knowledge import KnowledgeConfig
 from service.crm.loading import build_crm
 from service.crm.model import CRM, CRMConfig
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
+from service.llm.prototypes import PrototypeSet
 from service.llm.prompt import PromptConfig, PromptForm, check_trained_form, form_of_version
 from service.model.catalog import Catalog
 from service.model.fusion import FUSION_FILE, Fusion
@@ -43,6 +44,7 @@ class LoadedModel:
     crm_item_table: torch.Tensor  # the CRM's catalog vectors; fixed per version, so built once at load
     knowledge: KnowledgeConfig | None = None  # what a knowledge CRM's user vectors must come from (encoder, dim)
     lora_prompt_form: PromptForm | None = None  # the form the LoRA was trained on (the manifest's llm component)
+    prototypes: PrototypeSet | None = None  # served in place of per-user mixtures (None: exact adapters)
 
 
 def trained_prompt_form(llm_config: dict) -> PromptForm:
@@ -53,9 +55,11 @@ def trained_prompt_form(llm_config: dict) -> PromptForm:
     return form if form is not None else form_of_version(str(llm_config.get("prompt_version", "")))
 
 
-def load_model(bundle_dir: str | Path) -> LoadedModel:
+def load_model(bundle_dir: str | Path, *, prototypes: bool = True) -> LoadedModel:
     """Validate the bundle (schema, hashes, file kinds) and build its runtime objects; a LoRA whose
-    prompt form is not the bundle's prompt config's is refused (``PromptFormMismatch``)."""
+    prompt form is not the bundle's prompt config's is refused (``PromptFormMismatch``). With
+    ``prototypes`` a bundle's prototype adapters serve its users (exact per-user mixtures without,
+    or where the bundle has none)."""
     bundle = load_bundle(bundle_dir)
     catalog = Catalog(bundle.load_parquet_pandas("items/catalog.parquet"), bundle.load_npy("items/embeddings.npy"))
     config = CRMConfig.model_validate(bundle.load_json("crm/config.json"))
@@ -82,6 +86,7 @@ def load_model(bundle_dir: str | Path) -> LoadedModel:
         check_trained_form(prompt, lora_form)  # the gateway builds every prompt in the bundle's form
     with torch.no_grad():
         table = crm.item_table()
+    served_prototypes = PrototypeSet.from_bundle(bundle) if prototypes and mixer is not None else None
     return LoadedModel(bundle.manifest.version, bundle, catalog, crm, config, space,
                        torch.from_numpy(catalog.embeddings), mixer, lora_config, prompt, k_text, fusion, table,
-                       knowledge, lora_form)
+                       knowledge, lora_form, served_prototypes)

@@ -1,9 +1,10 @@
 """Everything a candidate version must pass before it may be activated.
 
 In order: the bundle reader (manifest schema, sizes, hashes, file kinds: safetensors/JSON/NPY/
-parquet only, pickle refused), the runtime loader (CRM weights strictly against the CRM config,
-meta-LoRA banks against the LoRA config), the LoRA against the base model the service runs
-(module names, shapes, floating dtypes, rank within the serving limit), the prompt's form against
+parquet only, pickle refused; prototype parts: count and shapes), the runtime loader (CRM weights
+strictly against the CRM config, meta-LoRA banks against the LoRA config), the LoRA against the
+base model the service runs (module names, shapes, floating dtypes, rank within the serving
+limit), each prototype adapter against the LoRA mixed at its centroid, the prompt's form against
 the one the LoRA was trained on (the loader refuses another), the prompt's answer tokens against
 the engine's, then a smoke test: a few golden requests scored end to end with the candidate,
 refused on NaN, infinities or probabilities outside [0, 1]. Each refusal carries a
@@ -60,10 +61,10 @@ class ValidationReport:
     smoke_scores: list[list[float]] = field(default_factory=list)  # served scores per golden request
 
 
-def load_candidate(bundle_dir: Path) -> LoadedModel:
+def load_candidate(bundle_dir: Path, *, prototypes: bool = True) -> LoadedModel:
     """The runtime objects of a candidate, or ValidationFailed saying why it cannot load."""
     try:
-        return load_model(bundle_dir)
+        return load_model(bundle_dir, prototypes=prototypes)
     except BundleError as exc:
         raise ValidationFailed(RefusalReason.BUNDLE, str(exc)) from None
     except PromptFormMismatch as exc:
@@ -99,6 +100,24 @@ def check_lora(model: LoadedModel, spec: BaseModelSpec, max_rank: int) -> list[s
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"{name}: LoRA weights contain NaN or infinity")
     return [f"LoRA: {len(names)} modules, rank {cfg.r} (limit {max_rank}), {cfg.n_meta} meta-LoRAs"]
+
+
+def check_prototypes(model: LoadedModel, atol: float = 1e-5) -> list[str]:
+    """Each prototype adapter is the meta-LoRAs mixed at its centroid, so a user at the centroid
+    gets exactly the adapter the exact mode would give; a prototype that is anything else (other
+    weights, another LoRA's) is refused."""
+    prototypes = model.prototypes
+    if prototypes is None:
+        return []
+    n_modules = len(model.mixer.module_names)
+    for i, (centroid, stored) in enumerate(zip(prototypes.centroids, prototypes.weights)):
+        mixed = model.mixer.adapter(centroid.reshape(n_modules, -1))
+        for name, (a, b) in mixed.items():
+            a_p, b_p = stored[name]
+            if not (torch.allclose(a_p, a, atol=atol, rtol=1e-4) and torch.allclose(b_p, b, atol=atol, rtol=1e-4)):
+                raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"prototype {prototypes.name(i)}: {name} is not "
+                                       "the LoRA's mixture at its centroid")
+    return [f"prototypes: {len(prototypes)} adapters, each the mixture at its centroid"]
 
 
 def check_weight_dtypes(model: LoadedModel) -> list[str]:
@@ -164,13 +183,13 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, engine: ScoringEngine | None,
-             builder_for) -> tuple[LoadedModel, PromptBuilder | None, ValidationReport]:
+             builder_for, prototypes: bool = True) -> tuple[LoadedModel, PromptBuilder | None, ValidationReport]:
     """Run every check on the bundle at ``bundle_dir``; the loaded model ready to swap in.
 
     ``builder_for(prompt_config)`` makes the prompt builder on the served tokenizer (None when the
-    service runs no LLM).
+    service runs no LLM); ``prototypes``: serve the bundle's prototype adapters where it has them.
     """
-    model = load_candidate(bundle_dir)
+    model = load_candidate(bundle_dir, prototypes=prototypes)
     report = ValidationReport(model.version, [f"bundle: {len(model.bundle.manifest.files)} files, hashes verified"])
     report.checks += check_weight_dtypes(model)
     builder = None
@@ -179,6 +198,7 @@ def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, eng
             raise ValidationFailed(RefusalReason.NO_ENGINE, "this version has a LoRA but the service runs no LLM engine "
                                    "(it was started with a CRM-only version); restart it on an LLM version")
         report.checks += check_lora(model, spec, max_rank)
+        report.checks += check_prototypes(model)
         report.checks.append(f"prompt: {model.prompt.form} form ({model.prompt.version}), the LoRA's")
         builder = builder_for(model.prompt)
         if (spec.yes_id, spec.no_id) != (builder.yes_id, builder.no_id):

@@ -60,6 +60,16 @@ def test_export_writes_a_loadable_bundle(pipeline) -> None:
     assert again.exit_code == 2 and "exists" in again.output
 
 
+def test_prototypes_need_a_lora(pipeline) -> None:
+    root, data = pipeline
+    result = runner.invoke(app, ["export", "--data", str(data), "--version", "p1", "--store", str(root / "store"),
+                                 "--prototypes", "4"])
+    assert result.exit_code == 2 and "--llm" in result.output
+    negative = runner.invoke(app, ["export", "--data", str(data), "--version", "p2", "--store", str(root / "store"),
+                                   "--prototypes", "-1"])
+    assert negative.exit_code == 2 and "--prototypes" in negative.output
+
+
 def test_bad_input_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "u.data").write_text("1\t1\tx\t5\n")
     result = runner.invoke(app, ["prepare", "--format", "ml-100k", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])

