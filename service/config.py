@@ -92,6 +92,15 @@ class ModelSettings(SettingsGroup):
         "Check the store's ACTIVE pointer this often and serve what it names, so every gateway sharing "
         "a store follows an activation made through any of them; 0 = off. Off when active_version is set."))
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Highest LoRA rank a version may bring.")
+    adapter_mode: Literal["prototypes", "exact"] = Field("prototypes", description=(
+        "Where a version carries prototype adapters (exported with --prototypes): 'prototypes' serves each user "
+        "the prototype nearest to the user's gate outputs (P adapters for everyone, preloaded on every vLLM "
+        "replica); 'exact' mixes each user's own adapter. Versions without prototypes are always exact."))
+
+    @property
+    def serves_prototypes(self) -> bool:
+        """Whether versions that carry prototype adapters serve them."""
+        return self.adapter_mode == "prototypes"
 
     @property
     def follows_store(self) -> bool:

@@ -111,7 +111,7 @@ def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore,
     engine_threads = settings.torch.torch_threads or torch.get_num_threads()
     set_thread_intra_op_threads(1)
     version = active_version(settings.model.model_store, settings.model.active_version)
-    model = load_model(settings.model.model_store / version)
+    model = load_model(settings.model.model_store / version, prototypes=settings.model.serves_prototypes)
     engine = builder = None
     if model.mixer is not None:
         if settings.model.engine == "vllm":

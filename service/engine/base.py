@@ -14,14 +14,15 @@ import torch
 class UserAdapter:
     """One user's materialized LoRA: per target module (A: d_in x r, B: r x d_out) and its scaling.
 
-    ``key`` names the weights uniquely (user, bundle version, content hash) so a cache or a
-    remote server never confuses two adapters.
+    ``key`` names the weights uniquely (user or prototype, bundle version, content hash) so a
+    cache or a remote server never confuses two adapters.
     """
 
     key: str
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scaling: float
     user_id: str = ""  # whose adapter: remote engines route a user to the replica holding it
+    prototype: str | None = None  # the prototype it stands for, shared by its users (None: the user's own)
 
     @property
     def nbytes(self) -> int:
@@ -52,6 +53,7 @@ class UserMixture:
     banks: LoRABanks
     alphas: torch.Tensor
     user_id: str = ""
+    prototype: str | None = None  # the prototype it stands for, shared by its users (None: the user's own)
 
 
 Adapter = UserAdapter | UserMixture
@@ -88,6 +90,12 @@ class ScoringEngine(Protocol):
     def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:
         """How long scoring these prompts is expected to take, from the engine's recent requests;
         None when it cannot say. The caller skips an LLM stage that would overrun its deadline."""
+        ...
+
+    def preload(self, adapters: Sequence[UserAdapter]) -> None:
+        """Make a version's shared (prototype) adapters ready before it serves: a remote engine
+        loads them on every replica, so scoring by prototype loads nothing; the embedded engine
+        installs per forward and needs nothing."""
         ...
 
     def close(self) -> None:

@@ -79,6 +79,9 @@ class TorchEngine:
             return None
         return self._ms_per_token * _prompt_tokens(prefix, suffixes)
 
+    def preload(self, adapters: Sequence[UserAdapter]) -> None:
+        """Nothing to do: each forward installs its adapter into the slots."""
+
     def close(self) -> None:
         """Nothing to release: the model lives as long as the process."""
 

@@ -41,6 +41,7 @@ from service.registry.errors import ActivationKind, RefusalReason, ValidationFai
 from service.registry.guard import CanaryGuard, GuardRail, Trip
 from service.registry.validation import BaseModelSpec, ValidationReport, validate
 from service.scoring.contracts import ServedOutcome, VersionMetrics
+from service.scoring.stages import prototype_adapters
 from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 if TYPE_CHECKING:
@@ -402,6 +403,7 @@ class ModelManager:
         return model, builder
 
     def _route(self, model, builder, state: CanaryState) -> None:
+        self._preload(model)
         current = self.holder.canary
         self.holder.start_canary(model, builder, state.percent, state.shadow)
         if current is None or current.candidate.version != state.candidate or current.shadow != state.shadow \
@@ -453,12 +455,20 @@ class ModelManager:
             report = ValidationReport(version, ["validated earlier in this process; manifest unchanged"])
         else:
             model, builder, report = self._validate(self.store.path(version))
+        self._preload(model)
         old = self.holder.swap(model, builder)
         self._keep_warm(old.version, old.model, old.builder)
         if canary is not None and self.holder.canary is None:  # the candidate promoted, here or elsewhere
             self.guard.end()
             self._report_canary(None)
         return report
+
+    def _preload(self, model) -> None:
+        """A version's prototype adapters made ready on the engine before it serves anyone (on
+        vLLM: loaded on every replica)."""
+        adapters = prototype_adapters(model)
+        if adapters and self.engine is not None:
+            self.engine.preload(adapters)
 
     def _validate(self, bundle_dir: Path):
         current_builder = self.holder.snapshot().builder
@@ -471,7 +481,8 @@ class ModelManager:
 
         return validate(bundle_dir, self.spec if tokenizer is not None else None,
                         max_rank=self.model_settings.max_lora_rank,
-                        engine=self.engine if tokenizer is not None else None, builder_for=builder_for)
+                        engine=self.engine if tokenizer is not None else None, builder_for=builder_for,
+                        prototypes=self.model_settings.serves_prototypes)
 
     def _publish_validated(self, staging: Path, version: str, activate: bool) -> dict[str, Any]:
         model, builder, report = self._validate(staging / version)
@@ -540,19 +551,23 @@ class ModelManager:
 
     def _derive(self, staging: Path, base: str, version: str, parts: Path, names: set[str], groups: list[str],
                 description: str) -> None:
-        """Write ``version`` = ``base`` with the pushed files replacing its own (hashes recomputed)."""
+        """Write ``version`` = ``base`` with the pushed files replacing its own (hashes recomputed).
+        A new LoRA drops the base's prototype adapters, which mix the old one: the derived version
+        serves exact adapters until prototypes are exported for it."""
         base_dir = self.store.path(base)
         manifest = self.store.manifest(base)
+        dropped = (lambda path: path.startswith("prototypes/")) if "lora" in groups else (lambda path: False)
         try:
             with BundleWriter(staging, version, description=description or
                               f"{base} with a new {' and '.join(groups)} ({', '.join(sorted(names))})") as writer:
                 for entry in manifest.files:
-                    if entry.path not in names:
+                    if entry.path not in names and not dropped(entry.path):
                         writer.add_file(entry.path, base_dir / entry.path)
                 for name in sorted(names):
                     writer.add_file(name, parts / name)
                 for name, component in manifest.components.items():
-                    writer.set_component(name, kind=component.kind, config=component.config)
+                    if not dropped(f"{name}/"):
+                        writer.set_component(name, kind=component.kind, config=component.config)
                 writer.set_parents([base])
                 # Offline metrics described the base's weights; they do not carry over.
                 writer.set_extra({"derived_from": base, "replaced": sorted(names)})

@@ -105,6 +105,7 @@ class ScoreResult:
     cold_start: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
     score_source: ScoreSource = ScoreSource.FUSED  # how the version makes ``score`` where the LLM ran
+    adapter: str | None = None  # the prototype whose adapter the LLM scored with (None: the user's own, or none)
 
 
 class UnknownItems(ValueError):

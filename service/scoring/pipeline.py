@@ -122,6 +122,7 @@ class LLMStage:
     sources: tuple[CandidateSource, ...]
     reasons: tuple[DegradedReason, ...] = ()
     timings_ms: dict[Stage, float] = field(default_factory=dict)
+    prototype: str | None = None  # the prototype adapter the scores came from (None: the user's own)
 
     @classmethod
     def none(cls, n: int) -> "LLMStage":
@@ -291,7 +292,7 @@ class ScoringPipeline:
             candidates=[CandidateResult(int(c), float(s), None if np.isnan(l) else float(l), float(k))
                         for c, s, l, k in zip(candidates, scored.final, scored.llm, scored.crm)],
             degraded=bool(reasons), degraded_reasons=reasons, cold_start=not stored.exists, score_source=made_by,
-            timings_ms=timings), StoredHistory(stored.items, stored.ratings, stored.profile, stored.knowledge)
+            timings_ms=timings, adapter=llm.prototype if scored.has_llm.any() else None), StoredHistory(stored.items, stored.ratings, stored.profile, stored.knowledge)
 
     async def _read_history(self, user_id: str) -> tuple[UserHistory, tuple[DegradedReason, ...]]:
         """The user's stored history within the Redis budget; an empty one (cold start) and why
@@ -382,7 +383,7 @@ class ScoringPipeline:
             misses = [i for i in range(count) if np.isnan(scores[i])]
             if not misses:
                 self.telemetry.count(Admission.CACHED)
-                return LLMStage(scores, tuple(sources), (), timings)
+                return LLMStage(scores, tuple(sources), (), timings, adapter.prototype)
             miss_suffixes = [prompts.suffixes[i] for i in misses]
             remaining_ms = (deadline - time.perf_counter()) * 1000.0
             expected = self.engine.expected_ms(prompts.prefix, miss_suffixes)
@@ -391,7 +392,7 @@ class ScoringPipeline:
             if skip is not None:
                 self.telemetry.count(ADMISSION_OF[skip])
                 self._score_later(pending, misses, expected)
-                return LLMStage(scores, tuple(sources), (skip,), timings)
+                return LLMStage(scores, tuple(sources), (skip,), timings, adapter.prototype)
             self.telemetry.count(Admission.LIVE)
             call = EngineCall(adapter, prompts.prefix, miss_suffixes, deadline)
             future = self.scheduler.submit_call(self.engine, call,
@@ -403,11 +404,12 @@ class ScoringPipeline:
             timings[Stage.LLM], _ = _since(t)
             if pending.fields is not None:
                 self._cache_scores(user_id, model.version, {pending.fields[i]: float(s) for i, s in zip(misses, scored)})
-            return LLMStage(scores, tuple(sources), (), timings)
+            return LLMStage(scores, tuple(sources), (), timings, adapter.prototype)
         except (asyncio.TimeoutError, TimeoutError):  # waited too long, or the engine gave up
             if pending is not None and misses:
                 self._score_later(pending, misses, None)
-            return LLMStage(scores, tuple(sources), (DegradedReason.LLM_TIMEOUT,), timings)
+            return LLMStage(scores, tuple(sources), (DegradedReason.LLM_TIMEOUT,), timings,
+                            pending.adapter.prototype if pending is not None else None)
         except Exception as exc:  # the LLM stage must never turn an answer into a 5xx
             burst.log(logging.ERROR, f"llm:{type(exc).__name__}", f"LLM stage failed, answering with CRM scores: "
                       f"{type(exc).__name__}: {exc}", exc_info=True)

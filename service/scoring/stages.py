@@ -171,14 +171,43 @@ def _adapter_key(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> str:
     return f"{user_id}@{model.version}#{digest}"
 
 
+def prototype_adapter(model: LoadedModel, index: int) -> UserAdapter:
+    """The version's prototype ``index`` as an adapter, named by prototype, version and weights
+    (never by user): every user nearest to it shares this one adapter, loaded once per replica."""
+    prototypes = model.prototypes
+    name = prototypes.name(index)
+    return UserAdapter(f"{name}@{model.version}#{prototypes.digests[index]}", prototypes.weights[index],
+                       model.lora_config.scaling, prototype=name)
+
+
+def prototype_mixture(model: LoadedModel, index: int) -> UserMixture:
+    """The same prototype for an engine that mixes in its forward: its centroid's gate weights
+    over the banks (the prototype adapter is the mixture at the centroid), under the adapter's key."""
+    prototypes = model.prototypes
+    alphas = prototypes.centroids[index].reshape(len(model.mixer.module_names), -1)
+    return UserMixture(prototype_adapter(model, index).key, mixture_banks(model), alphas,
+                       prototype=prototypes.name(index))
+
+
+def prototype_adapters(model: LoadedModel) -> list[UserAdapter]:
+    """Every prototype adapter of the version (none when it serves exact adapters): what a remote
+    engine loads on every replica before the version serves."""
+    return [prototype_adapter(model, i) for i in range(len(model.prototypes))] if model.prototypes else []
+
+
 def user_adapter(model: LoadedModel, user_id: str, user_rep: torch.Tensor, adapters: AdapterCache | None,
                  engine: ScoringEngine | None = None) -> Adapter:
-    """The user's adapter for ``engine``: the gates' mixture weights over the version's banks where
-    the engine mixes in its forward (``mixes_in_forward``: nothing to build or cache), else the
-    materialized mixture of the meta-LoRAs, from the adapter cache while the mixture has not
-    drifted (built afresh without a cache)."""
+    """The user's adapter for ``engine``: where the version serves prototypes, the one nearest to the
+    user's gate outputs (nothing to build); else the user's own mixture of the meta-LoRAs. An engine
+    that mixes in its forward (``mixes_in_forward``) takes the gate weights over the version's banks,
+    nothing built or cached; others take the materialized mixture, from the adapter cache while the
+    mixture has not drifted (built afresh without a cache)."""
     alphas = model.mixer.mixtures(user_rep)
-    if getattr(engine, "mixes_in_forward", False):
+    in_forward = getattr(engine, "mixes_in_forward", False)
+    if model.prototypes is not None:
+        index = model.prototypes.nearest(alphas)
+        return prototype_mixture(model, index) if in_forward else prototype_adapter(model, index)
+    if in_forward:
         return user_mixture(model, user_id, alphas)
     if adapters is None:
         return build_adapter(model, user_id, alphas)

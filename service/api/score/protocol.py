@@ -61,3 +61,8 @@ class ScoreResponse(BaseModel):
                     "bundle without fusion weights) or 'crm' (the CRM's alone, the LLM never run: the bundle has "
                     "no LLM, its fusion did not beat the CRM on validation, or the gateway runs no LLM engine).")
     timings: dict[str, float] = Field(description="Milliseconds per stage, and 'total'.")
+    adapter: str | None = Field(None, exclude_if=lambda value: value is None, description=(
+        "The prototype adapter the LLM scored with (e.g. 'p17': the version serves a finite set of adapters, "
+        "each user the one nearest to the user's own); absent when the user's own adapter was used or no "
+        "candidate carries an LLM score: exact answers are the bytes they were."))
+

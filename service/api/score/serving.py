@@ -37,7 +37,7 @@ def to_response(result: ScoreResult) -> ScoreResponse:
                 for c in result.candidates],
         degraded=result.degraded, degraded_reasons=[str(r) for r in result.degraded_reasons],
         cold_start=result.cold_start, score_source=result.score_source,
-        timings={stage: round(ms, 3) for stage, ms in result.timings_ms.items()})
+        timings={stage: round(ms, 3) for stage, ms in result.timings_ms.items()}, adapter=result.adapter)
 
 
 async def score(request: ScoreRequest, *, scorer: Scorer, settings: RequestSettings,

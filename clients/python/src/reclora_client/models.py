@@ -37,6 +37,9 @@ class ScoreResponse(_Wire):
                                                        "'fused', 'llm' or 'crm' (the LLM never run); None: a "
                                                        "gateway that does not say.")
     timings: dict[str, float] = Field(description="Milliseconds per stage, and 'total'.")
+    adapter: str | None = Field(None, description="The prototype adapter the LLM scored with (e.g. 'p17'); None: "
+                                                  "the user's own adapter, no LLM score, or a gateway that does "
+                                                  "not say.")
 
     def by_item(self) -> dict[int, CandidateScore]:
         """The scores keyed by item id, for callers that rank or join on ids."""
