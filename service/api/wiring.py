@@ -37,6 +37,7 @@ from service.scoring.contracts import ServedOutcome, VersionMetrics
 from service.scoring.engine_scheduler import EngineScheduler, set_thread_intra_op_threads
 from service.scoring.online_eval import OnlineEvaluator
 from service.scoring.pipeline import ScoringPipeline, ServedFeed
+from service.scoring.stages import prototype_adapters
 from service.scoring.user_knowledge import BaseLLMKnowledge, knowledge_target
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def build_vllm_engine(settings: Settings, model: LoadedModel, metrics: Metrics):
                                                telemetry=metrics)
     engine = VLLMEngine.from_settings(settings.vllm, lifecycle, yes_id=builder.yes_id, no_id=builder.no_id,
                                       request_timeout_s=settings.requests.max_deadline_ms / 1000.0, telemetry=metrics)
+    engine.preload(prototype_adapters(model))  # the version's prototypes on every replica before it serves
     return engine, builder
 
 

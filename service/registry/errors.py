@@ -20,6 +20,7 @@ class RefusalReason(StrEnum):
     BUNDLE = "bundle"  # manifest schema, sizes, hashes or file kinds
     INCOMPATIBLE = "incompatible"  # the parts do not fit together or the base model
     RANK_LIMIT = "rank_limit"  # LoRA rank above the serving limit
+    PROTOTYPE_LIMIT = "prototype_limit"  # more prototype adapters than the servers keep loaded
     PROMPT_MISMATCH = "prompt_mismatch"  # answer tokens differ from the engine's, or the form from the LoRA's
     SMOKE_TEST = "smoke_test"  # golden requests failed to score or gave bad probabilities
     NO_ENGINE = "no_engine"  # a LoRA version on a service without an LLM engine

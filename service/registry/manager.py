@@ -482,7 +482,8 @@ class ModelManager:
         return validate(bundle_dir, self.spec if tokenizer is not None else None,
                         max_rank=self.model_settings.max_lora_rank,
                         engine=self.engine if tokenizer is not None else None, builder_for=builder_for,
-                        prototypes=self.model_settings.serves_prototypes)
+                        prototypes=self.model_settings.serves_prototypes,
+                        max_prototypes=self.model_settings.max_prototypes)
 
     def _publish_validated(self, staging: Path, version: str, activate: bool) -> dict[str, Any]:
         model, builder, report = self._validate(staging / version)

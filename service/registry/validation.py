@@ -4,11 +4,11 @@ In order: the bundle reader (manifest schema, sizes, hashes, file kinds: safeten
 parquet only, pickle refused; prototype parts: count and shapes), the runtime loader (CRM weights
 strictly against the CRM config, meta-LoRA banks against the LoRA config), the LoRA against the
 base model the service runs (module names, shapes, floating dtypes, rank within the serving
-limit), each prototype adapter against the LoRA mixed at its centroid, the prompt's form against
-the one the LoRA was trained on (the loader refuses another), the prompt's answer tokens against
-the engine's, then a smoke test: a few golden requests scored end to end with the candidate,
-refused on NaN, infinities or probabilities outside [0, 1]. Each refusal carries a
-``reason`` (a bounded metrics label) and a message that says what is wrong.
+limit), the prototypes (no more than the serving limit, each the LoRA mixed at its centroid),
+the prompt's form against the one the LoRA was trained on (the loader refuses another), the
+prompt's answer tokens against the engine's, then a smoke test: a few golden requests scored
+end to end with the candidate, refused on NaN, infinities or probabilities outside [0, 1]. Each
+refusal carries a ``reason`` (a bounded metrics label) and a message that says what is wrong.
 """
 
 from __future__ import annotations
@@ -102,13 +102,16 @@ def check_lora(model: LoadedModel, spec: BaseModelSpec, max_rank: int) -> list[s
     return [f"LoRA: {len(names)} modules, rank {cfg.r} (limit {max_rank}), {cfg.n_meta} meta-LoRAs"]
 
 
-def check_prototypes(model: LoadedModel, atol: float = 1e-5) -> list[str]:
-    """Each prototype adapter is the meta-LoRAs mixed at its centroid, so a user at the centroid
-    gets exactly the adapter the exact mode would give; a prototype that is anything else (other
-    weights, another LoRA's) is refused."""
+def check_prototypes(model: LoadedModel, max_prototypes: int | None = None, atol: float = 1e-5) -> list[str]:
+    """No more prototypes than the servers keep loaded, and each prototype adapter the meta-LoRAs
+    mixed at its centroid, so a user at the centroid gets exactly the adapter the exact mode would
+    give; a prototype that is anything else (other weights, another LoRA's) is refused."""
     prototypes = model.prototypes
     if prototypes is None:
         return []
+    if max_prototypes is not None and len(prototypes) > max_prototypes:
+        raise ValidationFailed(RefusalReason.PROTOTYPE_LIMIT, f"{len(prototypes)} prototype adapters exceed the "
+                               f"serving limit of {max_prototypes}")
     n_modules = len(model.mixer.module_names)
     for i, (centroid, stored) in enumerate(zip(prototypes.centroids, prototypes.weights)):
         mixed = model.mixer.adapter(centroid.reshape(n_modules, -1))
@@ -183,11 +186,13 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, engine: ScoringEngine | None,
-             builder_for, prototypes: bool = True) -> tuple[LoadedModel, PromptBuilder | None, ValidationReport]:
+             builder_for, prototypes: bool = True,
+             max_prototypes: int | None = None) -> tuple[LoadedModel, PromptBuilder | None, ValidationReport]:
     """Run every check on the bundle at ``bundle_dir``; the loaded model ready to swap in.
 
     ``builder_for(prompt_config)`` makes the prompt builder on the served tokenizer (None when the
-    service runs no LLM); ``prototypes``: serve the bundle's prototype adapters where it has them.
+    service runs no LLM); ``prototypes``: serve the bundle's prototype adapters where it has them,
+    at most ``max_prototypes`` of them.
     """
     model = load_candidate(bundle_dir, prototypes=prototypes)
     report = ValidationReport(model.version, [f"bundle: {len(model.bundle.manifest.files)} files, hashes verified"])
@@ -198,7 +203,7 @@ def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, eng
             raise ValidationFailed(RefusalReason.NO_ENGINE, "this version has a LoRA but the service runs no LLM engine "
                                    "(it was started with a CRM-only version); restart it on an LLM version")
         report.checks += check_lora(model, spec, max_rank)
-        report.checks += check_prototypes(model)
+        report.checks += check_prototypes(model, max_prototypes)
         report.checks.append(f"prompt: {model.prompt.form} form ({model.prompt.version}), the LoRA's")
         builder = builder_for(model.prompt)
         if (spec.yes_id, spec.no_id) != (builder.yes_id, builder.no_id):

@@ -293,10 +293,13 @@ def test_vllm_servers_run_with_the_documented_flags(monkeypatch):
     rank = int(args["--max-lora-rank"])
     assert rank in {1, 8, 16, 32, 64, 128, 256, 320, 512}
     assert all(s.model.max_lora_rank <= rank for s in settings.values())
-    # --max-cpu-loras: every gateway registers up to vllm_max_adapters of its own per server.
+    # --max-cpu-loras: every gateway registers up to vllm_max_adapters of its own per server, and
+    # the prototypes of two versions stay loaded beside them; --max-loras: one version's prototypes.
     hpa = named("gpu-vllm", "HorizontalPodAutoscaler", GATEWAY)
     most_gateways = hpa["spec"]["maxReplicas"] + named("gpu-vllm", "Deployment", "reclora-gateway-admin")["spec"]["replicas"]
-    assert int(args["--max-cpu-loras"]) >= follower.vllm.vllm_max_adapters * most_gateways
+    prototypes = max(s.model.max_prototypes for s in settings.values())
+    assert int(args["--max-cpu-loras"]) >= follower.vllm.vllm_max_adapters * most_gateways + 2 * prototypes
+    assert int(args["--max-loras"]) >= prototypes
     # The served base model is the one the gateways tokenize with, from the same claim.
     model = args["--model"]
     assert Path(model).name == follower.model.base_model_dir.name

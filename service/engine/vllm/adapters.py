@@ -10,6 +10,11 @@ keys/values). The hash is of the written weights themselves, so equal weights sh
 Each server holds at most ``capacity`` of them (size it to the server's ``--max-cpu-loras``):
 beyond that the least recently used one that no request is using is unregistered, and its files
 are deleted once no server holds it.
+
+Prototype adapters (a version's finite set, shared by all its users) are pinned instead: loaded
+on every replica when the version is activated, outside the capacity, never evicted while their
+version is one of the last ``PINNED_VERSIONS`` pinned, and loaded again on a replica that comes
+back; so scoring by prototype loads no adapter.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +40,7 @@ from service.llm.personalized_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_
 from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+PINNED_VERSIONS = 2  # versions whose prototypes stay pinned: the active one and the one before (or a canary)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}\.[A-Za-z0-9_-]{1,40}\.[0-9a-f]{16}$")
 
 
@@ -131,6 +137,7 @@ class AdapterLifecycle:
         self._known: OrderedDict[tuple[str, int], AdapterFiles] = OrderedDict()  # (key, id) -> files
         self._resident: dict[str, OrderedDict[str, AdapterFiles]] = {}
         self._in_use: Counter[tuple[str, str]] = Counter()
+        self._pinned: OrderedDict[str, list[UserAdapter]] = OrderedDict()  # version -> its prototype adapters
         self._lock = threading.RLock()
 
     @classmethod
@@ -155,14 +162,7 @@ class AdapterLifecycle:
                 timeout = self.load_timeout_s if deadline is None else \
                     min(self.load_timeout_s, deadline - time.perf_counter())
                 self._make_room(replica, client, timeout)
-                if not (files.path / ADAPTER_WEIGHTS).is_file():  # deleted after an eviction elsewhere
-                    files = self.writer.write(adapter)
-                started = time.perf_counter()
-                client.load_adapter(files.name, self.writer.server_path(files), timeout)
-                self.telemetry.count(ReplicaAdapterOutcome.LOADED, on=replica)
-                self.telemetry.measure(Quantity.REPLICA_ADAPTER_LOAD_S, time.perf_counter() - started, on=replica)
-                held[files.name] = files
-                self.telemetry.measure(Quantity.REPLICA_ADAPTERS_RESIDENT, len(held), on=replica)
+                files = self._load(replica, client, adapter, files, timeout)
             self._in_use[(replica, files.name)] += 1
         try:
             yield files.name
@@ -173,6 +173,33 @@ class AdapterLifecycle:
                     del self._in_use[(replica, files.name)]
                     if files.name not in self._resident.get(replica, {}):  # forgotten meanwhile
                         self._delete_if_unused(files)
+
+    def pin(self, version: str, adapters: Sequence[UserAdapter]) -> None:
+        """Keep ``version``'s prototype adapters loaded (``load_pinned`` loads them on a replica);
+        the versions pinned before the last ``PINNED_VERSIONS`` become ordinary, evictable ones."""
+        with self._lock:
+            self._pinned.pop(version, None)
+            self._pinned[version] = list(adapters)
+            while len(self._pinned) > PINNED_VERSIONS:
+                self._pinned.popitem(last=False)
+
+    def pinned(self) -> list[UserAdapter]:
+        """Every pinned adapter, oldest version first."""
+        with self._lock:
+            return [a for adapters in self._pinned.values() for a in adapters]
+
+    def load_pinned(self, replica: str, client: VLLMClient, timeout_s: float | None = None) -> int:
+        """Load every pinned adapter ``replica`` lacks; how many were loaded."""
+        loaded = 0
+        with self._lock:
+            held = self._resident.setdefault(replica, OrderedDict())
+            for adapter in self.pinned():
+                files = self._files(adapter)
+                if files.name in held:
+                    continue
+                self._load(replica, client, adapter, files, self.load_timeout_s if timeout_s is None else timeout_s)
+                loaded += 1
+        return loaded
 
     def forget(self, replica: str, name: str | None = None) -> None:
         """The server lost ``name`` (or, with None, everything: it is down or restarted)."""
@@ -214,13 +241,31 @@ class AdapterLifecycle:
             self._known.move_to_end(key)
         return files
 
+    def _load(self, replica: str, client: VLLMClient, adapter: UserAdapter, files: AdapterFiles,
+              timeout_s: float) -> AdapterFiles:
+        """Register ``adapter`` on ``replica`` (its files written again if they were deleted)."""
+        held = self._resident.setdefault(replica, OrderedDict())
+        if not (files.path / ADAPTER_WEIGHTS).is_file():  # deleted after an eviction elsewhere
+            files = self.writer.write(adapter)
+        started = time.perf_counter()
+        client.load_adapter(files.name, self.writer.server_path(files), timeout_s)
+        self.telemetry.count(ReplicaAdapterOutcome.LOADED, on=replica)
+        self.telemetry.measure(Quantity.REPLICA_ADAPTER_LOAD_S, time.perf_counter() - started, on=replica)
+        held[files.name] = files
+        self.telemetry.measure(Quantity.REPLICA_ADAPTERS_RESIDENT, len(held), on=replica)
+        return files
+
+    def _pinned_names(self) -> set[str]:
+        return {self._files(a).name for a in self.pinned()}
+
     def _make_room(self, replica: str, client: VLLMClient, timeout_s: float) -> None:
         held = self._resident[replica]
+        pinned = self._pinned_names()
         for name in list(held):
-            if len(held) < self.capacity:
+            if len(held.keys() - pinned) < self.capacity:
                 return
-            if self._in_use[(replica, name)]:
-                continue  # a request is scoring with it: never pull it from under that request
+            if self._in_use[(replica, name)] or name in pinned:
+                continue  # a request is scoring with it (never pull it from under that request), or pinned
             client.unload_adapter(name, timeout_s)
             files = held.pop(name)
             self.telemetry.count(ReplicaAdapterOutcome.EVICTED, on=replica)
@@ -228,7 +273,7 @@ class AdapterLifecycle:
         # Every held adapter is in use: go above capacity for now rather than fail the request.
 
     def _delete_if_unused(self, files: AdapterFiles) -> None:
-        if any(files.name in held for held in self._resident.values()):
+        if any(files.name in held for held in self._resident.values()) or files.name in self._pinned_names():
             return
         if any(name == files.name for _, name in self._in_use):
             return

@@ -12,6 +12,10 @@ the next replica (scoring changes nothing on a server, so resending is safe); a 
 the adapter (restarted) gets it again, once; a request past its deadline is not resent. When no
 replica answers, the error reaches the pipeline, which answers with the CRM scores, degraded.
 A monitor thread probes the replicas' /health and brings recovered ones back.
+
+Prototype adapters (a version's finite set, ``service.llm.prototypes``) are preloaded on every
+replica when the version is activated (``preload``) and again on a replica that comes back, so
+their requests load nothing and go to the least-loaded replica instead of the user's own.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import numpy as np
 from service.config import VLLMSettings
 from service.engine.base import UserAdapter
 from service.engine.vllm.adapters import AdapterLifecycle, split_key
-from service.engine.vllm.client import AdapterNotLoaded, ReplicaUnavailable, VLLMClient, VLLMTimeout
+from service.engine.vllm.client import (AdapterNotLoaded, ReplicaUnavailable, VLLMClient, VLLMRequestError,
+                                       VLLMTimeout)
 from service.engine.vllm.protocol import CompletionRequest, GenerativeScoringRequest
 from service.engine.vllm.routing import AffinityRouter
 from service.logging import BurstLog
@@ -104,12 +109,14 @@ class VLLMEngine:
         if deadline is None:
             deadline = time.perf_counter() + self.request_timeout_s
         user = split_key(adapter)[0] if adapter is not None else ""
+        shared = adapter is not None and adapter.prototype is not None  # on every replica: no affinity
         prefix, suffixes = [int(t) for t in prefix], [[int(t) for t in s] for s in suffixes]
         failures: list[str] = []
         while True:
             if time.perf_counter() >= deadline:
                 raise VLLMTimeout("the request deadline passed before a vLLM replica answered")
-            replica = self.router.route(user)  # NoReplicaAvailable when every replica is down
+            # NoReplicaAvailable when every replica is down
+            replica = self.router.least_loaded() if shared else self.router.route(user)
             self.router.acquire(replica)
             try:
                 scores = self._score_on(self.replicas[replica], adapter, prefix, suffixes, deadline)
@@ -126,6 +133,29 @@ class VLLMEngine:
                 self.router.release(replica)
 
     # --- operations
+
+    def preload(self, adapters: Sequence[UserAdapter]) -> None:
+        """Load a version's prototype adapters on every replica that is up (pinned: never evicted
+        while the version is recent; a replica down now gets them when it comes back)."""
+        if not adapters:
+            return
+        self.lifecycle.pin(split_key(adapters[0])[1], adapters)
+        for url, up in self.router.healthy().items():
+            if up:
+                self._load_pinned(url)
+
+    def _load_pinned(self, url: str) -> None:
+        replica = self.replicas[url]
+        try:
+            if not replica.ready:
+                self._probe(replica)
+            self.lifecycle.load_pinned(url, replica.client)
+        except (ReplicaUnavailable, VLLMTimeout) as exc:
+            burst.log(logging.WARNING, f"replica:{url}", "vLLM replica failed to preload adapters",
+                      replica=url, error=str(exc))
+            self._mark_down(url)
+        except VLLMRequestError as exc:  # refused, not unreachable: requests load on demand and say why
+            log.error("vLLM replica refused a prototype adapter", extra={"replica": url, "error": str(exc)})
 
     def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:
         """None: a remote server's time depends on its batch and cache, which this process cannot
@@ -197,7 +227,9 @@ class VLLMEngine:
             return False
         self.router.mark_up(url)
         self.telemetry.measure(Quantity.REPLICA_UP, 1, on=url)
-        return True
+        if self.lifecycle.pinned():  # back (or first reached): the prototypes before any request
+            self._load_pinned(url)
+        return self.router.healthy()[url]
 
     def _mark_down(self, url: str) -> None:
         self.router.mark_down(url)

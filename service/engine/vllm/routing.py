@@ -16,7 +16,11 @@ The load factor trades stickiness for balance, and the bound is tight when few r
 flight per replica: with 32 in flight over 8 replicas, 1.25 sends 41% of Zipf traffic away from
 its home replica and 2 only 8% (``benchmarks/bench_routing.py``).
 
-Call ``route`` then ``acquire`` before sending a request and ``release`` when it completes. The
+A prototype adapter (``service.llm.prototypes``) is loaded on every replica ahead of time, so its
+users need no affinity: ``least_loaded`` sends each such request to the up replica with the fewest
+in flight (ties in turn), the best balance any router can give.
+
+Call ``route`` (or ``least_loaded``) then ``acquire`` before sending a request and ``release`` when it completes. The
 two are separate calls, so under contention a replica can briefly exceed the bound by the number
 of threads racing on it; the bound steers traffic, it is not an admission limit.
 """
@@ -52,6 +56,7 @@ class _ReplicaSet:
         self._replicas = list(replicas)
         self._up = {r: True for r in replicas}
         self._load = dict.fromkeys(replicas, 0)
+        self._turn = 0  # where the next tie among least-loaded replicas starts
         self._lock = threading.Lock()
 
     def _check(self, replica: str) -> None:
@@ -71,6 +76,18 @@ class _ReplicaSet:
             if self._load[replica] <= 0:
                 raise ValueError(f"release without acquire on {replica!r}")
             self._load[replica] -= 1
+
+    def least_loaded(self) -> str:
+        """The up replica with the fewest requests in flight, ties taken in turn: for requests whose
+        adapter every replica holds, where stickiness buys nothing."""
+        with self._lock:
+            n = len(self._replicas)
+            order = [self._replicas[(self._turn + i) % n] for i in range(n)]
+            up = [r for r in order if self._up[r]]
+            if not up:
+                raise NoReplicaAvailable(f"all {n} replicas are down")
+            self._turn = (self._turn + 1) % n
+            return min(up, key=self._load.__getitem__)
 
     def mark_down(self, replica: str) -> None:
         """Stop routing to ``replica``; its users go to their next replica on the ring meanwhile."""

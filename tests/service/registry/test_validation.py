@@ -80,6 +80,9 @@ def test_prototypes_must_be_the_mixtures_at_their_centroids(tmp_path):
     model = SimpleNamespace(mixer=AdapterMixer(PCFG, lora_state()), prototypes=prototypes)
     assert check_prototypes(model) == ["prototypes: 3 adapters, each the mixture at its centroid"]
     assert check_prototypes(SimpleNamespace(mixer=model.mixer, prototypes=None)) == []
+    with pytest.raises(ValidationFailed, match="3 prototype adapters exceed the serving limit of 2") as info:
+        check_prototypes(model, max_prototypes=2)
+    assert info.value.reason == "prototype_limit"
     other = SimpleNamespace(mixer=AdapterMixer(PCFG, lora_state(seed=1)), prototypes=prototypes)  # another LoRA
     with pytest.raises(ValidationFailed, match="prototype p0: .* is not the LoRA's mixture at its centroid"):
         check_prototypes(other)

@@ -153,3 +153,17 @@ def test_concurrent_acquire_release_keeps_counts_consistent(cls):
     assert errors == []
     assert router.in_flight() == dict.fromkeys(REPLICAS, 0)
     assert all(router.healthy().values())
+
+
+def test_least_loaded_takes_the_idlest_up_replica_and_ties_in_turn():
+    router = AffinityRouter(["a", "b", "c"])
+    assert [router.least_loaded() for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    router.acquire("a")
+    router.acquire("b")
+    assert {router.least_loaded() for _ in range(4)} == {"c"}
+    router.mark_down("c")
+    assert router.least_loaded() in {"a", "b"}
+    router.mark_down("a")
+    router.mark_down("b")
+    with pytest.raises(NoReplicaAvailable):
+        router.least_loaded()

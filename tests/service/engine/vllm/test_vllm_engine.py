@@ -18,7 +18,8 @@ import pytest
 import torch
 from tests.http_support import closed_port
 from tests.redis_support import REDIS_URL, scratch_prefix
-from tests.service.engine.vllm.vllm_support import VERSION_1, VERSION_2, build_world, vllm_python
+from tests.service.engine.vllm.vllm_support import (PROTOTYPES, VERSION_1, VERSION_2, VERSION_P, build_world,
+                                                    vllm_python)
 from tests.telemetry_support import RecordedTelemetry
 from service.engine.vllm.adapters import ReplicaAdapterOutcome
 from service.telemetry import Quantity
@@ -39,8 +40,10 @@ def world(tmp_path_factory):
 def server(world, tmp_path_factory):
     from service.engine.vllm.local_server import LocalVLLMServer
 
+    # Registered at once at most: the users' LRU and the prototypes of two versions (docs/VLLM.md).
     server = LocalVLLMServer(world.base_dir, closed_port(), tmp_path_factory.mktemp("vllm-log") / "server.log",
-                             python=vllm_python(), max_loras=CAPACITY, extra_env={"VLLM_TARGET_DEVICE": "cpu"})
+                             python=vllm_python(), max_loras=CAPACITY, max_cpu_loras=CAPACITY + 2 * PROTOTYPES,
+                             extra_env={"VLLM_TARGET_DEVICE": "cpu"})
     server.start(timeout_s=240.0)
     yield server
     server.stop(signal.SIGKILL)
@@ -56,12 +59,12 @@ class Scenario:
         from service.model import load_model
 
         self.world = world
-        self.models = {v: load_model(world.store / v) for v in (VERSION_1, VERSION_2)}
+        self.models = {v: load_model(world.store / v) for v in (VERSION_1, VERSION_2, VERSION_P)}
         tokenizer = AutoTokenizer.from_pretrained(world.base_dir, local_files_only=True)
         self.builder = PromptBuilder(tokenizer, self.models[VERSION_1].prompt)
 
     def request(self, user: str, version: str = VERSION_1, candidates=None):
-        from service.scoring.stages import UserHistoryView, build_adapter, run_crm, text_inputs
+        from service.scoring.stages import UserHistoryView, run_crm, text_inputs, user_adapter
 
         model = self.models[version]
         assert not model.catalog.unknown(candidates or CANDIDATES)
@@ -69,7 +72,7 @@ class Scenario:
         view = UserHistoryView.from_raw(model, np.asarray(items, np.int64), np.asarray(ratings, np.float32), profile)
         dense = model.catalog.to_dense(candidates or CANDIDATES)
         crm = run_crm(model, view, dense)
-        adapter = build_adapter(model, user, model.mixer.mixtures(crm.user_rep))
+        adapter = user_adapter(model, user, crm.user_rep, None)  # the user's own, or its prototype (VERSION_P)
         prompts = text_inputs(self.builder, model, view, dense)
         return adapter, prompts.prefix, prompts.suffixes
 
@@ -182,6 +185,67 @@ def test_new_bundle_version_serves_new_weights(world, server, scenario, torch_en
         np.testing.assert_allclose(old_scores, torch_engine.score(*old), atol=TOLERANCE)
     finally:
         engine.close()
+
+
+def test_prototypes_are_loaded_at_activation_and_scoring_loads_none(world, server, scenario, torch_engine,
+                                                                    tmp_path) -> None:
+    """Through the runtime built from settings (engine=vllm, with its registry): activating a version
+    with prototypes loads all of them on the replica; then many distinct users score with no load,
+    each on the prototype the response names, as the torch engine scores it."""
+    import shutil
+
+    from service.api.admin.auth import new_token
+    from service.api.wiring import build_runtime
+    from service.config import Settings
+    from service.history import HistorySettings, HistoryStore, bulk_load
+    from service.metrics import Metrics
+
+    store = tmp_path / "store"
+    shutil.copytree(world.store / VERSION_1, store / VERSION_1)
+    settings = Settings(engine="vllm", vllm_urls=[server.url], model_store=store, active_version=None,
+                        admin_enabled=True, admin_token_sha256=[new_token()[1]], model_poll_s=0,
+                        base_model_dir=world.base_dir, vllm_adapter_dir=tmp_path / "adapters",
+                        vllm_max_adapters=CAPACITY, default_deadline_ms=20_000, max_deadline_ms=30_000,
+                        history_budget_ms=2_000, llm_score_cache=False, served_log=False)
+    metrics = Metrics(process=False)
+    loop = asyncio.new_event_loop()
+
+    def loads() -> float:
+        return metrics.vllm_adapter_loads.labels(server.url)._value.get()
+
+    with scratch_prefix("vllm-p") as prefix:
+        records = [(u, *h) for u, h in world.histories.items()]
+        bulk_load(REDIS_URL, records, prefix=prefix, progress=False, total=len(records))
+        history = HistoryStore.from_settings(HistorySettings(redis_url=REDIS_URL, redis_prefix=prefix))
+        runtime = build_runtime(settings, metrics, history)
+        pipeline, models = runtime.scorer, runtime.models
+        try:
+            assert models.active == VERSION_1
+            shutil.copytree(world.store / VERSION_P, store / VERSION_P)
+            before = loads()
+            models.activate(VERSION_P)
+            names = {m.id for m in pipeline.engine.replicas[server.url].client.models(5).data}
+            prototypes = {n for n in names if f".{VERSION_P}." in n}
+            assert sorted(n.split(".")[0] for n in prototypes) == [f"p{i}" for i in range(PROTOTYPES)]
+            assert loads() - before >= PROTOTYPES  # the smoke test's and the preload's: every one once at least
+            at_activation = loads()
+            served = set()
+            for user in world.users[:24]:  # more distinct users than the replica keeps user adapters
+                result = loop.run_until_complete(pipeline.score(user, CANDIDATES))
+                assert not result.degraded, result.degraded_reasons
+                served.add(result.adapter)
+            assert loads() == at_activation  # scoring loaded nothing
+            assert len(served) > 1 and served <= {f"p{i}" for i in range(PROTOTYPES)}
+            user = world.users[0]
+            adapter, prefix_ids, suffixes = scenario.request(user, VERSION_P)
+            result = loop.run_until_complete(pipeline.score(user, CANDIDATES))
+            assert result.adapter == adapter.prototype
+            np.testing.assert_allclose([c.llm_score for c in result.candidates],
+                                       torch_engine.score(adapter, prefix_ids, suffixes), atol=TOLERANCE)
+        finally:
+            pipeline.close()
+            loop.run_until_complete(history.aclose())
+            loop.close()
 
 
 def test_killed_server_degrades_to_crm_then_recovers(world, server, scenario, torch_engine, tmp_path) -> None:

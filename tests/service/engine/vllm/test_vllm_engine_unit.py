@@ -182,3 +182,67 @@ def test_server_without_generative_scoring_uses_completions(tmp_path) -> None:
                         health_interval_s=None)
     assert engine.replicas[server.url].api == "completions"
     np.testing.assert_allclose(engine.score(None, [1, 2], [[3], [4, 4]]), [0.8, 0.8], atol=1e-6)
+
+
+def prototype(index: int, version: str = "v1") -> UserAdapter:
+    shared = adapter(f"p{index}", 100 + index, version)
+    return UserAdapter(shared.key, shared.weights, shared.scaling, prototype=f"p{index}")
+
+
+def loads(server: FakeServer) -> int:
+    return sum(p == "/v1/load_lora_adapter" for p, _ in server.calls)
+
+
+def test_prototypes_are_preloaded_everywhere_and_scoring_loads_none(tmp_path) -> None:
+    engine, servers = build(tmp_path, n_servers=3, capacity=2)
+    prototypes = [prototype(i) for i in range(5)]  # more than the capacity: pinned adapters are outside it
+    engine.preload(prototypes)
+    for server in servers:
+        assert len(server.adapters) == 5 and loads(server) == 5
+        assert all(NAME_PATTERN.match(n) and n.split(".")[:2] in ([f"p{i}", "v1"] for i in range(5))
+                   for n in server.adapters)
+    used = set()
+    for i in range(60):  # many users, all sharing the five adapters, spread over the replicas
+        engine.score(prototypes[i % 5], [1], [[2]])
+        used.add(engine.last_replica)
+    assert used == {s.url for s in servers} and all(loads(s) == 5 for s in servers)
+    for i in range(3):  # exact users beside them evict each other, never a prototype
+        engine.score(adapter(f"u{i}", i), [1], [[2]])
+    assert all(len([n for n in s.adapters if n.startswith("p")]) == 5 for s in servers)
+    engine.preload(prototypes)  # again (a rollback to the version): nothing to load
+    assert sum(loads(s) for s in servers) == 15 + 3
+
+
+def test_prototypes_go_to_the_least_loaded_replica(tmp_path) -> None:
+    engine, servers = build(tmp_path, n_servers=2)
+    engine.preload([prototype(0)])
+    busy = servers[0].url
+    engine.router.acquire(busy)
+    try:
+        for _ in range(4):
+            engine.score(prototype(0), [1], [[2]])
+            assert engine.last_replica == servers[1].url
+    finally:
+        engine.router.release(busy)
+
+
+def test_a_replica_back_gets_the_prototypes_again(tmp_path) -> None:
+    engine, servers = build(tmp_path, n_servers=2)
+    prototypes = [prototype(i) for i in range(3)]
+    engine.preload(prototypes)
+    servers[0].broken = True
+    engine.score(prototypes[0], [1], [[2]])  # tries it (least loaded, first in turn) or the other: either answers
+    engine._mark_down(servers[0].url)
+    servers[0].broken = False
+    servers[0].adapters.clear()  # restarted empty
+    assert engine._probe_or_down(servers[0].url)
+    assert len(servers[0].adapters) == 3  # before any request reaches it
+
+
+def test_an_old_versions_prototypes_become_evictable(tmp_path) -> None:
+    engine, (server,) = build(tmp_path, capacity=1)
+    for version in ("v1", "v2", "v3"):
+        engine.preload([prototype(0, version)])
+    assert len(server.adapters) == 3
+    engine.score(adapter("u", 1), [1], [[2]])  # room for a user: v1's prototype goes, v2's and v3's stay
+    assert sorted(n.split(".")[1] for n in server.adapters if n.startswith("p0")) == ["v2", "v3"]

@@ -33,6 +33,7 @@ def vllm_python() -> str | None:
 # ---- the model world: a bundle whose base model vLLM can serve --------------------------------
 
 VERSION_1, VERSION_2 = "vllm-v1", "vllm-v2"
+VERSION_P, PROTOTYPES = "vllm-p1", 4  # v1's LoRA with prototype adapters
 LORA = dict(n_meta=4, user_dim=64, r=4, lora_alpha=8.0, temperature=0.1)
 
 
@@ -47,13 +48,15 @@ class World:
 
 def build_world(root: Path) -> World:
     """Synthetic data, a small CRM, a briefly trained personalized LoRA on a tiny Llama that vLLM's
-    CPU attention accepts (head_dim 32), exported twice: v2 differs from v1 only in its LoRA weights."""
+    CPU attention accepts (head_dim 32), exported twice: v2 differs from v1 only in its LoRA weights;
+    and v1's LoRA once more with prototype adapters (``VERSION_P``)."""
     from tests.tiny_llama import build_tiny_llama
     from training.crm.checkpoint import save_checkpoint
     from training.crm.train import TrainConfig, train_crm
     from training.data.samples import prepare
     from training.data.synthetic import generate_synthetic
     from training.export.crm_bundle import export_crm_bundle
+    from training.export.prototypes import PrototypeOptions
     from training.llm.fusion_fit import FusionOptions
     from training.history_loader import histories_from_prepared
     from training.llm.train import LLMTrainConfig, train_llm
@@ -92,6 +95,9 @@ def build_world(root: Path) -> World:
     for version, lora_dir in ((VERSION_1, lora_1), (VERSION_2, lora_2)):
         export_crm_bundle(data_dir, crm_dir, store, version, description="vllm test", llm_dir=lora_dir,
                           base_model=base_dir, llm_report=report, fusion=FusionOptions(serve="fused"))
+    export_crm_bundle(data_dir, crm_dir, store, VERSION_P, description="vllm test, prototypes", llm_dir=lora_1,
+                      base_model=base_dir, llm_report=report, fusion=FusionOptions(samples=50, serve="fused"),
+                      prototypes=PrototypeOptions(PROTOTYPES, seed=0))
     records = list(histories_from_prepared(data))
     histories = {user: (items, ratings, stamps, profile) for user, items, ratings, stamps, profile in records}
     users = sorted((u for u, h in histories.items() if len(h[0]) >= 8), key=lambda u: -len(histories[u][0]))
