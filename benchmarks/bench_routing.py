@@ -14,7 +14,15 @@ replica because of the load bound (spill), the imbalance of requests served (max
 replica), the peak in-flight count on any replica against the bound, and as a reference the hit
 rate of a single LRU of N x C adapters (what perfect partitioning could reach).
 
+With ``--prototypes P`` it compares, per user count of ``--user-counts``, exact per-user adapters
+(affinity routing, the first load factor) with P prototype adapters (``service.llm.prototypes``:
+every user maps to one of P, all P loaded on every replica at activation and pinned there, each
+request to the least-loaded replica): adapter loads per 1,000 requests after the first half of
+the traffic has warmed the caches (the activation's N x P preloads are not requests' loads), and
+the load imbalance (requests served max / mean per replica; in flight, the peak).
+
 Run: .venv/bin/python benchmarks/bench_routing.py   (add --help for the flags)
+     .venv/bin/python benchmarks/bench_routing.py --prototypes 16 --zipf 0.8 --replicas 8
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engine.vllm.routing import AffinityRouter, RandomRouter  # noqa: E402
+from service.engine.vllm.routing import AffinityRouter, RandomRouter, stable_hash  # noqa: E402
 
 
 def zipf_traffic(users: int, requests: int, exponent: float, seed: int) -> list[str]:
@@ -81,6 +89,63 @@ def simulate(router, replicas: list[str], traffic: list[str], cache: int, in_fli
             "imbalance": counts.max() / counts.mean(), "peak": peak}
 
 
+def simulate_adapters(router, replicas: list[str], traffic: list[str], adapter_of, cache: int, in_flight: int,
+                      pinned: list[str], warmup: int) -> dict[str, float]:
+    """Adapter loads per 1,000 requests after ``warmup`` requests, and the balance of the replicas.
+    ``adapter_of(user)`` names the adapter a user's request needs; ``pinned`` adapters are loaded on
+    every replica up front and never evicted (prototypes); the rest share an LRU of ``cache``."""
+    caches = {r: LRU(cache) for r in replicas}
+    served = dict.fromkeys(replicas, 0)
+    held: deque[str] = deque()
+    loads = peak = 0
+    pinned_set = set(pinned)
+    for i, user in enumerate(traffic):
+        replica = router.route(user) if not pinned_set else router.least_loaded()
+        router.acquire(replica)
+        held.append(replica)
+        peak = max(peak, router.in_flight()[replica])
+        adapter = adapter_of(user)
+        if adapter not in pinned_set and not caches[replica].access(adapter) and i >= warmup:
+            loads += 1
+        served[replica] += 1
+        if len(held) >= in_flight:
+            router.release(held.popleft())
+    while held:
+        router.release(held.popleft())
+    counts = np.array(list(served.values()), dtype=np.float64)
+    return {"loads_per_1k": 1000.0 * loads / max(len(traffic) - warmup, 1), "imbalance": counts.max() / counts.mean(),
+            "peak": peak}
+
+
+def compare_prototypes(args, factors: list[float]) -> None:
+    """Exact per-user adapters against ``args.prototypes`` prototypes, per user count."""
+    n = int(args.replicas.split(",")[0])
+    replicas = [f"http://vllm-{i}:8000" for i in range(n)]
+    count = args.prototypes
+    prototypes = [f"p{i}" for i in range(count)]
+    print(f"{args.requests} requests, Zipf s={args.zipf}, {n} replicas, LRU of {args.cache} user adapters per "
+          f"replica, {args.in_flight} in flight; loads counted after the first half of the traffic; "
+          f"P={count} prototypes preloaded on every replica ({n * count} loads at activation)\n")
+    header = (f"{'users':>9} {'mode':<26} {'loads / 1k req':>14} {'served max/mean':>15} "
+              f"{'peak in-flight':>14} {'adapters':>8}")
+    print(header)
+    print("-" * len(header))
+    for users in (int(x) for x in args.user_counts.split(",")):
+        traffic = zipf_traffic(users, args.requests, args.zipf, args.seed)
+        distinct = len(set(traffic))
+        warmup = len(traffic) // 2
+        c = factors[0]
+        runs = [(f"exact, affinity c={c:g}", AffinityRouter(replicas, load_factor=c, vnodes=args.vnodes),
+                 lambda u: u, [], distinct),
+                ("exact, random", RandomRouter(replicas, seed=args.seed), lambda u: u, [], distinct),
+                (f"prototypes P={count}, least", AffinityRouter(replicas, vnodes=args.vnodes),
+                 lambda u: prototypes[stable_hash(u) % count], prototypes, count)]
+        for name, router, adapter_of, pinned, adapters in runs:
+            s = simulate_adapters(router, replicas, traffic, adapter_of, args.cache, args.in_flight, pinned, warmup)
+            print(f"{users:>9} {name:<26} {s['loads_per_1k']:14.1f} {s['imbalance']:15.3f} {s['peak']:>14} "
+                  f"{adapters:>8}")
+
+
 def single_lru_hit_rate(traffic: list[str], capacity: int) -> float:
     lru = LRU(capacity)
     return sum(lru.access(u) for u in traffic) / len(traffic)
@@ -97,8 +162,16 @@ def main() -> None:
     ap.add_argument("--load-factors", default="1.25,2", help="comma-separated load factors c of the bound")
     ap.add_argument("--vnodes", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prototypes", type=int, default=0, help=(
+        "compare exact adapters with this many prototypes (least-loaded routing), per --user-counts"))
+    ap.add_argument("--user-counts", default="10000,100000,1000000", help="with --prototypes: comma-separated")
     args = ap.parse_args()
     factors = [float(x) for x in args.load_factors.split(",")]
+    if args.prototypes:
+        t0 = time.perf_counter()
+        compare_prototypes(args, factors)
+        print(f"\n({time.perf_counter() - t0:.1f} s)")
+        return
 
     t0 = time.perf_counter()
     traffic = zipf_traffic(args.users, args.requests, args.zipf, args.seed)
