@@ -257,3 +257,10 @@ def test_retry_after_parsing_and_budget():
     assert policy.wait_before_retry(0, late, True, elapsed_s=2.0, rng=rng) == pytest.approx(1.0)
     assert policy.wait_before_retry(0, late, True, elapsed_s=3.0, rng=rng) is None
     assert policy.wait_before_retry(20, late, True, elapsed_s=0.0, rng=rng) is None
+
+
+def test_the_prototype_adapter_is_typed_and_none_where_absent():
+    script = {"POST /v1/score": [Answer(200, SCORE_OK | {"adapter": "p17"}), Answer(200, SCORE_OK)]}
+    with scripted(script) as server, RecLoRAClient(server.url) as client:
+        assert client.score("u", [1]).adapter == "p17"
+        assert client.score("u", [1]).adapter is None  # exact adapters, or a gateway that does not say
