@@ -292,7 +292,8 @@ class ScoringPipeline:
             candidates=[CandidateResult(int(c), float(s), None if np.isnan(l) else float(l), float(k))
                         for c, s, l, k in zip(candidates, scored.final, scored.llm, scored.crm)],
             degraded=bool(reasons), degraded_reasons=reasons, cold_start=not stored.exists, score_source=made_by,
-            timings_ms=timings, adapter=llm.prototype if scored.has_llm.any() else None), StoredHistory(stored.items, stored.ratings, stored.profile, stored.knowledge)
+            timings_ms=timings, adapter=llm.prototype if scored.has_llm.any() else None), \
+            StoredHistory(stored.items, stored.ratings, stored.profile, stored.knowledge)
 
     async def _read_history(self, user_id: str) -> tuple[UserHistory, tuple[DegradedReason, ...]]:
         """The user's stored history within the Redis budget; an empty one (cold start) and why

@@ -20,9 +20,10 @@ A prototype adapter (``service.llm.prototypes``) is loaded on every replica ahea
 users need no affinity: ``least_loaded`` sends each such request to the up replica with the fewest
 in flight (ties in turn), the best balance any router can give.
 
-Call ``route`` (or ``least_loaded``) then ``acquire`` before sending a request and ``release`` when it completes. The
-two are separate calls, so under contention a replica can briefly exceed the bound by the number
-of threads racing on it; the bound steers traffic, it is not an admission limit.
+Call ``route`` (or ``least_loaded``) then ``acquire`` before sending a request and ``release``
+when it completes. The two are separate calls, so under contention a replica can briefly exceed
+the bound by the number of threads racing on it; the bound steers traffic, it is not an
+admission limit.
 """
 
 from __future__ import annotations
