@@ -92,7 +92,7 @@ class ModelSettings(SettingsGroup):
         "Check the store's ACTIVE pointer this often and serve what it names, so every gateway sharing "
         "a store follows an activation made through any of them; 0 = off. Off when active_version is set."))
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Highest LoRA rank a version may bring.")
-    max_prototypes: int = Field(64, ge=1, le=4096, description=(
+    max_prototypes: int = Field(16, ge=1, le=4096, description=(
         "Most prototype adapters a served version may bring; on vLLM every replica keeps them all loaded, so at "
         "most what the servers' --max-loras and --max-cpu-loras leave for them (docs/VLLM.md)."))
     adapter_mode: Literal["prototypes", "exact"] = Field("prototypes", description=(
