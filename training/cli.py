@@ -331,7 +331,7 @@ def base_model(
 
 register_llm(app)  # train-llm, llm-report, sweep
 register_admin(app)  # push, models, activate, rollback, delete-model, admin-token, canary, promote, abort, online-report
-register_studies(app)  # sample-efficiency, prompt-forms
+register_studies(app)  # sample-efficiency, prompt-forms, prototypes
 register_knowledge(app)  # knowledge
 
 

@@ -114,6 +114,12 @@ def validation_subset(data: PreparedData, n: int, seed: int) -> pd.DataFrame:
 
 def cross_fitted_auc(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray, seed: int) -> float:
     """AUC of fusions scored on folds they were not fitted on."""
+    return binary_metrics(np.asarray(labels).astype(int), cross_fitted_scores(p_llm, p_crm, labels, seed))["auc"]
+
+
+def cross_fitted_scores(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Every sample's fused score from a fusion fitted on the other folds (paired comparisons of
+    two LLMs' fusions read these)."""
     y = np.asarray(labels).astype(int)
     folds = StratifiedKFold(n_splits=min(FOLDS, int(np.bincount(y, minlength=2).min())), shuffle=True,
                             random_state=seed)
@@ -121,7 +127,7 @@ def cross_fitted_auc(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray, s
     for fit_rows, score_rows in folds.split(np.zeros(len(y)), y):
         fold_fusion = fit_fusion(p_llm[fit_rows], p_crm[fit_rows], y[fit_rows])
         out[score_rows] = fold_fusion(p_llm[score_rows], p_crm[score_rows])
-    return binary_metrics(y, out)["auc"]
+    return out
 
 
 def decide(scores: ValidationScores, given: Fusion | None, source: FusionSource,

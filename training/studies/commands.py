@@ -1,5 +1,6 @@
 """Study commands: `reclora sample-efficiency` (the Laser study of models trained on shares of the
-training data) and `reclora prompt-forms` (trained LoRAs of either prompt form judged on requests)."""
+training data), `reclora prompt-forms` (trained LoRAs of either prompt form judged on requests) and
+`reclora prototypes` (what P prototype adapters cost against every user's own mixture)."""
 
 from __future__ import annotations
 
@@ -158,8 +159,44 @@ def prompt_forms(
     typer.echo((out / "prompt_forms.md").read_text())
 
 
+def prototypes(
+    data: Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")],
+    base_model: Annotated[Path, typer.Option(help="base LLM directory the LoRA was trained on")],
+    lora: Annotated[Path, typer.Option(help="a trained RecLoRA directory (train-llm --out)")],
+    out: Annotated[Path, typer.Option(help="study directory: prototypes.{json,md}, scores/")],
+    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
+    counts: Annotated[str, typer.Option(help="prototype counts P to compare with exact mixtures")] = "1,4,16,64,256",
+    valid_samples: Annotated[int, typer.Option(help="seeded validation draw (as llm-report and the sweep)")] = 2000,
+    n_test: Annotated[int, typer.Option(help="seeded test subset (as llm-report)")] = 2000,
+    request_size: Annotated[int, typer.Option(help="candidates per request at most (a user's rows in time order)")]
+        = 20,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
+        = "auto",
+    seed: int = 0, k_text: int = 10, threads: Optional[int] = None,
+) -> None:
+    """What P prototype adapters cost against every user's own mixture: validation AUCs alone and
+    fused with paired standard errors per P, the smallest P within one standard error once on test."""
+    import torch
+
+    from training.studies.prototypes import PrototypesConfig, run_prototypes
+
+    if not (lora / "config.json").is_file():
+        fail(f"--lora: {lora} holds no trained LoRA (config.json)")
+    sizes = _numbers(counts, "--counts", int)
+    if not sizes or min(sizes) < 1 or request_size < 1 or valid_samples < 10 or n_test < 10:
+        fail("--counts takes positive counts; --request-size at least 1, --valid-samples and --n-test at least 10")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = PrototypesConfig(counts=tuple(sorted(sizes)), valid_samples=valid_samples, n_test=n_test,
+                           request_size=request_size, seed=seed, dtype=dtype, k_text=k_text)
+    with timed("prototypes"):
+        run_prototypes(data, crm or data / "crm", base_model, lora, out, cfg, echo=typer.echo)
+    typer.echo((out / "prototypes.md").read_text())
+
+
 COMMANDS = {
     "prompt-forms": prompt_forms,
+    "prototypes": prototypes,
     "sample-efficiency": sample_efficiency,
 }
 

@@ -60,6 +60,8 @@ class _Replica:
 class VLLMEngine:
     """P(Yes) per candidate from remote vLLM servers, with per-user adapters loaded on demand."""
 
+    mixes_in_forward = False  # takes materialized adapters (a user's own, or a prototype's)
+
     def __init__(self, clients: Sequence[VLLMClient], lifecycle: AdapterLifecycle, *, yes_id: int, no_id: int,
                  router=None, scoring_api: str = "auto", request_timeout_s: float = 30.0,
                  health_interval_s: float | None = 2.0, telemetry: Telemetry = NO_TELEMETRY) -> None:
