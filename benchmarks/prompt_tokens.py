@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--k-text", type=int, default=10)
     parser.add_argument("--engine", type=Path, help=(
         "a bundle directory with an LLM part: also time the embedded engine (the --tokenizer directory is "
-        "its base model) on both forms' prompts with the user's adapter, in the same run"))
+        "its base model) on both forms' prompts with the user's adapter, in the same run, and against its floor"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -103,15 +103,27 @@ def time_engine(args, forms: dict, items: np.ndarray, ratings: np.ndarray, profi
     raw = model.catalog.items.set_index("item_idx")["item"]
     view = UserHistoryView.from_raw(model, raw.loc[items].to_numpy(np.int64), ratings, profile)
     adapter = user_adapter(model, "bench", run_crm(model, view, model.catalog.to_dense([])).user_rep, None)
-    print(f"engine ({next(engine.model.parameters()).dtype}), median of {args.repeats} after a warm-up:")
+    from bench_score import WorkCounter, engine_flops, matmul_rate
+
+    dtype = next(engine.model.parameters()).dtype
+    config = engine.model.config
+    print(f"engine ({dtype}), median of {args.repeats} after a warm-up; its floor: the FLOPs of the rows it "
+          "ran over the matmul rate measured now at the model's shapes")
     for name, (prefix, suffixes) in forms.items():
+        counter = WorkCounter()
+        engine.observe_rows = counter
         engine.score(adapter, prefix, suffixes)
+        engine.observe_rows = None
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             engine.score(adapter, prefix, suffixes)
             times.append((time.perf_counter() - start) * 1000.0)
-        print(f"  {name}: {np.median(times):.0f} ms per request of {len(suffixes)} candidates")
+        rank = model.lora_config.r if model.lora_config is not None else 0
+        floor_ms = engine_flops(config, rank, counter.work) / matmul_rate(
+            config.hidden_size, config.intermediate_size, counter.work["tokens"], dtype) / 1e6
+        print(f"  {name}: {np.median(times):.0f} ms per request of {len(suffixes)} candidates; floor "
+              f"{floor_ms:.0f} ms ({np.median(times) / floor_ms:.2f}x)")
 
 
 if __name__ == "__main__":

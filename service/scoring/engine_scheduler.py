@@ -132,19 +132,14 @@ class EngineScheduler:
     def submit(self, work: Work, predicted_ms: float, deadline: float | None = None) -> Future:
         """Queue a request's work ahead of every background job; its future carries the result.
         Work that reaches the engine after ``deadline`` is not started (TimeoutError)."""
-        job = _Job(work, predicted_ms, deadline)
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("the engine scheduler is closed")
-            self._requests.append(job)
-            self._report()
-            self._cv.notify()
-        return job.future
+        return self._queue_request(_Job(work, predicted_ms, deadline))
 
     def submit_call(self, engine: ScoringEngine, call: EngineCall, predicted_ms: float) -> Future:
         """Queue a request's engine call (its deadline is the call's); the future carries P(Yes) per
         suffix. Calls may share a forward with other users' requests."""
-        job = _Job(None, predicted_ms, call.deadline, call=call, engine=engine)
+        return self._queue_request(_Job(None, predicted_ms, call.deadline, call=call, engine=engine))
+
+    def _queue_request(self, job: _Job) -> Future:
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine scheduler is closed")

@@ -7,8 +7,11 @@ Imported by ``conftest.py`` and the tests (pytest puts this directory on ``sys.p
 from __future__ import annotations
 
 import asyncio
+import gzip
+import io
 import socket
 import sys
+import tarfile
 import threading
 import traceback
 from collections.abc import Sequence
@@ -89,6 +92,18 @@ def thread_stacks() -> str:
     frames = sys._current_frames()
     return "\n".join(f"--- {t.name}\n" + "".join(traceback.format_stack(frames[t.ident]))
                      for t in threading.enumerate() if t.ident in frames)
+
+
+def tar_of(files: dict[str, bytes], *, gz: bool = False) -> bytes:
+    """A tar archive (gzipped with ``gz``) of ``files``, as an admin upload carries bundle parts."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    return gzip.compress(raw) if gz else raw
 
 
 def read_history(world: World, user: str) -> UserHistory:

@@ -8,7 +8,6 @@ restore the previous scores exactly.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import shutil
@@ -21,24 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from tests.e2e.e2e_support import LiveServer, World, assert_error, metric_value
+from tests.e2e.e2e_support import LiveServer, World, assert_error, metric_value, tar_of
 from safetensors.torch import load_file, save_file
 
 from service.api.admin.auth import new_token
 
 CANDIDATES = [3, 17, 42, 58, 71, 80]
 UPLOAD_CAP = 8 << 20
-
-
-def tar_of(files: dict[str, bytes], *, gz: bool = False) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    raw = buf.getvalue()
-    return gzip.compress(raw) if gz else raw
 
 
 def bundle_files(bundle_dir: Path) -> dict[str, bytes]:

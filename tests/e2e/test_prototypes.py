@@ -5,10 +5,8 @@ are refused and leave the served version as it was."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from safetensors.torch import load_file, save
 from service.api.admin.auth import new_token
 from service.bundle import prototypes as parts
 from service.scoring.stages import user_adapter
-from tests.e2e.e2e_support import LiveServer, Reference, World, assert_error, engine_dtype, llm_atol
+from tests.e2e.e2e_support import LiveServer, Reference, World, assert_error, engine_dtype, llm_atol, tar_of
 
 CANDIDATES = [3, 17, 42, 58, 71, 80]
 VERSION = "proto-v1"
@@ -118,16 +116,6 @@ def test_exact_mode_serves_the_users_own_adapter(world: World, store: Path, refe
                                        atol=llm_atol(engine_dtype(server)))
     finally:
         server.stop()
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def pushed_bundle(store: Path, version: str, change) -> dict[str, bytes]:

@@ -13,6 +13,30 @@ import typer
 from training.cli_support import fail, timed
 
 
+# Options the studies that judge trained LoRAs on requests share.
+DataDir = Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")]
+CrmDir = Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")]
+ValidSamples = Annotated[int, typer.Option(help="seeded validation draw (as llm-report and the sweep)")]
+TestSamples = Annotated[int, typer.Option(help="seeded test subset (as llm-report)")]
+RequestSize = Annotated[int, typer.Option(help="candidates per request at most (a user's rows in time order)")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
+
+
+def _requests(valid_samples: int, n_test: int, request_size: int, seed: int, dtype: str, k_text: int,
+              threads: int | None):
+    """The requests a study scores (``FormsConfig``), its options checked; sets torch's threads."""
+    import torch
+
+    from training.studies.prompt_forms import FormsConfig
+
+    if request_size < 1 or valid_samples < 10 or n_test < 10:
+        fail("--request-size must be at least 1, --valid-samples and --n-test at least 10")
+    if threads:
+        torch.set_num_threads(threads)
+    return FormsConfig(valid_samples=valid_samples, n_test=n_test, request_size=request_size, seed=seed, dtype=dtype,
+                       k_text=k_text)
+
+
 def _numbers(text: str, flag: str, kind: type) -> tuple:
     try:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
@@ -119,26 +143,18 @@ def sample_efficiency(
 
 
 def prompt_forms(
-    data: Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")],
+    data: DataDir,
     base_model: Annotated[Path, typer.Option(help="base LLM directory the LoRAs were trained on")],
     lora: Annotated[list[str], typer.Option(
         help="NAME=DIR of a trained LoRA (train-llm --out), repeated; the first is the one the others are "
              "compared with")],
     out: Annotated[Path, typer.Option(help="study directory: prompt_forms.{json,md}, scores/")],
-    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
-    valid_samples: Annotated[int, typer.Option(help="seeded validation draw (as llm-report and the sweep)")] = 2000,
-    n_test: Annotated[int, typer.Option(help="seeded test subset (as llm-report)")] = 2000,
-    request_size: Annotated[int, typer.Option(help="candidates per request at most (a user's rows in time order)")]
-        = 20,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
-        = "auto",
-    seed: int = 0, k_text: int = 10, threads: Optional[int] = None,
+    crm: CrmDir = None, valid_samples: ValidSamples = 2000, n_test: TestSamples = 2000, request_size: RequestSize = 20,
+    dtype: Dtype = "auto", seed: int = 0, k_text: int = 10, threads: Optional[int] = None,
 ) -> None:
     """Judge trained LoRAs of either prompt form on the same requests, as served: AUCs alone and
     fused, paired differences with standard errors, tokens and milliseconds per request."""
-    import torch
-
-    from training.studies.prompt_forms import FormsConfig, run_prompt_forms
+    from training.studies.prompt_forms import run_prompt_forms
 
     loras: dict[str, Path] = {}
     for item in lora:
@@ -148,47 +164,32 @@ def prompt_forms(
         if not (Path(directory) / "config.json").is_file():
             fail(f"--lora {name}: {directory} holds no trained LoRA (config.json)")
         loras[name] = Path(directory)
-    if request_size < 1 or valid_samples < 10 or n_test < 10:
-        fail("--request-size must be at least 1, --valid-samples and --n-test at least 10")
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = FormsConfig(valid_samples=valid_samples, n_test=n_test, request_size=request_size, seed=seed, dtype=dtype,
-                      k_text=k_text)
+    cfg = _requests(valid_samples, n_test, request_size, seed, dtype, k_text, threads)
     with timed("prompt-forms"):
         run_prompt_forms(data, crm or data / "crm", base_model, loras, out, cfg, echo=typer.echo)
     typer.echo((out / "prompt_forms.md").read_text())
 
 
 def prototypes(
-    data: Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")],
+    data: DataDir,
     base_model: Annotated[Path, typer.Option(help="base LLM directory the LoRA was trained on")],
     lora: Annotated[Path, typer.Option(help="a trained RecLoRA directory (train-llm --out)")],
     out: Annotated[Path, typer.Option(help="study directory: prototypes.{json,md}, scores/")],
-    crm: Annotated[Optional[Path], typer.Option(help="CRM checkpoint (default DATA/crm)")] = None,
     counts: Annotated[str, typer.Option(help="prototype counts P to compare with exact mixtures")] = "1,4,16,64,256",
-    valid_samples: Annotated[int, typer.Option(help="seeded validation draw (as llm-report and the sweep)")] = 2000,
-    n_test: Annotated[int, typer.Option(help="seeded test subset (as llm-report)")] = 2000,
-    request_size: Annotated[int, typer.Option(help="candidates per request at most (a user's rows in time order)")]
-        = 20,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
-        = "auto",
-    seed: int = 0, k_text: int = 10, threads: Optional[int] = None,
+    crm: CrmDir = None, valid_samples: ValidSamples = 2000, n_test: TestSamples = 2000, request_size: RequestSize = 20,
+    dtype: Dtype = "auto", seed: int = 0, k_text: int = 10, threads: Optional[int] = None,
 ) -> None:
     """What P prototype adapters cost against every user's own mixture: validation AUCs alone and
     fused with paired standard errors per P, the smallest P within one standard error once on test."""
-    import torch
-
     from training.studies.prototypes import PrototypesConfig, run_prototypes
 
     if not (lora / "config.json").is_file():
         fail(f"--lora: {lora} holds no trained LoRA (config.json)")
     sizes = _numbers(counts, "--counts", int)
-    if not sizes or min(sizes) < 1 or request_size < 1 or valid_samples < 10 or n_test < 10:
-        fail("--counts takes positive counts; --request-size at least 1, --valid-samples and --n-test at least 10")
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = PrototypesConfig(counts=tuple(sorted(sizes)), valid_samples=valid_samples, n_test=n_test,
-                           request_size=request_size, seed=seed, dtype=dtype, k_text=k_text)
+    if not sizes or min(sizes) < 1:
+        fail(f"--counts takes positive prototype counts, got {counts!r}")
+    cfg = PrototypesConfig(tuple(sorted(set(sizes))), _requests(valid_samples, n_test, request_size, seed, dtype,
+                                                                 k_text, threads))
     with timed("prototypes"):
         run_prototypes(data, crm or data / "crm", base_model, lora, out, cfg, echo=typer.echo)
     typer.echo((out / "prototypes.md").read_text())

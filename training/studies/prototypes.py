@@ -41,13 +41,10 @@ from training.studies.prompt_forms import SPLITS, FormsConfig, draws
 
 @dataclass(frozen=True)
 class PrototypesConfig:
+    """The prototype counts P, and the requests, dtype and seed as the prompt-forms study draws them."""
+
     counts: tuple[int, ...] = (1, 4, 16, 64, 256)
-    valid_samples: int = 2000
-    n_test: int = 2000
-    request_size: int = 20
-    seed: int = 0
-    dtype: str = "auto"
-    k_text: int = 10
+    requests: FormsConfig = FormsConfig()
 
 
 def run_prototypes(data_dir: Path, crm_dir: Path, base_dir: Path, lora_dir: Path, out_dir: Path,
@@ -61,8 +58,7 @@ def judge_prototypes(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
                      out_dir: Path, cfg: PrototypesConfig = PrototypesConfig(),
                      echo: Callable[[str], None] = print) -> dict:
     """``run_prototypes`` on a loaded dataset."""
-    forms = FormsConfig(valid_samples=cfg.valid_samples, n_test=cfg.n_test, request_size=cfg.request_size,
-                        seed=cfg.seed, dtype=cfg.dtype, k_text=cfg.k_text)
+    forms = cfg.requests
     rows = draws(data, forms)
     labels = {s: rows[s]["label"].to_numpy().astype(int) for s in SPLITS}
     crm = FrozenCRM.load(crm_dir, data, embeddings)
@@ -76,11 +72,11 @@ def judge_prototypes(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
     train_users = latest_per_user(data.split("train"))
     features = gate_features(mixer, crm.outputs(train_users).user_reps)
 
-    scorer = load_trained(lora_dir, base_dir, cfg.dtype, cfg.k_text)
+    scorer = load_trained(lora_dir, base_dir, forms.dtype, forms.k_text)
     requests = {s: scorer.request_prompts(data, rows[s], embeddings, "semantic") for s in SPLITS}
     builder = scorer.builder_for(data)
     del scorer
-    model, _ = load_base(base_dir, cfg.dtype, "cpu")
+    model, _ = load_base(base_dir, forms.dtype, "cpu")
     engine = TorchEngine(model, yes_id=builder.yes_id, no_id=builder.no_id, target_modules=lora_cfg.target_modules)
     banks = LoRABanks(lora_dir.name, tuple(mixer.module_names), tuple(mixer.banks_a), tuple(mixer.banks_b),
                       lora_cfg.scaling)
@@ -88,7 +84,7 @@ def judge_prototypes(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
 
     def score(name: str, chosen: dict[str, torch.Tensor], splits: Sequence[str]) -> dict[str, np.ndarray]:
         """Per split, every row's P(Yes) with its request's gate weights from ``chosen``."""
-        record = {**asdict(cfg), "model": name, "dtype": dtype, "splits": list(splits),
+        record = {**asdict(forms), "model": name, "dtype": dtype, "splits": list(splits),
                   "files": files_record([base_dir, lora_dir])}
 
         def run() -> dict[str, np.ndarray]:
@@ -108,15 +104,15 @@ def judge_prototypes(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
     exact = score("exact", alphas, SPLITS)
     prototypes, assigned = {}, {}
     for count in cfg.counts:
-        fitted = fit_prototypes(features, PrototypeOptions(count, cfg.seed))
+        fitted = fit_prototypes(features, PrototypeOptions(count, forms.seed))
         centroids = torch.from_numpy(fitted.centroids).reshape(count, *alphas["valid"].shape[1:])
         assigned[count] = {s: torch.cdist(alphas[s].reshape(len(alphas[s]), -1), centroids.reshape(count, -1)).argmin(1)
                            for s in SPLITS}
         prototypes[count] = {s: centroids[assigned[count][s]] for s in SPLITS}
 
     valid = {count: score(f"P={count}", prototypes[count], ["valid"])["valid"] for count in cfg.counts}
-    rows_out = [valid_row("exact", exact["valid"], exact["valid"], labels["valid"], crm_probs["valid"], cfg.seed)]
-    rows_out += [valid_row(f"P={count}", valid[count], exact["valid"], labels["valid"], crm_probs["valid"], cfg.seed)
+    rows_out = [valid_row("exact", exact["valid"], exact["valid"], labels["valid"], crm_probs["valid"], forms.seed)]
+    rows_out += [valid_row(f"P={count}", valid[count], exact["valid"], labels["valid"], crm_probs["valid"], forms.seed)
                  for count in cfg.counts]
     chosen = next((count for count, row in zip(cfg.counts, rows_out[1:])
                    if row["valid_diff"] >= -row["valid_diff_se"]), None)
@@ -126,7 +122,8 @@ def judge_prototypes(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
         test = test_row(chosen, {"valid": valid[chosen], "test": p_test}, exact, labels, crm_probs)
     result = {"config": asdict(cfg), "lora": str(lora_dir), "dtype": dtype,
               "requests": {s: len(slices[s]) for s in SPLITS}, "rows_per_split": {s: len(rows[s]) for s in SPLITS},
-              "training_users": len(features), "crm": {s: binary_metrics(labels[s], crm_probs[s])["auc"] for s in SPLITS},
+              "training_users": len(features),
+              "crm": {s: binary_metrics(labels[s], crm_probs[s])["auc"] for s in SPLITS},
               "valid": rows_out, "smallest_within_one_se": chosen, "test": test}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "prototypes.json").write_text(json.dumps(result, indent=2))

@@ -3,6 +3,7 @@
 import pytest
 
 from training.llm.train import LLMTrainConfig, train_llm
+from training.studies.prompt_forms import FormsConfig
 from training.studies.prototypes import PrototypesConfig, judge_prototypes
 
 
@@ -13,12 +14,12 @@ def test_prototypes_are_judged_against_exact_mixtures_on_the_same_requests(llm_w
                              evals_per_epoch=1, dtype="float32", device="cpu", progress=False,
                              prompt_form="shared", request_size=4,
                              lora=dict(n_meta=3, user_dim=64, r=4, lora_alpha=8)))
+    requests = FormsConfig(valid_samples=60, n_test=60, request_size=5, dtype="float32", k_text=3)
     big = len({u for u in data.split("train")["user_idx"]}) + 1
     with pytest.raises(Exception, match="distinct"):  # more prototypes than training users is refused
         judge_prototypes(data, emb, root / "crm", base, root / "gated", root / "protos",
-                         PrototypesConfig(counts=(big,), valid_samples=60, n_test=60, request_size=5,
-                                          dtype="float32", k_text=3), echo=lambda _: None)
-    cfg = PrototypesConfig(counts=(1, 2, 8), valid_samples=60, n_test=60, request_size=5, dtype="float32", k_text=3)
+                         PrototypesConfig((big,), requests), echo=lambda _: None)
+    cfg = PrototypesConfig((1, 2, 8), requests)
     result = judge_prototypes(data, emb, root / "crm", base, root / "gated", root / "protos", cfg, echo=lambda _: None)
     exact, *rows = result["valid"]
     assert [r["config"] for r in result["valid"]] == ["exact", "P=1", "P=2", "P=8"]
