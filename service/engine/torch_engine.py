@@ -202,13 +202,19 @@ class TorchEngine:
         Each level's rows, whatever their contexts and users, run packed in one forward, so a request
         takes as many forwards as its tree is deep (typically three) rather than one per shared run.
         """
-        prefixes = [(i, Row(calls[i].prefix, None, True)) for i in sorted(self._alive) if calls[i].prefix]
+        # The prefix, with the start every suffix shares (each keeps a token of its own), once per
+        # request: a run all suffixes share costs no forward of its own (the prompt forms end their
+        # prefix just before a candidate's text, so its first words are often everyone's).
+        starts = {i: _common_prefix(calls[i].suffixes, list(range(len(calls[i].suffixes))), 0) for i in self._alive}
+        prefixes = [(i, Row(list(calls[i].prefix) + list(calls[i].suffixes[0][: starts[i]]), None, True))
+                    for i in sorted(self._alive) if calls[i].prefix or starts[i]]
         contexts: dict[int, KV] = {}
-        if prefixes:  # once per request
+        if prefixes:
             self.last_extensions += [len(row.tokens) for _, row in prefixes]
             caches = self._run([row for _, row in prefixes], [i for i, _ in prefixes])[1]
             contexts = dict(zip((i for i, _ in prefixes), caches))
-        level = [(i, _Node(contexts.get(i), list(range(len(calls[i].suffixes))), 0)) for i in sorted(self._alive)]
+        level = [(i, _Node(contexts.get(i), list(range(len(calls[i].suffixes))), starts[i]))
+                 for i in sorted(self._alive)]
         max_batch = self.settings.torch_max_batch
         while level:
             # per row: the row, its call, and a run's (members, offset) or a leaf's suffix

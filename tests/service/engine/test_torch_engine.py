@@ -165,7 +165,8 @@ def test_runs_shared_after_a_short_common_start_are_found(setup) -> None:
         got = engine.score(adapter_for(mixer, lora, rep, "short-start"), prefix, suffixes)
     finally:
         engine.settings = settings
-    assert sorted(engine.last_extensions) == [6, 12, 14]  # the prefix, then start + line_a and start + line_b
+    # the prefix with the start every suffix shares, then line_a and line_b
+    assert sorted(engine.last_extensions) == [8, 10, 12]
     with lora.user(rep.reshape(1, -1)):
         alone = [float(score_sequences(reference, [prefix + s], YES, NO, PAD)[0]) for s in suffixes]
     np.testing.assert_allclose(got, alone, atol=1e-5)
