@@ -53,7 +53,8 @@ def prepare(
     rating_max: Annotated[Optional[float], typer.Option(help="csv: highest rating (default: the highest in the file)")]
         = None,
     drop_unknown_items: Annotated[bool, typer.Option(
-        help="csv: leave out (and count) ratings of items the items file lacks, instead of refusing the data")] = False,
+        help="csv, ml-latest: leave out (and count) ratings of items the items file lacks, instead of refusing "
+             "the data")] = False,
     item_noun: Annotated[Optional[str], typer.Option(
         help="csv, synthetic: what prompts call an item, e.g. book (default movie)")] = None,
     item_plural: Annotated[Optional[str], typer.Option(help="csv, synthetic: its plural (default: noun + s)")] = None,
@@ -77,6 +78,10 @@ def prepare(
         if words:
             fail(f"--item-noun, --item-plural and --item-verb apply to csv and synthetic data; {format} is movies")
         kwargs: dict = {"directory": data_dir}
+        if format == "ml-latest":
+            kwargs["drop_unknown_items"] = drop_unknown_items
+        elif drop_unknown_items:
+            fail(f"--drop-unknown-items applies to csv and ml-latest; {format} names only movies its item file has")
     elif format == "csv":
         if interactions is None or items is None:
             fail("--interactions and --items are required for --format csv")

@@ -77,3 +77,9 @@ def test_bad_input_is_a_clear_error(tmp_path) -> None:
     assert "error:" in result.output
     missing = runner.invoke(app, ["train-crm", "--data", str(tmp_path / "nothing")])
     assert missing.exit_code != 0
+
+
+def test_drop_unknown_items_is_refused_where_it_cannot_apply(tmp_path) -> None:
+    result = runner.invoke(app, ["prepare", "--format", "ml-100k", "--data-dir", str(tmp_path), "--drop-unknown-items",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "applies to csv and ml-latest" in result.output

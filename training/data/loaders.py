@@ -11,13 +11,14 @@ from training.data.schema import RawDataset
 from training.data.synthetic import generate_synthetic
 
 
-def load_ml_latest(directory: PathArg) -> RawDataset:
-    """MovieLens "latest" (e.g. ml-latest-small): ratings.csv + movies.csv, 0.5..5 stars."""
+def load_ml_latest(directory: PathArg, drop_unknown_items: bool = False) -> RawDataset:
+    """MovieLens "latest" (e.g. ml-latest-small): ratings.csv + movies.csv, 0.5..5 stars; with
+    ``drop_unknown_items`` ratings of movies that movies.csv lacks are left out and counted."""
     root = Path(directory)
     return load_csv_dataset(
         root / "ratings.csv", root / "movies.csv",
         user_col="userId", item_col="movieId", item_id_col="movieId",
-        rating_min=0.5, rating_max=5.0, name=root.name or "ml-latest",
+        rating_min=0.5, rating_max=5.0, drop_unknown_items=drop_unknown_items, name=root.name or "ml-latest",
     )
 
 

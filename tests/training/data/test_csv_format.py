@@ -68,6 +68,16 @@ def test_ml_latest_kind_reads_a_directory(tmp_path):
     assert len(ds.interactions) == 4 and ds.rating_min == 0.5
 
 
+def test_ml_latest_drops_ratings_of_unknown_movies_only_when_asked(tmp_path):
+    """The refusal's advice (--drop-unknown-items) holds for the ml-latest format too."""
+    write(tmp_path / "ratings.csv", RATINGS + ["2,99,4.0,964983900"])
+    write(tmp_path / "movies.csv", MOVIES)
+    with pytest.raises(DataFormatError, match="--drop-unknown-items"):
+        load_dataset("ml-latest", directory=tmp_path)
+    ds = load_dataset("ml-latest", directory=tmp_path, drop_unknown_items=True)
+    assert len(ds.interactions) == 4 and ds.dropped_rows == {"unknown_item": 1}
+
+
 def test_custom_columns_separator_year_extras_and_users(tmp_path):
     inter = write(tmp_path / "events.tsv", ["who;what;stars;when", "10;7;2;100", "11;7;9;200"],
                   encoding="latin-1")
