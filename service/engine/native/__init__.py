@@ -47,6 +47,9 @@ class NativeKernels:
         self._rotary = library.rotary_bf16
         self._rotary.argtypes = [p, p, p, p, i64, i64, i64, i64]
         self._rotary.restype = ctypes.c_int
+        self._rms_norm = library.rms_norm_bf16
+        self._rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i64]
+        self._rms_norm.restype = ctypes.c_int
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                   contexts: torch.Tensor, scale: float) -> torch.Tensor:
@@ -87,6 +90,21 @@ class NativeKernels:
                             torch.get_num_threads())
         if code != 0:
             raise RuntimeError(f"native rotary failed with code {code}")
+        return out
+
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """The RMSNorm of ``x`` (tokens, width) float32 with ``weight`` (width) float32, as bfloat16,
+        rounded once (``F.rms_norm`` in float32, then a cast); width a multiple of 16."""
+        _check((x, weight), torch.float32, "the native RMSNorm")
+        if x.dim() != 2 or weight.shape != (x.shape[1],) or x.shape[1] % 16:
+            raise ValueError(f"RMSNorm of {tuple(x.shape)} needs a width that is a multiple of 16 and a weight of "
+                             f"it, got {tuple(weight.shape)}")
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        code = self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
+                              torch.get_num_threads())
+        if code != 0:
+            raise RuntimeError(f"native RMSNorm failed with code {code}")
         return out
 
 

@@ -11,6 +11,9 @@
 // float32 and rounded once, where torch takes two bfloat16 passes (SiLU, then the product), each
 // rounding to bfloat16.
 //
+// rms_norm_bf16: the RMSNorm of the float32 residual stream rounded once to bfloat16 for the next
+// projection, in one pass, where torch's fused norm writes float32 and a cast follows.
+//
 // rotary_bf16: a bfloat16 query or key projection to float32 with the rotary embedding applied,
 // in one pass, where torch takes a cast and five elementwise passes (two products, the halves'
 // swap, a negation and a sum).
@@ -73,6 +76,14 @@ static inline float bf16_to_float(uint16_t b) {
 }
 
 struct Item { int64_t row, group, first; };
+
+// float32 lanes rounded to bfloat16, to nearest even; NaN stays NaN.
+static inline bf16x16 to_bf16(v16 y) {
+    const u16x32 bits = (u16x32)y;
+    u16x32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    rounded = y != y ? (u16x32){} + 0x7FC0u : rounded;
+    return __builtin_convertvector(rounded, bf16x16);
+}
 
 extern "C" {
 
@@ -232,10 +243,7 @@ int silu_mul_bf16(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64
         const v16 e = vexp(x < 0.0f ? x : -x);
         const v16 silu = (x < 0.0f ? x * e : x) / (1.0f + e);
         const v16 y = silu * u;
-        const u16x32 bits = (u16x32)y;
-        u16x32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-        rounded = y != y ? (u16x32){} + 0x7FC0u : rounded;  // NaN stays NaN
-        const bf16x16 o = __builtin_convertvector(rounded, bf16x16);
+        const bf16x16 o = to_bf16(y);
         if (m == 16) *(bf16x16 *)(out + at) = o;
         else for (int64_t i = 0; i < m; i++) out[at + i] = o[i];
     }
@@ -262,6 +270,29 @@ int rotary_bf16(const uint16_t *__restrict__ x, const float *__restrict__ cos, c
                 o[i + half] = b * c[i + half] + a * s[i + half];
             }
         }
+    }
+    return 0;
+}
+
+// out[t, i] = x[t, i] / sqrt(mean_i(x[t, i]^2) + eps) * w[i], rounded once to bfloat16: the RMSNorm
+// of the float32 residual stream, as the next projection's input. x: (tokens, width) float32; w:
+// (width) float32; out: (tokens, width) bfloat16; width a multiple of 16.
+int rms_norm_bf16(const float *__restrict__ x, const float *__restrict__ w, uint16_t *__restrict__ out,
+                  int64_t tokens, int64_t width, float eps, int64_t threads) {
+    if (width % 16 != 0) return 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *row = x + t * width;
+        v16 acc = {};
+        for (int64_t i = 0; i < width; i += 16) {
+            const v16 v = load(row + i);
+            acc += v * v;
+        }
+        float sum = 0.0f;
+        for (int i = 0; i < 16; i++) sum += acc[i];
+        const float inv = 1.0f / __builtin_sqrtf(sum / (float)width + eps);
+        for (int64_t i = 0; i < width; i += 16)
+            *(bf16x16 *)(out + t * width + i) = to_bf16(load(row + i) * inv * load(w + i));
     }
     return 0;
 }

@@ -137,6 +137,25 @@ def test_silu_product_takes_only_matching_contiguous_bfloat16(kernel) -> None:
         kernel.silu_mul_(g, g[:2].contiguous())
 
 
+@pytest.mark.parametrize("tokens, width", [(1, 16), (7, 576), (300, 64)])
+def test_rms_norm_is_the_float32_norm_rounded_once(kernel, tokens, width) -> None:
+    x = torch.randn(tokens, width) * 3
+    weight = torch.randn(width)
+    got = kernel.rms_norm(x, weight, 1e-5)
+    exact = F.rms_norm(x.double(), (width,), weight.double(), 1e-5).float()
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    torch.testing.assert_close(got.float(), exact, rtol=2.0 ** -8 + 1e-5, atol=1e-30)  # one rounding
+
+
+def test_rms_norm_takes_only_float32_of_a_width_of_sixteens(kernel) -> None:
+    with pytest.raises(ValueError, match="float32"):
+        kernel.rms_norm(torch.randn(2, 16).bfloat16(), torch.randn(16), 1e-5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernel.rms_norm(torch.randn(2, 20), torch.randn(20), 1e-5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernel.rms_norm(torch.randn(2, 16), torch.randn(32), 1e-5)
+
+
 def test_a_cache_others_may_write_is_never_loaded_from(tmp_path, caplog) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
