@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from service.llm.personalized_lora import AdapterMixer
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class LoRABanks:
     b: tuple[torch.Tensor, ...]
     scaling: float
 
+    @classmethod
+    def of(cls, key: str, mixer: "AdapterMixer") -> "LoRABanks":
+        """A trained personalized LoRA's banks (its mixer's, shared, not copied) under ``key``."""
+        return cls(key, tuple(mixer.module_names), tuple(mixer.banks_a), tuple(mixer.banks_b), mixer.cfg.scaling)
+
 
 @dataclass(frozen=True)
 class UserMixture:
@@ -68,6 +76,12 @@ class EngineCall:
     prefix: Sequence[int]
     suffixes: Sequence[Sequence[int]]
     deadline: float | None = None
+
+    @property
+    def banks_key(self) -> str | None:
+        """The banks a mixture adapter mixes over (None for any other): calls share a forward only
+        with calls of the same banks."""
+        return self.adapter.banks.key if isinstance(self.adapter, UserMixture) else None
 
 
 class ForwardInterrupted(Exception):

@@ -101,10 +101,8 @@ class LoRASlots:
     @torch.no_grad()
     def install_mixtures(self, banks: LoRABanks, mixtures: TokenMixtures) -> None:
         """Every token through its own user's mixture of ``banks`` (see the module docstring)."""
+        self._check_modules(banks.key, banks.module_names)
         index = {name: m for m, name in enumerate(banks.module_names)}
-        missing = set(self.slots) - set(index)
-        if missing:
-            raise ValueError(f"banks {banks.key} lack modules {sorted(missing)[:3]}")
         if self._banks is None or self._banks[0] != banks.key:
             self._banks = None
             self._banks = (banks.key, {name: self._flatten(slot, banks, index[name])
@@ -126,33 +124,40 @@ class LoRASlots:
         """One user's mixture for a whole forward: ``A_u = sum_k a_k A_k``, ``B_u = sum_k a_k B_k``
         built from the banks per module (a few thousand multiply-adds each) and installed as an
         adapter, which costs a forward less than the per-token path (no n_meta-wide matmuls)."""
-        if self._installed is not None and self._installed[0] == key:
-            self.install(UserAdapter(key, {}, banks.scaling))
-            return
-        alphas = alphas.float()
-        weights = {name: (torch.einsum("k,kir->ir", alphas[m], banks.a[m].float()),
-                          torch.einsum("k,kro->ro", alphas[m], banks.b[m].float()))
-                   for m, name in enumerate(banks.module_names) if name in self.slots}
-        self.install(UserAdapter(key, weights, banks.scaling))
+        self._check_modules(key, banks.module_names)
+
+        def mixed() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            a = alphas.float()
+            return {name: (torch.einsum("k,kir->ir", a[m], banks.a[m].float()),
+                           torch.einsum("k,kro->ro", a[m], banks.b[m].float()))
+                    for m, name in enumerate(banks.module_names) if name in self.slots}
+
+        self._use(key, mixed, banks.scaling)
 
     @torch.no_grad()
     def install(self, adapter: UserAdapter | None) -> None:
-        for slot in self.slots.values():
-            slot.banks = None
         if adapter is None:
             for slot in self.slots.values():
-                slot.weight = slot.factors = None
+                slot.weight = slot.factors = slot.banks = None
             return
-        cached = self._installed is not None and self._installed[0] == adapter.key
-        missing = set(self.slots) - set(adapter.weights)
-        if missing and not cached:
-            raise ValueError(f"adapter {adapter.key} lacks modules {sorted(missing)[:3]}")
-        if not cached:
+        self._check_modules(adapter.key, adapter.weights)
+        self._use(adapter.key, lambda: adapter.weights, adapter.scaling)
+
+    def _check_modules(self, key: str, modules) -> None:
+        missing = set(self.slots) - set(modules)
+        if missing:
+            raise ValueError(f"adapter {key} lacks modules {sorted(missing)[:3]}")
+
+    def _use(self, key: str, weights, scaling: float) -> None:
+        """Install the adapter named ``key``, preparing its ``weights()`` unless it was the last one."""
+        if self._installed is None or self._installed[0] != key:
             self._installed = None  # free the previous adapter's weights before building these
-            self._installed = (adapter.key, {name: self._prepare(slot, *adapter.weights[name], adapter.scaling)
-                                             for name, slot in self.slots.items()})
+            built = weights()
+            self._installed = (key, {name: self._prepare(slot, *built[name], scaling)
+                                     for name, slot in self.slots.items()})
         for name, slot in self.slots.items():
             prepared = self._installed[1][name]
+            slot.banks = None
             slot.weight, slot.factors = (prepared, None) if self.merge else (None, prepared)
 
     def _prepare(self, slot: LoRASlotLinear, a: torch.Tensor, b: torch.Tensor, scaling: float):

@@ -293,7 +293,7 @@ class _Node:
 
 def _check_packable(calls: Sequence[EngineCall]) -> None:
     """Calls share a forward only as mixtures of one version's banks."""
-    banks = {call.adapter.banks.key if isinstance(call.adapter, UserMixture) else None for call in calls}
+    banks = {call.banks_key for call in calls}
     if None in banks or len(banks) != 1:
         raise ValueError("only calls with user mixtures of the same version's banks share a forward")
 

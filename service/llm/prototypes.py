@@ -19,6 +19,12 @@ from service.bundle import prototypes as parts
 from service.llm.personalized_lora import from_peft_weights
 
 
+def nearest_centroids(alphas: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(N,) the index of the centroid (P, n_modules * n_meta) nearest (Euclidean) to each of N users'
+    gate outputs (N, n_modules, n_meta): the k-means assignment."""
+    return torch.cdist(alphas.reshape(len(alphas), -1).to(centroids.dtype), centroids).argmin(1)
+
+
 @dataclass(frozen=True)
 class PrototypeSet:
     """P prototype adapters and the centroids that choose among them."""
@@ -33,8 +39,7 @@ class PrototypeSet:
     def nearest(self, alphas: torch.Tensor) -> int:
         """The prototype whose centroid is nearest (Euclidean) to these gate outputs
         ((n_modules, n_meta), as ``AdapterMixer.mixtures`` gives them): the k-means assignment."""
-        flat = alphas.reshape(1, -1).to(self.centroids.dtype)
-        return int(torch.cdist(flat, self.centroids).argmin())
+        return int(nearest_centroids(alphas.unsqueeze(0), self.centroids)[0])
 
     @staticmethod
     def name(index: int) -> str:

@@ -44,7 +44,7 @@ import torch
 import numpy as np
 
 from service.config import BackgroundSettings
-from service.engine.base import EngineCall, ForwardInterrupted, ScoringEngine, UserMixture
+from service.engine.base import EngineCall, ForwardInterrupted, ScoringEngine
 from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,7 @@ class _Job:
 
     @property
     def banks(self) -> str | None:
-        """The version's banks a call mixes over: calls share a forward only with the same."""
-        adapter = None if self.call is None else self.call.adapter
-        return adapter.banks.key if isinstance(adapter, UserMixture) else None
+        return None if self.call is None else self.call.banks_key
 
 
 class EngineScheduler:

@@ -160,8 +160,7 @@ def mixture_banks(model: LoadedModel) -> LoRABanks:
     mixer = model.mixer
     banks = _BANKS.get(mixer)
     if banks is None:
-        banks = LoRABanks(f"{model.version}#{id(mixer):x}", tuple(mixer.module_names), tuple(mixer.banks_a),
-                          tuple(mixer.banks_b), model.lora_config.scaling)
+        banks = LoRABanks.of(f"{model.version}#{id(mixer):x}", mixer)
         _BANKS[mixer] = banks
     return banks
 
@@ -175,9 +174,13 @@ def prototype_adapter(model: LoadedModel, index: int) -> UserAdapter:
     """The version's prototype ``index`` as an adapter, named by prototype, version and weights
     (never by user): every user nearest to it shares this one adapter, loaded once per replica."""
     prototypes = model.prototypes
-    name = prototypes.name(index)
-    return UserAdapter(f"{name}@{model.version}#{prototypes.digests[index]}", prototypes.weights[index],
-                       model.lora_config.scaling, prototype=name)
+    return UserAdapter(_prototype_key(model, index), prototypes.weights[index], model.lora_config.scaling,
+                       prototype=prototypes.name(index))
+
+
+def _prototype_key(model: LoadedModel, index: int) -> str:
+    prototypes = model.prototypes
+    return f"{prototypes.name(index)}@{model.version}#{prototypes.digests[index]}"
 
 
 def prototype_mixture(model: LoadedModel, index: int) -> UserMixture:
@@ -185,8 +188,7 @@ def prototype_mixture(model: LoadedModel, index: int) -> UserMixture:
     over the banks (the prototype adapter is the mixture at the centroid), under the adapter's key."""
     prototypes = model.prototypes
     alphas = prototypes.centroids[index].reshape(len(model.mixer.module_names), -1)
-    return UserMixture(prototype_adapter(model, index).key, mixture_banks(model), alphas,
-                       prototype=prototypes.name(index))
+    return UserMixture(_prototype_key(model, index), mixture_banks(model), alphas, prototype=prototypes.name(index))
 
 
 def prototype_adapters(model: LoadedModel) -> list[UserAdapter]:

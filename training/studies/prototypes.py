@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from service.engine.base import LoRABanks, UserMixture
 from service.engine.torch_engine import TorchEngine
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
+from service.llm.prototypes import nearest_centroids
 from training.data.samples import PreparedData
 from training.export.prototypes import PrototypeOptions, fit_prototypes, gate_features, latest_per_user
 from training.llm.crm_outputs import FrozenCRM
@@ -78,8 +79,7 @@ def judge_prototypes(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
     del scorer
     model, _ = load_base(base_dir, forms.dtype, "cpu")
     engine = TorchEngine(model, yes_id=builder.yes_id, no_id=builder.no_id, target_modules=lora_cfg.target_modules)
-    banks = LoRABanks(lora_dir.name, tuple(mixer.module_names), tuple(mixer.banks_a), tuple(mixer.banks_b),
-                      lora_cfg.scaling)
+    banks = LoRABanks.of(lora_dir.name, mixer)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     def score(name: str, chosen: dict[str, torch.Tensor], splits: Sequence[str]) -> dict[str, np.ndarray]:
@@ -102,13 +102,11 @@ def judge_prototypes(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
         return probs
 
     exact = score("exact", alphas, SPLITS)
-    prototypes, assigned = {}, {}
+    prototypes = {}  # per P and split, each request's prototype's gate weights
     for count in cfg.counts:
-        fitted = fit_prototypes(features, PrototypeOptions(count, forms.seed))
-        centroids = torch.from_numpy(fitted.centroids).reshape(count, *alphas["valid"].shape[1:])
-        assigned[count] = {s: torch.cdist(alphas[s].reshape(len(alphas[s]), -1), centroids.reshape(count, -1)).argmin(1)
-                           for s in SPLITS}
-        prototypes[count] = {s: centroids[assigned[count][s]] for s in SPLITS}
+        centroids = torch.from_numpy(fit_prototypes(features, PrototypeOptions(count, forms.seed)).centroids)
+        prototypes[count] = {s: centroids[nearest_centroids(alphas[s], centroids)].reshape(alphas[s].shape)
+                             for s in SPLITS}
 
     valid = {count: score(f"P={count}", prototypes[count], ["valid"])["valid"] for count in cfg.counts}
     rows_out = [valid_row("exact", exact["valid"], exact["valid"], labels["valid"], crm_probs["valid"], forms.seed)]

@@ -263,7 +263,7 @@ def every_module(tmp_path_factory):
     mixer = AdapterMixer(lora.cfg, lora.trainable_state_dict())
     engine = TorchEngine(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), TorchSettings(torch_max_batch=5),
                          yes_id=YES, no_id=NO, target_modules=ALL_MODULES)
-    banks = LoRABanks("v1", tuple(mixer.module_names), tuple(mixer.banks_a), tuple(mixer.banks_b), lora.cfg.scaling)
+    banks = LoRABanks.of("v1", mixer)
     return lora, mixer, engine, banks
 
 
