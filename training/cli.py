@@ -245,9 +245,12 @@ def _echo_fusion(bundle: Path) -> None:
     """The export's serving decision, as the manifest records it."""
     from service.bundle import MANIFEST_NAME
     from training.llm.fusion_fit import describe
+    from training.slices import slice_markdown
 
     decision = json.loads((bundle / MANIFEST_NAME).read_text())["metrics"].get("fusion")
     typer.echo("serve crm (no LLM in the bundle)" if decision is None else describe(decision))
+    if decision is not None and decision.get("slices"):
+        typer.echo("validation " + slice_markdown(decision["slices"], "CRM"))
 
 
 def _redis_where(url: str) -> str:

@@ -10,6 +10,9 @@ import pandas as pd
 from service.llm.prompt import ItemText
 
 
+SUPPORT_COLUMN = "train_interactions"  # an item's interactions in the training data; read by fusions by support
+
+
 class Catalog:
     def __init__(self, items: pd.DataFrame, embeddings: np.ndarray) -> None:
         if len(items) and int(items["item_idx"].max()) >= len(embeddings):
@@ -22,6 +25,10 @@ class Catalog:
         self._raw_sorted = raw[self._order]
         self._dense_sorted = dense[self._order]
         years = items["year"] if "year" in items else pd.Series([None] * len(items))
+        self.support: np.ndarray | None = None  # by dense id; None where the catalog does not record it
+        if SUPPORT_COLUMN in items:
+            self.support = np.zeros(len(self.embeddings), np.int64)
+            self.support[dense] = items[SUPPORT_COLUMN].to_numpy(np.int64)
         self.texts = {int(i): ItemText(str(t), None if pd.isna(y) else int(y))
                       for i, t, y in zip(dense, items["title"], years)}
 

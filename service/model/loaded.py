@@ -20,7 +20,7 @@ from service.crm.model import CRM, CRMConfig
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
 from service.llm.prototypes import PrototypeSet
 from service.llm.prompt import PromptConfig, PromptForm, check_trained_form, form_of_version
-from service.model.catalog import Catalog
+from service.model.catalog import SUPPORT_COLUMN, Catalog
 from service.model.fusion import FUSION_FILE, Fusion
 
 LORA_CONFIG, LORA_WEIGHTS = "lora/config.json", "lora/weights.safetensors"
@@ -79,6 +79,9 @@ def load_model(bundle_dir: str | Path, *, prototypes: bool = True) -> LoadedMode
         mixer = AdapterMixer(lora_config, bundle.load_safetensors(LORA_WEIGHTS))
     prompt = PromptConfig.model_validate(bundle.load_json(PROMPT_CONFIG)) if PROMPT_CONFIG in files else PromptConfig()
     fusion = Fusion.from_json(bundle.load_json(FUSION_FILE)) if FUSION_FILE in files else None
+    if fusion is not None and fusion.item_support is not None and catalog.support is None:
+        raise ValueError(f"{FUSION_FILE} weighs by item support, but items/catalog.parquet has no "
+                         f"{SUPPORT_COLUMN} column to read it from")
     llm = bundle.manifest.components.get("llm")
     k_text = int(llm.config.get("k_text", 10)) if llm else 10
     lora_form = trained_prompt_form(llm.config) if llm and mixer is not None else None

@@ -281,7 +281,7 @@ class ScoringPipeline:
         llm = (await self._llm_stage(LLMRequest(model, user_id, view, dense, deadline), text, crm.user_rep)
                if text is not None else LLMStage.none(len(dense)))
         timings.update(llm.timings_ms)
-        scored = Scored.of(model, made_by, crm.scores, llm.scores)
+        scored = Scored.of(model, made_by, dense, crm.scores, llm.scores)
         reasons = [*history_reason, *llm.reasons]
         if scored.has_llm.any() and not scored.has_llm.all():
             reasons.append(DegradedReason.LLM_PARTIAL)

@@ -34,10 +34,12 @@ class Scored:
     final: np.ndarray  # (C,) float64, what is served
 
     @classmethod
-    def of(cls, model: LoadedModel, source: ScoreSource, crm: np.ndarray, llm: np.ndarray | None = None) -> "Scored":
-        """The served scores by the one fusion rule (``stages.fuse``); no ``llm``: the CRM's alone."""
+    def of(cls, model: LoadedModel, source: ScoreSource, items: np.ndarray, crm: np.ndarray,
+           llm: np.ndarray | None = None) -> "Scored":
+        """The served scores of dense ``items`` by the one fusion rule (``stages.fuse``); no ``llm``:
+        the CRM's alone."""
         llm = np.full(len(crm), np.nan) if llm is None else np.asarray(llm, np.float64)
-        return cls(source, np.asarray(crm), llm, fuse(model, crm, llm))
+        return cls(source, np.asarray(crm), llm, fuse(model, crm, llm, items))
 
     @property
     def has_llm(self) -> np.ndarray:
@@ -64,8 +66,8 @@ def score_sequence(model: LoadedModel, builder: PromptBuilder | None, engine: Sc
     crm = run_crm(model, history, dense)
     source = answer_source(model, engine, builder)
     if source is ScoreSource.CRM:
-        return SequenceResult(Scored.of(model, source, crm.scores), crm)
+        return SequenceResult(Scored.of(model, source, dense, crm.scores), crm)
     prompts = text_inputs(builder, model, history, dense)
     adapter = user_adapter(model, user_id, crm.user_rep, adapters, engine)
     llm = engine.score(adapter, prompts.prefix, prompts.suffixes, interrupted=interrupted)
-    return SequenceResult(Scored.of(model, source, crm.scores, llm), crm, prompts, adapter)
+    return SequenceResult(Scored.of(model, source, dense, crm.scores, llm), crm, prompts, adapter)

@@ -217,12 +217,17 @@ def user_adapter(model: LoadedModel, user_id: str, user_rep: torch.Tensor, adapt
     return adapter
 
 
-def fuse(model: LoadedModel, crm: np.ndarray, llm: np.ndarray) -> np.ndarray:
-    """The served score per candidate: the version's fusion of LLM and CRM where the candidate has
-    an LLM score (the LLM's own without a fusion), the CRM's where it has none (NaN)."""
+def fuse(model: LoadedModel, crm: np.ndarray, llm: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The served score per candidate (dense ``items``): the version's fusion of LLM and CRM where the
+    candidate has an LLM score (the LLM's own without a fusion), the CRM's where it has none (NaN).
+    A fusion weighing by item support reads each candidate's from the catalog."""
     crm = np.asarray(crm)
     final = crm.astype(np.float64)
     has = ~np.isnan(llm)
     if has.any():
-        final[has] = model.fusion(llm[has], crm[has]) if model.fusion is not None else llm[has]
+        if model.fusion is None:
+            final[has] = llm[has]
+        else:
+            support = None if model.catalog.support is None else model.catalog.support[np.asarray(items)[has]]
+            final[has] = model.fusion(llm[has], crm[has], support)
     return final

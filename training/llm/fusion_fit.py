@@ -7,6 +7,11 @@ cross-fitted AUC (each fold scored by a fusion fitted on the other folds), so an
 only noise cannot look useful by fitting that noise; a given fusion is judged as it is. When the
 fused AUC does not beat the CRM's, the bundle says ``serve: crm`` and the gateway never runs the
 LLM for it: the engine's time buys nothing there.
+
+A second fitted candidate weighs by item support (each item-support bucket its own weights,
+``service.model.fusion.SupportWeights``): it is judged by the same cross-fitting and served only
+where it beats both the CRM and the plain fusion. The decision records both, and AUC per slice
+(``training.slices``) of the CRM, the LLM and the fusions on the same validation samples.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from service.model.fusion import FUSION_FILE, Fusion, FusionValidation, ScoreSource, logit
+from service.model.fusion import (FUSION_FILE, ITEM_SUPPORT_EDGES, Fusion, FusionValidation, ScoreSource,
+                                  SupportWeights, logit, support_buckets)
 from training.data.samples import PreparedData
 from training.metrics import binary_metrics
+from training.slices import SampleSlices, slice_table
 
 DEFAULT_SAMPLES = 500
 FOLDS = 5
@@ -64,6 +71,8 @@ class ValidationScores:
     crm: np.ndarray
     labels: np.ndarray
     seed: int
+    item_support: np.ndarray | None = None  # each sample's item's training interactions; None: no fusion by support
+    slices: SampleSlices | None = None  # the same samples' slices, for the decision's slice table
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class FusionDecision:
     fused_auc_in_sample: float  # the written weights on the whole subset (equals fused_auc for a given fusion)
     seconds: float = 0.0
     dtype: str = ""
+    by_support_auc: float | None = None  # the fusion by item support, cross-fitted (None: not fitted)
+    slices: list[dict] | None = None  # training.slices.slice_table of the validation samples
 
     def summary(self) -> dict:
         """The manifest's record of the decision (``metrics.fusion``)."""
@@ -86,14 +97,19 @@ class FusionDecision:
                 "fused_auc_in_sample": self.fused_auc_in_sample, "n": v.n, "seed": v.seed,
                 "fused_auc_method": f"{FOLDS}-fold cross-fitted" if self.source == "fitted" else "as given",
                 "weights": {"w_llm": self.fusion.w_llm, "w_crm": self.fusion.w_crm, "bias": self.fusion.bias},
-                "dtype": self.dtype, "seconds": round(self.seconds, 1)}
+                "by_item_support": self.fusion.item_support is not None, "by_support_auc": self.by_support_auc,
+                "dtype": self.dtype, "seconds": round(self.seconds, 1),
+                **({"slices": self.slices} if self.slices is not None else {})}
 
 
 def describe(summary: dict) -> str:
     """One line for the operator from ``FusionDecision.summary()``: what the bundle serves and why."""
     how = "forced" if summary["forced"] else (
         "fused beats the CRM" if summary["serve"] == "fused" else "fused does not beat the CRM: the LLM is not run")
-    return (f"serve {summary['serve']} ({how}): valid AUC fused {summary['fused_auc']:.4f} "
+    kind = "fused by item support" if summary.get("by_item_support") else "fused"
+    support = (f", fused by item support {summary['by_support_auc']:.4f}"
+               if summary.get("by_support_auc") is not None and not summary.get("by_item_support") else "")
+    return (f"serve {summary['serve']} ({how}): valid AUC {kind} {summary['fused_auc']:.4f}{support} "
             f"({summary['fused_auc_method']}), CRM {summary['crm_auc']:.4f}, LLM {summary['llm_auc']:.4f} on "
             f"{summary['n']} samples (seed {summary['seed']}); fusion {summary['source']}, LoRA scored in "
             f"{summary['dtype']} in {summary['seconds']:.0f} s")
@@ -105,6 +121,31 @@ def fit_fusion(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray) -> Fusi
     return Fusion(float(lr.coef_[0, 0]), float(lr.coef_[0, 1]), float(lr.intercept_[0]))
 
 
+def fit_support_fusion(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray,
+                       item_support: np.ndarray) -> Fusion:
+    """A fusion with weights per item-support bucket: one logistic regression on the two logits
+    and, per bucket other than the best-supported, its own offsets of the intercept and both
+    weights; the L2 penalty draws a bucket with few samples towards the shared weights (a bucket
+    absent from validation takes them unchanged). The base weights are the best-supported bucket's."""
+    l_llm, l_crm = logit(p_llm), logit(p_crm)
+    buckets = support_buckets(item_support)
+    n_buckets, ref = len(ITEM_SUPPORT_EDGES) + 1, len(ITEM_SUPPORT_EDGES)
+    others = [b for b in range(n_buckets) if b != ref]
+    columns = [l_llm, l_crm]
+    for b in others:
+        on = (buckets == b).astype(np.float64)
+        columns += [on, on * l_llm, on * l_crm]
+    lr = LogisticRegression(C=1.0, max_iter=1000).fit(np.stack(columns, 1), labels)
+    coef, b0 = lr.coef_[0], float(lr.intercept_[0])
+    w_llm, w_crm, bias = [float(coef[0])] * n_buckets, [float(coef[1])] * n_buckets, [b0] * n_buckets
+    for i, b in enumerate(others):
+        bias[b] += float(coef[2 + 3 * i])
+        w_llm[b] += float(coef[3 + 3 * i])
+        w_crm[b] += float(coef[4 + 3 * i])
+    return Fusion(float(coef[0]), float(coef[1]), b0, item_support=SupportWeights(tuple(w_llm), tuple(w_crm),
+                                                                                    tuple(bias)))
+
+
 def validation_subset(data: PreparedData, n: int, seed: int) -> pd.DataFrame:
     """The seeded validation draw every LLM evaluation uses (``llm-report``, export, sweep): the
     first ``n`` of one seeded permutation, so a smaller draw is a prefix of a larger one."""
@@ -112,21 +153,28 @@ def validation_subset(data: PreparedData, n: int, seed: int) -> pd.DataFrame:
     return valid.sample(n=min(n, len(valid)), random_state=seed)
 
 
-def cross_fitted_auc(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray, seed: int) -> float:
-    """AUC of fusions scored on folds they were not fitted on."""
-    return binary_metrics(np.asarray(labels).astype(int), cross_fitted_scores(p_llm, p_crm, labels, seed))["auc"]
+def cross_fitted_auc(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray, seed: int,
+                     item_support: np.ndarray | None = None) -> float:
+    """AUC of fusions scored on folds they were not fitted on (by item support where it is given)."""
+    scores = cross_fitted_scores(p_llm, p_crm, labels, seed, item_support)
+    return binary_metrics(np.asarray(labels).astype(int), scores)["auc"]
 
 
-def cross_fitted_scores(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+def cross_fitted_scores(p_llm: np.ndarray, p_crm: np.ndarray, labels: np.ndarray, seed: int,
+                        item_support: np.ndarray | None = None) -> np.ndarray:
     """Every sample's fused score from a fusion fitted on the other folds (paired comparisons of
-    two LLMs' fusions read these)."""
+    two LLMs' fusions read these); with ``item_support``, fusions weighing by it."""
     y = np.asarray(labels).astype(int)
     folds = StratifiedKFold(n_splits=min(FOLDS, int(np.bincount(y, minlength=2).min())), shuffle=True,
                             random_state=seed)
     out = np.empty(len(y))
     for fit_rows, score_rows in folds.split(np.zeros(len(y)), y):
-        fold_fusion = fit_fusion(p_llm[fit_rows], p_crm[fit_rows], y[fit_rows])
-        out[score_rows] = fold_fusion(p_llm[score_rows], p_crm[score_rows])
+        if item_support is None:
+            fold_fusion = fit_fusion(p_llm[fit_rows], p_crm[fit_rows], y[fit_rows])
+            out[score_rows] = fold_fusion(p_llm[score_rows], p_crm[score_rows])
+        else:
+            fold_fusion = fit_support_fusion(p_llm[fit_rows], p_crm[fit_rows], y[fit_rows], item_support[fit_rows])
+            out[score_rows] = fold_fusion(p_llm[score_rows], p_crm[score_rows], item_support[score_rows])
     return out
 
 
@@ -140,17 +188,32 @@ def decide(scores: ValidationScores, given: Fusion | None, source: FusionSource,
                          f"{2 * FOLDS} samples and two of each label to measure the fusion")
     crm_auc = binary_metrics(y, scores.crm)["auc"]
     llm_auc = binary_metrics(y, scores.llm)["auc"]
+    support = scores.item_support
     if given is None:
         fusion = fit_fusion(scores.llm, scores.crm, y)
-        fused_auc = cross_fitted_auc(scores.llm, scores.crm, y, scores.seed)
+        fused = cross_fitted_scores(scores.llm, scores.crm, y, scores.seed)
     else:
         fusion = given
-        fused_auc = binary_metrics(y, fusion(scores.llm, scores.crm))["auc"]
-    in_sample = binary_metrics(y, fusion(scores.llm, scores.crm))["auc"]
+        fused = fusion(scores.llm, scores.crm, support)
+    fused_auc = binary_metrics(y, fused)["auc"]
+    by_support_auc = by_support = None
+    if given is None and support is not None:
+        by_support = cross_fitted_scores(scores.llm, scores.crm, y, scores.seed, support)
+        by_support_auc = binary_metrics(y, by_support)["auc"]
+        if by_support_auc > fused_auc:  # served only where it beats the plain fusion (and, below, the CRM)
+            fusion, fused_auc = fit_support_fusion(scores.llm, scores.crm, y, support), by_support_auc
+    in_sample = binary_metrics(y, fusion(scores.llm, scores.crm, support))["auc"]
     chosen = serve if serve != "auto" else (ScoreSource.FUSED.value if fused_auc > crm_auc else ScoreSource.CRM.value)
     validation = FusionValidation(fused_auc=fused_auc, crm_auc=crm_auc, llm_auc=llm_auc, n=len(y), seed=scores.seed)
-    decided = Fusion(fusion.w_llm, fusion.w_crm, fusion.bias, serve=chosen, validation=validation)
-    return FusionDecision(decided, "fitted" if given is None else source, serve != "auto", in_sample)
+    decided = replace(fusion, serve=chosen, validation=validation)
+    slices = None
+    if scores.slices is not None:
+        by_model = {"CRM": scores.crm, "LLM": scores.llm, "fused": fused}
+        if by_support is not None:
+            by_model["fused by item support"] = by_support
+        slices = slice_table(y, by_model, scores.slices, reference="CRM")
+    return FusionDecision(decided, "fitted" if given is None else source, serve != "auto", in_sample,
+                          by_support_auc=by_support_auc, slices=slices)
 
 
 def given_fusion(llm_dir: Path, report_dir: Path | None) -> tuple[Fusion | None, FusionSource]:
@@ -175,8 +238,9 @@ def score_validation(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
     crm = FrozenCRM.load(crm_dir, data, embeddings).outputs(valid)
     scorer = load_trained(llm_dir, base_dir, options.dtype, k_text)
     llm = scorer.score(scorer.prompts(data, valid, embeddings, "semantic"), crm.user_reps, options.batch_size)
+    slices = SampleSlices.of(data, valid)
     return ValidationScores(np.asarray(llm, np.float64), np.asarray(crm.probabilities, np.float64),
-                            valid["label"].to_numpy().astype(int), options.seed)
+                            valid["label"].to_numpy().astype(int), options.seed, slices.item_support, slices)
 
 
 def fusion_at_export(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, llm_dir: Path, base_dir: Path,

@@ -28,6 +28,7 @@ from training.llm.fusion_fit import ValidationScores, decide, fit_fusion, valida
 from training.llm.loading import load_base, load_trained
 from training.llm.offline_scoring import LLMScorer
 from training.metrics import binary_metrics
+from training.slices import SampleSlices, llm_beats_reference, slice_markdown, slice_table
 
 SCORES_DIR = "scores"
 SPLITS = ("test", "valid")
@@ -77,17 +78,22 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
             lambda scorer=scorer, prompts=prompts: {s: scorer.score(prompts[s], reps[s], batch_size) for s in SPLITS})
     probs = {"CRM": probs["CRM"], **{name: probs[name] for name in scorers}}  # the table's order
     fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))
-    decision = decide(ValidationScores(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"], seed),
-                      None, "fitted")
+    slices = {"test": SampleSlices.of(data, test), "valid": SampleSlices.of(data, valid)}
+    decision = decide(ValidationScores(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"], seed,
+                                       slices["valid"].item_support, slices["valid"]), None, "fitted")
     fusion = decision.fusion
     probs[f"fused ({fused_from.split(' (')[0]} + CRM)"] = {
-        s: fusion(probs[fused_from][s], probs["CRM"][s]) for s in ("test", "valid")}
+        s: fusion(probs[fused_from][s], probs["CRM"][s], slices[s].item_support) for s in ("test", "valid")}
 
     rows = [{"model": name, **binary_metrics(labels["test"], p["test"]), "valid_auc": binary_metrics(labels["valid"], p["valid"])["auc"],
              "seconds": seconds.get(name, 0.0)} for name, p in probs.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
+    test_slices = slice_table(labels["test"], {name: p["test"] for name, p in probs.items()}, slices["test"],
+                              reference="CRM")
     result = {"n_test": len(test), "n_valid": len(valid), "seed": seed, "k_text": k_text, "rows": rows,
-              "fusion": fusion.to_json(), "fusion_decision": decision.summary(), "fused_from": fused_from}
+              "fusion": fusion.to_json(), "fusion_decision": decision.summary(), "fused_from": fused_from,
+              "slices": test_slices,
+              "beats_crm": {name: llm_beats_reference(test_slices, name) for name in probs if name != "CRM"}}
     for name, d in (("ReLLa-style (shared LoRA)", rella_dir), ("RecLoRA (personalized LoRA)", reclora_dir)):
         if d is not None and (d / "train.json").is_file():
             t = json.loads((d / "train.json").read_text())
@@ -136,8 +142,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['acc']:.4f} | {r['valid_auc']:.4f} | {r['seconds']:.1f} |")
     d = result.get("fusion_decision")
     if d:
-        lines += ["", f"Serve: {d['serve']} (valid AUC fused {d['fused_auc']:.4f}, {d['fused_auc_method']}, "
+        kind = "fused by item support" if d.get("by_item_support") else "fused"
+        lines += ["", f"Serve: {d['serve']} (valid AUC {kind} {d['fused_auc']:.4f}, {d['fused_auc_method']}, "
                       f"against CRM {d['crm_auc']:.4f})."]
+    if result.get("slices"):
+        lines += ["", "## Test subset by slice", "", slice_markdown(result["slices"], "CRM").rstrip()]
+        beats = {name: where for name, where in result.get("beats_crm", {}).items() if where}
+        lines += ["", "Slices where a model beats the CRM by more than one paired standard error: "
+                  + ("; ".join(f"{name}: {', '.join(where)}" for name, where in beats.items()) if beats else "none")
+                  + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,7 @@ from training.crm.train import TrainConfig, TrainedCRM, predict, train_crm
 from training.data.samples import PreparedData
 from training.llm.train import LLMTrainConfig
 from training.metrics import binary_metrics
+from training.slices import SampleSlices, slice_aucs
 from training.studies.subsets import shared_test_subset, subset_size, train_subset
 
 MODELS = {
@@ -183,6 +184,7 @@ class _Runner:
         self.cfg, self.inputs, self.out_dir = cfg, inputs, out_dir
         self.test = shared_test_subset(inputs.data, cfg.n_test, cfg.test_seed)
         self.labels = self.test["label"].to_numpy()
+        self.slices = SampleSlices.of(inputs.data, self.test)
         self._encoded: dict[str, object] = {}
         self._test_reps: torch.Tensor | None = None
         self._test_prompts: dict[str, list[list[int]]] = {}
@@ -271,7 +273,8 @@ class _Runner:
 
     def _test_metrics(self, probs: np.ndarray) -> dict:
         m = binary_metrics(self.labels, probs)
-        return {"test_auc": m["auc"], "test_logloss": m["logloss"], "test_acc": m["acc"]}
+        return {"test_auc": m["auc"], "test_logloss": m["logloss"], "test_acc": m["acc"],
+                "test_slices": slice_aucs(self.labels, probs, self.slices)}
 
 
 def run_study(inputs: StudyInputs, cfg: StudyConfig, out_dir: Path,

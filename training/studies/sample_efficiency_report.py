@@ -40,10 +40,37 @@ def aggregate(rows: list[dict]) -> list[dict]:
                  "test_auc_std": auc_std, "test_logloss_mean": loss, "test_logloss_std": loss_std,
                  "valid_auc_mean": mean_std([r["valid_auc"] for r in group])[0],
                  "wall_seconds_mean": mean_std([r["wall_seconds"] for r in group])[0]}
+        if all("test_slices" in r for r in group):
+            entry["test_slices"] = {key: _slice_mean([r["test_slices"][key] for r in group])
+                                    for key in group[0]["test_slices"]}
         if all("test_full_auc" in r for r in group):
             entry["test_full_auc_mean"], entry["test_full_auc_std"] = mean_std([r["test_full_auc"] for r in group])
         out.append(entry)
     return out
+
+
+def _slice_mean(entries: list[dict]) -> dict:
+    """A slice's AUC averaged over seeds (None where any seed's slice had too few of a label)."""
+    aucs = [e["auc"] for e in entries]
+    mean = None if any(a is None for a in aucs) else mean_std(aucs)[0]
+    return {"n": entries[0]["n"], "positives": entries[0]["positives"], "auc": mean}
+
+
+def slice_markdown_rows(groups: list[dict]) -> list[str]:
+    """The test subset's AUC per slice for every model and share (mean over seeds)."""
+    with_slices = [g for g in groups if "test_slices" in g]
+    if not with_slices:
+        return []
+    keys = list(with_slices[0]["test_slices"])
+    counts = with_slices[0]["test_slices"]
+    head = ["model", "train share", *(f"{k} (n={counts[k]['n']})" for k in keys)]
+    lines = ["Test AUC by slice (mean over seeds; item and user support count training interactions; - where "
+             "a slice has fewer than two of a label):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in with_slices:
+        cells = [g["label"], _pct(g["fraction"])]
+        cells += ["-" if g["test_slices"][k]["auc"] is None else f"{g['test_slices'][k]['auc']:.4f}" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _full_data(groups: list[dict], model: str) -> dict | None:
@@ -124,6 +151,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {g['label']} | {_pct(g['fraction'])} | {g['n_train_samples']} | {g['test_auc_mean']:.4f} ± "
                      f"{g['test_auc_std']:.4f} | {g['test_logloss_mean']:.4f} ± {g['test_logloss_std']:.4f} | {full} | "
                      f"{g['valid_auc_mean']:.4f} | {g['n_seeds']} | {g['wall_seconds_mean']:.1f} |")
+    slices = slice_markdown_rows(result["groups"])
+    if slices:
+        lines += ["", *slices]
     lines += ["", *(f"{line}\n" for line in findings_text(result["findings"]))]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -72,3 +72,35 @@ def test_unknown_or_malformed_fields_are_refused(data):
 ])
 def test_score_source_follows_the_bundle(fusion, has_llm, source):
     assert score_source(fusion, has_llm) is source
+
+
+SUPPORT = {"edges": [1, 10, 50], "w_llm": [2.0, 1.0, 0.5, 0.1], "w_crm": [0.1, 0.5, 1.0, 1.2],
+           "bias": [0.0, 0.1, 0.2, 0.3]}
+
+
+def test_a_fusion_by_item_support_weighs_each_candidate_by_its_bucket():
+    fusion = Fusion.from_json({"w_llm": 0.1, "w_crm": 1.2, "bias": 0.3, "item_support": SUPPORT})
+    assert Fusion.from_json(json.loads(json.dumps(fusion.to_json()))) == fusion
+    llm, crm = np.array([0.8, 0.8, 0.8, 0.8, 0.8]), np.array([0.3, 0.3, 0.3, 0.3, 0.3])
+    support = np.array([0, 1, 9, 10, 500])  # buckets 0, 1, 1, 2, 3
+    got = fusion(llm, crm, support)
+    for i, b in enumerate([0, 1, 1, 2, 3]):
+        plain = Fusion(SUPPORT["w_llm"][b], SUPPORT["w_crm"][b], SUPPORT["bias"][b])
+        np.testing.assert_allclose(got[i], plain(llm[i:i + 1], crm[i:i + 1])[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="support is needed"):
+        fusion(llm, crm)
+
+
+@pytest.mark.parametrize("support", [{**SUPPORT, "edges": [1, 5, 50]}, {**SUPPORT, "w_llm": [1.0, 2.0]},
+                                     {k: v for k, v in SUPPORT.items() if k != "bias"},
+                                     {**SUPPORT, "bias": [0.0, 0.1, "x", 0.3]}, [1, 2]])
+def test_malformed_support_weights_are_refused(support):
+    with pytest.raises(ValueError, match="item_support"):
+        Fusion.from_json({"w_llm": 0.1, "w_crm": 1.2, "bias": 0.3, "item_support": support})
+
+
+def test_support_buckets_and_their_names():
+    from service.model.fusion import support_buckets, support_labels
+
+    assert support_buckets(np.array([0, 1, 9, 10, 49, 50, 10_000])).tolist() == [0, 1, 1, 2, 2, 3, 3]
+    assert support_labels() == ("0", "1-9", "10-49", "50+")

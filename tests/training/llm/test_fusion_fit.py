@@ -72,6 +72,42 @@ def test_a_subset_without_both_labels_is_a_clear_error() -> None:
         FusionOptions(serve="llm")  # type: ignore[arg-type]
 
 
+def planted_by_support(n: int, seed: int = 0) -> ValidationScores:
+    """A CRM that ranks well-supported items and an LLM that ranks cold ones (support below 10)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    support = rng.choice([0, 4, 30, 300], n)
+    cold = support < 10
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    crm = sigmoid(np.where(cold, 0.0, 1.5 * (2 * y - 1)) + rng.normal(size=n))
+    llm = sigmoid(np.where(cold, 1.5 * (2 * y - 1), 0.0) + rng.normal(size=n))
+    return ValidationScores(llm, crm, y, seed, support)
+
+
+def test_a_fusion_by_item_support_is_served_where_it_beats_the_plain_one_and_the_crm() -> None:
+    scores = planted_by_support(1000)
+    decision = decide(scores, None, "fitted")
+    weights, v = decision.fusion.item_support, decision.fusion.validation
+    assert weights is not None and decision.fusion.serve == "fused", decision.summary()
+    assert v.fused_auc == decision.by_support_auc > v.crm_auc
+    assert weights.w_llm[0] > weights.w_llm[3] and weights.w_crm[3] > weights.w_crm[0]  # LLM on cold, CRM on warm
+    plain = decide(ValidationScores(scores.llm, scores.crm, scores.labels, scores.seed), None, "fitted")
+    assert plain.fusion.item_support is None and plain.by_support_auc is None
+    assert decision.by_support_auc > plain.fusion.validation.fused_auc
+    assert decision.summary()["by_item_support"] is True
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weights_by_support_are_not_served_where_support_tells_nothing(seed: int) -> None:
+    base = planted(600, llm_signal=1.0, seed=seed)
+    support = np.random.default_rng(seed + 10).choice([0, 4, 30, 300], 600)
+    decision = decide(ValidationScores(base.llm, base.crm, base.labels, seed, support), None, "fitted")
+    plain = decide(base, None, "fitted")
+    served_by_support = decision.fusion.item_support is not None
+    assert served_by_support == (decision.by_support_auc > plain.fusion.validation.fused_auc)
+    assert decision.fusion.validation.fused_auc == max(decision.by_support_auc, plain.fusion.validation.fused_auc)
+
+
 def test_the_validation_draw_is_llm_reports_and_nested(world) -> None:
     small, large = validation_subset(world.data, 50, 0), validation_subset(world.data, 120, 0)
     valid = world.data.split("valid")
@@ -129,6 +165,22 @@ def test_export_serves_fused_where_the_fitted_fusion_beats_the_crm(world, crms, 
     assert v["crm_auc"] < 0.4 < 0.6 < v["fused_auc"]  # the fitted fusion turns the CRM's ranking around
     assert out["fusion"]["w_crm"] < 0 and out["metrics"]["source"] == "fitted"
     assert out["metrics"]["fused_auc_method"] == "5-fold cross-fitted"
+    slices = out["metrics"]["slices"]  # the decision's figures by slice, on the same validation samples
+    assert {r["dimension"] for r in slices} == {"item support", "user support", "history length"}
+    assert sum(r["n"] for r in slices if r["dimension"] == "item support") == out["fusion"]["validation"]["n"]
+
+
+def test_the_catalog_records_each_items_training_support(world, crms, tmp_path: Path) -> None:
+    from service.model.catalog import SUPPORT_COLUMN
+
+    path = export_crm_bundle(world.data_dir, crms["good"], tmp_path, "v1")
+    catalog = load_bundle(path).load_parquet_pandas("items/catalog.parquet")
+    train = world.data.split("train")
+    expected = catalog["item_idx"].map(train.groupby("item_idx").size()).fillna(0).astype(int)
+    assert (catalog[SUPPORT_COLUMN] == expected).all() and expected.gt(0).any()
+    model = load_model(path)
+    assert model.catalog.support is not None
+    assert model.catalog.support[catalog["item_idx"].to_numpy()].tolist() == expected.tolist()
 
 
 def test_a_fitted_fusion_serves_fused_exactly_when_it_beats_the_crm(world, crms, tmp_path: Path) -> None:
