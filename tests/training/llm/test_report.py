@@ -45,6 +45,10 @@ def test_a_rerun_reads_kept_scores_and_rescores_a_retrained_model(world, tmp_pat
         "zero-shot-llm.valid.npy"]
     assert [r["model"] for r in first["rows"]] == ["CRM", "zero-shot LLM", "RecLoRA (personalized LoRA)",
                                                   "fused (RecLoRA + CRM)"]
+    slices = first["slices"]  # every model's test AUC by slice, the difference to the CRM beside it
+    assert sum(r["n"] for r in slices if r["dimension"] == "user support") == 40
+    assert set(first["beats_crm"]) == {"zero-shot LLM", "RecLoRA (personalized LoRA)", "fused (RecLoRA + CRM)"}
+    assert "## Test subset by slice" in (tmp_path / "report" / "report.md").read_text()
 
     scored.clear()
     again = run_report(*args, **kwargs)

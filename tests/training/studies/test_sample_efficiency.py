@@ -102,12 +102,14 @@ def test_study_writes_table_and_figure_and_resumes(world) -> None:
     for r in rows:
         assert 0.0 <= r["test_auc"] <= 1.0 and r["wall_seconds"] > 0
         assert ("test_full_auc" in r) == (r["model"] not in ("reclora", "rella"))
+        assert sum(v["n"] for k, v in r["test_slices"].items() if k.startswith("item support")) == 100
     crm_small = sorted((r for r in rows if r["model"] == "crm" and r["fraction"] == 0.1), key=lambda r: r["seed"])
     assert [r["seed"] for r in crm_small] == [0, 1] and crm_small[0]["n_train_samples"] == subset_size(0.1, len(prepared.split("train")))
 
     md = (out / "sample_efficiency.md").read_text()
     for label in ("item popularity", "logistic regression", "CRM + knowledge", "RecLoRA LLM", "ReLLa-style LLM"):
         assert f"| {label}" in md
+    assert "Test AUC by slice" in md and "item support: 50+ (n=" in md
     assert "full-data CRM" in md and "Knowledge gain at 100%" in md and "Knowledge gain at 10%" in md
     assert result["findings"]["knowledge_gain"]["0.1"]["n_seeds"] == 2
     assert (out / "sample_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
