@@ -346,6 +346,19 @@ class CanarySettings(SettingsGroup):
         "Abort when the candidate's online AUC is below the stable version's by more than this."))
 
 
+class ExplainSettings(SettingsGroup):
+    """POST /v1/explain: every part of a request's scores, the LLM's computed on demand."""
+
+    explain_enabled: bool = Field(False, description=(
+        "Serve POST /v1/explain (404 when false); with the admin API on it needs the admin token."))
+    explain_deadline_ms: int = Field(5_000, gt=0, le=600_000, description=(
+        "Deadline of an explain request that names none; past it the LLM part is reported as not computed."))
+    explain_top_meta: int = Field(3, ge=1, le=1024, description=(
+        "Meta-LoRAs reported per layer group and averaged (the heaviest gate weights)."))
+    explain_max_inflight: int = Field(1, ge=1, le=64, description=(
+        "Explain requests served at once; past it 429 with Retry-After (each runs an LLM forward)."))
+
+
 class LoggingSettings(SettingsGroup):
     """The process's log lines (stderr)."""
 
@@ -375,6 +388,7 @@ class Settings(BaseModel):
     admin: AdminSettings
     online: OnlineSettings
     canary: CanarySettings
+    explain: ExplainSettings
     logging: LoggingSettings
 
     @classmethod

@@ -10,15 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import fastapi_offline
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from service.api.admin.auth import require_admin
 from service.api.admin.router import router as admin_router
 from service.api.admission import LoadShedMiddleware
 from service.api.errors import install_error_handlers
 from service.api.events.router import router as events_router
+from service.api.explain.router import router as explain_router
 from service.api.fields import exact_integer_bounds
 from service.api.health.router import router as health_router
 from service.api.lifecycle import Lifecycle, RuntimeFactory, lifespan
@@ -29,7 +31,7 @@ from service.api.users.router import router as users_router
 from service.config import Settings, get_settings
 from service.history import HistoryStore
 from service.metrics import Metrics
-from service.scoring.contracts import Scorer
+from service.scoring.contracts import Explainer, Scorer
 
 OPENAPI_URL = "/openapi.json"
 DOCS_STATIC = "/docs/static"
@@ -39,10 +41,13 @@ SWAGGER_JS, SWAGGER_CSS, REDOC_JS, FAVICON = DOCS_FILES = (
 
 
 def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None, runtime: RuntimeFactory | None = None,
-              history: HistoryStore | None = None, metrics: Metrics | None = None) -> FastAPI:
+              history: HistoryStore | None = None, metrics: Metrics | None = None,
+              explainer: Explainer | None = None) -> FastAPI:
     """The service app, serving ``scorer`` or else what ``runtime`` builds in the lifespan (in the
     background: a model takes seconds to load). ``service.api.wiring.create_app`` passes the
-    production runtime; the history store is built from settings when not given."""
+    production runtime; the history store is built from settings when not given. ``/v1/explain``
+    exists only with ``explain_enabled`` (else 404), behind the admin token when the admin API is on;
+    its ``explainer`` comes with the runtime, or is given beside a ``scorer``."""
     if scorer is None and runtime is None:
         raise ValueError("build_app needs a scorer or a runtime factory (service.api.wiring.create_app passes one)")
     settings = settings or get_settings()
@@ -55,6 +60,7 @@ def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.scorer = scorer
+    app.state.explainer = explainer
     app.state.runtime_factory = runtime
     app.state.models = None  # the model registry, built with the scorer by the lifespan
     app.state.replica_health = None  # remote LLM replicas' health, when the runtime has them
@@ -68,6 +74,8 @@ def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None,
                        fixed_routes=docs_paths)
     for router in (health_router, metrics_router, score_router, events_router, users_router):
         app.include_router(router)
+    if settings.explain.explain_enabled:
+        app.include_router(explain_router, dependencies=[Depends(require_admin)] if settings.admin.admin_enabled else [])
     if settings.admin.admin_enabled:
         app.include_router(admin_router)
     return app

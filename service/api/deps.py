@@ -11,7 +11,7 @@ from service.config import Settings
 from service.history import HistoryStore
 from service.logging import request_id_var
 from service.metrics import Metrics
-from service.scoring.contracts import KnowledgeRefresh, OnlineEvaluation, Scorer
+from service.scoring.contracts import Explainer, KnowledgeRefresh, OnlineEvaluation, Scorer
 
 
 def _settings(request: Request) -> Settings:
@@ -33,6 +33,13 @@ def _scorer(request: Request) -> Scorer:
     return scorer
 
 
+def _explainer(request: Request) -> Explainer:
+    explainer = request.app.state.explainer
+    if explainer is None:
+        raise Unavailable("the model is not loaded yet", code="model_not_ready", retry_after_s=5)
+    return explainer
+
+
 def _online(request: Request) -> OnlineEvaluation | None:
     """The online evaluation of served scores; None until the runtime is loaded, or without one."""
     return request.app.state.online
@@ -51,6 +58,7 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 HistoryDep = Annotated[HistoryStore, Depends(_history)]
 ScorerDep = Annotated[Scorer, Depends(_scorer)]
+ExplainerDep = Annotated[Explainer, Depends(_explainer)]
 RequestIdDep = Annotated[str, Depends(_request_id)]
 OnlineDep = Annotated[OnlineEvaluation | None, Depends(_online)]
 KnowledgeDep = Annotated[KnowledgeRefresh | None, Depends(_knowledge)]

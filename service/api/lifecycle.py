@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from service.config import Settings
 from service.history import HistoryStore
 from service.metrics import Metrics
-from service.scoring.contracts import KnowledgeRefresh, OnlineEvaluation, Scorer
+from service.scoring.contracts import Explainer, KnowledgeRefresh, OnlineEvaluation, Scorer
 
 if TYPE_CHECKING:  # the registry loads models (torch); the app imports without building one
     from service.registry.manager import ModelManager
@@ -33,13 +33,15 @@ class Runtime:
     """What the app serves with, as the wiring built it: the scorer, the model registry (None when
     this gateway neither administers nor follows the store), the remote LLM replicas' health
     (None for an embedded engine), the online evaluation of served scores (None without the
-    served-score log), and the nearline refresh of users' knowledge vectors (None when off)."""
+    served-score log), the nearline refresh of users' knowledge vectors (None when off), and the
+    explainer of /v1/explain (None when off)."""
 
     scorer: Scorer
     models: "ModelManager | None" = None
     replica_health: Callable[[], dict[str, bool]] | None = None
     online: OnlineEvaluation | None = None
     knowledge: KnowledgeRefresh | None = None
+    explainer: Explainer | None = None
 
 
 RuntimeFactory = Callable[[Settings, Metrics, HistoryStore], Runtime]
@@ -75,6 +77,7 @@ async def load_runtime(app: FastAPI, factory: RuntimeFactory) -> None:
     state.replica_health = runtime.replica_health
     state.online = runtime.online
     state.knowledge = runtime.knowledge
+    state.explainer = runtime.explainer
     if runtime.online is not None:
         state.lifecycle.tasks.append(asyncio.create_task(runtime.online.run(), name="online-evaluation"))
     state.scorer = runtime.scorer
@@ -131,6 +134,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if "scorer" in lifecycle.owned:
             if state.knowledge is not None:
                 state.knowledge.close()
+            if state.explainer is not None:
+                state.explainer.close()
             state.scorer.close()
         if "history" in lifecycle.owned:
             await state.history.aclose()

@@ -1,6 +1,6 @@
 """The one place that knows the concrete classes: settings -> history store, model, engine,
 adapter cache, served-score log, pipeline, model registry with the canary's guard rails, online
-evaluation, the nearline knowledge refresh -> the app.
+evaluation, the nearline knowledge refresh, the explainer -> the app.
 
 Everything else receives its parts through constructor arguments: each its group of the settings
 whole, and ``Metrics`` as the ``Telemetry`` it reports its outcomes through; ``create_app`` is
@@ -35,6 +35,7 @@ from service.nearline.score_cache import LLMScoreCache
 from service.nearline.served_log import ServedLog
 from service.scoring.contracts import ServedOutcome, VersionMetrics
 from service.scoring.engine_scheduler import EngineScheduler, set_thread_intra_op_threads
+from service.scoring.explain import ScoreExplainer
 from service.scoring.online_eval import OnlineEvaluator
 from service.scoring.pipeline import ScoringPipeline, ServedFeed
 from service.scoring.stages import prototype_adapters
@@ -209,7 +210,8 @@ def build_manager(settings: Settings, metrics: Metrics, pipeline: ScoringPipelin
 def build_runtime(settings: Settings, metrics: Metrics, history: HistoryStore) -> Runtime:
     """The production runtime: the pipeline, its registry when this gateway administers or follows
     the store (with the canary's guard rails fed by every answer), online evaluation, the nearline
-    knowledge refresh, and the remote replicas' health when the engine has replicas."""
+    knowledge refresh, the explainer (when on), and the remote replicas' health when the engine has
+    replicas."""
     models: ModelManager | None = None
 
     def served(version: str, outcome: ServedOutcome, ms: float) -> None:
@@ -235,7 +237,17 @@ def build_runtime(settings: Settings, metrics: Metrics, history: HistoryStore) -
             log.exception("resuming the store's canary failed; serving the stable version")
     remote = settings.model.engine == "vllm" and pipeline.engine is not None  # a VLLMEngine: replicas to report
     return Runtime(scorer=pipeline, models=models, replica_health=pipeline.engine.replica_health if remote else None,
-                   online=online, knowledge=build_knowledge_refresh(settings, metrics, history, pipeline))
+                   online=online, knowledge=build_knowledge_refresh(settings, metrics, history, pipeline),
+                   explainer=build_explainer(settings, pipeline))
+
+
+def build_explainer(settings: Settings, pipeline: ScoringPipeline) -> ScoreExplainer | None:
+    """The explainer of /v1/explain on the pipeline's history, models, engine and engine scheduler
+    (None when off)."""
+    if not settings.explain.explain_enabled:
+        return None
+    return ScoreExplainer(history=pipeline.history, holder=pipeline.holder, engine=pipeline.engine,
+                          scheduler=pipeline.scheduler, requests=settings.requests, settings=settings.explain)
 
 
 def build_online(settings: Settings, metrics: Metrics, pipeline: ScoringPipeline,

@@ -24,6 +24,7 @@ class Catalog:
         self._order = np.argsort(raw)
         self._raw_sorted = raw[self._order]
         self._dense_sorted = dense[self._order]
+        self._raw_of = dict(zip(dense.tolist(), raw.tolist()))
         years = items["year"] if "year" in items else pd.Series([None] * len(items))
         self.support: np.ndarray | None = None  # by dense id; None where the catalog does not record it
         if SUPPORT_COLUMN in items:
@@ -42,6 +43,10 @@ class Catalog:
         pos = np.minimum(pos, len(self._raw_sorted) - 1) if len(self._raw_sorted) else pos
         found = (len(self._raw_sorted) > 0) & (self._raw_sorted[pos] == raw) if len(raw) else np.zeros(0, bool)
         return np.where(found, self._dense_sorted[pos] if len(raw) else 0, 0).astype(np.int64)
+
+    def to_raw(self, dense_id: int) -> int:
+        """The raw id of a dense id of the catalog (KeyError for one it does not hold)."""
+        return self._raw_of[int(dense_id)]
 
     def unknown(self, raw_ids: Iterable[int]) -> list[int]:
         ids = list(raw_ids)

@@ -1,7 +1,8 @@
 """What the scoring pipeline promises everyone else: the ``Scorer`` protocol, its result types,
 the reasons an answer is degraded, the one refusal it raises (unknown items), the online
-evaluation of served scores (``OnlineEvaluation``: labels from events, metrics per version), and
-the nearline refresh of users' knowledge vectors (``KnowledgeRefresh``).
+evaluation of served scores (``OnlineEvaluation``: labels from events, metrics per version),
+the nearline refresh of users' knowledge vectors (``KnowledgeRefresh``), and the explanation of
+one request's scores (``Explainer``, ``Explanation``).
 
 The HTTP layer, the metrics and the docs all read these from here; the values of
 ``DegradedReason`` are the strings clients and dashboards see in ``degraded_reasons`` and in the
@@ -16,6 +17,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from service.history import AppendResult
+from service.llm.gate_mixture import GateMixture, GroupMixture, MetaWeight  # noqa: F401  (parts of an explanation)
 from service.model.fusion import ScoreSource  # noqa: F401  (re-exported: a part of the result)
 
 
@@ -177,6 +179,82 @@ class KnowledgeRefresh(Protocol):
 
     def close(self) -> None:
         """Stop refreshing (called once, at shutdown)."""
+        ...
+
+
+class LLMUnavailable(StrEnum):
+    """Why an explanation carries no LLM scores, besides the deadline reasons of ``DegradedReason``."""
+
+    NO_LLM = "no_llm"  # the version has no LoRA: a CRM-only bundle
+    NO_ENGINE = "no_engine"  # the gateway runs no LLM engine
+
+
+@dataclass(frozen=True)
+class ReadBehaviour:
+    """One history behaviour a candidate's prompt read."""
+
+    item_id: int  # raw id
+    title: str
+    rating: float
+    position: int  # in the stored history, 0 = the oldest
+    rank: int  # 1 = the most similar to the candidate of the behaviours read
+    similarity: float  # inner product of the item's and the candidate's embeddings (what retrieval ranks by)
+
+
+@dataclass(frozen=True)
+class CandidateExplanation:
+    item_id: int
+    title: str
+    crm_score: float
+    llm_score: float | None  # None where the LLM part was not computed
+    fused_score: float | None  # the version's fusion of the two (None without an LLM score or a fusion)
+    served_score: float  # what /v1/score serves for it when its LLM stage scores it
+    prompt_tokens: int | None  # prefix + this candidate's suffix (None without a prompt)
+    history: tuple[ReadBehaviour, ...]
+
+
+@dataclass(frozen=True)
+class AdapterExplanation:
+    """The user's adapter: ``meta_loras`` (gates over meta-LoRAs; ``mixture`` is the user's own) or
+    ``single_lora`` (one shared LoRA, no gate); where the version serves prototypes, the one the
+    user is served and its centroid's mixture."""
+
+    kind: str
+    mixture: GateMixture | None = None
+    temperature: float | None = None
+    prototype: str | None = None
+    prototype_mixture: GateMixture | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    user_id: str
+    model_version: str
+    score_source: ScoreSource
+    cold_start: bool
+    history_length: int
+    prompt_form: str | None
+    prefix_tokens: int | None
+    candidates: list[CandidateExplanation]
+    adapter: AdapterExplanation | None
+    llm_computed: bool
+    llm_reason: DegradedReason | LLMUnavailable | None  # why not computed (None when computed)
+    deadline_ms: float
+    degraded_reasons: list[DegradedReason] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Explainer(Protocol):
+    """What the HTTP layer needs to explain a request's scores without serving any."""
+
+    async def explain(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None) -> Explanation:
+        """Every part of the scores of ``candidates`` for the user, the LLM's computed within the
+        deadline even where the version serves its CRM alone; writes nothing that scoring reads.
+        Raises ``UnknownItems`` and ``Overloaded`` as ``Scorer.score`` does."""
+        ...
+
+    def close(self) -> None:
+        """Release its threads (called once, at shutdown)."""
         ...
 
 

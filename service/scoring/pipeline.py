@@ -193,9 +193,9 @@ class ScoringPipeline:
         self.scheduler = scheduler or (EngineScheduler() if engine is not None else None)
         # The CRM on a thread of its own, and retrieval and prompts beside it (one worker, so the
         # prompt builder's token cache is only ever touched by one thread). Both compute on their
-        # own thread alone (``_on_one_thread``): only the engine's thread runs intra-op threads.
-        self._crm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm", initializer=_on_one_thread)
-        self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text", initializer=_on_one_thread)
+        # own thread alone (``on_one_thread``): only the engine's thread runs intra-op threads.
+        self._crm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm", initializer=on_one_thread)
+        self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text", initializer=on_one_thread)
         self._cpu_queued = 0  # requests between entering the CRM queue and leaving it (event loop only)
         self._writes: set[asyncio.Task] = set()  # score-cache writes in flight, off the request path
         self.loop_lag = LoopLag()
@@ -465,7 +465,7 @@ class ScoringPipeline:
         self.scheduler.submit_background_call(key, self.engine, call, cache, expected_ms or 0.0)
 
 
-def _on_one_thread() -> None:
+def on_one_thread() -> None:
     """A CPU worker beside the engine computes on its own thread alone, in torch and in faiss.
 
     An OpenMP runtime keeps a team of workers for every thread that ran a parallel region on

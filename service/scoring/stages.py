@@ -86,17 +86,20 @@ def crm_user_knowledge(model: LoadedModel, history: UserHistoryView) -> np.ndarr
     return vector[None, :] if len(vector) == model.knowledge.dim else None
 
 
-def retrieve_text_history(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray) -> list[list[Behaviour]]:
-    """Per candidate, the K_text most similar history behaviours in time order (one FAISS search)."""
+def retrieve_text_history(model: LoadedModel, history: UserHistoryView,
+                          candidates: np.ndarray) -> tuple[list[np.ndarray], list[list[Behaviour]]]:
+    """Per candidate, the positions (into the history) of the K_text most similar behaviours in
+    time order (one FAISS search), and those behaviours."""
     positions = semantic_positions(history.items, candidates, model.catalog.embeddings, model.k_text)
-    return [behaviours(model, history, pos) for pos in positions]
+    return positions, [behaviours(model, history, pos) for pos in positions]
 
 
-def retrieve_shared_history(model: LoadedModel, history: UserHistoryView, candidates: np.ndarray) -> list[Behaviour]:
-    """The K_text history behaviours most similar to any candidate, in time order (one FAISS
-    search): the shared prompt form's one history for the request."""
+def retrieve_shared_history(model: LoadedModel, history: UserHistoryView,
+                            candidates: np.ndarray) -> tuple[np.ndarray, list[Behaviour]]:
+    """The positions of the K_text history behaviours most similar to any candidate, in time order
+    (one FAISS search), and those behaviours: the shared prompt form's one history for the request."""
     positions = shared_positions(history.items, candidates, model.catalog.embeddings, model.k_text)
-    return behaviours(model, history, positions)
+    return positions, behaviours(model, history, positions)
 
 
 def behaviours(model: LoadedModel, history: UserHistoryView, positions: np.ndarray) -> list[Behaviour]:
@@ -112,13 +115,15 @@ def build_prompts(builder: PromptBuilder, model: LoadedModel, history: UserHisto
 
 @dataclass(frozen=True)
 class Prompts:
-    """The LLM's input for one request: a shared prefix and one suffix per candidate, with the
-    milliseconds its two steps took (retrieval, then tokenized prompts)."""
+    """The LLM's input for one request: a shared prefix and one suffix per candidate, the history
+    positions each candidate's prompt reads (ascending; in the shared form the same for every
+    candidate), and the milliseconds its two steps took (retrieval, then tokenized prompts)."""
 
     prefix: list[int]
     suffixes: list[list[int]]
     retrieval_ms: float = 0.0
     prompts_ms: float = 0.0
+    read: tuple[np.ndarray, ...] = ()
 
 
 def text_inputs(builder: PromptBuilder, model: LoadedModel, history: UserHistoryView,
@@ -128,16 +133,18 @@ def text_inputs(builder: PromptBuilder, model: LoadedModel, history: UserHistory
     the candidate set in the prefix."""
     start = time.perf_counter()
     if builder.config.form == "shared":
-        shared = retrieve_shared_history(model, history, candidates)
+        positions, shared = retrieve_shared_history(model, history, candidates)
+        read = (positions,) * len(candidates)
         retrieved = time.perf_counter()
         targets = [model.catalog.texts[int(c)] for c in candidates]
         prefix, suffixes = builder.encode_shared(history.profile, shared, targets)
     else:
-        histories = retrieve_text_history(model, history, candidates)
+        per_candidate, histories = retrieve_text_history(model, history, candidates)
+        read = tuple(per_candidate)
         retrieved = time.perf_counter()
         prefix, suffixes = build_prompts(builder, model, history, candidates, histories)
     done = time.perf_counter()
-    return Prompts(prefix, suffixes, (retrieved - start) * 1000.0, (done - retrieved) * 1000.0)
+    return Prompts(prefix, suffixes, (retrieved - start) * 1000.0, (done - retrieved) * 1000.0, read)
 
 
 def build_adapter(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> UserAdapter:

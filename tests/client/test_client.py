@@ -11,6 +11,7 @@ import time
 
 import pytest
 from tests.client.client_support import Answer, FormulaScorer, Gateway, closed_port, running_gateway, scripted
+from tests.service.api.api_support import FormulaExplainer
 from reclora_client import (
     AsyncRecLoRAClient,
     CandidateScore,
@@ -18,6 +19,7 @@ from reclora_client import (
     ConnectionFailed,
     Event,
     EventsResponse,
+    ExplainResponse,
     HistoryResponse,
     InvalidRequest,
     NotFound,
@@ -264,3 +266,21 @@ def test_the_prototype_adapter_is_typed_and_none_where_absent():
     with scripted(script) as server, RecLoRAClient(server.url) as client:
         assert client.score("u", [1]).adapter == "p17"
         assert client.score("u", [1]).adapter is None  # exact adapters, or a gateway that does not say
+
+
+def test_explain_is_typed_and_needs_the_gateways_switch(settings: Settings):
+    explainer = FormulaExplainer()
+    app = build_app(settings.replace(explain_enabled=True), scorer=FormulaScorer(), explainer=explainer)
+    with running_gateway(settings, app) as gateway, RecLoRAClient(gateway.url, default_deadline_ms=700) as client:
+        answer = client.explain(7, [3, 1])
+        client.explain("u", [2], deadline_ms=900)
+    assert isinstance(answer, ExplainResponse) and [c.item_id for c in answer.candidates] == [3, 1]
+    assert explainer.calls[0]["deadline_ms"] is None  # the gateway's explain deadline, not the score default
+    assert explainer.calls[1]["deadline_ms"] == 900 and explainer.calls[0]["user_id"] == "7"
+    candidate = answer.by_item()[3]
+    assert candidate.llm_score is None and candidate.served_score == 0.5 and candidate.prompt_tokens == 90
+    assert candidate.history[0].rank == 1 and candidate.history[0].title == "Item 7"
+    assert answer.llm_reason == "llm_timeout" and answer.adapter.mixture.averaged.top[0].meta_lora == 1
+    with running_gateway(settings, build_app(settings, scorer=FormulaScorer())) as off, RecLoRAClient(off.url) as client:
+        with pytest.raises(NotFound):
+            client.explain("u", [1])

@@ -1,8 +1,8 @@
 """Test scaffolding for the HTTP layer (imported by conftest and the tests).
 
 ``FormulaScorer`` is a deterministic stand-in for the model runtime that implements the
-``Scorer`` protocol, so these tests exercise transport, validation and wiring without loading a
-model. It is never used by the runtime.
+``Scorer`` protocol (``FormulaExplainer``: the ``Explainer`` protocol), so these tests exercise
+transport, validation and wiring without loading a model. It is never used by the runtime.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from service.scoring.contracts import CandidateResult, ScoreResult, UnknownItems
+from service.llm.gate_mixture import gate_mixture
+from service.scoring.contracts import (AdapterExplanation, CandidateExplanation, CandidateResult, DegradedReason,
+                                       Explanation, ReadBehaviour, ScoreResult, ScoreSource, UnknownItems)
 from service.history import HistoryStore
 from tests.http_support import assert_error, serving  # noqa: F401  (re-exported for the tests)
 from tests.redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
@@ -71,3 +73,26 @@ class FormulaScorer:
         self.closed = True
 
 
+@dataclass
+class FormulaExplainer:
+    """Explanations from a fixed formula (items 1..100 known); records each call."""
+
+    calls: list[dict] = field(default_factory=list)
+
+    async def explain(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None) -> Explanation:
+        unknown = [c for c in candidates if c not in KNOWN_ITEMS]
+        if unknown:
+            raise UnknownItems(unknown, "formula-v1")
+        self.calls.append({"user_id": user_id, "candidates": list(candidates), "deadline_ms": deadline_ms})
+        mixture = gate_mixture(["model.layers.0.q_proj", "model.layers.1.q_proj"], [[0.6, 0.4], [0.3, 0.7]], 2)
+        return Explanation(
+            user_id=user_id, model_version="formula-v1", score_source=ScoreSource.CRM, cold_start=False,
+            history_length=3, prompt_form="per_target", prefix_tokens=40,
+            candidates=[CandidateExplanation(c, f"Item {c}", 0.5, None, None, 0.5, 90,
+                                             (ReadBehaviour(7, "Item 7", 4.0, 2, 1, 0.9),)) for c in candidates],
+            adapter=AdapterExplanation("meta_loras", mixture, 1.0), llm_computed=False,
+            llm_reason=DegradedReason.LLM_TIMEOUT, deadline_ms=float(deadline_ms or 5000),
+            degraded_reasons=[DegradedReason.LLM_TIMEOUT], timings_ms={"crm": 1.0, "total": 2.0})
+
+    def close(self) -> None:
+        pass

@@ -22,18 +22,26 @@ from reclora_client.errors import (  # noqa: E402
     UnexpectedResponse,
 )
 from reclora_client.models import (  # noqa: E402
+    AdapterExplanation,
+    CandidateExplanation,
     CandidateScore,
     ErrorDetail,
     Event,
     EventsResponse,
+    ExplainResponse,
+    GateMixture,
+    GroupMixture,
+    MetaWeight,
+    ReadBehaviour,
     HistoryResponse,
     ProfileResponse,
     ScoreResponse,
 )
 
 __all__ = [
-    "AsyncRecLoRAClient", "CandidateScore", "ClientOptions", "Conflict", "ConnectionFailed", "ContentTooLarge",
-    "ErrorDetail", "Event", "EventsResponse", "HistoryResponse", "InternalError", "InvalidRequest", "NetworkError",
-    "NotFound", "Overloaded", "ProfileResponse", "RecLoRAClient", "RecLoRAError", "ScoreResponse", "TimedOut",
+    "AdapterExplanation", "AsyncRecLoRAClient", "CandidateExplanation", "CandidateScore", "ClientOptions", "Conflict",
+    "ConnectionFailed", "ContentTooLarge", "ErrorDetail", "Event", "EventsResponse", "ExplainResponse", "GateMixture",
+    "GroupMixture", "HistoryResponse", "InternalError", "InvalidRequest", "MetaWeight", "NetworkError", "NotFound",
+    "Overloaded", "ProfileResponse", "ReadBehaviour", "RecLoRAClient", "RecLoRAError", "ScoreResponse", "TimedOut",
     "Unavailable", "UnexpectedResponse", "__version__",
 ]

@@ -30,7 +30,8 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from reclora_client import errors
-from reclora_client.models import ErrorResponse, Event, EventsResponse, HistoryResponse, ProfileResponse, ScoreResponse
+from reclora_client.models import (ErrorResponse, Event, EventsResponse, ExplainResponse, HistoryResponse,
+                                   ProfileResponse, ScoreResponse)
 
 M = TypeVar("M", bound=BaseModel)
 UserIdLike = str | int
@@ -247,9 +248,19 @@ class Calls:
     def score(self, user_id: UserIdLike, candidates: Iterable[int], deadline_ms: int | None) -> Call[ScoreResponse]:
         """One try may take the deadline plus the network margin: the gateway answers by its
         deadline (degraded if need be), so waiting longer only hides a hung connection."""
+        return self._scoring("/v1/score", ScoreResponse, user_id, candidates,
+                             self.default_deadline_ms if deadline_ms is None else deadline_ms)
+
+    def explain(self, user_id: UserIdLike, candidates: Iterable[int],
+                deadline_ms: int | None) -> Call[ExplainResponse]:
+        """As ``score``, but without the client's default deadline: None leaves the gateway's
+        explain deadline in charge (``timeout_s`` then bounds the try)."""
+        return self._scoring("/v1/explain", ExplainResponse, user_id, candidates, deadline_ms)
+
+    def _scoring(self, path: str, model: type[M], user_id: UserIdLike, candidates: Iterable[int],
+                 deadline: int | None) -> Call[M]:
         body: dict[str, Any] = {"user_id": wire_user_id(user_id),
                                 "candidates": [_as_int(c, "candidate item id") for c in candidates]}
-        deadline = self.default_deadline_ms if deadline_ms is None else deadline_ms
         timeout_s = self.timeout_s
         if deadline is not None:
             deadline = _as_int(deadline, "deadline_ms")
@@ -257,7 +268,7 @@ class Calls:
                 raise ValueError(f"deadline_ms must be > 0, not {deadline}")
             body["deadline_ms"] = deadline
             timeout_s = deadline / 1000.0 + self.deadline_margin_s
-        return Call("POST", "/v1/score", ScoreResponse, timeout_s, idempotent=True, json=body)
+        return Call("POST", path, model, timeout_s, idempotent=True, json=body)
 
     def append_events(self, user_id: UserIdLike, events: Iterable[EventLike]) -> Call[EventsResponse]:
         body = {"user_id": wire_user_id(user_id), "events": [wire_event(e) for e in events]}

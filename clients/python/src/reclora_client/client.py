@@ -18,7 +18,7 @@ import httpx
 
 from reclora_client import __version__
 from reclora_client._core import Call, Calls, EventLike, M, RetryPolicy, Sleep, UserIdLike, exchange
-from reclora_client.models import EventsResponse, HistoryResponse, ProfileResponse, ScoreResponse
+from reclora_client.models import EventsResponse, ExplainResponse, HistoryResponse, ProfileResponse, ScoreResponse
 
 
 class ClientOptions(TypedDict, total=False):
@@ -71,6 +71,14 @@ class RecLoRAClient(_Base):
     def score(self, user_id: UserIdLike, candidates: Iterable[int], *, deadline_ms: int | None = None) -> ScoreResponse:
         """Scores of ``candidates`` (raw item ids, distinct) for ``user_id``, in request order."""
         return self._run(self._calls.score(user_id, candidates, deadline_ms))
+
+    def explain(self, user_id: UserIdLike, candidates: Iterable[int], *,
+                deadline_ms: int | None = None) -> ExplainResponse:
+        """Each candidate's score taken apart (``POST /v1/explain``, when the gateway enables it):
+        CRM, LLM (computed on demand), fusion, what is served, the history each prompt read, the
+        user's gate mixture. ``deadline_ms`` None: the gateway's explain deadline. Pass the admin
+        token in ``headers`` where the gateway's admin API is on."""
+        return self._run(self._calls.explain(user_id, candidates, deadline_ms))
 
     def append_events(self, user_id: UserIdLike, events: Iterable[EventLike]) -> EventsResponse:
         """Append behaviours, oldest first: ``Event``s or ``(item_id, rating, unix_seconds)`` tuples.
@@ -128,6 +136,11 @@ class AsyncRecLoRAClient(_Base):
                     deadline_ms: int | None = None) -> ScoreResponse:
         """See ``RecLoRAClient.score``."""
         return await self._run(self._calls.score(user_id, candidates, deadline_ms))
+
+    async def explain(self, user_id: UserIdLike, candidates: Iterable[int], *,
+                      deadline_ms: int | None = None) -> ExplainResponse:
+        """See ``RecLoRAClient.explain``."""
+        return await self._run(self._calls.explain(user_id, candidates, deadline_ms))
 
     async def append_events(self, user_id: UserIdLike, events: Iterable[EventLike]) -> EventsResponse:
         """See ``RecLoRAClient.append_events`` (not retried after a timeout)."""

@@ -46,6 +46,78 @@ class ScoreResponse(_Wire):
         return {s.item_id: s for s in self.scores}
 
 
+class ReadBehaviour(_Wire):
+    """A history behaviour a candidate's prompt read."""
+
+    item_id: int
+    title: str
+    rating: float
+    position: int = Field(description="Where it lies in the stored history, 0 = the oldest.")
+    rank: int = Field(description="1 = the most similar to the candidate of the behaviours its prompt read.")
+    similarity: float = Field(description="Inner product of its item embedding and the candidate's.")
+
+
+class CandidateExplanation(_Wire):
+    item_id: int
+    title: str
+    crm_score: float
+    llm_score: float | None = Field(description="P('Yes') computed for the explanation, also where the version "
+                                                "serves its CRM alone; None when not computed (llm_reason).")
+    fused_score: float | None = Field(description="The version's fusion of the two; None without an LLM score "
+                                                  "or fusion weights.")
+    served_score: float = Field(description="What /v1/score serves for it when its LLM stage scores it.")
+    prompt_tokens: int | None = Field(description="Tokens of its prompt: the shared prefix and its suffix.")
+    history: list[ReadBehaviour]
+
+
+class MetaWeight(_Wire):
+    meta_lora: int
+    weight: float
+
+
+class GroupMixture(_Wire):
+    group: str = Field(description="'all' (averaged over every module) or a layer ('layers.3').")
+    modules: int
+    top: list[MetaWeight] = Field(description="The heaviest meta-LoRAs, heaviest first.")
+
+
+class GateMixture(_Wire):
+    n_meta: int
+    averaged: GroupMixture
+    layers: list[GroupMixture]
+
+
+class AdapterExplanation(_Wire):
+    kind: str = Field(description="'meta_loras' (gates over meta-LoRAs) or 'single_lora'.")
+    mixture: GateMixture | None = None
+    temperature: float | None = None
+    prototype: str | None = Field(None, description="The prototype adapter the version serves the user, if any.")
+    prototype_mixture: GateMixture | None = None
+
+
+class ExplainResponse(_Wire):
+    """``POST /v1/explain``: each candidate's score taken apart (nothing served)."""
+
+    user_id: str
+    model_version: str
+    score_source: str
+    cold_start: bool
+    history_length: int
+    prompt_form: str | None
+    prefix_tokens: int | None
+    llm_computed: bool
+    llm_reason: str | None = Field(description="Why the LLM scores are None: 'deadline', 'llm_overrun_expected', "
+                                               "'llm_queue', 'llm_timeout', 'llm_error', 'no_llm', 'no_engine'.")
+    deadline_ms: float
+    adapter: AdapterExplanation | None
+    candidates: list[CandidateExplanation]
+    degraded_reasons: list[str]
+    timings: dict[str, float]
+
+    def by_item(self) -> dict[int, CandidateExplanation]:
+        return {c.item_id: c for c in self.candidates}
+
+
 class Event(_Wire):
     """One behaviour: a rating of an item at a Unix time in seconds."""
 

@@ -1,0 +1,1 @@
+"""``POST /v1/explain``: router (HTTP), protocol (wire types), serving (logic)."""
