@@ -1,7 +1,9 @@
-"""Talk to a running gateway for ``scripts/demo``: wait until it is ready, send a sample score request.
+"""Talk to a running gateway for ``scripts/demo``: wait until it is ready, send a sample score request
+and (``--explain``, on a gateway with RECLORA_EXPLAIN_ENABLED) print one candidate explained.
 
     python scripts/demo_request.py ready --port 8000 --timeout 120 [--pid PID] [--version demo-small]
-    python scripts/demo_request.py score --port 8000 --user 196 --items 1-20 [--catalog work/ml-100k/items.parquet]
+    python scripts/demo_request.py score --port 8000 --user 196 --items 1-20 [--catalog work/ml-100k/items.parquet] \
+        [--explain]
 
 Standard library only (pandas, when importable, adds item titles to the ranking).
 """
@@ -99,19 +101,24 @@ def _titles(catalog: str | None) -> dict[int, str]:
     return dict(zip(items["item"].astype(int), items["title"].astype(str)))
 
 
+def _post(url: str, body: dict, timeout_s: float) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
 def score(args: argparse.Namespace) -> int:
     body = {"user_id": args.user, "candidates": parse_items(args.items), "deadline_ms": args.deadline_ms}
     url = _url(args, "/v1/score")
     print(f"POST {url}")
     print(json.dumps(body, indent=2))
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
     started = time.perf_counter()
     try:
-        with urllib.request.urlopen(request, timeout=args.deadline_ms / 1000 + 30) as response:
-            status, answer = response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        status, answer = exc.code, json.loads(exc.read() or b"{}")
+        status, answer = _post(url, body, args.deadline_ms / 1000 + 30)
     except OSError as exc:
         print(f"request failed: {exc}", file=sys.stderr)
         return 1
@@ -130,6 +137,47 @@ def score(args: argparse.Namespace) -> int:
         llm = "-" if s["llm_score"] is None else f"{s['llm_score']:.3f}"
         print(f"{rank:>4}  {s['item_id']:>5}  {s['score']:6.3f}  {llm:>6}  {s['crm_score']:6.3f}  "
               f"{titles.get(s['item_id'], '')}")
+    return explain(args, body, ranked[0]["item_id"]) if args.explain else 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def explain(args: argparse.Namespace, body: dict, item: int) -> int:
+    """POST /v1/explain for the same request; print the top-ranked candidate taken apart."""
+    url = _url(args, "/v1/explain")
+    print(f"\nPOST {url} (the same body; nothing is served or stored)")
+    try:
+        status, answer = _post(url, body, args.deadline_ms / 1000 + 30)
+    except OSError as exc:
+        print(f"explain failed: {exc}", file=sys.stderr)
+        return 1
+    if status == 404:  # a gateway started without RECLORA_EXPLAIN_ENABLED=true (an earlier demo's)
+        print("this gateway does not serve /v1/explain: restart it with RECLORA_EXPLAIN_ENABLED=true")
+        return 0
+    if status != 200:
+        print(f"HTTP {status}: {json.dumps(answer)}")
+        return 1
+    c = next(c for c in answer["candidates"] if c["item_id"] == item)
+    computed = "computed now" if answer["llm_computed"] else f"not computed: {answer['llm_reason']}"
+    print(f"item {c['item_id']} {c['title']}: crm {_num(c['crm_score'])}, llm {_num(c['llm_score'])} ({computed}), "
+          f"fused {_num(c['fused_score'])}, served {_num(c['served_score'])} (the version serves "
+          f"'{answer['score_source']}')")
+    if c["prompt_tokens"] is not None:
+        print(f"prompt: {c['prompt_tokens']} tokens ({answer['prompt_form']} form, prefix {answer['prefix_tokens']}); "
+              f"the {len(c['history'])} behaviours it read, in prompt order:")
+        print(f"  {'rank':>4}  {'sim':>6}  {'rating':>6}  title")
+        for b in c["history"]:
+            print(f"  {b['rank']:>4}  {b['similarity']:6.3f}  {b['rating']:6.1f}  {b['title']}")
+    adapter = answer["adapter"]
+    if adapter is not None and adapter["mixture"] is not None:
+        mixture = adapter["mixture"]
+        top = ", ".join(f"#{w['meta_lora']} {w['weight']:.2f}" for w in mixture["averaged"]["top"])
+        print(f"gate mixture (averaged over {mixture['averaged']['modules']} modules, {mixture['n_meta']} "
+              f"meta-LoRAs): {top}" + (f"; served prototype {adapter['prototype']}" if adapter["prototype"] else ""))
+    elif adapter is not None:
+        print(f"adapter: {adapter['kind']}")
     return 0
 
 
@@ -152,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", default="1-20", help="e.g. 1-20 or 50,172,181")
     p.add_argument("--deadline-ms", type=int, default=20000)
     p.add_argument("--catalog", help="items.parquet of the prepared dataset, for titles")
+    p.add_argument("--explain", action="store_true", help="then POST /v1/explain and print the top candidate")
     p.set_defaults(func=score)
 
     args = parser.parse_args(argv)
