@@ -75,7 +75,8 @@ def build_app(settings: Settings | None = None, *, scorer: Scorer | None = None,
     for router in (health_router, metrics_router, score_router, events_router, users_router):
         app.include_router(router)
     if settings.explain.explain_enabled:
-        app.include_router(explain_router, dependencies=[Depends(require_admin)] if settings.admin.admin_enabled else [])
+        guard = [Depends(require_admin)] if settings.admin.admin_enabled else []
+        app.include_router(explain_router, dependencies=guard)
     if settings.admin.admin_enabled:
         app.include_router(admin_router)
     return app

@@ -28,6 +28,7 @@ from service.config import ExplainSettings, RequestSettings
 from service.engine.base import Adapter, EngineCall, ScoringEngine
 from service.history import HistoryReader, UserHistory
 from service.llm.gate_mixture import gate_mixture
+from service.llm.prompt import PromptBuilder
 from service.model import LoadedModel, ModelHolder
 from service.model.fusion import ScoreSource
 from service.scoring.contracts import (AdapterExplanation, CandidateExplanation, DegradedReason, Explanation,
@@ -35,7 +36,8 @@ from service.scoring.contracts import (AdapterExplanation, CandidateExplanation,
 from service.scoring.engine_scheduler import EngineScheduler
 from service.scoring.pipeline import llm_admission, on_one_thread
 from service.scoring.sequence import Scored
-from service.scoring.stages import CRMResult, Prompts, UserHistoryView, answer_source, run_crm, text_inputs, user_adapter
+from service.scoring.stages import (CRMResult, Prompts, UserHistoryView, answer_source, run_crm, text_inputs,
+                                    user_adapter)
 from service.scoring.user_knowledge import serve_knowledge
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,8 @@ class ScoreExplainer:
 
     async def explain(self, user_id: str, candidates: Sequence[int], deadline_ms: int | None = None) -> Explanation:
         if self._inflight >= self.settings.explain_max_inflight:
-            raise Overloaded(f"{self._inflight} explain requests in flight; at most {self.settings.explain_max_inflight}")
+            raise Overloaded(f"{self._inflight} explain requests in flight; "
+                             f"at most {self.settings.explain_max_inflight}")
         self._inflight += 1
         try:
             return await self._explain(user_id, list(candidates), deadline_ms or self.settings.explain_deadline_ms)
@@ -121,8 +124,8 @@ class ScoreExplainer:
             log.warning("explain: history unavailable, explaining as cold start: %r", exc)
             return UserHistory.empty(), [DegradedReason.HISTORY_UNAVAILABLE]
 
-    def _prepare(self, model: LoadedModel, builder, user_id: str, view: UserHistoryView, dense: np.ndarray,
-                 has_llm: bool) -> _Prepared:
+    def _prepare(self, model: LoadedModel, builder: PromptBuilder | None, user_id: str, view: UserHistoryView,
+                 dense: np.ndarray, has_llm: bool) -> _Prepared:
         """CRM, then (where the gateway can run the version's LLM) retrieval and prompts and the
         user's adapter, as ``score_sequence`` makes them; no adapter cache is read or written."""
         timings: dict[str, float] = {}

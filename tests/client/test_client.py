@@ -281,6 +281,6 @@ def test_explain_is_typed_and_needs_the_gateways_switch(settings: Settings):
     assert candidate.llm_score is None and candidate.served_score == 0.5 and candidate.prompt_tokens == 90
     assert candidate.history[0].rank == 1 and candidate.history[0].title == "Item 7"
     assert answer.llm_reason == "llm_timeout" and answer.adapter.mixture.averaged.top[0].meta_lora == 1
-    with running_gateway(settings, build_app(settings, scorer=FormulaScorer())) as off, RecLoRAClient(off.url) as client:
-        with pytest.raises(NotFound):
-            client.explain("u", [1])
+    off = build_app(settings, scorer=FormulaScorer())
+    with running_gateway(settings, off) as gateway, RecLoRAClient(gateway.url) as client, pytest.raises(NotFound):
+        client.explain("u", [1])

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 from tests.e2e.e2e_support import LiveServer, World, read_history
+from tests.http_support import wait_for
 from tests.redis_support import REDIS_URL
 from tests.world_support import item_rate_crm
 
@@ -151,9 +153,15 @@ def test_explain_waits_in_the_engine_queue_and_gives_up_at_its_deadline(world: W
     # The engine busy with request work for 3 s that admission does not see coming (predicted 0 ms).
     busy = scheduler.submit(lambda interrupted: time.sleep(3.0), 0.0)
     try:
-        start = time.perf_counter()
-        body = explain(explaining, world.users[6], deadline_ms=800)
-        elapsed = time.perf_counter() - start
+        with ThreadPoolExecutor(1) as pool:
+            start = time.perf_counter()
+            first = pool.submit(explain, explaining, world.users[6], deadline_ms=800)
+            wait_for(lambda: explaining.app.state.explainer._inflight == 1, 5.0, "the first explanation")
+            with explaining.client() as http:  # one explanation at a time (RECLORA_EXPLAIN_MAX_INFLIGHT)
+                second = http.post("/v1/explain", json={"user_id": world.users[7], "candidates": CANDIDATES})
+            assert second.status_code == 429 and second.json()["error"]["code"] == "overloaded", second.text
+            body = first.result(10)
+            elapsed = time.perf_counter() - start
     finally:
         busy.result(10)
     assert body["llm_computed"] is False and body["llm_reason"] == "llm_timeout", body

@@ -36,7 +36,8 @@ class CandidateExplanationOut(BaseModel):
                                                   "an LLM score or fusion weights.")
     served_score: float = Field(description="What /v1/score serves for this candidate when its LLM stage scores it "
                                             "(score_source decides: the fused score, the LLM's, or the CRM's).")
-    prompt_tokens: int | None = Field(description="Tokens of this candidate's prompt: the shared prefix and its suffix.")
+    prompt_tokens: int | None = Field(description="Tokens of this candidate's prompt: the shared prefix and its "
+                                                  "suffix.")
     history: list[ReadBehaviourOut] = Field(description="The history behaviours its prompt read, in the prompt's "
                                                         "(time) order.")
 
