@@ -58,7 +58,7 @@ def reference(world: World, shared_store: Path) -> Reference:
 @pytest.fixture(scope="module")
 def shared_server(world: World, shared_store: Path) -> Iterator[LiveServer]:
     server = LiveServer.start(world.settings(model_store=shared_store, active_version=SHARED_VERSION,
-                                             torch_dtype="float32"))
+                                             torch_dtype="float32", explain_enabled=True))
     yield server
     server.stop()
 
@@ -112,6 +112,23 @@ def test_the_gateway_runs_the_shared_prefix_once_and_scores_as_whole_prompts(
     assert sum(map(len, rows)) <= len(prefix) + sum(map(len, suffixes))  # nothing ran twice
     served = np.asarray([s["llm_score"] for s in body["scores"]], np.float64)
     np.testing.assert_allclose(served, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
+
+
+def test_an_explanation_shows_the_one_history_every_candidate_reads(world: World, reference: Reference,
+                                                                    shared_server: LiveServer) -> None:
+    user = world.users[0]
+    prefix, suffixes = reference.sequences(user, CANDIDATES)
+    with shared_server.client() as http:
+        response = http.post("/v1/explain", json={"user_id": user, "candidates": CANDIDATES})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["prompt_form"] == "shared" and body["prefix_tokens"] == len(prefix)
+    candidates = body["candidates"]
+    assert [c["prompt_tokens"] for c in candidates] == [len(prefix) + len(s) for s in suffixes]
+    read = {tuple(b["position"] for b in c["history"]) for c in candidates}
+    assert len(read) == 1 and len(next(iter(read))) > 0  # the set's one history, in every candidate's explanation
+    np.testing.assert_allclose([c["llm_score"] for c in candidates], reference.llm_scores(user, CANDIDATES),
+                               atol=ATOL, rtol=0)
 
 
 def test_the_scoring_sequence_scores_in_the_bundles_form(world: World, reference: Reference) -> None:

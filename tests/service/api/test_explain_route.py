@@ -34,7 +34,9 @@ async def test_explain_answers_each_candidate_in_request_order(settings: Setting
     app = build_app(settings.replace(explain_enabled=True), scorer=FormulaScorer(), explainer=explainer)
     async with serving(app) as client:
         response = await client.post("/v1/explain", json=BODY)
+        schema = (await client.get("/openapi.json")).json()
     assert response.status_code == 200, response.text
+    assert "ExplainResponse" in schema["components"]["schemas"] and "/v1/explain" in schema["paths"]
     body = response.json()
     assert explainer.calls == [{"user_id": "u1", "candidates": [3, 1, 2], "deadline_ms": 1500}]
     assert [c["item_id"] for c in body["candidates"]] == [3, 1, 2]
