@@ -36,7 +36,7 @@ from service.scoring.contracts import (AdapterExplanation, CandidateExplanation,
 from service.scoring.engine_scheduler import EngineScheduler
 from service.scoring.pipeline import llm_admission, on_one_thread
 from service.scoring.sequence import Scored
-from service.scoring.stages import (CRMResult, Prompts, UserHistoryView, answer_source, run_crm, text_inputs,
+from service.scoring.stages import (CRMResult, Prompts, UserHistoryView, answer_source, fuse, run_crm, text_inputs,
                                     user_adapter)
 from service.scoring.user_knowledge import serve_knowledge
 
@@ -171,8 +171,8 @@ class ScoreExplainer:
         crm = prepared.crm.scores
         llm_scores = np.full(len(dense), np.nan) if llm is None else llm
         # What /v1/score serves when its LLM stage scores every candidate: the one fusion rule.
-        served = Scored.of(model, source, crm, llm_scores if source is not ScoreSource.CRM else None).final
-        fused = model.fusion(llm_scores, crm) if model.fusion is not None and llm is not None else None
+        served = Scored.of(model, source, dense, crm, llm_scores if source is not ScoreSource.CRM else None).final
+        fused = fuse(model, crm, llm_scores, dense) if model.fusion is not None and llm is not None else None
         prompts = prepared.prompts
         out = []
         for i, (item, d) in enumerate(zip(raw, dense)):
