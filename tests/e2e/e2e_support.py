@@ -222,3 +222,23 @@ def llm_atol(dtype: torch.dtype) -> float:
     for that rounding and stays well below the spread between two users' adapters (> 5e-2).
     """
     return 1e-4 if dtype == torch.float32 else 1e-2
+
+
+def export_serving_crm(world: World, root: Path, store: Path, version: str) -> Path:
+    """Export into ``store`` the world's LoRA beside a CRM that ranks validation well, with a fusion
+    that ranks as the LLM alone does, so the export decides ``serve: crm``."""
+    import json
+
+    from tests.world_support import item_rate_crm
+    from training.export.crm_bundle import export_crm_bundle
+    from training.llm.fusion_fit import FusionOptions
+
+    report = root / "report"
+    report.mkdir()
+    (report / "fusion.json").write_text(json.dumps({"w_llm": 1.0, "w_crm": 0.0, "bias": 0.0}))
+    path = export_crm_bundle(world.data_dir, item_rate_crm(world, root / "crm"), store, version,
+                             description="fusion worse than the CRM", llm_dir=world.root / "lora",
+                             base_model=world.base_dir, llm_report=report,
+                             fusion=FusionOptions(samples=200, dtype="float32"))
+    assert json.loads((path / "fusion.json").read_text())["serve"] == "crm"
+    return path

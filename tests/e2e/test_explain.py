@@ -9,19 +9,16 @@ its deadline; a version that serves its CRM alone still has its LLM explained.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
-from tests.e2e.e2e_support import LiveServer, World, read_history
+from tests.e2e.e2e_support import LiveServer, World, export_serving_crm, read_history
 from tests.http_support import wait_for
 from tests.redis_support import REDIS_URL
-from tests.world_support import item_rate_crm
 
 from service.engine.base import EngineCall
 from service.scoring.stages import UserHistoryView, run_crm, text_inputs, user_adapter
@@ -182,20 +179,10 @@ def test_explain_is_404_when_disabled(live: LiveServer) -> None:
 
 @pytest.fixture(scope="module")
 def serves_crm(world: World, tmp_path_factory) -> Iterator[LiveServer]:
-    """The world's LoRA beside a CRM that ranks validation well and a fusion that ranks as the LLM
-    alone does, so the export decides ``serve: crm`` (as tests/e2e/test_score_source.py builds it)."""
-    from training.export.crm_bundle import export_crm_bundle
-    from training.llm.fusion_fit import FusionOptions
-
+    """A version whose export decided ``serve: crm`` (``export_serving_crm``)."""
     root = tmp_path_factory.mktemp("explain-serves-crm")
-    report = root / "report"
-    report.mkdir()
-    (report / "fusion.json").write_text(json.dumps({"w_llm": 1.0, "w_crm": 0.0, "bias": 0.0}))
     store = root / "store"
-    export_crm_bundle(world.data_dir, item_rate_crm(world, root / "crm"), store, SERVES_CRM,
-                      description="fusion worse than the CRM", llm_dir=world.root / "lora",
-                      base_model=world.base_dir, llm_report=report, fusion=FusionOptions(samples=200, dtype="float32"))
-    assert json.loads(Path(store / SERVES_CRM / "fusion.json").read_text())["serve"] == "crm"
+    export_serving_crm(world, root, store, SERVES_CRM)
     server = LiveServer.start(world.settings(model_store=store, active_version=SERVES_CRM, explain_enabled=True))
     yield server
     server.stop()

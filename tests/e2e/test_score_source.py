@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.e2e.e2e_support import LiveServer, World, metric_value
-from tests.world_support import item_rate_crm
+from tests.e2e.e2e_support import LiveServer, World, export_serving_crm, metric_value
 
 from service.bundle import MANIFEST_NAME
 from service.model import load_model
@@ -51,17 +50,9 @@ def store(world: World, tmp_path_factory) -> Path:
     """CRM_VERSION: the world's LoRA beside a CRM that ranks validation well, with a fusion that
     ranks as the LLM alone does, so the export decides ``serve: crm``; LLM_VERSION: the world's
     bundle without its fusion.json."""
-    from training.export.crm_bundle import export_crm_bundle
-    from training.llm.fusion_fit import FusionOptions
-
     root = tmp_path_factory.mktemp("score-source")
-    report = root / "report"
-    report.mkdir()
-    (report / "fusion.json").write_text(json.dumps({"w_llm": 1.0, "w_crm": 0.0, "bias": 0.0}))
     store = root / "store"
-    export_crm_bundle(world.data_dir, item_rate_crm(world, root / "crm"), store, CRM_VERSION,
-                      description="fusion worse than the CRM", llm_dir=world.root / "lora",
-                      base_model=world.base_dir, llm_report=report, fusion=FusionOptions(samples=200, dtype="float32"))
+    export_serving_crm(world, root, store, CRM_VERSION)
     without_fusion(world.bundle_dir, store / LLM_VERSION, LLM_VERSION)
     return store
 

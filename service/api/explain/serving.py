@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from service.api.errors import Overloaded, unknown_items_error
 from service.api.explain.protocol import ExplainRequest, ExplainResponse
-from service.api.score.serving import check_limits
+from service.api.score.serving import check_limits, scorer_errors
 from service.config import RequestSettings
 from service.scoring.contracts import Explainer, Explanation
-from service.scoring.contracts import Overloaded as ScorerOverloaded
-from service.scoring.contracts import UnknownItems
 
 
 def to_response(explanation: Explanation) -> ExplainResponse:
@@ -24,11 +21,6 @@ def to_response(explanation: Explanation) -> ExplainResponse:
 
 async def explain(request: ExplainRequest, *, explainer: Explainer, settings: RequestSettings) -> ExplainResponse:
     check_limits(request, settings)
-    try:
+    with scorer_errors(request, settings):
         explanation = await explainer.explain(request.user_id, request.candidates, request.deadline_ms)
-    except UnknownItems as exc:
-        located = ((f"candidates[{i}]", item) for i, item in enumerate(request.candidates))
-        raise unknown_items_error(located, exc.items, exc.model_version) from None
-    except ScorerOverloaded as exc:
-        raise Overloaded(str(exc), retry_after_s=max(exc.retry_after_s, settings.shed_retry_after_s)) from None
     return to_response(explanation)

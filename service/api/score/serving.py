@@ -7,6 +7,9 @@ input and "no model loaded yet" are errors here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from service.api.errors import ErrorDetail, InvalidRequest, Overloaded, unknown_items_error
 from service.api.score.protocol import CandidateScore, ScoreRequest, ScoreResponse
 from service.config import RequestSettings
@@ -28,6 +31,19 @@ def check_limits(request: ScoreRequest, settings: RequestSettings) -> None:
         raise InvalidRequest(problems)
 
 
+@contextmanager
+def scorer_errors(request: ScoreRequest, settings: RequestSettings) -> Iterator[None]:
+    """The scorer's refusals as the wire's errors: unknown candidates (422, each located), overload
+    (429 with Retry-After); for every route that scores a request's candidates."""
+    try:
+        yield
+    except UnknownItems as exc:
+        located = ((f"candidates[{i}]", item) for i, item in enumerate(request.candidates))
+        raise unknown_items_error(located, exc.items, exc.model_version) from None
+    except ScorerOverloaded as exc:
+        raise Overloaded(str(exc), retry_after_s=max(exc.retry_after_s, settings.shed_retry_after_s)) from None
+
+
 def to_response(result: ScoreResult) -> ScoreResponse:
     runs_llm = result.score_source is not ScoreSource.CRM
     return ScoreResponse(
@@ -43,11 +59,6 @@ def to_response(result: ScoreResult) -> ScoreResponse:
 async def score(request: ScoreRequest, *, scorer: Scorer, settings: RequestSettings,
                 request_id: str) -> ScoreResponse:
     check_limits(request, settings)
-    try:
+    with scorer_errors(request, settings):
         result = await scorer.score(request.user_id, request.candidates, request.deadline_ms, request_id)
-    except UnknownItems as exc:
-        located = ((f"candidates[{i}]", item) for i, item in enumerate(request.candidates))
-        raise unknown_items_error(located, exc.items, exc.model_version) from None
-    except ScorerOverloaded as exc:
-        raise Overloaded(str(exc), retry_after_s=max(exc.retry_after_s, settings.shed_retry_after_s)) from None
     return to_response(result)
