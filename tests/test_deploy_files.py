@@ -178,12 +178,13 @@ def test_demo_script_parses_and_helps():
     subprocess.run(["bash", "-n", str(DEMO)], check=True)
     done = subprocess.run([str(DEMO), "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    for flag in ("--data-dir", "--budget", "--port", "--no-serve"):
+    for flag in ("--data-dir", "--budget", "--prompt-form", "--port", "--no-serve"):
         assert flag in done.stdout
 
 
 @bash
-@pytest.mark.parametrize("args", [["--bogus"], ["--budget", "huge"], ["--port", "http"], ["--port", "0"]])
+@pytest.mark.parametrize("args", [["--bogus"], ["--budget", "huge"], ["--prompt-form", "long"], ["--port", "http"],
+                                  ["--port", "0"]])
 def test_demo_script_refuses_bad_flags_before_doing_anything(args):
     done = subprocess.run([str(DEMO), *args], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2

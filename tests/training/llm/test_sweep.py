@@ -19,7 +19,7 @@ from training.metrics import auc_standard_error
 runner = CliRunner()
 TINY = ["--temperature", "1", "--n-samples", "16", "--epochs", "1", "--lr", "5e-3", "--valid-samples", "24",
         "--n-test", "40", "--k-text", "3", "--batch-size", "8", "--grad-accum", "1", "--rank", "4",
-        "--evals-per-epoch", "1", "--dtype", "float32"]
+        "--evals-per-epoch", "1", "--dtype", "float32", "--prompt-form", "per-target"]
 
 
 def sweep(world, out: Path, *args: str):

@@ -75,3 +75,25 @@ def test_the_command_refuses_an_unknown_objective(llm_world, tmp_path) -> None:
                                       "--out", str(tmp_path / "out"), "--objective", "margin"])
     assert result.exit_code == 2 and "objective must be one of answer, fused" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shared_form_on_requests_of_20_is_the_default_and_per_target_takes_single_samples() -> None:
+    import inspect
+
+    from training.llm.commands import SHARED_REQUEST_SIZE, default_request_size, sweep, train_llm
+
+    for command in (train_llm, sweep):
+        params = inspect.signature(command).parameters
+        assert params["prompt_form"].default == "shared" and params["request_size"].default is None
+    assert SHARED_REQUEST_SIZE == 20
+    assert default_request_size("shared", None) == 20 and default_request_size("per-target", None) == 1
+    assert default_request_size("per_target", 1) == 1 and default_request_size("shared", 5) == 5
+
+
+def test_requests_of_several_samples_are_refused_with_the_per_target_form(llm_world, tmp_path) -> None:
+    root, *_ = llm_world
+    result = CliRunner().invoke(app, ["train-llm", "--data", str(root), "--base-model", str(root / "base"),
+                                      "--out", str(tmp_path / "out"), "--prompt-form", "per-target",
+                                      "--request-size", "5"])
+    assert result.exit_code == 2 and "requests of several candidates train the shared prompt form" in result.output
+    assert not (tmp_path / "out").exists()
