@@ -95,15 +95,17 @@ class ModelSettings(SettingsGroup):
     max_prototypes: int = Field(16, ge=1, le=4096, description=(
         "Most prototype adapters a served version may bring; on vLLM every replica keeps them all loaded, so at "
         "most what the servers' --max-loras and --max-cpu-loras leave for them (docs/VLLM.md)."))
-    adapter_mode: Literal["prototypes", "exact"] = Field("prototypes", description=(
+    adapter_mode: Literal["auto", "prototypes", "exact"] = Field("auto", description=(
         "Where a version carries prototype adapters (exported with --prototypes): 'prototypes' serves each user "
         "the prototype nearest to the user's gate outputs (P adapters for everyone, preloaded on every vLLM "
-        "replica); 'exact' mixes each user's own adapter. Versions without prototypes are always exact."))
+        "replica); 'exact' mixes each user's own adapter; 'auto' is 'prototypes' on vLLM and 'exact' on the "
+        "embedded engine, which mixes every user's own adapter in its forward at no extra cost. Versions "
+        "without prototypes are always exact."))
 
     @property
     def serves_prototypes(self) -> bool:
         """Whether versions that carry prototype adapters serve them."""
-        return self.adapter_mode == "prototypes"
+        return self.adapter_mode == "prototypes" or (self.adapter_mode == "auto" and self.engine == "vllm")
 
     @property
     def follows_store(self) -> bool:

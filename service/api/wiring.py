@@ -96,8 +96,10 @@ def build_vllm_engine(settings: Settings, model: LoadedModel, metrics: Metrics):
     return engine, builder
 
 
-def build_adapter_cache(settings: Settings, metrics: Metrics) -> AdapterCache:
-    return AdapterCache(settings.adapter_cache, metrics)
+def build_adapter_cache(settings: Settings, metrics: Metrics) -> AdapterCache | None:
+    """Materialized user adapters for an engine that takes them (vLLM); the embedded engine mixes
+    each user's adapter in its forward and needs none."""
+    return AdapterCache(settings.adapter_cache, metrics) if settings.model.engine == "vllm" else None
 
 
 def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore,

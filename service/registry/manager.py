@@ -75,7 +75,7 @@ class ModelManager:
     an LLM) scores the smoke tests, ``cache`` holds adapters keyed by version."""
 
     def __init__(self, model: ModelSettings, admin: AdminSettings, holder: "ModelHolder",
-                 engine: "ScoringEngine | None", cache: "AdapterCache", spec: BaseModelSpec | None, *,
+                 engine: "ScoringEngine | None", cache: "AdapterCache | None", spec: BaseModelSpec | None, *,
                  telemetry: Telemetry = NO_TELEMETRY, guard: CanaryGuard | None = None) -> None:
         """``model``: the store and what a version may bring; ``admin``: how large an upload may be."""
         self.model_settings, self.admin_settings = model, admin
@@ -223,7 +223,8 @@ class ModelManager:
                 raise StoreError(f"version {version!r} is the running canary's candidate; abort the canary first")
             self.store.delete(version, active=self.active)
             self._warm.pop(version, None)
-            self.cache.drop_version(version)
+            if self.cache is not None:
+                self.cache.drop_version(version)
 
     # -- canary ------------------------------------------------------------------------------
 

@@ -176,13 +176,13 @@ class ScoringPipeline:
     """The ``Scorer`` of the service: one request's stages inside its deadline."""
 
     def __init__(self, *, history: HistoryReader, holder: ModelHolder, engine: ScoringEngine | None,
-                 adapters: AdapterCache, settings: RequestSettings, scheduler: EngineScheduler | None = None,
+                 adapters: AdapterCache | None, settings: RequestSettings, scheduler: EngineScheduler | None = None,
                  score_cache: LLMScoreCache | None = None, served_log: ServedLog | None = None,
                  telemetry: Telemetry = NO_TELEMETRY, on_served: ServedFeed | None = None) -> None:
         """``settings``: the deadlines, the Redis budget, the least time an LLM stage needs, the CRM
         queue's bound and the admission rule; ``on_served`` receives every answer's outcome."""
         self.history, self.holder, self.engine = history, holder, engine
-        self.adapters = adapters  # materialized user adapters, by (version, user)
+        self.adapters = adapters  # materialized user adapters, by (version, user); None: the engine mixes its own
         self.score_cache = score_cache  # LLM scores in Redis, by prompt fingerprint
         self.settings = settings
         self.telemetry = telemetry

@@ -48,7 +48,7 @@ def token() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def live(world: World, store: Path, token) -> Iterator[LiveServer]:
     server = LiveServer.start(world.settings(model_store=store, active_version=None, admin_enabled=True,
-                                             admin_token_sha256=[token[1]]))
+                                             admin_token_sha256=[token[1]], adapter_mode="prototypes"))
     yield server
     server.stop()
 

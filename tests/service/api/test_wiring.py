@@ -106,7 +106,8 @@ def test_a_registry_that_fails_to_start_closes_the_pipeline(world, tmp_path, mon
 
 def test_the_adapter_cache_reports_its_size(world):
     metrics = Metrics(process=False)
-    cache = build_adapter_cache(world.settings(), metrics)
+    assert build_adapter_cache(world.settings(), metrics) is None  # the embedded engine mixes in its forward
+    cache = build_adapter_cache(world.settings(engine="vllm", vllm_url="http://127.0.0.1:9"), metrics)
     weights = {"q_proj": (torch.zeros(8, 2), torch.zeros(2, 8))}
     adapter = UserAdapter("u@v#0", weights, 1.0, user_id="u")
     cache.get_or_build("u", "v", torch.ones(3), lambda alphas: adapter)
@@ -119,3 +120,10 @@ def test_the_adapter_cache_reports_its_size(world):
     assert metrics.registry.get_sample_value("reclora_adapter_cache_hits_total") == 1
     cache.drop_version("v")
     assert gauge() == 0
+
+
+@pytest.mark.parametrize(("engine", "mode", "prototypes"), [
+    ("torch", "auto", False), ("vllm", "auto", True), ("torch", "prototypes", True), ("vllm", "exact", False)])
+def test_auto_serves_prototypes_on_vllm_only(world, engine, mode, prototypes):
+    settings = world.settings(engine=engine, adapter_mode=mode, vllm_url="http://127.0.0.1:9")
+    assert settings.model.serves_prototypes is prototypes
