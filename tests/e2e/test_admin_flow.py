@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from tests.e2e.e2e_support import LiveServer, World, assert_error, metric_value, tar_of
@@ -384,7 +385,11 @@ def test_gateways_sharing_a_store_follow_an_activation(admin: LiveServer, client
             while scores(other, world.users[0])[0] != "shared-v2":
                 assert time.monotonic() < deadline, "the second gateway did not follow the activation"
                 time.sleep(0.2)
-            assert scores(other, world.users[0]) == expected
+            # Two gateways in one process share torch's thread pool, whose split of a float32 matmul
+            # may round the last bit differently; the versions' answers differ by far more.
+            version, followed = scores(other, world.users[0])
+            assert version == expected[0]
+            np.testing.assert_allclose(followed, expected[1], rtol=0, atol=1e-6)
             text = other.get("/metrics").text
             assert metric_value(text, "reclora_model_activations_total", {"kind": "follow"}) == 1
     finally:
