@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,10 +16,12 @@ DataDir = Annotated[Path, typer.Option("--data", help="prepared dataset director
 
 @contextmanager
 def timed(what: str) -> Iterator[None]:
-    """Every command reports its wall time: operators size jobs from these figures."""
+    """Every command reports its wall time: operators size jobs from these figures (under torchrun,
+    rank 0 alone)."""
     start = time.perf_counter()
     yield
-    typer.echo(f"{what}: {time.perf_counter() - start:.1f} s wall time")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"{what}: {time.perf_counter() - start:.1f} s wall time")
 
 
 def fail(message: str) -> None:

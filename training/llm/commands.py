@@ -57,11 +57,15 @@ def train_llm(
              f"history retrieved for them all, the prefix computed once (1: each sample alone) [default: "
              f"{SHARED_REQUEST_SIZE} for the shared form, 1 for per-target]")] = None,
 ) -> None:
-    """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM."""
+    """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM.
+
+    Under `torchrun --nproc-per-node N -m training.cli train-llm ...` the steps are shared out over
+    the N processes (gloo on CPUs, nccl on GPUs) at the same global batch; rank 0 writes."""
     import numpy as np
     import torch
 
     from training.data.samples import PreparedData
+    from training.distributed import process_group
     from training.llm.train import LLMTrainConfig
     from training.llm.train import train_llm as fit
 
@@ -80,14 +84,17 @@ def train_llm(
         cfg.check()
     except ValueError as exc:
         fail(str(exc))
-    with timed("train-llm"):
+    with timed("train-llm"), process_group(cfg.device) as ranks:
         prepared = PreparedData.load(data)
         try:
             summary = fit(prepared, np.load(data / "embeddings.npy", allow_pickle=False), crm or data / "crm",
                           base_model, out, cfg, checkpoint_every=max(checkpoint_every, 0),
-                          stop_after_seconds=None if stop_after_minutes is None else 60.0 * stop_after_minutes)
+                          stop_after_seconds=None if stop_after_minutes is None else 60.0 * stop_after_minutes,
+                          ranks=ranks)
         except ValueError as exc:  # e.g. --out holds a stopped run with other settings
             fail(str(exc))
+    if not ranks.is_main:
+        return
     if summary.get("finished") is False:
         best = summary["best_valid_auc"]
         typer.echo(f"{mode}: stopped at step {summary['step']} of {summary['total_steps']} (best valid AUC so far: "
@@ -108,12 +115,18 @@ def llm_report(
     dtype: Annotated[str, typer.Option(help="scoring dtype; float32 keeps probabilities unquantized")] = "float32",
     batch_size: int = 16,
 ) -> None:
-    """CRM, zero-shot, ReLLa-style, RecLoRA and fused on one seeded test subset (Markdown, JSON, ROC)."""
+    """CRM, zero-shot, ReLLa-style, RecLoRA and fused on one seeded test subset (Markdown, JSON, ROC).
+
+    Under torchrun the samples are scored in shares over the processes and gathered; rank 0 writes."""
+    from training.distributed import process_group
     from training.llm.report import run_report
 
-    with timed("llm-report"):
+    with timed("llm-report"), process_group() as ranks:
         result = run_report(data, crm or data / "crm", base_model, rella, reclora, out, n_test=n_test,
-                            n_valid=n_valid, seed=seed, k_text=k_text, dtype=dtype, batch_size=batch_size)
+                            n_valid=n_valid, seed=seed, k_text=k_text, dtype=dtype, batch_size=batch_size,
+                            ranks=ranks)
+    if not ranks.is_main:
+        return
     typer.echo((out / "report.md").read_text())
     typer.echo(f"fusion: {result['fusion']}")
 

@@ -2,6 +2,11 @@
 
 Reports, the sweep, the export's fusion, the studies and training's own validation all score
 through it, so a sample is worded and scored the same way wherever it is measured.
+
+Under torchrun (``ranks`` distributed) every rank is called with all the samples, scores its
+share and returns everyone's scores gathered in the samples' order. Prompts are shared out in
+whole batches of the single process's (length-sorted) batching, so each batch is the one a
+single process would run and the scores are those a single process computes.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from service.llm.personalized_lora import PersonalizedLoRA
 from service.llm.prompt import PromptBuilder, PromptConfig
 from training.data.samples import PreparedData
+from training.distributed import Ranks
 from training.llm.prompts import RequestPrompt, View, prompt_config_for, request_prompts, sample_prompts
 from training.llm.scoring import score_requests, score_sequences
 
@@ -30,9 +36,10 @@ class LLMScorer:
     """
 
     def __init__(self, model, tokenizer, lora: PersonalizedLoRA | None, k_text: int,
-                 prompt: PromptConfig | None = None) -> None:
+                 prompt: PromptConfig | None = None, ranks: Ranks | None = None) -> None:
         self.model, self.tokenizer, self.lora, self.k_text = model, tokenizer, lora, k_text
         self.prompt = prompt
+        self.ranks = ranks or Ranks()  # the scoring passes' ranks (see the module docstring)
         self.builder = PromptBuilder(tokenizer, prompt or PromptConfig())
         self.pad_id = pad_id_of(tokenizer)
 
@@ -52,6 +59,18 @@ class LLMScorer:
         return request_prompts(data, rows, self.builder_for(data), embeddings, self.k_text, view)
 
     def score(self, prompts: list[list[int]], user_reps: torch.Tensor | None, batch_size: int = 16) -> np.ndarray:
+        """P(yes) of every prompt, in order (each rank scores its share of whole batches)."""
+        if self.ranks.distributed:  # score_sequences batches the prompts in length order: share that order's batches
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            batches = self.ranks.share((len(prompts) + batch_size - 1) // batch_size)
+            mine = order[batches.start * batch_size : batches.stop * batch_size]
+            local = self._score([prompts[i] for i in mine], None if user_reps is None else user_reps[mine], batch_size)
+            probs = np.empty(len(prompts), dtype=local.dtype)
+            probs[order] = self.ranks.gather(local)
+            return probs
+        return self._score(prompts, user_reps, batch_size)
+
+    def _score(self, prompts: list[list[int]], user_reps: torch.Tensor | None, batch_size: int) -> np.ndarray:
         ctx = None
         if self.lora is not None:
             reps = None if user_reps is None else user_reps.to(self.model.device)
@@ -62,7 +81,17 @@ class LLMScorer:
 
     def score_requests(self, requests: list[RequestPrompt], user_reps: torch.Tensor | None,
                        token_budget: int = 8192) -> np.ndarray:
-        """P(yes) of every candidate of the requests, in order; ``user_reps`` one row per request."""
+        """P(yes) of every candidate of the requests, in order; ``user_reps`` one row per request.
+        Distributed, each rank scores a contiguous share of the requests (packed by the token
+        budget within its share, so a score may differ from one process's in the last bits)."""
+        if self.ranks.distributed:
+            rows = self.ranks.share(len(requests))
+            local = self._score_requests(requests[rows], None if user_reps is None else user_reps[rows], token_budget)
+            return self.ranks.gather(local).astype(local.dtype)
+        return self._score_requests(requests, user_reps, token_budget)
+
+    def _score_requests(self, requests: list[RequestPrompt], user_reps: torch.Tensor | None,
+                        token_budget: int) -> np.ndarray:
         ctx = None
         if self.lora is not None:
             reps = None if user_reps is None else user_reps.to(self.model.device)

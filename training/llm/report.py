@@ -10,6 +10,9 @@ Scoring an LLM model takes tens of minutes on a CPU, so each model's scores are 
 ``scores/`` as they finish (NPY, with a JSON record of what produced them: subset, dtype, batch
 size and the model directories' files): a rerun reads back what still matches and scores only the
 rest. Trained models are scored before the zero-shot one, so an interrupted run keeps the most.
+
+Under torchrun every rank runs the report and scores its share of each model's samples
+(``LLMScorer``'s ranks), the scores gathered in order on every rank; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 from service.model.fusion import FUSION_FILE
 from training.data.samples import PreparedData
+from training.distributed import Ranks
 from training.llm.crm_outputs import FrozenCRM
 from training.llm.fusion_fit import ValidationScores, decide, fit_fusion, validation_subset  # noqa: F401
 from training.llm.loading import load_base, load_trained
@@ -36,7 +40,8 @@ SPLITS = ("test", "valid")
 
 def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | None, reclora_dir: Path | None,
                out_dir: Path, *, n_test: int = 2000, n_valid: int = 1000, seed: int = 0, k_text: int = 10,
-               dtype: str = "float32", batch_size: int = 16) -> dict:
+               dtype: str = "float32", batch_size: int = 16, ranks: Ranks | None = None) -> dict:
+    ranks = ranks or Ranks()
     data = PreparedData.load(data_dir)
     embeddings = np.load(data_dir / "embeddings.npy", allow_pickle=False)
     test = data.split("test").sample(n=min(n_test, len(data.split("test"))), random_state=seed)
@@ -58,6 +63,8 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
         scorers["ReLLa-style (shared LoRA)"] = load_trained(rella_dir, base_dir, dtype, k_text)
     if reclora_dir is not None:
         scorers["RecLoRA (personalized LoRA)"] = load_trained(reclora_dir, base_dir, dtype, k_text)
+    for scorer in scorers.values():
+        scorer.ranks = ranks
     # Each model is scored in the form (and words) it was trained with; models of one prompt version share prompts.
     by_version: dict[str, dict[str, list[list[int]]]] = {}
     for scorer in scorers.values():
@@ -75,7 +82,8 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
         sizes = {s: len(prompts[s]) for s in SPLITS}
         probs[name], seconds[name] = kept_scores(
             out_dir / SCORES_DIR, record, sizes,
-            lambda scorer=scorer, prompts=prompts: {s: scorer.score(prompts[s], reps[s], batch_size) for s in SPLITS})
+            lambda scorer=scorer, prompts=prompts: {s: scorer.score(prompts[s], reps[s], batch_size) for s in SPLITS},
+            ranks)
     probs = {"CRM": probs["CRM"], **{name: probs[name] for name in scorers}}  # the table's order
     fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))
     slices = {"test": SampleSlices.of(data, test), "valid": SampleSlices.of(data, valid)}
@@ -87,7 +95,6 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
 
     rows = [{"model": name, **binary_metrics(labels["test"], p["test"]), "valid_auc": binary_metrics(labels["valid"], p["valid"])["auc"],
              "seconds": seconds.get(name, 0.0)} for name, p in probs.items()]
-    out_dir.mkdir(parents=True, exist_ok=True)
     test_slices = slice_table(labels["test"], {name: p["test"] for name, p in probs.items()}, slices["test"],
                               reference="CRM")
     result = {"n_test": len(test), "n_valid": len(valid), "seed": seed, "k_text": k_text, "rows": rows,
@@ -98,10 +105,15 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
         if d is not None and (d / "train.json").is_file():
             t = json.loads((d / "train.json").read_text())
             result.setdefault("training", {})[name] = {k: t[k] for k in ("train_seconds", "instances", "best_valid_auc")}
+    if not ranks.is_main:
+        ranks.barrier()
+        return result
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(result, indent=2))
     (out_dir / FUSION_FILE).write_text(json.dumps(fusion.to_json(), indent=2))
     (out_dir / "report.md").write_text(markdown(result))
     roc_plot({n: (labels["test"], p["test"]) for n, p in probs.items()}, out_dir / "roc.png")
+    ranks.barrier()
     return result
 
 
@@ -112,9 +124,25 @@ def files_record(dirs: list[Path]) -> list[list]:
             for d in dirs for f in sorted(Path(d).iterdir()) if f.is_file()]
 
 
-def kept_scores(cache: Path, record: dict, sizes: dict[str, int], score) -> tuple[dict[str, np.ndarray], float]:
+def kept_scores(cache: Path, record: dict, sizes: dict[str, int], score,
+                ranks: Ranks | None = None) -> tuple[dict[str, np.ndarray], float]:
     """A model's (scores per split, scoring seconds): read back from ``cache`` when its record
-    matches ``record`` exactly, else ``score()``d now and kept."""
+    matches ``record`` exactly, else ``score()``d now and kept (by rank 0; the ranks of a
+    distributed report read back only where all of them can, so all of them score alike)."""
+    ranks = ranks or Ranks()
+    kept = _read_kept(cache, record, sizes)
+    if not ranks.any(kept is None):
+        return kept
+    start = time.perf_counter()
+    scores = {s: np.asarray(v, np.float64) for s, v in score().items()}
+    seconds = time.perf_counter() - start
+    if ranks.is_main:
+        _keep(cache, record, scores, seconds)
+    return scores, seconds
+
+
+def _read_kept(cache: Path, record: dict, sizes: dict[str, int]) -> tuple[dict[str, np.ndarray], float] | None:
+    """The kept (scores, seconds) of ``record``, else None."""
     slug = re.sub(r"[^a-z0-9]+", "-", record["model"].lower()).strip("-")
     meta, arrays = cache / f"{slug}.json", {s: cache / f"{slug}.{s}.npy" for s in sizes}
     if meta.is_file() and all(a.is_file() for a in arrays.values()):
@@ -123,15 +151,17 @@ def kept_scores(cache: Path, record: dict, sizes: dict[str, int], score) -> tupl
             scores = {s: np.load(a, allow_pickle=False) for s, a in arrays.items()}
             if all(len(scores[s]) == n for s, n in sizes.items()):
                 return scores, float(kept["seconds"])
-    start = time.perf_counter()
-    scores = {s: np.asarray(v, np.float64) for s, v in score().items()}
-    seconds = time.perf_counter() - start
+    return None
+
+
+def _keep(cache: Path, record: dict, scores: dict[str, np.ndarray], seconds: float) -> None:
+    slug = re.sub(r"[^a-z0-9]+", "-", record["model"].lower()).strip("-")
+    meta, arrays = cache / f"{slug}.json", {s: cache / f"{slug}.{s}.npy" for s in scores}
     cache.mkdir(parents=True, exist_ok=True)
     meta.unlink(missing_ok=True)  # no record may vouch for arrays being replaced
     for s, a in arrays.items():
         np.save(a, scores[s], allow_pickle=False)
     meta.write_text(json.dumps({"record": record, "seconds": seconds}, indent=2))  # last: marks it complete
-    return scores, seconds
 
 
 def markdown(result: dict) -> str:

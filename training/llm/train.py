@@ -12,6 +12,15 @@ tokenized once, the CRM checkpoint loaded once and each draw encoded once); the 
 optimizer (``build_optimization``); a stopped run's state put back (``resume_or_start``); the loop
 (``train_loop``: optimizer steps, validation and selection, the mid-run state); and the outputs
 (``write_outputs``). How one optimizer step's instances become forwards is ``training.llm.train_step``'s.
+
+Under torchrun (``training.distributed``) every rank builds the same model and the same global
+instance order, and takes a contiguous share of each optimizer step's units; the trainable
+gradients are then summed over the ranks (each share's loss is divided by the whole step's
+instance count, as one process divides), so a step equals the single-process step at the same
+global batch, to floating-point summation order. Validation scores are sharded and gathered, so
+every rank selects alike; rank 0 alone writes checkpoints, the mid-run state and ``train.json``.
+Dropout (the gates') draws from each rank's own stream, seeded by rank and step: with dropout a
+distributed run is the same training in distribution, without it the same run.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from service.llm.prompt import PROMPT_FORMS
 from service.model.fusion import FUSION_FILE, logit
 from training.crm.train import seed_everything
 from training.data.samples import PreparedData
+from training.distributed import Ranks, current, rank_step_seed
 from training.llm.crm_outputs import CRMOutputs, FrozenCRM
 from training.llm.fusion_fit import validation_subset
 from training.llm.requests import anchored_requests, request_slices
@@ -147,6 +157,7 @@ class Run:
     model: RunModel
     samples: RunSamples
     opt: Optimization
+    ranks: Ranks = field(default_factory=Ranks)  # this process's place in a torchrun job
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,7 @@ class Stops:
 
 def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_dir: Path, out_dir: Path,
               cfg: LLMTrainConfig, *, checkpoint_every: int = 8, stop_after_steps: int | None = None,
-              stop_after_seconds: float | None = None) -> dict:
+              stop_after_seconds: float | None = None, ranks: Ranks | None = None) -> dict:
     """Train, keep the best validation checkpoint in ``out_dir``; returns the training summary.
 
     Every ``checkpoint_every`` optimizer steps (0: never) the mid-run state goes to ``out_dir/resume``
@@ -178,14 +189,22 @@ def train_llm(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_di
     is refused), so a run longer than one sitting can be stopped and continued; a killed run loses
     at most ``checkpoint_every`` steps. ``stop_after_steps`` (or ``stop_after_seconds``) ends this
     call after that many of its steps (or once a step ends past that time), with the state saved:
-    its summary says ``finished: False`` and no ``train.json`` is written."""
+    its summary says ``finished: False`` and no ``train.json`` is written.
+
+    ``ranks`` (default: the torchrun process group joined, else one process) shares the steps
+    and validation out (see the module docstring); every rank returns the same summary."""
     cfg.check()
+    ranks = current() if ranks is None else ranks
     seed_everything(cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(base_dir, data, cfg)
+    model.scorer.ranks = ranks
     samples = prepare_samples(data, embeddings, crm_dir, cfg, model.scorer)
-    run = Run(cfg, out_dir, model, samples, build_optimization(cfg, model, samples.instances))
+    run = Run(replace(cfg, progress=cfg.progress and ranks.is_main), out_dir, model, samples,
+              build_optimization(cfg, model, samples.instances), ranks)
     resumed, order = resume_or_start(run)
+    ranks.barrier()  # every rank has read the stopped run's state before rank 0 may replace it
     state, finished = train_loop(run, resumed, order, Stops(checkpoint_every, stop_after_steps, stop_after_seconds))
     if not finished:
         return {"finished": False, "step": state.step, "total_steps": run.opt.total_steps,
@@ -301,10 +320,14 @@ def train_loop(run: Run, resumed: Progress, order: list[int] | None, stops: Stop
             if state.step % opt.eval_every == 0 or state.step == opt.total_steps:
                 validate_and_select(run, state, start)
             stopping = stops.stopping(state.step, opt.total_steps, state.step - resumed.step, call_start)
+            stopping = run.ranks.any(stopping) if stops.after_seconds is not None else stopping  # clocks differ
             if stopping or stops.checkpointing(state.step, opt.total_steps):
                 state.position, state.seconds = begin + opt.step_size, time.perf_counter() - start
-                save_state(run.out_dir, asdict(cfg), state, order, run.model.lora.trainable_state_dict(),
-                           opt.optimizer, opt.schedule, dict(opt.loss_fn.named_parameters()), opt.generator)
+                if run.ranks.is_main:
+                    save_state(run.out_dir, asdict(cfg), state, order,
+                               run.model.lora.trainable_state_dict(), opt.optimizer, opt.schedule,
+                               dict(opt.loss_fn.named_parameters()), opt.generator)
+                run.ranks.barrier()
             if stopping:
                 bar.close()
                 state.seconds = time.perf_counter() - start
@@ -316,14 +339,28 @@ def train_loop(run: Run, resumed: Progress, order: list[int] | None, stops: Stop
 
 def optimizer_step(run: Run, rows: list[int], state: Progress) -> None:
     """One optimizer step over the units ``rows``; the epoch's running loss, instances and tokens
-    grow by it."""
-    model, opt = run.model, run.opt
+    grow by it. A rank of a distributed run forwards its share of ``rows`` and the gradients are
+    summed over the ranks before the step.
+
+    Why not DistributedDataParallel: its gradient hooks need the forward to be one call of the
+    wrapped module, while a step here runs the base model under the LoRA's user context and a loss
+    module with parameters of its own (the fused objective's w and b); and the last step of an
+    epoch can leave a rank no units at all, which DDP cannot reduce without a Join. What DDP with
+    ``no_sync`` would do is done explicitly: the micro-batches accumulate locally and the trainable
+    gradients (the LoRA's, the gates', w and b) go in one flat all-reduce per optimizer step."""
+    model, opt, ranks, data = run.model, run.opt, run.ranks, run.samples.instances
     model.lora.train()
-    loss_sum, n_tokens = accumulate_step(model.model, model.lora, opt.loss_fn, run.samples.instances, rows, run.cfg,
-                                         model.scorer.pad_id)
+    n_instances = len(data.instances(rows))
+    if ranks.distributed:
+        torch.manual_seed(rank_step_seed(run.cfg.seed, state.step, ranks.rank))
+    loss_sum, n_tokens = accumulate_step(model.model, model.lora, opt.loss_fn, data, rows[ranks.share(len(rows))],
+                                         run.cfg, model.scorer.pad_id, n_instances)
+    if ranks.distributed:
+        ranks.sum_gradients([p for group in opt.optimizer.param_groups for p in group["params"]])
+        loss_sum, n_tokens = ranks.sum([loss_sum, n_tokens])
     state.running += loss_sum
-    state.seen += len(run.samples.instances.instances(rows))
-    state.tokens += n_tokens
+    state.seen += n_instances
+    state.tokens += int(n_tokens)
     opt.optimizer.step()
     opt.schedule.step()
     opt.optimizer.zero_grad(set_to_none=True)
@@ -356,6 +393,10 @@ def validate_and_select(run: Run, state: Progress, start: float) -> None:
                    + (f" (fused; LLM alone {result['valid_llm_auc']:.4f})" if run.cfg.fused else ""))
     if auc > state.best_auc:
         state.best_auc = auc
+        if not run.ranks.is_main:
+            if run.cfg.fused:
+                state.best_fusion = run.opt.loss_fn.fusion().to_json()
+            return
         save_file({k: v.detach().cpu().contiguous() for k, v in run.model.lora.trainable_state_dict().items()},
                   run.out_dir / "weights.safetensors")
         if run.cfg.fused:
@@ -369,10 +410,12 @@ def write_outputs(run: Run, state: Progress) -> dict:
     cfg, lora_cfg, out_dir = run.cfg, run.model.lora.cfg, run.out_dir
     summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": run.model.scorer.prompt.record(),
                "best_valid_auc": state.best_auc, "history": state.history, "train_seconds": state.seconds,
-               "instances": run.samples.instances.n_instances}
+               "instances": run.samples.instances.n_instances, "processes": run.ranks.world}
     if cfg.fused:
         summary.update(objective="fused", fusion=state.best_fusion)
-    (out_dir / "config.json").write_text(lora_cfg.model_dump_json(indent=2))
-    (out_dir / "train.json").write_text(json.dumps(summary, indent=2))
-    clear_state(out_dir)
+    if run.ranks.is_main:
+        (out_dir / "config.json").write_text(lora_cfg.model_dump_json(indent=2))
+        (out_dir / "train.json").write_text(json.dumps(summary, indent=2))
+        clear_state(out_dir)
+    run.ranks.barrier()
     return summary

@@ -179,12 +179,16 @@ def micro_batch_hidden(model, lora: PersonalizedLoRA, data: TrainSet, micro: lis
 
 
 def accumulate_step(model, lora: PersonalizedLoRA, loss_fn: torch.nn.Module, data: TrainSet, rows: Sequence[int],
-                    cfg: Batching, pad_id: int) -> tuple[float, int]:
+                    cfg: Batching, pad_id: int, n_instances: int | None = None) -> tuple[float, int]:
     """Forward and backward of one optimizer step's units (gradients accumulate, the loss is the
-    mean over their instances); returns (summed instance loss, tokens)."""
+    mean over their instances); returns (summed instance loss, tokens).
+
+    A rank of a distributed run passes its share of the step as ``rows`` and the whole step's
+    instance count as ``n_instances``: its gradients are then its share of the step's mean, and
+    their sum over the ranks is the single-process step's gradient."""
     total, tokens = 0.0, 0
     lengths = data.lengths
-    n_instances = len(data.instances(rows))
+    n_instances = len(data.instances(rows)) if n_instances is None else n_instances
     for micro in micro_batches(list(rows), lengths, data.batching(cfg)):
         hidden = micro_batch_hidden(model, lora, data, micro, cfg.packing, pad_id)
         instances = data.instances(micro)
