@@ -154,14 +154,18 @@ def train_crm(
     knowledge: Annotated[Optional[Path], typer.Option(
         help="knowledge directory (from `reclora knowledge`): the CRM reads its item and user vectors")] = None,
 ) -> None:
-    """Train the CRM on the full training split, early-stopping on validation AUC."""
+    """Train the CRM on the full training split, early-stopping on validation AUC.
+
+    Under `torchrun --nproc-per-node N -m training.cli train-crm ...` each batch is shared out over
+    the N processes (gloo) at the same batch size; rank 0 writes the checkpoint."""
     from training.crm.checkpoint import save_checkpoint
     from training.crm.knowledge import KnowledgeError, load_knowledge
     from training.crm.train import TrainConfig
     from training.crm.train import train_crm as fit
     from training.data.samples import PreparedData
+    from training.distributed import process_group
 
-    with timed("train-crm"):
+    with timed("train-crm"), process_group("cpu") as ranks:  # the CRM trains on CPUs
         prepared = PreparedData.load(data)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
                           seed=seed, threads=threads,
@@ -170,8 +174,13 @@ def train_crm(
             arrays = load_knowledge(knowledge, prepared) if knowledge is not None else None
         except KnowledgeError as exc:
             fail(str(exc))
-        trained = fit(prepared, _load_embeddings(data), cfg, arrays)
-        path = save_checkpoint(trained, out or data / "crm")
+        trained = fit(prepared, _load_embeddings(data), cfg, arrays, ranks)
+        path = out or data / "crm"
+        if ranks.is_main:
+            save_checkpoint(trained, path)
+        ranks.barrier()
+    if not ranks.is_main:
+        return
     typer.echo(f"CRM in {path}: valid AUC {trained.metrics['valid']['auc']:.4f} after {len(trained.history)} epochs")
 
 

@@ -1,14 +1,16 @@
 """Run ``training.cli`` as torchrun's entry, with every rank but 0 forbidden to write under
 RANK_GUARD_DIR: a write there (a file opened for writing, a directory made or removed, a rename,
-a safetensors save) raises, so the job fails. ``python -m torch.distributed.run ... -m
-tests.training.rank_guard train-llm ...``."""
+a safetensors save) raises, so the job fails. ``torchrun_cli`` launches it for the tests."""
 
 from __future__ import annotations
 
 import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).parents[2]
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -43,6 +45,18 @@ def guard(guarded: Path) -> None:
         return real(tensors, filename, *args, **kwargs)
 
     safetensors.torch.save_file = save_file
+
+
+def torchrun_cli(guarded: Path, *args: str, processes: int = 2, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """``reclora ARGS`` under ``torchrun --nproc-per-node PROCESSES --standalone``, each process
+    single-threaded, every rank but 0 forbidden to write under ``guarded``; a failed job fails the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "RANK_GUARD_DIR": str(guarded), "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                           "--standalone", "-m", "tests.training.rank_guard", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
 
 
 if __name__ == "__main__":

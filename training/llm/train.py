@@ -410,7 +410,9 @@ def write_outputs(run: Run, state: Progress) -> dict:
     cfg, lora_cfg, out_dir = run.cfg, run.model.lora.cfg, run.out_dir
     summary = {"config": asdict(cfg), "lora": lora_cfg.model_dump(), "prompt": run.model.scorer.prompt.record(),
                "best_valid_auc": state.best_auc, "history": state.history, "train_seconds": state.seconds,
-               "instances": run.samples.instances.n_instances, "processes": run.ranks.world}
+               "instances": run.samples.instances.n_instances}
+    if run.ranks.distributed:  # a single process writes what it always wrote
+        summary["processes"] = run.ranks.world
     if cfg.fused:
         summary.update(objective="fused", fusion=state.best_fusion)
     if run.ranks.is_main:
