@@ -71,6 +71,8 @@ class LLMScorer:
         return self._score(prompts, user_reps, batch_size)
 
     def _score(self, prompts: list[list[int]], user_reps: torch.Tensor | None, batch_size: int) -> np.ndarray:
+        if not prompts:  # a rank whose share is empty (fewer batches than ranks)
+            return np.zeros(0, np.float32)
         ctx = None
         if self.lora is not None:
             reps = None if user_reps is None else user_reps.to(self.model.device)
@@ -92,6 +94,8 @@ class LLMScorer:
 
     def _score_requests(self, requests: list[RequestPrompt], user_reps: torch.Tensor | None,
                         token_budget: int) -> np.ndarray:
+        if not requests:
+            return np.zeros(0, np.float32)
         ctx = None
         if self.lora is not None:
             reps = None if user_reps is None else user_reps.to(self.model.device)
