@@ -16,9 +16,11 @@ In one run:
     FLOPs at an assumed effective GPU rate, a floor per micro-batch (kernel launches), and a ring
     all-reduce of (c)'s bytes at --bandwidth.
 
-A machine with fewer cores than N x T processes cannot show a speedup in (a): the processes
-share the cores. Run: python benchmarks/bench_distributed.py --data work/ml-100k --crm DIR \
-    --base-model models/smollm2-135m-instruct --out DIR --n-samples 64 --valid-samples 16
+A machine with no more cores than the N x T threads cannot show a distributed speedup in (a):
+one process with N x T threads (``--wide``) uses the same cores. Run:
+    python benchmarks/bench_distributed.py --data work/ml-100k --crm DIR --base-model \
+        models/smollm2-135m-instruct --out DIR --n-samples 32 --valid-samples 16 --batch-size 4 \
+        --grad-accum 4 [--wide]
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ from training.llm.train import (LLMTrainConfig, Run, build_model, build_optimiza
                                 prepare_samples)
 
 
-def train_args(args, out: Path) -> list[str]:
+def train_args(args, out: Path, threads: int | None = None) -> list[str]:
     return ["train-llm", "--data", str(args.data), "--base-model", str(args.base_model), "--crm", str(args.crm),
             "--out", str(out), "--mode", args.mode, "--n-samples", str(args.n_samples),
             "--valid-samples", str(args.valid_samples), "--batch-size", str(args.batch_size),
-            "--grad-accum", str(args.grad_accum), "--dtype", args.dtype, "--threads", str(args.threads),
+            "--grad-accum", str(args.grad_accum), "--dtype", args.dtype, "--threads", str(threads or args.threads),
             "--checkpoint-every", "0", "--seed", str(args.seed)]
 
 
@@ -87,6 +89,19 @@ def wall_times(args) -> dict:
     return {"one_s": t1, "many_s": tn, "one": s1, "many": sn}
 
 
+def wide_run(args, many_s: float | None) -> None:
+    """(a), the fair baseline on a machine with no spare cores: one process with all the threads
+    the N processes use."""
+    wide = args.out / "processes-1-wide"
+    (wide / "train.json").unlink(missing_ok=True)
+    threads = args.threads * args.processes
+    tw = timed_run([sys.executable, "-m", "training.cli", *train_args(args, wide, threads)], threads)
+    sw = json.loads((wide / "train.json").read_text())
+    against = f"; against it {args.processes} processes: {tw / many_s:.2f}x wall" if many_s else ""
+    print(f"(a) 1 process with {threads} threads (the cores the {args.processes} processes use): {tw:.1f} s "
+          f"(training {sw['train_seconds']:.1f} s){against}")
+
+
 def step_compute(args) -> dict:
     """(b): seconds and FLOPs of one optimizer step of the run's instances in this process."""
     torch.set_num_threads(args.threads)
@@ -111,7 +126,7 @@ def step_compute(args) -> dict:
     print(f"(b) one optimizer step ({step} instances, {np.mean(lengths):.0f} tokens each, {args.dtype}, "
           f"{args.threads} thread(s)): {seconds:.2f} s (median of {args.steps}), {flops / 1e12:.2f} TFLOP "
           f"(forward + input gradient), {flops / seconds / 1e9:.0f} GFLOP/s")
-    return {"step_s": seconds, "flops": flops, "trainable": trainable, "instances": step}
+    return {"step_s": seconds, "flops_per_instance": flops / step, "trainable": trainable, "instances": step}
 
 
 def _reduce_body(rank: int, world: int, port: int, numel: int, repeats: int, out: str) -> None:
@@ -146,21 +161,23 @@ def reduce_time(args, numel: int) -> float:
 
 
 def estimate(args, compute: dict) -> None:
-    """(d): G GPUs at the same global batch, from (b)'s FLOPs and (c)'s bytes."""
-    g, step = args.gpus, compute["instances"]
-    micro_per_step = -(-step // args.batch_size)
-    t1 = max(compute["flops"] / (args.gpu_tflops * 1e12), micro_per_step * args.micro_floor_ms / 1e3)
+    """(d): G GPUs at the same global batch (--global-batch instances in micro-batches of
+    --gpu-micro-batch), from (b)'s FLOPs per instance and (c)'s bytes."""
+    g, step, micro = args.gpus, args.global_batch, args.gpu_micro_batch
+    flops = compute["flops_per_instance"] * step
+    micro_per_step = -(-step // micro)
+    t1 = max(flops / (args.gpu_tflops * 1e12), micro_per_step * args.micro_floor_ms / 1e3)
     per_rank = -(-step // g)
-    micro_per_rank = -(-per_rank // args.batch_size)
+    micro_per_rank = -(-per_rank // micro)
     comm = 2 * (g - 1) / g * compute["trainable"] * 4 / (args.bandwidth * 1e9) + 2 * (g - 1) * args.latency_us / 1e6
-    tg = max(compute["flops"] / g / (args.gpu_tflops * 1e12), micro_per_rank * args.micro_floor_ms / 1e3) + comm
-    print(f"(d) estimate for {g} GPUs at the global batch of {step} instances (assumed: {args.gpu_tflops:.0f} TFLOP/s "
+    tg = max(flops / g / (args.gpu_tflops * 1e12), micro_per_rank * args.micro_floor_ms / 1e3) + comm
+    print(f"(d) estimate for {g} GPUs at the global batch of {step} instances ({flops / 1e12:.1f} TFLOP a step; assumed: {args.gpu_tflops:.0f} TFLOP/s "
           f"effective per GPU, a floor of {args.micro_floor_ms:.0f} ms per micro-batch forward + backward, ring "
           f"all-reduce at {args.bandwidth:.0f} GB/s with {args.latency_us:.0f} us per hop): 1 GPU {t1 * 1e3:.1f} ms "
           f"a step ({micro_per_step} micro-batches); {g} GPUs {tg * 1e3:.1f} ms ({micro_per_rank} micro-batch(es) of "
           f"{per_rank} instances each, all-reduce {comm * 1e3:.3f} ms): {t1 / tg:.1f}x")
     big = step * g
-    t1_big = max(compute["flops"] * g / (args.gpu_tflops * 1e12), g * micro_per_step * args.micro_floor_ms / 1e3)
+    t1_big = max(flops * g / (args.gpu_tflops * 1e12), g * micro_per_step * args.micro_floor_ms / 1e3)
     tg_big = t1 + comm
     print(f"    at a global batch of {big} ({step} a GPU): 1 GPU {t1_big * 1e3:.0f} ms a step, {g} GPUs "
           f"{tg_big * 1e3:.1f} ms: {t1_big / tg_big:.1f}x")
@@ -181,19 +198,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2, help="(b): optimizer steps timed after one warm-up")
+    parser.add_argument("--steps", type=int, default=1, help="(b): optimizer steps timed after one warm-up")
     parser.add_argument("--reduces", type=int, default=20, help="(c): all-reduces timed")
     parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=32, help="(d): instances a step (train-llm: 8 x 4)")
+    parser.add_argument("--gpu-micro-batch", type=int, default=8, help="(d): instances a micro-batch")
     parser.add_argument("--gpu-tflops", type=float, default=200.0, help="(d): assumed effective bf16 TFLOP/s")
     parser.add_argument("--micro-floor-ms", type=float, default=15.0,
                         help="(d): assumed least time of a micro-batch's forward + backward (kernel launches)")
     parser.add_argument("--bandwidth", type=float, default=300.0, help="(d): all-reduce bus bandwidth, GB/s")
     parser.add_argument("--latency-us", type=float, default=10.0, help="(d): latency per ring hop")
     parser.add_argument("--skip-runs", action="store_true", help="leave out (a)")
+    parser.add_argument("--only-runs", action="store_true", help="(a) alone")
+    parser.add_argument("--wide", action="store_true",
+                        help="(a): also one process with processes x threads threads, the same cores")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.skip_runs:
-        wall_times(args)
+    times = None if args.skip_runs else wall_times(args)
+    if args.wide:
+        wide_run(args, times and times["many_s"])
+    if args.only_runs:
+        return
     compute = step_compute(args)
     reduce_time(args, compute["trainable"])
     estimate(args, compute)
