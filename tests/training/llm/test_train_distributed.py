@@ -30,7 +30,8 @@ from training.llm.resume import RESUME_DIR
 # 12 validation samples are one scoring batch of 16: rank 0's share is empty, rank 1 scores them all.
 TRAIN = ["--mode", "rella", "--objective", "fused", "--n-samples", "17", "--k-text", "3", "--epochs", "2",
          "--batch-size", "3", "--grad-accum", "3", "--lr", "5e-3", "--rank", "4", "--valid-samples", "12",
-         "--evals-per-epoch", "2", "--dtype", "float32", "--threads", "1", "--checkpoint-every", "0"]
+         "--evals-per-epoch", "2", "--dtype", "float32", "--threads", "1", "--checkpoint-every", "0",
+         "--prompt-form", "per-target"]
 REPORT = ["--n-test", "30", "--n-valid", "21", "--batch-size", "4", "--k-text", "3", "--dtype", "float32"]
 
 
@@ -132,3 +133,17 @@ def test_distributed_report_scores_as_one_process_in_the_same_order(world, runs)
     rows = {json.dumps(r["model"]): r for r in json.loads((one / "report.json").read_text())["rows"]}
     for r in json.loads((two / "report.json").read_text())["rows"]:
         assert r["auc"] == pytest.approx(rows[json.dumps(r["model"])]["auc"], abs=1e-9)
+
+
+def test_the_default_shared_form_on_requests_trains_as_one_process(world) -> None:
+    """The default form (shared, requests of up to 20): whole requests shared out per step."""
+    root, data_dir, base = world
+    shared = [a for a in TRAIN if a not in ("--prompt-form", "per-target")] + ["--request-size", "4"]
+    one, two = root / "out" / "shared-one", root / "out" / "shared-two"
+    single("train-llm", *common(data_dir, base, root), "--out", str(one), *shared)
+    torchrun(root, "train-llm", *common(data_dir, base, root), "--out", str(two), *shared)
+    a, b = summary(one), summary(two)
+    assert a["config"]["prompt_form"] == "shared" and b["processes"] == 2
+    assert [h["train_loss"] for h in b["history"]] == pytest.approx([h["train_loss"] for h in a["history"]], rel=1e-5)
+    assert [h["valid_auc"] for h in b["history"]] == pytest.approx([h["valid_auc"] for h in a["history"]], abs=1e-6)
+    assert_same_weights(one, two, atol=1e-5)
