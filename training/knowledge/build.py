@@ -14,13 +14,18 @@ encoded (the encoder can be changed later without generating again) and written 
   dense id, row 0 zeros; ``user_has.npy`` (n_users + 1,) bool: users with no history before the
   cutoff have no text and a zero row;
 - ``knowledge.json``: encoder, dim, cutoff, prompts, generator and generation figures.
+
+Two engines make the texts from the same prompt token ids and stopping rules: the embedded
+generator (``service.knowledge.generate``, the default) or vLLM's offline batch API in vLLM's own
+environment (``vllm_engine.py``), whose chunks are kept in the same parts as they finish.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +33,16 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from service.knowledge.encode import MINILM, load_encoder
-from service.knowledge.generate import Generated, generate_greedy
+from service.knowledge.generate import Generated, finish, generate_greedy, prompt_ids
 from service.knowledge.prompts import KnowledgePrompts
 from training.data.samples import PreparedData
 from training.llm.prompts import catalog_texts, user_profiles
 
 KINDS = ("items", "users")
+ENGINES = ("embedded", "vllm")
+
+# (prompts, on_batch(indices into prompts, results)): generates every prompt, reporting as it goes.
+Generator = Callable[[list[str], Callable[[list[int], list[Generated]], None]], None]
 
 
 class KnowledgeRunMismatch(ValueError):
@@ -43,7 +52,7 @@ class KnowledgeRunMismatch(ValueError):
 @dataclass
 class KnowledgeConfig:
     max_new_tokens: int = 96
-    batch_size: int = 32
+    batch_size: int = 16  # the embedded generator's (benchmarks/bench_knowledge.py)
     repetition_penalty: float = 1.15
     encoder: str = MINILM
     # Decoding steps are small matmuls: measured here, float32 decodes faster than bfloat16 even on
@@ -52,6 +61,10 @@ class KnowledgeConfig:
     limit_items: int | None = None  # the first N items / users only (quick tries)
     limit_users: int | None = None
     progress: bool = True
+    engine: str = "embedded"  # or "vllm": vLLM's offline batch API run by ``vllm_python``
+    vllm_python: str | None = None
+    vllm_chunk: int = 256  # prompts per vLLM generate call, kept as one part
+    vllm_engine_args: dict = field(default_factory=dict)  # further ``vllm.LLM`` arguments
 
 
 def cutoff_timestamp(data: PreparedData) -> int:
@@ -124,8 +137,34 @@ class PartStore:
         tmp.rename(self.parts / f"{kind}-{n:05d}.parquet")  # a part is whole or absent
 
 
-def _generate(kind: str, frame: pd.DataFrame, key: str, store: PartStore, model, tokenizer,
-              prompts: KnowledgePrompts, cfg: KnowledgeConfig) -> pd.DataFrame:
+def embedded_generator(model, tokenizer, prompts: KnowledgePrompts, cfg: KnowledgeConfig) -> Generator:
+    def generate(texts: list[str], on_batch: Callable[[list[int], list[Generated]], None]) -> None:
+        generate_greedy(model, tokenizer, texts, system=prompts.system_message(), max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.batch_size, repetition_penalty=cfg.repetition_penalty, on_batch=on_batch)
+    return generate
+
+
+def vllm_generator(tokenizer, base_dir: Path, prompts: KnowledgePrompts, cfg: KnowledgeConfig,
+                   log_path: Path) -> Generator:
+    """The same prompt ids and stopping rules as the embedded generator, decoded by ``finish`` alike."""
+    from training.knowledge.vllm_engine import VLLMBatchGenerator
+
+    if not cfg.vllm_python:
+        raise ValueError("the vllm engine needs the Python of an environment with vLLM (--vllm-python)")
+    engine = VLLMBatchGenerator(python=cfg.vllm_python, model_dir=base_dir, max_new_tokens=cfg.max_new_tokens,
+                                stop_token_ids=[tokenizer.eos_token_id], repetition_penalty=cfg.repetition_penalty,
+                                dtype=cfg.dtype, chunk=cfg.vllm_chunk, engine_args=cfg.vllm_engine_args,
+                                log_path=log_path)
+
+    def generate(texts: list[str], on_batch: Callable[[list[int], list[Generated]], None]) -> None:
+        ids = prompt_ids(tokenizer, prompts.system_message(), texts)
+        engine.generate(list(range(len(ids))), ids,
+                        lambda keys, rows, _s: on_batch(keys, [finish(tokenizer, row) for row in rows]))
+    return generate
+
+
+def _generate(kind: str, frame: pd.DataFrame, key: str, store: PartStore, generate: Generator,
+              cfg: KnowledgeConfig) -> pd.DataFrame:
     """Generate the texts ``store`` lacks; returns ``frame`` with text and new_tokens."""
     done = store.done(kind)
     todo = frame[~frame[key].isin(set(done["key"].astype(int)))]
@@ -145,9 +184,7 @@ def _generate(kind: str, frame: pd.DataFrame, key: str, store: PartStore, model,
         bar.set_postfix(tok_s=f"{tokens / max(now - start, 1e-9):.0f}")
 
     if len(todo):
-        generate_greedy(model, tokenizer, todo["prompt"].tolist(), system=prompts.system_message(),
-                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                        repetition_penalty=cfg.repetition_penalty, on_batch=on_batch)
+        generate(todo["prompt"].tolist(), on_batch)
     bar.close()
     texts = store.done(kind).drop_duplicates("key", keep="first").rename(columns={"key": key})
     return frame.merge(texts, on=key, how="left")
@@ -156,8 +193,13 @@ def _generate(kind: str, frame: pd.DataFrame, key: str, store: PartStore, model,
 def build_knowledge(data_dir: Path, base_dir: Path, out: Path, prompts: KnowledgePrompts,
                     cfg: KnowledgeConfig = KnowledgeConfig()) -> dict:
     """Generate (resuming), encode and write the knowledge of ``data_dir`` into ``out``."""
+    from transformers import AutoTokenizer
+
+    from service.knowledge.encode import BASE_LLM_MEAN
     from training.llm.loading import load_base
 
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"unknown knowledge engine {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
     data = PreparedData.load(data_dir)
     cutoff = cutoff_timestamp(data)
     items = item_prompts(data, prompts)
@@ -168,19 +210,29 @@ def build_knowledge(data_dir: Path, base_dir: Path, out: Path, prompts: Knowledg
         users = users.head(cfg.limit_users)
     base_info = _base_info(base_dir)
     common = {"max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,
-              "base_model_hash": base_info.get("model_hash"), "dtype": cfg.dtype}
+              "base_model_hash": base_info.get("model_hash"), "dtype": cfg.dtype,
+              # recorded only off the default, so directories made before engines existed resume
+              **({"engine": cfg.engine} if cfg.engine != "embedded" else {})}
     item_words = prompts.model_dump(exclude={"version", "max_behaviours"})  # what an item prompt reads
     settings = {"items": {**common, "prompts": item_words},
                 "users": {**common, "prompts": prompts.model_dump(), "cutoff_timestamp": cutoff}}
     out.mkdir(parents=True, exist_ok=True)
     store = PartStore(out, settings)
-    model, tokenizer = load_base(base_dir, cfg.dtype)
+    model = None
+    if cfg.engine == "vllm":
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        generate = vllm_generator(tokenizer, base_dir, prompts, cfg, out / "vllm.log")
+    else:
+        model, tokenizer = load_base(base_dir, cfg.dtype)
+        generate = embedded_generator(model, tokenizer, prompts, cfg)
     start = time.perf_counter()
-    items = _generate("items", items, "item_idx", store, model, tokenizer, prompts, cfg)
-    users = _generate("users", users, "user_idx", store, model, tokenizer, prompts, cfg)
+    items = _generate("items", items, "item_idx", store, generate, cfg)
+    users = _generate("users", users, "user_idx", store, generate, cfg)
     generated_s = time.perf_counter() - start
 
     start = time.perf_counter()
+    if model is None and cfg.encoder == BASE_LLM_MEAN:
+        model, tokenizer = load_base(base_dir, cfg.dtype)
     encoder = load_encoder(cfg.encoder, model=model, tokenizer=tokenizer)
     item_vectors = np.zeros((int(data.items["item_idx"].max()) + 1, encoder.dim), np.float32)
     item_vectors[items["item_idx"].to_numpy()] = encoder.encode(items["text"].tolist())
@@ -201,7 +253,7 @@ def build_knowledge(data_dir: Path, base_dir: Path, out: Path, prompts: Knowledg
     meta = {"encoder": encoder.name, "dim": int(encoder.dim), "cutoff_timestamp": cutoff,
             "max_new_tokens": cfg.max_new_tokens, "prompts": prompts.model_dump(),
             "generator": {"model_hash": base_info.get("model_hash"), "source": base_info.get("source", {}),
-                          "dtype": cfg.dtype, "decoding": "greedy",
+                          "dtype": cfg.dtype, "decoding": "greedy", "engine": cfg.engine,
                           "repetition_penalty": cfg.repetition_penalty},
             "counts": {"items": len(items), "users": len(users)},
             "generation": {"new_tokens": all_tokens, "seconds": all_seconds,

@@ -16,7 +16,7 @@ def knowledge(
     base_model: Annotated[Path, typer.Option(help="base LLM directory (from `reclora base-model`)")],
     out: Annotated[Optional[Path], typer.Option(help="knowledge directory (default DATA/knowledge)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="longest generated text, in tokens")] = 96,
-    batch_size: Annotated[int, typer.Option(min=1, help="prompts decoded together")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts decoded together (embedded engine)")] = 16,
     repetition_penalty: Annotated[float, typer.Option(
         min=1.0, help="above 1 discourages repeated phrases (decoding stays greedy)")] = 1.15,
     encoder: Annotated[str, typer.Option(
@@ -31,6 +31,14 @@ def knowledge(
     limit_users: Annotated[Optional[int], typer.Option(help="only the first N users (a quick try)")] = None,
     restart: Annotated[bool, typer.Option(help="discard texts generated earlier into OUT")] = False,
     threads: Optional[int] = None,
+    engine: Annotated[str, typer.Option(
+        help="embedded (the base LLM in this process) or vllm (vLLM's offline batch API in vLLM's own "
+             "environment, from the same prompt tokens with the same stopping rules)")] = "embedded",
+    vllm_python: Annotated[Optional[str], typer.Option(
+        help="Python of the environment with vLLM (--engine vllm; default $RECLORA_VLLM_PYTHON)")] = None,
+    vllm_chunk: Annotated[int, typer.Option(min=1, help="prompts per vLLM call, kept together (--engine vllm)")] = 256,
+    vllm_engine_args: Annotated[Optional[str], typer.Option(
+        help='JSON object of further vllm.LLM arguments, e.g. \'{"enforce_eager": false}\' (--engine vllm)')] = None,
 ) -> None:
     """Item and user knowledge (KAR / Laser) from the base LLM: resumable, kept as parquet, encoded."""
     import json
@@ -39,10 +47,26 @@ def knowledge(
 
     from service.knowledge.encode import ENCODERS
     from service.knowledge.prompts import knowledge_prompts_for
-    from training.knowledge.build import KnowledgeConfig, KnowledgeRunMismatch, build_knowledge
+    from training.knowledge.build import ENGINES, KnowledgeConfig, KnowledgeRunMismatch, build_knowledge
+    from training.knowledge.vllm_engine import VLLM_PYTHON_ENV, VLLMGenerationError, default_vllm_python
 
     if encoder not in ENCODERS:
         fail(f"--encoder must be one of {', '.join(ENCODERS)}, not {encoder!r}")
+    if engine not in ENGINES:
+        fail(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    engine_args: dict = {}
+    if engine == "vllm":
+        vllm_python = vllm_python or default_vllm_python()
+        if not vllm_python:
+            fail(f"--engine vllm needs the Python of an environment with vLLM: --vllm-python or ${VLLM_PYTHON_ENV}")
+        if not shutil.which(vllm_python):
+            fail(f"--vllm-python {vllm_python!r} is not an executable")
+        try:
+            engine_args = json.loads(vllm_engine_args) if vllm_engine_args else {}
+        except json.JSONDecodeError as exc:
+            fail(f"--vllm-engine-args is not JSON: {exc}")
+        if not isinstance(engine_args, dict):
+            fail("--vllm-engine-args must be a JSON object")
     if threads:
         torch.set_num_threads(threads)
     target = out or data / "knowledge"
@@ -53,11 +77,12 @@ def knowledge(
                                     max_behaviours=max_behaviours)
     cfg = KnowledgeConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
                           repetition_penalty=repetition_penalty, encoder=encoder, dtype=dtype,
-                          limit_items=limit_items, limit_users=limit_users)
+                          limit_items=limit_items, limit_users=limit_users, engine=engine, vllm_python=vllm_python,
+                          vllm_chunk=vllm_chunk, vllm_engine_args=engine_args)
     with timed("knowledge"):
         try:
             result = build_knowledge(data, base_model, target, prompts, cfg)
-        except KnowledgeRunMismatch as exc:
+        except (KnowledgeRunMismatch, VLLMGenerationError) as exc:
             fail(str(exc))
     gen = result["generation"]
     typer.echo(f"knowledge in {target}: {result['counts']['items']} items, {result['counts']['users']} users "
