@@ -28,14 +28,22 @@ GATEWAY = "reclora-gateway"
 HISTORY_STORE = {"app.kubernetes.io/component": "history-store"}  # label of the Redis StatefulSet's pods
 
 
+JOBS = sorted(p.name for p in (K8S / "jobs").iterdir()
+              if (p / "kustomization.yaml").is_file() and p.name != "volumes")
+
+
 @cache
-def render(overlay: str) -> tuple[dict, ...]:
+def render_dir(directory: Path) -> tuple[dict, ...]:
+    """The objects ``kubectl kustomize`` renders from a kustomization directory."""
     if KUBECTL is None:
         pytest.skip("kubectl is not installed: `kubectl kustomize` renders the overlays")
-    done = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+def render(overlay: str) -> tuple[dict, ...]:
+    return render_dir(K8S / "overlays" / overlay)
 
 
 def objects(overlay: str, kind: str) -> list[dict]:

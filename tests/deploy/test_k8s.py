@@ -22,8 +22,9 @@ from tests.deploy.promql_support import literal_alternatives, parse
 VLLM_DOC = ROOT / "docs" / "VLLM.md"
 KUBERNETES_VERSION = "1.32.0"  # schemas shipped with kubernetes-validate; the oldest release targeted
 CRD_GROUPS = ("monitoring.coreos.com/",)  # Prometheus Operator kinds: no schema in kubernetes-validate
-# Read by the `reclora` command line (training/admin), not the gateway: the README's push example.
-CLI_ENV = {"RECLORA_ADMIN_URL", "RECLORA_ADMIN_TOKEN"}
+# Read by the `reclora` command line, not the gateway: the README's push example (training/admin) and
+# the knowledge Job's vLLM interpreter (training/knowledge).
+CLI_ENV = {"RECLORA_ADMIN_URL", "RECLORA_ADMIN_TOKEN", "RECLORA_VLLM_PYTHON"}
 # The engine each overlay's gateways score on (RECLORA_ENGINE).
 ENGINES = {"cpu-gateway": "torch", "gpu-vllm": "vllm", "cpu-gateway-redis-cluster": "torch"}
 
@@ -70,7 +71,8 @@ def test_overlay_renders_the_whole_stack(overlay):
 
 def test_every_reclora_variable_in_the_manifests_is_a_setting():
     """Every RECLORA_* name written anywhere under deploy/k8s (manifests, comments, README)."""
-    cli_source = "".join(p.read_text() for p in (ROOT / "training" / "admin").glob("*.py"))
+    cli_source = "".join(p.read_text() for package in ("admin", "knowledge")
+                         for p in (ROOT / "training" / package).glob("*.py"))
     assert all(name in cli_source for name in CLI_ENV)
     unknown, seen = {}, set()
     for path in sorted(K8S.rglob("*")):
