@@ -7,7 +7,9 @@ same prompts (alternating, so a busy machine slows both alike); the texts must b
 count of those that are not is printed. ``--threads`` pins torch's threads.
 
     python benchmarks/bench_knowledge.py --data work/ml-100k --base-model models/smollm2-135m-instruct \\
-        --items 16 --users 8 --batch-sizes 8 16 32
+        --items 12 --users 4 --max-new-tokens 64 --batch-sizes 4 8 16 --threads 1
+
+On a CPU that others share, one thread: two threads wait on each other whenever one is descheduled.
 """
 
 from __future__ import annotations
