@@ -91,7 +91,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     kwargs = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     run(embedded, model, tokenizer, ids[:2], 2, **{**kwargs, "max_new_tokens": 4})  # warm-up
-    print(f"{'batch':>5} {'generate tok/s':>15} {'embedded tok/s':>15} {'speed-up':>9} {'tokens':>7} {'texts differ':>13}")
+    print(f"{'batch':>5} {'generate tok/s':>15} {'embedded tok/s':>15} {'speed-up':>9} {'tokens':>7} "
+          f"{'texts differ':>13}")
     for batch_size in args.batch_sizes:
         before_texts, before_tokens, before_s = run(transformers_generate, model, tokenizer, ids, batch_size, **kwargs)
         after_texts, after_tokens, after_s = run(embedded, model, tokenizer, ids, batch_size, **kwargs)

@@ -99,7 +99,8 @@ def decode_batch(model, ids: Sequence[Sequence[int]], *, eos_id: int, pad_id: in
         if not bool(alive.all()):
             keep = alive.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            rows, mask, seen, chosen, next_position = rows[keep], mask[keep], seen[keep], chosen[keep], next_position[keep]
+            rows, mask, seen = rows[keep], mask[keep], seen[keep]
+            chosen, next_position = chosen[keep], next_position[keep]
         seen[torch.arange(len(rows), device=device), chosen] = True
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position[:, None],

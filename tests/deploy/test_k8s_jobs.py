@@ -180,7 +180,8 @@ def test_indexed_job_meets_at_rank_zero_through_its_headless_service() -> None:
     (rank_arg,) = [a for a in container["args"] if a.startswith("--node-rank=")]
     (rank,) = [e for e in container["env"] if rank_arg == f"--node-rank=$({e['name']})"]
     assert str(parsed.node_rank) == COMPLETION_INDEX
-    assert rank["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert rank["valueFrom"]["fieldRef"]["fieldPath"] == index
     # Rank 0 is pod <job>-0 under the headless Service named as the pods' subdomain.
     assert pod_spec(job)["subdomain"] == service["metadata"]["name"]
     assert parsed.master_addr == f"{name}-0.{service['metadata']['name']}"
