@@ -25,6 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from service.llm.collab_tokens import choose_placeholder, with_placeholders
+
 log = logging.getLogger(__name__)
 
 PROMPT_VERSION = "rella-chat-v1"  # the per-target form's
@@ -61,6 +63,7 @@ class PromptConfig(BaseModel):
     yes: str = "Yes"
     no: str = "No"
     form: PromptForm = "per_target"
+    collab_tokens: bool = False  # the CRM's user and item vectors as prompt tokens (``service.llm.collab_tokens``)
 
     @property
     def items_noun(self) -> str:
@@ -71,12 +74,15 @@ class PromptConfig(BaseModel):
         """The config as a run and a bundle record it: a per-target one without ``form``, as every
         config before the shared form, so its file is unchanged and gateways that predate the
         field read it too."""
-        return self.model_dump(exclude={"form"} if self.form == "per_target" else None)
+        exclude = ({"form"} if self.form == "per_target" else set()) | (set() if self.collab_tokens else {"collab_tokens"})
+        return self.model_dump(exclude=exclude or None)
 
     def wording(self) -> dict[str, str]:
-        """Every word the template takes from the config, as the prompt uses it."""
-        return {"item_noun": self.item_noun, "item_plural": self.items_noun, "verb_past": self.verb_past,
-                "system": self.system, "yes": self.yes, "no": self.no}
+        """Every word the template takes from the config, as the prompt uses it (and the
+        collaborative tokens where the prompt carries them)."""
+        words = {"item_noun": self.item_noun, "item_plural": self.items_noun, "verb_past": self.verb_past,
+                 "system": self.system, "yes": self.yes, "no": self.no}
+        return {**words, "collab_tokens": "user+item"} if self.collab_tokens else words
 
     @model_validator(mode="after")
     def _version_follows_the_words(self) -> "PromptConfig":
@@ -180,6 +186,10 @@ class PromptBuilder:
         self._head, rest = text.split(_PREFIX)
         self._mid, self._tail = rest.split(_SUFFIX)
         self.yes_id, self.no_id = self._answer_ids()
+        self.collab_id: int | None = None  # the collaborative tokens' placeholder (None: the prompt has none)
+        if config.collab_tokens:
+            self._collab_end = len(self.encode_text(self._mid + self._tail))
+            self.collab_id = choose_placeholder(tokenizer, self.encode_text(self._head + self._mid + self._tail))
         self._line_cache: dict[str, tuple[int, ...]] = {}
         self._encodes = 0
         self.line_cache_enabled = self._lines_are_independent()
@@ -283,9 +293,20 @@ class PromptBuilder:
                 return False
         return True
 
+    def with_collab(self, prefix: list[int], suffixes: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        """The prompt with its collaborative tokens' placeholders where the config has them: the
+        user's closing the prefix, each candidate's after its question, before the turn's end."""
+        if self.collab_id is None:
+            return prefix, suffixes
+        return with_placeholders(prefix, suffixes, self.collab_id, self._collab_end)
+
     def encode(self, profile: Mapping[str, object], histories: Sequence[Sequence[Behaviour]],
                targets: Sequence[ItemText]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the shared prefix and of each candidate's suffix (the per-target form)."""
+        return self.with_collab(*self._encode_per_target(profile, histories, targets))
+
+    def _encode_per_target(self, profile: Mapping[str, object], histories: Sequence[Sequence[Behaviour]],
+                           targets: Sequence[ItemText]) -> tuple[list[int], list[list[int]]]:
         if len({bool(h) for h in histories}) > 1:
             raise ValueError("either every candidate has a history or none has")
         prefix_text = self.prefix_text(profile, bool(histories and histories[0]))
@@ -324,6 +345,10 @@ class PromptBuilder:
         The prefix's ids are the header's followed by the history's lines', tokenized apart as in
         the per-target form (whose line ends the tokenizer never merges across; see
         ``_encode_suffix``), so the same pieces give the same ids in either form."""
+        return self.with_collab(*self._encode_shared(profile, history, targets))
+
+    def _encode_shared(self, profile: Mapping[str, object], history: Sequence[Behaviour],
+                       targets: Sequence[ItemText]) -> tuple[list[int], list[list[int]]]:
         head = self.prefix_text(profile, bool(history))
         lines = self.history_lines(history)
         questions = [[self.question(t)] for t in targets]
@@ -333,5 +358,5 @@ class PromptBuilder:
         self._cache_lines([[head, *lines], *questions])
         history_ids = self._encode_suffix(lines)
         if lines and self._cache_disagrees(lines, history_ids):
-            return self.encode_shared(profile, history, targets)  # now without the cache
+            return self._encode_shared(profile, history, targets)  # now without the cache
         return list(self._line_cache[head]) + history_ids, [self._encode_suffix(q) for q in questions]

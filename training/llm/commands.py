@@ -56,6 +56,10 @@ def train_llm(
         help="shared form: train on requests of up to N candidates (a sample and its user's next ones), one "
              f"history retrieved for them all, the prefix computed once (1: each sample alone) [default: "
              f"{SHARED_REQUEST_SIZE} for the shared form, 1 for per-target]")] = None,
+    collab_tokens: Annotated[bool, typer.Option(
+        help="collaborative tokens: the frozen CRM's user vector (closing the prompt's prefix) and each "
+             "candidate's item vector (in its suffix) as prompt tokens, projected into the LLM's embedding space "
+             "by a small MLP trained with the LoRA; served by the embedded engine only")] = False,
 ) -> None:
     """Few2Many: train meta-LoRAs and gates (or one shared LoRA) with the frozen CRM.
 
@@ -79,7 +83,7 @@ def train_llm(
                          grad_accum=grad_accum, lr=lr, valid_samples=valid_samples, evals_per_epoch=evals_per_epoch,
                          seed=seed, dtype=dtype, lora=lora, objective=objective, packing=packing,
                          pack_tokens=pack_tokens, prompt_form=prompt_form.replace("-", "_"),
-                         request_size=default_request_size(prompt_form, request_size))
+                         request_size=default_request_size(prompt_form, request_size), collab_tokens=collab_tokens)
     try:
         cfg.check()
     except ValueError as exc:

@@ -215,10 +215,12 @@ def packed_attention(model, trees: tuple[Tree | None, ...]) -> Iterator[None]:
         config._attn_implementation = previous
 
 
-def packed_answer_hidden(model, batch: PackedBatch) -> torch.Tensor:
-    """(n, hidden) final-layer hidden state (after the last norm) at each instance's last token."""
+def packed_answer_hidden(model, batch: PackedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, hidden) final-layer hidden state (after the last norm) at each instance's last token;
+    ``inputs_embeds`` (1, T, hidden) in place of the ids' embeddings (collaborative tokens)."""
+    inputs = {"input_ids": batch.ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     with packed_attention(model, batch.trees):
-        hidden = model.get_decoder()(input_ids=batch.ids, position_ids=batch.positions, cu_seq_lens_q=batch.bounds,
+        hidden = model.get_decoder()(**inputs, position_ids=batch.positions, cu_seq_lens_q=batch.bounds,
                                      cu_seq_lens_k=batch.bounds, max_length_q=max(batch.lengths),
                                      max_length_k=max(batch.lengths), use_cache=False).last_hidden_state
     return hidden[0, batch.last.long()]

@@ -26,10 +26,11 @@ from training.llm.requests import request_slices
 View = Literal["recent", "semantic"]
 
 
-def prompt_config_for(meta: Mapping[str, object], form: PromptForm = "per_target") -> PromptConfig:
-    """The prompt words of a prepared dataset in the given form: its ``item_noun``, ``item_plural``
-    and ``item_verb`` (``meta.json``); a dataset prepared without them is about movies, worded as
-    before."""
+def prompt_config_for(meta: Mapping[str, object], form: PromptForm = "per_target", *,
+                      collab_tokens: bool = False) -> PromptConfig:
+    """The prompt words of a prepared dataset in the given form (with collaborative tokens or
+    not): its ``item_noun``, ``item_plural`` and ``item_verb`` (``meta.json``); a dataset
+    prepared without them is about movies, worded as before."""
     noun = str(meta.get("item_noun", "movie"))
     plural = meta.get("item_plural")
     verb = meta.get("item_verb")
@@ -38,7 +39,7 @@ def prompt_config_for(meta: Mapping[str, object], form: PromptForm = "per_target
         words["item_plural"] = str(plural)
     if verb is not None:
         words["verb_past"] = str(verb)
-    return PromptConfig(**words, form=form)
+    return PromptConfig(**words, form=form, collab_tokens=collab_tokens)
 
 
 def catalog_texts(items: pd.DataFrame) -> dict[int, ItemText]:
@@ -79,7 +80,9 @@ def sample_prompts(data: PreparedData, samples: pd.DataFrame, builder: PromptBui
         key = (int(user), bool(history))
         if key not in prefixes:
             prefixes[key] = builder.encode_text(builder.prefix_text(profiles[int(user)], bool(history)))
-        out.append(prefixes[key] + builder.encode_text(builder.suffix_text(history, texts[int(target)])))
+        suffix = builder.encode_text(builder.suffix_text(history, texts[int(target)]))
+        prefix, (suffix,) = builder.with_collab(prefixes[key], [suffix])
+        out.append(prefix + suffix)
     return out
 
 

@@ -43,6 +43,7 @@ from service.model.fusion import FUSION_FILE, logit
 from training.crm.train import seed_everything
 from training.data.samples import PreparedData
 from training.distributed import Ranks, current, rank_step_seed
+from training.llm.collab import CollabInputs, item_vectors, new_projector
 from training.llm.crm_outputs import CRMOutputs, FrozenCRM
 from training.llm.fusion_fit import validation_subset
 from training.llm.requests import anchored_requests, request_slices
@@ -79,6 +80,7 @@ class LLMTrainConfig:
     pack_tokens: int = 0  # packed micro-batch token budget; 0: batch_size instances per micro-batch
     prompt_form: str = "per_target"  # or "shared" (service.llm.prompt); the bundle serves the form trained
     request_size: int = 1  # shared form: candidates per training request (training.llm.requests); 1: one each
+    collab_tokens: bool = False  # the CRM's user and item vectors as prompt tokens, projected by a trained MLP
 
     def changed_from(self, recorded: dict) -> list[str]:
         """The settings that differ from ``recorded`` (an earlier run's ``asdict`` as JSON); showing
@@ -133,6 +135,7 @@ class RunSamples:
     valid: pd.DataFrame
     valid_prompts: list[list[int]]
     valid_crm: CRMOutputs  # user vectors (and, for the fused objective, probabilities) of ``valid``
+    valid_items: torch.Tensor | None = None  # collaborative tokens: the CRM's item vector of each of ``valid``
 
 
 @dataclass
@@ -220,7 +223,8 @@ def build_model(base_dir: Path, data: PreparedData, cfg: LLMTrainConfig) -> RunM
     lora_cfg = PersonalizedLoRAConfig(**cfg.lora)
     model, tokenizer = load_base(base_dir, cfg.dtype, cfg.device)
     lora = PersonalizedLoRA(model, lora_cfg).to(model.device)
-    return RunModel(LLMScorer(model, tokenizer, lora, cfg.k_text, prompt_config_for(data.meta, cfg.prompt_form)), lora)
+    prompt = prompt_config_for(data.meta, cfg.prompt_form, collab_tokens=cfg.collab_tokens)
+    return RunModel(LLMScorer(model, tokenizer, lora, cfg.k_text, prompt), lora)
 
 
 def prepare_samples(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, cfg: LLMTrainConfig,
@@ -251,7 +255,13 @@ def prepare_samples(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, c
         prompts = [p for view in views for p in scorer.prompts(data, train, embeddings, view)]
         instances = TrainSet.build(prompts, torch.cat([train_crm.user_reps] * len(views)), labels, builder.yes_id,
                                    builder.no_id, scorer.model.device, crm_logits)
-    return RunSamples(instances, valid, scorer.prompts(data, valid, embeddings, "semantic"), valid_crm)
+    valid_items = None
+    if cfg.collab_tokens:  # drawn last: a run without collaborative tokens draws as before
+        scorer.collab = new_projector(crm.model, scorer.model)
+        instances.collab = CollabInputs(scorer.collab, builder.collab_id,
+                                        torch.cat([item_vectors(crm.model, train)] * len(views)).to(scorer.model.device))
+        valid_items = item_vectors(crm.model, valid)
+    return RunSamples(instances, valid, scorer.prompts(data, valid, embeddings, "semantic"), valid_crm, valid_items)
 
 
 def build_optimization(cfg: LLMTrainConfig, model: RunModel, instances: TrainSet) -> Optimization:
@@ -262,6 +272,8 @@ def build_optimization(cfg: LLMTrainConfig, model: RunModel, instances: TrainSet
     groups: list[dict] = [{"params": [p for p in model.lora.parameters() if p.requires_grad]}]
     if cfg.fused:
         groups.append({"params": list(loss_fn.parameters()), "weight_decay": 0.0})
+    if model.scorer.collab is not None:  # collaborative tokens: the projector trains with the LoRA
+        groups.append({"params": list(model.scorer.collab.parameters())})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step_size = instances.units_per(cfg.batch_size * cfg.grad_accum)
     steps_per_epoch = math.ceil(len(instances) / step_size)
@@ -288,7 +300,7 @@ def resume_or_start(run: Run) -> tuple[Progress, list[int] | None]:
     opt = run.opt
     weights, extra, order = restore(meta, tensors, opt.optimizer, opt.schedule, opt.generator)
     run.model.lora.load_trainable_state_dict(weights)
-    extra_params = dict(opt.loss_fn.named_parameters())  # the fused objective's w and b
+    extra_params = extra_parameters(run)
     with torch.no_grad():
         for name, value in extra.items():
             extra_params[name].copy_(value)
@@ -326,7 +338,7 @@ def train_loop(run: Run, resumed: Progress, order: list[int] | None, stops: Stop
                 if run.ranks.is_main:
                     save_state(run.out_dir, asdict(cfg), state, order,
                                run.model.lora.trainable_state_dict(), opt.optimizer, opt.schedule,
-                               dict(opt.loss_fn.named_parameters()), opt.generator)
+                               extra_parameters(run), opt.generator)
                 run.ranks.barrier()
             if stopping:
                 bar.close()
@@ -335,6 +347,14 @@ def train_loop(run: Run, resumed: Progress, order: list[int] | None, stops: Stop
     bar.close()
     state.seconds = time.perf_counter() - start
     return state, True
+
+
+def extra_parameters(run: Run) -> dict[str, torch.nn.Parameter]:
+    """What the mid-run state keeps beside the LoRA: the fused objective's w and b, and the
+    collaborative tokens' projector."""
+    collab = run.model.scorer.collab
+    return {**dict(run.opt.loss_fn.named_parameters()),
+            **({} if collab is None else {f"collab.{k}": v for k, v in collab.named_parameters()})}
 
 
 def optimizer_step(run: Run, rows: list[int], state: Progress) -> None:
@@ -371,7 +391,7 @@ def validate(run: Run) -> dict:
     """The LoRA as it stands on the validation draw: its AUC, and with the fused objective the
     fused AUC (what selects) and the fusion that gives it."""
     samples = run.samples
-    probs = run.model.scorer.score(samples.valid_prompts, samples.valid_crm.user_reps)
+    probs = run.model.scorer.score(samples.valid_prompts, samples.valid_crm.user_reps, item_reps=samples.valid_items)
     labels = samples.valid["label"].to_numpy()
     auc = binary_metrics(labels, probs)["auc"]
     if not run.cfg.fused:
@@ -399,6 +419,8 @@ def validate_and_select(run: Run, state: Progress, start: float) -> None:
             return
         save_file({k: v.detach().cpu().contiguous() for k, v in run.model.lora.trainable_state_dict().items()},
                   run.out_dir / "weights.safetensors")
+        if run.model.scorer.collab is not None:
+            run.model.scorer.collab.save(run.out_dir)
         if run.cfg.fused:
             state.best_fusion = run.opt.loss_fn.fusion().to_json()
             (run.out_dir / FUSION_FILE).write_text(json.dumps(state.best_fusion, indent=2))

@@ -22,6 +22,7 @@ import torch
 
 from service.llm.personalized_lora import PersonalizedLoRA
 from service.model.fusion import Fusion
+from training.llm.collab import CollabInputs, collab_embeds, unit_vectors
 from training.llm.packing import PackedBatch, pack, pack_requests, packed_answer_hidden, token_budget_groups
 from training.llm.prompts import RequestPrompt
 from training.llm.scoring import answer_hidden, label_logits, pad_right
@@ -57,6 +58,7 @@ class TrainSet:
     crm_logits: torch.Tensor | None = None  # (N,) the frozen CRM's logits (fused objective)
     suffixes: list[tuple[int, ...]] | None = None  # per unit, its suffixes' token counts (requests only)
     starts: list[int] | None = None  # per unit, its first instance (requests only)
+    collab: CollabInputs | None = None  # collaborative tokens (``training.llm.collab``); None: none
 
     @classmethod
     def build(cls, prompts: Sequence[Sequence[int]], reps: torch.Tensor, labels: Sequence[int], yes_id: int,
@@ -169,13 +171,26 @@ def micro_batch_hidden(model, lora: PersonalizedLoRA, data: TrainSet, micro: lis
     rows = torch.as_tensor(micro, device=data.reps.device)
     if packing:
         batch = data.packed(micro)
+        embeds = None if data.collab is None else _collab_embeds(model, data, micro, batch.ids)
         with lora.user(data.reps[rows], segments=batch.lengths):
-            return packed_answer_hidden(model, batch)
+            return packed_answer_hidden(model, batch, embeds)
     if data.suffixes is not None:
         raise ValueError("requests of several candidates train packed only")
     ids, mask, last = (t.to(model.device) for t in pad_right([data.tokens[i] for i in micro], pad_id))
+    embeds = None if data.collab is None else _collab_embeds(model, data, micro, ids, mask)
     with lora.user(data.reps[rows]):
-        return answer_hidden(model, ids, mask, last)
+        return answer_hidden(model, ids, mask, last, embeds)
+
+
+def _collab_embeds(model, data: TrainSet, micro: list[int], ids: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The micro-batch's input embeddings with its units' collaborative tokens in place."""
+    collab = data.collab
+    instances = torch.as_tensor(data.instances(micro), device=collab.items.device)
+    counts = [1] * len(micro) if data.suffixes is None else [len(data.suffixes[u]) for u in micro]
+    vectors = unit_vectors(collab.projector, data.reps[torch.as_tensor(micro, device=data.reps.device)],
+                           collab.items[instances], counts)
+    return collab_embeds(model, ids, collab.placeholder, vectors, mask)
 
 
 def accumulate_step(model, lora: PersonalizedLoRA, loss_fn: torch.nn.Module, data: TrainSet, rows: Sequence[int],
