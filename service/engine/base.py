@@ -70,12 +70,17 @@ Adapter = UserAdapter | UserMixture
 @dataclass(frozen=True)
 class EngineCall:
     """One request's scoring work: its adapter, prompt prefix and candidate suffixes, and the
-    ``time.perf_counter()`` instant after which nobody reads the answer (None: no deadline)."""
+    ``time.perf_counter()`` instant after which nobody reads the answer (None: no deadline).
+
+    ``embeds`` (rows, hidden), float32: input embeddings the prompt names by id, token id
+    ``EMBED_ID_BASE + k`` reading row ``k`` (``service.llm.collab_tokens``: the collaborative
+    tokens, the user's row 0 and candidate j's row 1 + j); None where the prompt has none."""
 
     adapter: Adapter | None
     prefix: Sequence[int]
     suffixes: Sequence[Sequence[int]]
     deadline: float | None = None
+    embeds: torch.Tensor | None = None
 
     @property
     def banks_key(self) -> str | None:
@@ -92,13 +97,18 @@ class ScoringEngine(Protocol):
     # True where the engine takes ``UserMixture`` adapters and computes every row's mixture in its
     # forward (no per-user adapter is built or cached); else it takes materialized ``UserAdapter``s.
     mixes_in_forward: bool
+    # True where the engine takes input embeddings by id (``EngineCall.embeds``: collaborative
+    # tokens); an engine without them refuses a version whose prompts carry them.
+    takes_embeds: bool
 
     def score(self, adapter: Adapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-              deadline: float | None = None, interrupted: Callable[[], bool] | None = None) -> np.ndarray:
-        """P(Yes) per suffix, each scored as prefix + suffix with the adapter installed; work
-        past ``deadline`` (a time.perf_counter() instant) may be abandoned with a TimeoutError, and
-        work for which ``interrupted()`` turns true with ForwardInterrupted (background scoring
-        yields the engine to a request that waits; engines that cannot stop early ignore it)."""
+              deadline: float | None = None, interrupted: Callable[[], bool] | None = None,
+              embeds: torch.Tensor | None = None) -> np.ndarray:
+        """P(Yes) per suffix, each scored as prefix + suffix with the adapter installed (and the
+        ``embeds`` its ids name, as ``EngineCall.embeds``); work past ``deadline`` (a
+        time.perf_counter() instant) may be abandoned with a TimeoutError, and work for which
+        ``interrupted()`` turns true with ForwardInterrupted (background scoring yields the engine
+        to a request that waits; engines that cannot stop early ignore it)."""
         ...
 
     def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:

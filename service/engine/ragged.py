@@ -83,22 +83,28 @@ class RaggedDecoder:
         hidden, caches = self.run([Row(r, kv, extend) for r in rows], before_layer=before_layer)
         return (None, caches[0]) if extend else (hidden, None)
 
-    def run(self, rows: Sequence["Row"], *, before_layer: Callable[[], None] | None = None
-            ) -> tuple[torch.Tensor | None, list[KV]]:
+    def run(self, rows: Sequence["Row"], *, before_layer: Callable[[], None] | None = None,
+            embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, list[KV]]:
         """One packed forward of rows that may each sit on a different context (a radix tree's
         nodes, one level at a time).
 
         Returns the final-norm hidden state at the last token of every scoring row, ``(rows,
         hidden)`` in float32 (None when every row extends), and for every extending row, in order,
         the cache of its context plus the row. ``before_layer`` is called before every layer
-        (deadline checks).
+        (deadline checks). ``embeds`` (packed positions, vectors) replace those tokens' input
+        embeddings (their ids are read as 0), rounded to the model's dtype as its own rows are.
         """
         embed = self.decoder.embed_tokens.weight
         device, dtype = embed.device, embed.dtype
         layout = _Layout(torch.tensor([len(r.tokens) for r in rows], dtype=torch.long), device)
         contexts = _Contexts(rows, layout, device)
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=device)
+        if embeds is not None:
+            at = embeds[0].to(device)
+            ids[at] = 0
         h = self.decoder.embed_tokens(ids).float()  # (tokens, hidden): the residual stream
+        if embeds is not None:
+            h[at] = embeds[1].to(device=device, dtype=dtype).float()
         cos, sin = self.decoder.rotary_emb(h, contexts.positions.unsqueeze(0))
         cos, sin = cos[0, :, None].float(), sin[0, :, None].float()  # (tokens, 1, head_dim)
         extending = [i for i, r in enumerate(rows) if r.extend]

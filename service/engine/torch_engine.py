@@ -27,6 +27,7 @@ from service.engine.base import Adapter, EngineCall, ForwardInterrupted, LoRABan
 from service.engine import native
 from service.engine.lora_slot import LoRASlots, TokenMixtures
 from service.engine.ragged import KV, RaggedDecoder, Row
+from service.llm.collab_tokens import EMBED_ID_BASE
 
 
 PACE_STALE_S = 10.0  # a pace older than this predicts nothing (see ``TorchEngine.expected_ms``)
@@ -38,6 +39,7 @@ class DeadlineExceeded(TimeoutError):
 
 class TorchEngine:
     mixes_in_forward = True  # takes UserMixture adapters; rows of several users share a forward
+    takes_embeds = True  # ids at or above EMBED_ID_BASE read the call's embeds (collaborative tokens)
 
     def __init__(self, model, settings: TorchSettings | None = None, *, yes_id: int, no_id: int,
                  target_modules: list[str], pace_max_age_s: float | None = PACE_STALE_S) -> None:
@@ -95,11 +97,12 @@ class TorchEngine:
 
     @torch.inference_mode()
     def score(self, adapter: Adapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-              deadline: float | None = None, interrupted: Callable[[], bool] | None = None) -> np.ndarray:
+              deadline: float | None = None, interrupted: Callable[[], bool] | None = None,
+              embeds: torch.Tensor | None = None) -> np.ndarray:
         """P(Yes) per suffix; ``deadline`` is a ``time.perf_counter()`` instant after which the
         forward stops with DeadlineExceeded; ``interrupted()`` true between layers stops it with
-        ForwardInterrupted."""
-        result = self.score_many([EngineCall(adapter, prefix, suffixes, deadline)], interrupted)[0]
+        ForwardInterrupted; ``embeds`` as ``EngineCall.embeds``."""
+        result = self.score_many([EngineCall(adapter, prefix, suffixes, deadline, embeds)], interrupted)[0]
         if isinstance(result, BaseException):
             raise result
         return result
@@ -279,7 +282,28 @@ class TorchEngine:
             last = lengths.cumsum(0) - 1
             scoring = [j for j, r in enumerate(rows) if not r.extend]
             self.slots.install_mixtures(banks, TokenMixtures(per_token, last[scoring]))
-        return self.ragged.run(rows, before_layer=self._check_deadline)
+        return self.ragged.run(rows, before_layer=self._check_deadline, embeds=self._embeds_of(rows, owners))
+
+    def _embeds_of(self, rows: list[Row], owners: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(packed positions, float32 vectors) of the rows' tokens that name their call's
+        ``embeds`` (ids from ``EMBED_ID_BASE``); None where no call of the forward has any. Two
+        calls' equal ids name each call's own rows, and a suffix's id is its own, so a shared run
+        of the radix tree never reaches past a collaborative token."""
+        if all(self._calls[i].embeds is None for i in set(owners)):
+            return None
+        positions, vectors, at = [], [], 0
+        for row, owner in zip(rows, owners):
+            for offset, token in enumerate(row.tokens):
+                if token >= EMBED_ID_BASE:
+                    table = self._calls[owner].embeds
+                    if table is None or token - EMBED_ID_BASE >= len(table):
+                        raise ValueError(f"token {token} names an input embedding the call does not carry")
+                    positions.append(at + offset)
+                    vectors.append(table[token - EMBED_ID_BASE])
+            at += len(row.tokens)
+        if not positions:
+            return None
+        return torch.tensor(positions, dtype=torch.long), torch.stack(vectors).float()
 
 
 @dataclass

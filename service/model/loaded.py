@@ -17,9 +17,11 @@ from service.crm.features import FeatureSpace
 from service.crm.knowledge import KnowledgeConfig
 from service.crm.loading import build_crm
 from service.crm.model import CRM, CRMConfig
+from service.llm.collab_tokens import BUNDLE_CONFIG as COLLAB_CONFIG, BUNDLE_WEIGHTS as COLLAB_WEIGHTS
+from service.llm.collab_tokens import CollabConfig, CollabProjector
 from service.llm.personalized_lora import AdapterMixer, PersonalizedLoRAConfig
 from service.llm.prototypes import PrototypeSet
-from service.llm.prompt import PromptConfig, PromptForm, check_trained_form, form_of_version
+from service.llm.prompt import PromptConfig, PromptForm, PromptFormMismatch, check_trained_form, form_of_version
 from service.model.catalog import SUPPORT_COLUMN, Catalog
 from service.model.fusion import FUSION_FILE, Fusion
 
@@ -45,6 +47,7 @@ class LoadedModel:
     knowledge: KnowledgeConfig | None = None  # what a knowledge CRM's user vectors must come from (encoder, dim)
     lora_prompt_form: PromptForm | None = None  # the form the LoRA was trained on (the manifest's llm component)
     prototypes: PrototypeSet | None = None  # served in place of per-user mixtures (None: exact adapters)
+    collab: CollabProjector | None = None  # collaborative tokens' projector (None: the prompt has none)
 
 
 def trained_prompt_form(llm_config: dict) -> PromptForm:
@@ -90,6 +93,28 @@ def load_model(bundle_dir: str | Path, *, prototypes: bool = True) -> LoadedMode
     with torch.no_grad():
         table = crm.item_table()
     served_prototypes = PrototypeSet.from_bundle(bundle) if prototypes and mixer is not None else None
+    collab = load_collab(bundle, files, prompt, llm.config if llm else {}, config) if mixer is not None else None
     return LoadedModel(bundle.manifest.version, bundle, catalog, crm, config, space,
                        torch.from_numpy(catalog.embeddings), mixer, lora_config, prompt, k_text, fusion, table,
-                       knowledge, lora_form, served_prototypes)
+                       knowledge, lora_form, served_prototypes, collab)
+
+
+def load_collab(bundle: Bundle, files: set[str], prompt: PromptConfig, llm_config: dict,
+                crm_config: CRMConfig) -> CollabProjector | None:
+    """The collaborative tokens' projector where the LoRA was trained with them: the manifest's llm
+    component, the prompt config and the files must agree (a prompt without the tokens would
+    read other inputs than the LoRA learned on), and the projector must read this CRM's sizes."""
+    recorded = bool(llm_config.get("collab_tokens", False))
+    present = COLLAB_CONFIG in files
+    if not (recorded == prompt.collab_tokens == present):
+        raise PromptFormMismatch(
+            f"collaborative tokens: the LoRA {'was' if recorded else 'was not'} trained with them, the prompt config "
+            f"{'has' if prompt.collab_tokens else 'has no'} them and the bundle {'holds' if present else 'holds no'} "
+            f"{COLLAB_CONFIG}: export the bundle from the LoRA's own training run")
+    if not present:
+        return None
+    cfg = CollabConfig.model_validate(bundle.load_json(COLLAB_CONFIG))
+    if (cfg.user_dim, cfg.item_dim) != (crm_config.user_dim, crm_config.emb_dim):
+        raise ValueError(f"the collaborative tokens read {cfg.user_dim}-d users and {cfg.item_dim}-d items, the CRM "
+                         f"gives {crm_config.user_dim}-d and {crm_config.emb_dim}-d")
+    return CollabProjector.from_state(cfg, bundle.load_safetensors(COLLAB_WEIGHTS))

@@ -185,6 +185,24 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def check_collab(model: LoadedModel, spec: BaseModelSpec, engine: ScoringEngine) -> list[str]:
+    """A version with collaborative tokens needs an engine that takes input embeddings by id (the
+    embedded engine; not vLLM, docs/VLLM.md) and a projector into the base model's embedding size."""
+    if model.collab is None:
+        return []
+    if not getattr(engine, "takes_embeds", False):
+        raise ValidationFailed(RefusalReason.INCOMPATIBLE,
+                               f"this version's prompts carry collaborative tokens (the CRM's vectors as input "
+                               f"embeddings), which the {type(engine).__name__} cannot take: serve it on the embedded "
+                               "engine (RECLORA_ENGINE=torch)")
+    hidden = {shape[0] for name, shape in spec.linear_shapes.items() if name.endswith("self_attn.q_proj")}
+    if hidden and hidden != {model.collab.cfg.hidden_size}:
+        raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"the collaborative tokens are {model.collab.cfg.hidden_size}-d, "
+                               f"the base model's embeddings {sorted(hidden)[0]}-d")
+    return [f"collaborative tokens: {model.collab.cfg.user_dim}-d users and {model.collab.cfg.item_dim}-d items "
+            f"into {model.collab.cfg.hidden_size}-d embeddings"]
+
+
 def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, engine: ScoringEngine | None,
              builder_for, prototypes: bool = True,
              max_prototypes: int | None = None) -> tuple[LoadedModel, PromptBuilder | None, ValidationReport]:
@@ -205,6 +223,7 @@ def validate(bundle_dir: Path, spec: BaseModelSpec | None, *, max_rank: int, eng
         report.checks += check_lora(model, spec, max_rank)
         report.checks += check_prototypes(model, max_prototypes)
         report.checks.append(f"prompt: {model.prompt.form} form ({model.prompt.version}), the LoRA's")
+        report.checks += check_collab(model, spec, engine)
         builder = builder_for(model.prompt)
         if (spec.yes_id, spec.no_id) != (builder.yes_id, builder.no_id):
             raise ValidationFailed(RefusalReason.PROMPT_MISMATCH, f"the prompt's answer tokens ({builder.yes_id}, {builder.no_id}) "

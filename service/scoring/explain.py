@@ -37,7 +37,7 @@ from service.scoring.engine_scheduler import EngineScheduler
 from service.scoring.pipeline import llm_admission, on_one_thread
 from service.scoring.sequence import Scored
 from service.scoring.stages import (CRMResult, Prompts, UserHistoryView, answer_source, fuse, run_crm, text_inputs,
-                                    user_adapter)
+                                    user_adapter, with_collab_embeds)
 from service.scoring.user_knowledge import serve_knowledge
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class ScoreExplainer:
         explained = explain_adapter(model, crm, self.settings.explain_top_meta)
         if not has_llm:
             return _Prepared(crm, None, None, explained, timings)
-        prompts = text_inputs(builder, model, view, dense)
+        prompts = with_collab_embeds(model, text_inputs(builder, model, view, dense), crm.user_rep, dense)
         timings["retrieval"], timings["prompts"] = prompts.retrieval_ms, prompts.prompts_ms
         t = time.perf_counter()
         adapter = user_adapter(model, user_id, crm.user_rep, None, self.engine)
@@ -154,7 +154,7 @@ class ScoreExplainer:
                              self.scheduler.backlog_ms() if self.requests.queue_aware else 0.0)
         if skip is not None:
             return None, skip
-        call = EngineCall(adapter, prompts.prefix, prompts.suffixes, deadline)
+        call = EngineCall(adapter, prompts.prefix, prompts.suffixes, deadline, prompts.embeds)
         future = self.scheduler.submit_call(self.engine, call, expected if expected is not None else remaining_ms)
         try:
             scores = await asyncio.wait_for(asyncio.wrap_future(future), max(remaining_ms, 0.0) / 1000.0)

@@ -31,10 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from redis.exceptions import RedisError
 
 from service.engine.base import Adapter, EngineCall, ScoringEngine
 from service.config import RequestSettings
+from service.llm.collab_tokens import EMBED_ID_BASE
 from service.history import HistoryReader, KnowledgeRecord, UserHistory
 from service.logging import BurstLog
 from service.model import LoadedModel, ModelHolder, ModelSnapshot
@@ -49,7 +51,8 @@ from service.scoring.contracts import (Admission, CandidateResult, CandidateSour
 from service.scoring.engine_scheduler import EngineScheduler, set_thread_intra_op_threads
 from service.scoring.sequence import Scored
 from service.scoring.shadow import ShadowBuilders, StoredHistory, shadow_score
-from service.scoring.stages import Prompts, UserHistoryView, answer_source, run_crm, text_inputs, user_adapter
+from service.scoring.stages import (Prompts, UserHistoryView, answer_source, run_crm, text_inputs, user_adapter,
+                                    with_collab_embeds)
 from service.scoring.user_knowledge import serve_knowledge
 from service.telemetry import NO_TELEMETRY, Quantity, Telemetry
 
@@ -79,23 +82,35 @@ ADMISSION_OF = {DegradedReason.DEADLINE: Admission.DEADLINE, DegradedReason.LLM_
 
 
 def prompt_fingerprints(adapter: Adapter, view: UserHistoryView, prefix: Sequence[int],
-                        suffixes: Sequence[Sequence[int]]) -> list[str]:
+                        suffixes: Sequence[Sequence[int]], embeds: torch.Tensor | None = None) -> list[str]:
     """Per candidate, a digest of everything its LLM score depends on: the adapter's content (its
     key names user, version and mixture), the stored history and profile the request read, and
-    the prompt's tokens. Equal digests mean equal inputs, so a cached score equals a fresh one."""
+    the prompt's tokens, with the rows its collaborative tokens read (``embeds``) in place of their
+    call-relative ids. Equal digests mean equal inputs, so a cached score equals a fresh one."""
     base = hashlib.blake2b(digest_size=16)
     base.update(adapter.key.encode())
     base.update(view.items.tobytes())
     base.update(view.ratings.tobytes())
     base.update(repr(sorted(view.profile.items())).encode())
-    base.update(np.asarray(prefix, np.int64).tobytes())
+    _digest_tokens(base, prefix, embeds)
     out = []
     for suffix in suffixes:
         h = base.copy()
         h.update(b"|")
-        h.update(np.asarray(suffix, np.int64).tobytes())
+        _digest_tokens(h, suffix, embeds)
         out.append(h.hexdigest())
     return out
+
+
+def _digest_tokens(h, tokens: Sequence[int], embeds: torch.Tensor | None) -> None:
+    ids = np.asarray(tokens, np.int64)
+    if embeds is None:
+        h.update(ids.tobytes())
+        return
+    named = ids >= EMBED_ID_BASE
+    h.update(np.where(named, EMBED_ID_BASE, ids).tobytes())
+    for row in ids[named] - EMBED_ID_BASE:
+        h.update(embeds[int(row)].float().numpy().tobytes())
 
 
 # What every answer's outcome feeds (the canary's metrics and guard rails): version, outcome, ms.
@@ -373,8 +388,9 @@ class ScoringPipeline:
             timings[Stage.RETRIEVAL], timings[Stage.PROMPTS] = prompts.retrieval_ms, prompts.prompts_ms
             t = time.perf_counter()
             adapter = user_adapter(model, user_id, user_rep, self.adapters, self.engine)
+            prompts = with_collab_embeds(model, prompts, user_rep, request.candidates)
             timings[Stage.ADAPTER], t = _since(t)
-            fields = (prompt_fingerprints(adapter, view, prompts.prefix, prompts.suffixes)
+            fields = (prompt_fingerprints(adapter, view, prompts.prefix, prompts.suffixes, prompts.embeds)
                       if self.score_cache is not None else None)
             pending = PendingScores(user_id, model.version, adapter, prompts, fields)
             if fields is not None:
@@ -395,7 +411,7 @@ class ScoringPipeline:
                 self._score_later(pending, misses, expected)
                 return LLMStage(scores, tuple(sources), (skip,), timings, adapter.prototype)
             self.telemetry.count(Admission.LIVE)
-            call = EngineCall(adapter, prompts.prefix, miss_suffixes, deadline)
+            call = EngineCall(adapter, prompts.prefix, miss_suffixes, deadline, prompts.embeds)
             future = self.scheduler.submit_call(self.engine, call,
                                                 expected if expected is not None else remaining_ms)
             scored = await asyncio.wait_for(asyncio.wrap_future(future), max(remaining_ms, 0.0) / 1000.0)
@@ -461,7 +477,7 @@ class ScoringPipeline:
 
         key = (pending.user_id, pending.version,
                hashlib.blake2b("".join(miss_fields).encode(), digest_size=16).hexdigest())
-        call = EngineCall(pending.adapter, pending.prompts.prefix, miss_suffixes)
+        call = EngineCall(pending.adapter, pending.prompts.prefix, miss_suffixes, embeds=pending.prompts.embeds)
         self.scheduler.submit_background_call(key, self.engine, call, cache, expected_ms or 0.0)
 
 

@@ -21,7 +21,7 @@ from service.model import LoadedModel
 from service.model.fusion import ScoreSource
 from service.personalization.adapter_cache import AdapterCache
 from service.scoring.stages import (CRMResult, Prompts, UserHistoryView, answer_source, fuse, run_crm, text_inputs,
-                                    user_adapter)
+                                    user_adapter, with_collab_embeds)
 
 
 @dataclass(frozen=True)
@@ -69,5 +69,7 @@ def score_sequence(model: LoadedModel, builder: PromptBuilder | None, engine: Sc
         return SequenceResult(Scored.of(model, source, dense, crm.scores), crm)
     prompts = text_inputs(builder, model, history, dense)
     adapter = user_adapter(model, user_id, crm.user_rep, adapters, engine)
-    llm = engine.score(adapter, prompts.prefix, prompts.suffixes, interrupted=interrupted)
+    prompts = with_collab_embeds(model, prompts, crm.user_rep, dense)
+    extra = {} if prompts.embeds is None else {"embeds": prompts.embeds}  # collaborative tokens
+    llm = engine.score(adapter, prompts.prefix, prompts.suffixes, interrupted=interrupted, **extra)
     return SequenceResult(Scored.of(model, source, dense, crm.scores, llm), crm, prompts, adapter)

@@ -12,13 +12,14 @@ import hashlib
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from service.crm.inputs import build_inputs
 from service.engine.base import Adapter, LoRABanks, ScoringEngine, UserAdapter, UserMixture
+from service.llm.collab_tokens import engine_ids
 from service.llm.prompt import Behaviour, PromptBuilder
 from service.retrieval.history import semantic_positions, shared_positions
 from service.model import LoadedModel
@@ -117,13 +118,15 @@ def build_prompts(builder: PromptBuilder, model: LoadedModel, history: UserHisto
 class Prompts:
     """The LLM's input for one request: a shared prefix and one suffix per candidate, the history
     positions each candidate's prompt reads (ascending; in the shared form the same for every
-    candidate), and the milliseconds its two steps took (retrieval, then tokenized prompts)."""
+    candidate), and the milliseconds its two steps took (retrieval, then tokenized prompts). With
+    collaborative tokens the ids name rows of ``collab_embeds`` (``EMBED_ID_BASE`` onwards)."""
 
     prefix: list[int]
     suffixes: list[list[int]]
     retrieval_ms: float = 0.0
     prompts_ms: float = 0.0
     read: tuple[np.ndarray, ...] = ()
+    embeds: torch.Tensor | None = None  # the rows the collaborative tokens read (``with_collab_embeds``)
 
 
 def text_inputs(builder: PromptBuilder, model: LoadedModel, history: UserHistoryView,
@@ -143,8 +146,22 @@ def text_inputs(builder: PromptBuilder, model: LoadedModel, history: UserHistory
         read = tuple(per_candidate)
         retrieved = time.perf_counter()
         prefix, suffixes = build_prompts(builder, model, history, candidates, histories)
+    if builder.collab_id is not None:  # the collaborative tokens name rows of the call's embeds
+        prefix, suffixes = engine_ids(prefix, suffixes, builder.collab_id)
     done = time.perf_counter()
     return Prompts(prefix, suffixes, (retrieved - start) * 1000.0, (done - retrieved) * 1000.0, read)
+
+
+@torch.inference_mode()
+def with_collab_embeds(model: LoadedModel, prompts: Prompts, user_rep: torch.Tensor, candidates: np.ndarray) -> Prompts:
+    """``prompts`` with the rows their collaborative tokens read (``EngineCall.embeds``): the
+    user's token from the CRM's user representation, then each candidate's from its CRM item
+    vector; unchanged where the version's prompts have none. Needs the CRM's answer, so it runs
+    after the text side and the CRM meet."""
+    if model.collab is None:
+        return prompts
+    items = model.crm_item_table[torch.as_tensor(np.asarray(candidates, np.int64))]
+    return replace(prompts, embeds=model.collab.embeds(user_rep, items))
 
 
 def build_adapter(model: LoadedModel, user_id: str, alphas: torch.Tensor) -> UserAdapter:

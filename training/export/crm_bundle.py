@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from service.bundle import BundleError
 from service.bundle.writer import BundleWriter
+from service.llm.collab_tokens import BUNDLE_CONFIG as COLLAB_BUNDLE_CONFIG, BUNDLE_WEIGHTS as COLLAB_BUNDLE_WEIGHTS
+from service.llm.collab_tokens import CONFIG_FILE as COLLAB_CONFIG, WEIGHTS_FILE as COLLAB_WEIGHTS
 from service.llm.prompt import PromptConfig
 from service.model.catalog import SUPPORT_COLUMN
 from service.model.fusion import FUSION_FILE
@@ -75,7 +77,8 @@ def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, repor
         trained = PromptConfig.model_validate(train["prompt"])
     except (KeyError, ValidationError) as exc:
         raise BundleError(f"{llm_dir / 'train.json'}: no valid prompt config ({exc})") from None
-    data_prompt = prompt_config_for(data.meta, trained.form)  # the LoRA's form carries into the bundle
+    data_prompt = prompt_config_for(data.meta, trained.form,  # the LoRA's form carries into the bundle
+                                    collab_tokens=trained.collab_tokens)
     if trained.version != data_prompt.version:
         raise BundleError(
             f"the LoRA in {llm_dir} was trained on prompts about {trained.items_noun} ({trained.version}), but "
@@ -91,11 +94,17 @@ def _add_llm(writer: BundleWriter, llm_dir: Path, base_model: Path | None, repor
     writer.add_file("lora/config.json", llm_dir / "config.json")
     writer.add_file("lora/weights.safetensors", llm_dir / "weights.safetensors")
     writer.add_json("prompt/config.json", trained.record())
+    if trained.collab_tokens:  # the projector trained with the LoRA
+        if not (llm_dir / COLLAB_CONFIG).is_file():
+            raise BundleError(f"{llm_dir} was trained with collaborative tokens but holds no {COLLAB_CONFIG}")
+        writer.add_file(COLLAB_BUNDLE_CONFIG, llm_dir / COLLAB_CONFIG)
+        writer.add_file(COLLAB_BUNDLE_WEIGHTS, llm_dir / COLLAB_WEIGHTS)
     base_info = {}
     if base_model is not None and (base_model / "reclora_base.json").is_file():
         base_info = json.loads((base_model / "reclora_base.json").read_text())
     writer.set_component("llm", kind="personalized-lora" if train["lora"]["gated"] else "shared-lora", config={
         "k_text": train["config"]["k_text"], "prompt_version": trained.version, "prompt_form": trained.form,
+        **({"collab_tokens": True} if trained.collab_tokens else {}),
         "base_model": base_info.get("source", {}), "base_model_hash": base_info.get("model_hash"),
         "lora": train["lora"], "serve": decision.fusion.serve})
     metrics["llm_training"] = {k: train[k] for k in ("best_valid_auc", "train_seconds", "instances")}

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
 
 from service.crm.model import CRM
@@ -34,12 +32,6 @@ def new_projector(crm: CRM, model, mlp_hidden: int = 256) -> CollabProjector:
     cfg = CollabConfig(user_dim=crm.config.user_dim, item_dim=crm.config.emb_dim,
                        hidden_size=model.get_input_embeddings().weight.shape[1], mlp_hidden=mlp_hidden)
     return CollabProjector(cfg).to(model.device)
-
-
-@torch.no_grad()
-def item_vectors(crm: CRM, samples: pd.DataFrame) -> torch.Tensor:
-    """(N, item_dim) the frozen CRM's vector of each sample's candidate (``CRM.item_table``)."""
-    return crm.item_table()[torch.as_tensor(samples["item_idx"].to_numpy(np.int64))].float()
 
 
 def unit_vectors(projector: CollabProjector, user_reps: torch.Tensor, item_reps: torch.Tensor,

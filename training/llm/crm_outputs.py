@@ -25,10 +25,10 @@ CHUNK = 4096  # samples per CRM forward
 
 
 class CRMOutputs:
-    """One encoded sample set's user vectors and P(like)."""
+    """One encoded sample set's user vectors, its candidates' item vectors and P(like)."""
 
-    def __init__(self, model: CRM, encoded: EncodedSplit) -> None:
-        self._model, self._encoded = model, encoded
+    def __init__(self, model: CRM, encoded: EncodedSplit, items: np.ndarray | None = None) -> None:
+        self._model, self._encoded, self._items = model, encoded, items
 
     @cached_property
     def user_reps(self) -> torch.Tensor:
@@ -36,6 +36,15 @@ class CRMOutputs:
         with torch.no_grad():
             return torch.cat([self._model.user_representation(self._encoded.batch(idx)[0])
                               for idx in torch.arange(len(self._encoded)).split(CHUNK)])
+
+    @cached_property
+    def item_reps(self) -> torch.Tensor:
+        """(N, item_dim) the frozen CRM's vector of each sample's candidate (``CRM.item_table``):
+        what collaborative tokens read."""
+        if self._items is None:
+            raise ValueError("these CRM outputs were made without the samples' items")
+        with torch.no_grad():
+            return self._model.item_table()[torch.as_tensor(self._items, dtype=torch.long)].float()
 
     @cached_property
     def probabilities(self) -> np.ndarray:
@@ -61,7 +70,7 @@ class FrozenCRM:
         """``samples`` (rows of ``data``'s samples table) encoded once."""
         encoded = encode_samples(self._data, samples, self.space, self.config, self._embeddings, progress=False,
                                  user_knowledge=self._user_knowledge)
-        return CRMOutputs(self.model, encoded)
+        return CRMOutputs(self.model, encoded, samples["item_idx"].to_numpy(np.int64))
 
     def draw_initial_weights(self, times: int) -> None:
         """Draw from the global torch generator what ``times`` constructions of this CRM draw (its

@@ -237,7 +237,8 @@ def score_validation(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
     valid = validation_subset(data, options.samples, options.seed)
     crm = FrozenCRM.load(crm_dir, data, embeddings).outputs(valid)
     scorer = load_trained(llm_dir, base_dir, options.dtype, k_text)
-    llm = scorer.score(scorer.prompts(data, valid, embeddings, "semantic"), crm.user_reps, options.batch_size)
+    llm = scorer.score(scorer.prompts(data, valid, embeddings, "semantic"), crm.user_reps, options.batch_size,
+                       crm.item_reps)
     slices = SampleSlices.of(data, valid)
     return ValidationScores(np.asarray(llm, np.float64), np.asarray(crm.probabilities, np.float64),
                             valid["label"].to_numpy().astype(int), options.seed, slices.item_support, slices)

@@ -57,6 +57,7 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
     seconds["CRM"] = time.perf_counter() - start
 
     reps = {s: out.user_reps for s, out in crm_outputs.items()}
+    items = {s: out.item_reps for s, out in crm_outputs.items()}  # what collaborative tokens read
     model, tokenizer = load_base(base_dir, dtype)
     scorers: dict[str, LLMScorer] = {"zero-shot LLM": LLMScorer(model, tokenizer, None, k_text)}
     if rella_dir is not None:
@@ -82,7 +83,8 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
         sizes = {s: len(prompts[s]) for s in SPLITS}
         probs[name], seconds[name] = kept_scores(
             out_dir / SCORES_DIR, record, sizes,
-            lambda scorer=scorer, prompts=prompts: {s: scorer.score(prompts[s], reps[s], batch_size) for s in SPLITS},
+            lambda scorer=scorer, prompts=prompts: {s: scorer.score(prompts[s], reps[s], batch_size, items[s])
+                                                    for s in SPLITS},
             ranks)
     probs = {"CRM": probs["CRM"], **{name: probs[name] for name in scorers}}  # the table's order
     fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))

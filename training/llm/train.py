@@ -43,7 +43,7 @@ from service.model.fusion import FUSION_FILE, logit
 from training.crm.train import seed_everything
 from training.data.samples import PreparedData
 from training.distributed import Ranks, current, rank_step_seed
-from training.llm.collab import CollabInputs, item_vectors, new_projector
+from training.llm.collab import CollabInputs, new_projector
 from training.llm.crm_outputs import CRMOutputs, FrozenCRM
 from training.llm.fusion_fit import validation_subset
 from training.llm.requests import anchored_requests, request_slices
@@ -259,8 +259,8 @@ def prepare_samples(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, c
     if cfg.collab_tokens:  # drawn last: a run without collaborative tokens draws as before
         scorer.collab = new_projector(crm.model, scorer.model)
         instances.collab = CollabInputs(scorer.collab, builder.collab_id,
-                                        torch.cat([item_vectors(crm.model, train)] * len(views)).to(scorer.model.device))
-        valid_items = item_vectors(crm.model, valid)
+                                        torch.cat([train_crm.item_reps] * len(views)).to(scorer.model.device))
+        valid_items = valid_crm.item_reps
     return RunSamples(instances, valid, scorer.prompts(data, valid, embeddings, "semantic"), valid_crm, valid_items)
 
 

@@ -81,7 +81,8 @@ def judge_forms(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_
         record = {**asdict(cfg), "model": name, "form": form, "files": files_record([base_dir, lora_dir])}
         probs, seconds = kept_scores(out_dir / "scores", record, {s: len(rows[s]) for s in SPLITS},
                                      lambda scorer=scorer, requests=requests:
-                                     {s: scorer.score_requests(requests[s], reps[s], cfg.token_budget)
+                                     {s: scorer.score_requests(requests[s], reps[s], cfg.token_budget,
+                                                               crm_out[s].item_reps)
                                       for s in SPLITS})
         n_requests = sum(len(requests[s]) for s in SPLITS)
         scored[name] = {"form": form, "probs": probs, "ms_per_request": 1000 * seconds / n_requests,

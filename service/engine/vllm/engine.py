@@ -61,6 +61,9 @@ class VLLMEngine:
     """P(Yes) per candidate from remote vLLM servers, with per-user adapters loaded on demand."""
 
     mixes_in_forward = False  # takes materialized adapters (a user's own, or a prototype's)
+    # No input embeddings by id (collaborative tokens): the scoring requests send token ids only
+    # (docs/VLLM.md, "Collaborative tokens"), so the registry refuses a version whose prompts carry them.
+    takes_embeds = False
 
     def __init__(self, clients: Sequence[VLLMClient], lifecycle: AdapterLifecycle, *, yes_id: int, no_id: int,
                  router=None, scoring_api: str = "auto", request_timeout_s: float = 30.0,
@@ -101,9 +104,13 @@ class VLLMEngine:
     # --- ScoringEngine
 
     def score(self, adapter: UserAdapter | None, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-              deadline: float | None = None, interrupted: Callable[[], bool] | None = None) -> np.ndarray:
+              deadline: float | None = None, interrupted: Callable[[], bool] | None = None,
+              embeds=None) -> np.ndarray:
         """P(Yes) per suffix; ``deadline`` is a ``time.perf_counter()`` instant. ``interrupted`` is
-        not consulted: the servers batch requests themselves, so background work never holds them."""
+        not consulted: the servers batch requests themselves, so background work never holds them.
+        ``embeds`` (collaborative tokens) are refused: this engine sends token ids only."""
+        if embeds is not None:
+            raise ValueError("the vLLM engine takes no input embeddings (collaborative tokens)")
         if not suffixes:
             return np.zeros(0, dtype=np.float32)
         if any(len(s) == 0 for s in suffixes):
