@@ -25,11 +25,12 @@ import pandas as pd
 
 from training.data.samples import PreparedData
 from training.llm.crm_outputs import FrozenCRM
-from training.llm.fusion_fit import cross_fitted_auc, fit_fusion, validation_subset
+from training.llm.fusion_fit import cross_fitted_scores, fit_fusion, validation_subset
 from training.llm.loading import load_trained
 from training.llm.report import files_record, kept_scores
 from training.llm.requests import request_slices, user_requests
 from training.metrics import binary_metrics, paired_auc_difference
+from training.slices import SampleSlices, slice_markdown, slice_table
 
 SPLITS = ("valid", "test")
 
@@ -96,28 +97,49 @@ def judge_forms(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_
               "rows_per_split": {s: len(rows[s]) for s in SPLITS},
               "positives": {s: int(labels[s].sum()) for s in SPLITS},
               "crm": {s: binary_metrics(labels[s], crm_probs[s])["auc"] for s in SPLITS},
-              "rows": table(scored, labels, crm_probs, cfg.seed)}
+              "rows": table(scored, labels, crm_probs, cfg.seed),
+              "slices": test_slices(scored, labels, crm_probs, SampleSlices.of(data, rows["test"]))}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "prompt_forms.json").write_text(json.dumps(result, indent=2))
     (out_dir / "prompt_forms.md").write_text(markdown(result))
     return result
 
 
-def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray], seed: int) -> list[dict]:
-    """One row per LoRA: its AUCs alone and fused, each against the first LoRA's with a paired
-    standard error."""
+def fused_scores(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray],
+                 seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per LoRA its fusion with the CRM: on validation cross-fitted (each fold by a fusion fitted
+    on the others), on test by the fusion fitted on validation."""
     fused = {}
     for name, s in scored.items():
         p = s["probs"]
         fusion = fit_fusion(p["valid"], crm["valid"], labels["valid"])
         fused[name] = {"test": fusion(p["test"], crm["test"]),
-                       "valid_cross_fitted_auc": cross_fitted_auc(p["valid"], crm["valid"], labels["valid"], seed)}
+                       "valid": cross_fitted_scores(p["valid"], crm["valid"], labels["valid"], seed)}
+    return fused
+
+
+def test_slices(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray],
+                slices: SampleSlices, seed: int = 0) -> dict[str, list[dict]]:
+    """Test AUC by slice (``training.slices``): the LoRAs alone against the first LoRA alone, and
+    fused against the first LoRA fused, with paired standard errors; the CRM beside them."""
+    fused = fused_scores(scored, labels, crm, seed)
+    alone = {"CRM": crm["test"], **{name: s["probs"]["test"] for name, s in scored.items()}}
+    reference = next(iter(scored))
+    return {"alone": slice_table(labels["test"], alone, slices, reference=reference),
+            "fused": slice_table(labels["test"], {name: f["test"] for name, f in fused.items()}, slices,
+                                 reference=reference)}
+
+
+def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray], seed: int) -> list[dict]:
+    """One row per LoRA: its AUCs alone and fused, each against the first LoRA's with a paired
+    standard error."""
+    fused = fused_scores(scored, labels, crm, seed)
     reference = next(iter(scored))
     rows = []
     for name, s in scored.items():
         row = {"lora": name, "form": s["form"], "ms_per_request": s["ms_per_request"],
                "tokens_per_request": s["tokens_per_request"], **s["train"],
-               "valid_fused_auc": fused[name]["valid_cross_fitted_auc"]}
+               "valid_fused_auc": binary_metrics(labels["valid"], fused[name]["valid"])["auc"]}
         for split in SPLITS:
             row[f"{split}_auc"] = binary_metrics(labels[split], s["probs"][split])["auc"]
             if name != reference:
@@ -125,8 +147,9 @@ def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str,
                     labels[split], scored[reference]["probs"][split], s["probs"][split])
         row["test_fused_auc"] = binary_metrics(labels["test"], fused[name]["test"])["auc"]
         if name != reference:
-            row["test_fused_diff"], row["test_fused_diff_se"] = paired_auc_difference(
-                labels["test"], fused[reference]["test"], fused[name]["test"])
+            for split in SPLITS:
+                row[f"{split}_fused_diff"], row[f"{split}_fused_diff_se"] = paired_auc_difference(
+                    labels[split], fused[reference][split], fused[name][split])
         rows.append(row)
     return rows
 
@@ -151,9 +174,9 @@ def markdown(result: dict) -> str:
              f"{result['crm']['valid']:.4f}, test {result['crm']['test']:.4f}. Differences are against the first "
              f"row on the same rows, with DeLong's paired standard error.", "",
              "| LoRA | form | request size (training) | train s / instance | valid AUC | Δ valid ± SE "
-             "| valid fused AUC (cross-fitted) | test AUC | Δ test ± SE | test fused AUC | Δ fused ± SE "
-             "| tokens / request | scoring ms / request |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| valid fused AUC (cross-fitted) | Δ valid fused ± SE | test AUC | Δ test ± SE | test fused AUC "
+             "| Δ fused ± SE | tokens / request | scoring ms / request |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def diff(row: dict, key: str) -> str:
         return f"{row[key]:+.4f} ± {row[key + '_se']:.4f}" if key in row else "-"
@@ -162,7 +185,13 @@ def markdown(result: dict) -> str:
         per = r.get("seconds_per_instance")
         lines.append(f"| {r['lora']} | {r['form']} | {r.get('request_size', '-')} | "
                      f"{'-' if per is None else f'{per:.3f}'} | {r['valid_auc']:.4f} | {diff(r, 'valid_diff')} | "
-                     f"{r['valid_fused_auc']:.4f} | {r['test_auc']:.4f} | {diff(r, 'test_diff')} | "
+                     f"{r['valid_fused_auc']:.4f} | {diff(r, 'valid_fused_diff')} | {r['test_auc']:.4f} | "
+                     f"{diff(r, 'test_diff')} | "
                      f"{r['test_fused_auc']:.4f} | {diff(r, 'test_fused_diff')} | {r['tokens_per_request']:.0f} | "
                      f"{r['ms_per_request']:.0f} |")
+    reference = result["rows"][0]["lora"] if result["rows"] else None
+    for kind, title in (("alone", "alone"), ("fused", "fused with the CRM (fitted on validation)")):
+        if result.get("slices", {}).get(kind):
+            lines += ["", f"Test AUC by slice, the LoRAs {title}:", "",
+                      slice_markdown(result["slices"][kind], reference).rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -95,3 +95,24 @@ def test_a_trained_run_saves_and_loads_its_projector(llm_world) -> None:
     assert scorer.collab is not None and scorer.builder.collab_id is not None
     trained = scorer.collab.user[-1].weight
     assert trained.abs().sum() > 0  # it moved from its zero start
+
+
+def test_prompt_forms_judges_collab_tokens_against_the_lora_alone(llm_world) -> None:
+    """The study that judges the mode: the same requests, each LoRA scored with what it was trained
+    with, paired differences alone and fused on validation and test, and test AUC by slice."""
+    from training.studies.prompt_forms import FormsConfig, judge_forms
+
+    root, data, emb, base = llm_world
+    common = {**TINY, "n_samples": 40, "prompt_form": "shared", "request_size": 4}
+    train_llm(data, emb, root / "crm", base, root / "forms-plain", LLMTrainConfig(**common))
+    train_llm(data, emb, root / "crm", base, root / "forms-collab", LLMTrainConfig(**common, collab_tokens=True))
+    cfg = FormsConfig(valid_samples=60, n_test=60, request_size=5, dtype="float32", k_text=3)
+    loras = {"reclora": root / "forms-plain", "collab": root / "forms-collab"}
+    result = judge_forms(data, emb, root / "crm", base, loras, root / "forms-judged", cfg, echo=lambda _: None)
+    plain, collab = result["rows"]
+    assert collab["valid_diff_se"] > 0 and collab["valid_fused_diff_se"] > 0 and collab["test_fused_diff_se"] > 0
+    assert collab["valid_diff"] == pytest.approx(collab["valid_auc"] - plain["valid_auc"])
+    assert set(result["slices"]) == {"alone", "fused"}
+    scored = [r for r in result["slices"]["alone"] if r["models"]]
+    assert scored and all({"CRM", "reclora", "collab"} == set(r["models"]) for r in scored)
+    assert "Test AUC by slice" in (root / "forms-judged" / "prompt_forms.md").read_text()
