@@ -123,6 +123,9 @@ def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore,
             engine, builder = build_vllm_engine(settings, model, metrics)
         else:
             engine, builder = build_torch_engine(settings, model)
+        if model.collab is not None and not engine.takes_embeds:  # as the registry refuses it (check_collab)
+            raise ValueError(f"version {version}'s prompts carry collaborative tokens, which the "
+                             f"{settings.model.engine} engine cannot take: serve it with RECLORA_ENGINE=torch")
     log.info("model %s loaded (llm: %s)", version, "yes" if engine else "no")
     score_cache = None
     if engine is not None and settings.score_cache.llm_score_cache:

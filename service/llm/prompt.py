@@ -74,7 +74,8 @@ class PromptConfig(BaseModel):
         """The config as a run and a bundle record it: a per-target one without ``form``, as every
         config before the shared form, so its file is unchanged and gateways that predate the
         field read it too."""
-        exclude = ({"form"} if self.form == "per_target" else set()) | (set() if self.collab_tokens else {"collab_tokens"})
+        exclude = {"form"} if self.form == "per_target" else set()
+        exclude |= set() if self.collab_tokens else {"collab_tokens"}
         return self.model_dump(exclude=exclude or None)
 
     def wording(self) -> dict[str, str]:

@@ -197,8 +197,8 @@ def check_collab(model: LoadedModel, spec: BaseModelSpec, engine: ScoringEngine)
                                "engine (RECLORA_ENGINE=torch)")
     hidden = {shape[0] for name, shape in spec.linear_shapes.items() if name.endswith("self_attn.q_proj")}
     if hidden and hidden != {model.collab.cfg.hidden_size}:
-        raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"the collaborative tokens are {model.collab.cfg.hidden_size}-d, "
-                               f"the base model's embeddings {sorted(hidden)[0]}-d")
+        raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"the collaborative tokens are "
+                               f"{model.collab.cfg.hidden_size}-d, the base model's embeddings {sorted(hidden)[0]}-d")
     return [f"collaborative tokens: {model.collab.cfg.user_dim}-d users and {model.collab.cfg.item_dim}-d items "
             f"into {model.collab.cfg.hidden_size}-d embeddings"]
 
