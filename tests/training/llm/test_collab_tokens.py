@@ -116,3 +116,21 @@ def test_prompt_forms_judges_collab_tokens_against_the_lora_alone(llm_world) -> 
     scored = [r for r in result["slices"]["alone"] if r["models"]]
     assert scored and all({"CRM", "reclora", "collab"} == set(r["models"]) for r in scored)
     assert "Test AUC by slice" in (root / "forms-judged" / "prompt_forms.md").read_text()
+
+
+def test_a_stopped_collab_run_resumes_to_the_same_projector(llm_world) -> None:
+    """The mid-run state keeps the projector and its optimizer moments beside the LoRA."""
+    from safetensors.torch import load_file
+
+    root, data, emb, base = llm_world
+    cfg = LLMTrainConfig(**{**TINY, "n_samples": 48, "epochs": 2}, collab_tokens=True)
+    whole = train_llm(data, emb, root / "crm", base, root / "collab-whole", cfg)
+    partial = train_llm(data, emb, root / "crm", base, root / "collab-stopped", cfg, stop_after_steps=3)
+    assert partial["finished"] is False
+    rest = train_llm(data, emb, root / "crm", base, root / "collab-stopped", cfg)
+    assert [h["valid_auc"] for h in rest["history"]] == [h["valid_auc"] for h in whole["history"]]
+    for name in ("collab.safetensors", "weights.safetensors"):
+        a, b = load_file(root / "collab-whole" / name), load_file(root / "collab-stopped" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)

@@ -19,9 +19,9 @@ def counting_scores(monkeypatch) -> list[int]:
     scored: list[int] = []
     real = LLMScorer.score
 
-    def score(self, prompts, user_reps, batch_size=16):
+    def score(self, prompts, user_reps, batch_size=16, item_reps=None):
         scored.append(len(prompts))
-        return real(self, prompts, user_reps, batch_size)
+        return real(self, prompts, user_reps, batch_size, item_reps)
 
     monkeypatch.setattr(LLMScorer, "score", score)
     return scored
