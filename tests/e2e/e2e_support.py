@@ -242,3 +242,32 @@ def export_serving_crm(world: World, root: Path, store: Path, version: str) -> P
                              fusion=FusionOptions(samples=200, dtype="float32"))
     assert json.loads((path / "fusion.json").read_text())["serve"] == "crm"
     return path
+
+
+def export_shared_form(world: World, root: Path, version: str, *train_args: str, adjust=None) -> Path:
+    """A store under ``root`` holding ``version``: the world's data, CRM and base model and a LoRA
+    trained briefly on the shared prompt form by the CLI (``train_args`` added), its B factors
+    perturbed so adapters differ, ``adjust(lora_dir)`` applied, exported serving fused."""
+    from typer.testing import CliRunner
+
+    from tests.world_support import LORA, perturb_lora_b
+    from training.cli import app
+    from training.export.crm_bundle import export_crm_bundle
+    from training.llm.fusion_fit import FusionOptions
+
+    args = ["train-llm", "--data", str(world.data_dir), "--base-model", str(world.base_dir),
+            "--out", str(root / "lora"), "--crm", str(world.crm_dir), "--prompt-form", "shared", *train_args,
+            "--n-samples", "8", "--k-text", "3", "--no-mixed",
+            "--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-3", "--valid-samples", "8",
+            "--evals-per-epoch", "1", "--dtype", "float32", "--n-meta", str(LORA["n_meta"]), "--rank", str(LORA["r"]),
+            "--temperature", str(LORA["temperature"])]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    perturb_lora_b(root / "lora")
+    if adjust is not None:
+        adjust(root / "lora")
+    store = root / "store"
+    export_crm_bundle(world.data_dir, world.crm_dir, store, version, description=f"shared prompt form {version}",
+                      llm_dir=root / "lora", base_model=world.base_dir, llm_report=world.root / "report",
+                      fusion=FusionOptions(samples=100, dtype="float32", serve="fused"))
+    return store

@@ -14,15 +14,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from service.bundle import MANIFEST_NAME
 from service.engine.base import EngineCall
 from service.llm.collab_tokens import EMBED_ID_BASE
 from service.registry.errors import RefusalReason, ValidationFailed
 from service.registry.validation import BaseModelSpec, check_collab, load_candidate
-from tests.e2e.e2e_support import LiveServer, Reference, World
-from tests.world_support import LORA, perturb_lora_b
+from tests.e2e.e2e_support import LiveServer, Reference, World, export_shared_form
 
 COLLAB_VERSION = "e2e-collab-v1"
 CANDIDATES = list(range(3, 80, 4))  # 20 raw item ids
@@ -42,26 +40,8 @@ def perturb_projector(lora_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def collab_store(world: World, tmp_path_factory) -> Path:
-    from training.cli import app
-    from training.export.crm_bundle import export_crm_bundle
-    from training.llm.fusion_fit import FusionOptions
-
     root = tmp_path_factory.mktemp("collab")
-    args = ["train-llm", "--data", str(world.data_dir), "--base-model", str(world.base_dir),
-            "--out", str(root / "lora"), "--crm", str(world.crm_dir), "--prompt-form", "shared", "--collab-tokens",
-            "--n-samples", "8", "--k-text", "3", "--no-mixed",
-            "--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-3", "--valid-samples", "8",
-            "--evals-per-epoch", "1", "--dtype", "float32", "--n-meta", str(LORA["n_meta"]), "--rank", str(LORA["r"]),
-            "--temperature", str(LORA["temperature"])]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    perturb_lora_b(root / "lora")
-    perturb_projector(root / "lora")
-    store = root / "store"
-    export_crm_bundle(world.data_dir, world.crm_dir, store, COLLAB_VERSION, description="collaborative tokens",
-                      llm_dir=root / "lora", base_model=world.base_dir, llm_report=world.root / "report",
-                      fusion=FusionOptions(samples=100, dtype="float32", serve="fused"))
-    return store
+    return export_shared_form(world, root, COLLAB_VERSION, "--collab-tokens", adjust=perturb_projector)
 
 
 class CollabReference(Reference):

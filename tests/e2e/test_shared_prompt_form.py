@@ -12,14 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from service.bundle import MANIFEST_NAME
 from service.model import load_model
 from service.registry.errors import RefusalReason, ValidationFailed
 from service.registry.validation import load_candidate
-from tests.e2e.e2e_support import LiveServer, Reference, World
-from tests.world_support import LORA, perturb_lora_b
+from tests.e2e.e2e_support import LiveServer, Reference, World, export_shared_form
 
 SHARED_VERSION = "e2e-shared-v1"
 CANDIDATES = list(range(3, 80, 4))  # 20 raw item ids
@@ -29,25 +27,7 @@ ATOL = 1e-4  # float32 engine against the float32 whole-prompt forward
 @pytest.fixture(scope="module")
 def shared_store(world: World, tmp_path_factory) -> Path:
     """A store with the world's data, CRM and base model and a LoRA trained on the shared form."""
-    from training.cli import app
-    from training.export.crm_bundle import export_crm_bundle
-    from training.llm.fusion_fit import FusionOptions
-
-    root = tmp_path_factory.mktemp("shared-form")
-    args = ["train-llm", "--data", str(world.data_dir), "--base-model", str(world.base_dir),
-            "--out", str(root / "lora"), "--crm", str(world.crm_dir), "--prompt-form", "shared",
-            "--n-samples", "8", "--k-text", "3", "--no-mixed",
-            "--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-3", "--valid-samples", "8",
-            "--evals-per-epoch", "1", "--dtype", "float32", "--n-meta", str(LORA["n_meta"]), "--rank", str(LORA["r"]),
-            "--temperature", str(LORA["temperature"])]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    perturb_lora_b(root / "lora")
-    store = root / "store"
-    export_crm_bundle(world.data_dir, world.crm_dir, store, SHARED_VERSION, description="shared prompt form",
-                      llm_dir=root / "lora", base_model=world.base_dir, llm_report=world.root / "report",
-                      fusion=FusionOptions(samples=100, dtype="float32", serve="fused"))
-    return store
+    return export_shared_form(world, tmp_path_factory.mktemp("shared-form"), SHARED_VERSION)
 
 
 @pytest.fixture(scope="module")
