@@ -293,10 +293,8 @@ class EngineScheduler:
             if len(calls) > 1:
                 return engine.score_many(calls, interrupted)
             call = calls[0]
-            extra = {} if call.embeds is None else {"embeds": call.embeds}  # collaborative tokens
-            if group[0].on_scores is None:  # a request's: it never yields
-                return [engine.score(call.adapter, call.prefix, call.suffixes, call.deadline, **extra)]
-            return [engine.score(call.adapter, call.prefix, call.suffixes, call.deadline, interrupted, **extra)]
+            yields = None if group[0].on_scores is None else interrupted  # a request's never yields
+            return [engine.score(call.adapter, call.prefix, call.suffixes, call.deadline, yields, embeds=call.embeds)]
         except BaseException as exc:
             return [exc] * len(calls)
 

@@ -22,11 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from redis.exceptions import RedisError
 
 from service.config import ExplainSettings, RequestSettings
 from service.engine.base import Adapter, EngineCall, ScoringEngine
-from service.history import HistoryReader, UserHistory
+from service.history import HistoryReader
 from service.llm.gate_mixture import gate_mixture
 from service.llm.prompt import PromptBuilder
 from service.model import LoadedModel, ModelHolder
@@ -34,7 +33,7 @@ from service.model.fusion import ScoreSource
 from service.scoring.contracts import (AdapterExplanation, CandidateExplanation, DegradedReason, Explanation,
                                        LLMUnavailable, Overloaded, ReadBehaviour, UnknownItems)
 from service.scoring.engine_scheduler import EngineScheduler
-from service.scoring.pipeline import llm_admission, on_one_thread
+from service.scoring.pipeline import llm_admission, on_one_thread, read_history, since
 from service.scoring.sequence import Scored
 from service.scoring.stages import (CRMResult, Prompts, UserHistoryView, answer_source, fuse, run_crm, text_inputs,
                                     user_adapter, with_collab_embeds)
@@ -87,7 +86,8 @@ class ScoreExplainer:
         unknown = model.catalog.unknown(candidates)
         if unknown:
             raise UnknownItems(unknown, model.version)
-        stored, reasons = await self._read_history(user_id)
+        stored, unavailable = await read_history(self.history, user_id, self.requests.history_budget_ms / 1000.0)
+        reasons = list(unavailable)
         timings = {"history": (time.perf_counter() - start) * 1000.0}
         view = UserHistoryView.from_raw(model, stored.items, stored.ratings, stored.profile,
                                         serve_knowledge(model, stored.knowledge, stored.knowledge_error).vector)
@@ -116,14 +116,6 @@ class ScoreExplainer:
             deadline_ms=float(deadline_ms), degraded_reasons=reasons,
             timings_ms={k: round(v, 3) for k, v in timings.items()})
 
-    async def _read_history(self, user_id: str) -> tuple[UserHistory, list[DegradedReason]]:
-        """The user's stored history within the scoring Redis budget; cold start when Redis fails."""
-        try:
-            return await asyncio.wait_for(self.history.read(user_id), self.requests.history_budget_ms / 1000.0), []
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("explain: history unavailable, explaining as cold start: %r", exc)
-            return UserHistory.empty(), [DegradedReason.HISTORY_UNAVAILABLE]
-
     def _prepare(self, model: LoadedModel, builder: PromptBuilder | None, user_id: str, view: UserHistoryView,
                  dense: np.ndarray, has_llm: bool) -> _Prepared:
         """CRM, then (where the gateway can run the version's LLM) retrieval and prompts and the
@@ -131,7 +123,7 @@ class ScoreExplainer:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         crm = run_crm(model, view, dense)
-        timings["crm"], t = _since(t)
+        timings["crm"], t = since(t)
         if model.mixer is None:
             return _Prepared(crm, None, None, None, timings)
         explained = explain_adapter(model, crm, self.settings.explain_top_meta)
@@ -141,7 +133,7 @@ class ScoreExplainer:
         timings["retrieval"], timings["prompts"] = prompts.retrieval_ms, prompts.prompts_ms
         t = time.perf_counter()
         adapter = user_adapter(model, user_id, crm.user_rep, None, self.engine)
-        timings["adapter"], _ = _since(t)
+        timings["adapter"], _ = since(t)
         return _Prepared(crm, prompts, adapter, explained, timings)
 
     async def _forward(self, adapter: Adapter, prompts: Prompts,
@@ -216,8 +208,3 @@ def explain_adapter(model: LoadedModel, crm: CRMResult, top_k: int) -> AdapterEx
         prototype_mixture = gate_mixture(mixer.module_names, centroid.numpy(), top_k)
     return AdapterExplanation(kind="meta_loras", mixture=mixture, temperature=mixer.cfg.temperature,
                               prototype=prototype, prototype_mixture=prototype_mixture)
-
-
-def _since(t0: float) -> tuple[float, float]:
-    now = time.perf_counter()
-    return (now - t0) * 1000.0, now

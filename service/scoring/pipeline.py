@@ -314,12 +314,7 @@ class ScoringPipeline:
         """The user's stored history within the Redis budget; an empty one (cold start) and why
         when Redis fails or is slow."""
         # The budget is Redis's: time the event loop is late running callbacks is not held against it.
-        budget_s = (self.settings.history_budget_ms + self.loop_lag.ms) / 1000.0
-        try:
-            return await asyncio.wait_for(self.history.read(user_id), budget_s), ()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            burst.log(logging.WARNING, "history", "history unavailable, scoring as cold start", error=repr(exc))
-            return UserHistory.empty(), (DegradedReason.HISTORY_UNAVAILABLE,)
+        return await read_history(self.history, user_id, (self.settings.history_budget_ms + self.loop_lag.ms) / 1000.0)
 
     def _report(self, timings: dict[Stage, float], reasons: Sequence[DegradedReason],
                 sources: Sequence[CandidateSource]) -> None:
@@ -389,14 +384,14 @@ class ScoringPipeline:
             t = time.perf_counter()
             adapter = user_adapter(model, user_id, user_rep, self.adapters, self.engine)
             prompts = with_collab_embeds(model, prompts, user_rep, request.candidates)
-            timings[Stage.ADAPTER], t = _since(t)
+            timings[Stage.ADAPTER], t = since(t)
             fields = (prompt_fingerprints(adapter, view, prompts.prefix, prompts.suffixes, prompts.embeds)
                       if self.score_cache is not None else None)
             pending = PendingScores(user_id, model.version, adapter, prompts, fields)
             if fields is not None:
                 scores = await self._cached_scores(user_id, model.version, fields)
                 sources = [CandidateSource.NONE if np.isnan(s) else CandidateSource.CACHED for s in scores]
-                timings[Stage.LLM_CACHE], t = _since(t)
+                timings[Stage.LLM_CACHE], t = since(t)
             misses = [i for i in range(count) if np.isnan(scores[i])]
             if not misses:
                 self.telemetry.count(Admission.CACHED)
@@ -418,7 +413,7 @@ class ScoringPipeline:
             scores[misses] = scored
             for i in misses:
                 sources[i] = CandidateSource.LIVE
-            timings[Stage.LLM], _ = _since(t)
+            timings[Stage.LLM], _ = since(t)
             if pending.fields is not None:
                 self._cache_scores(user_id, model.version, {pending.fields[i]: float(s) for i, s in zip(misses, scored)})
             return LLMStage(scores, tuple(sources), (), timings, adapter.prototype)
@@ -494,7 +489,18 @@ def on_one_thread() -> None:
     search_on_one_thread()
 
 
-def _since(t0: float) -> tuple[float, float]:
+async def read_history(history: HistoryReader, user_id: str,
+                       budget_s: float) -> tuple[UserHistory, tuple[DegradedReason, ...]]:
+    """The user's stored history within ``budget_s``; an empty one (cold start) and why when Redis
+    fails or is slow."""
+    try:
+        return await asyncio.wait_for(history.read(user_id), budget_s), ()
+    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        burst.log(logging.WARNING, "history", "history unavailable, answering as cold start", error=repr(exc))
+        return UserHistory.empty(), (DegradedReason.HISTORY_UNAVAILABLE,)
+
+
+def since(t0: float) -> tuple[float, float]:
     """(milliseconds since ``t0``, now), to time consecutive steps."""
     now = time.perf_counter()
     return (now - t0) * 1000.0, now

@@ -70,6 +70,5 @@ def score_sequence(model: LoadedModel, builder: PromptBuilder | None, engine: Sc
     prompts = text_inputs(builder, model, history, dense)
     adapter = user_adapter(model, user_id, crm.user_rep, adapters, engine)
     prompts = with_collab_embeds(model, prompts, crm.user_rep, dense)
-    extra = {} if prompts.embeds is None else {"embeds": prompts.embeds}  # collaborative tokens
-    llm = engine.score(adapter, prompts.prefix, prompts.suffixes, interrupted=interrupted, **extra)
+    llm = engine.score(adapter, prompts.prefix, prompts.suffixes, interrupted=interrupted, embeds=prompts.embeds)
     return SequenceResult(Scored.of(model, source, dense, crm.scores, llm), crm, prompts, adapter)

@@ -32,7 +32,7 @@ class GatedEngine:
         self.gate.set()
         self.forwards = self.background = self.interruptions = 0
 
-    def score(self, adapter, prefix, suffixes, deadline=None, interrupted=None):
+    def score(self, adapter, prefix, suffixes, deadline=None, interrupted=None, embeds=None):
         self.entered.set()
         if interrupted is not None:
             self.background += 1

@@ -42,7 +42,7 @@ class VersionEngine:
     def expected_ms(self, prefix, suffixes):
         return None
 
-    def score(self, adapter, prefix, suffixes, deadline=None, interrupted=None) -> np.ndarray:
+    def score(self, adapter, prefix, suffixes, deadline=None, interrupted=None, embeds=None) -> np.ndarray:
         version = adapter.key.split("@")[1].split("#")[0]
         self.calls.append(version)
         if self.on_score is not None:

@@ -221,7 +221,7 @@ class PackingEngine:
     def __init__(self) -> None:
         self.forwards: list[list[str]] = []
 
-    def score(self, adapter, prefix, suffixes, deadline=None, interrupted=None):
+    def score(self, adapter, prefix, suffixes, deadline=None, interrupted=None, embeds=None):
         return self.score_many([EngineCall(adapter, prefix, suffixes, deadline)], interrupted)[0]
 
     def score_many(self, calls, interrupted=None):

@@ -40,7 +40,7 @@ class ScriptedEngine:
     def expected_ms(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> float | None:
         return self.expected
 
-    def score(self, adapter, prefix, suffixes, deadline=None) -> np.ndarray:
+    def score(self, adapter, prefix, suffixes, deadline=None, interrupted=None, embeds=None) -> np.ndarray:
         self.calls.append({"adapter": adapter, "n": len(suffixes), "deadline": deadline})
         if self.on_score is not None:
             self.on_score()
