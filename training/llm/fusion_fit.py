@@ -71,8 +71,7 @@ class ValidationScores:
     crm: np.ndarray
     labels: np.ndarray
     seed: int
-    item_support: np.ndarray | None = None  # each sample's item's training interactions; None: no fusion by support
-    slices: SampleSlices | None = None  # the same samples' slices, for the decision's slice table
+    slices: SampleSlices | None = None  # the same samples' slices (None: no fusion by support, no slice table)
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ def decide(scores: ValidationScores, given: Fusion | None, source: FusionSource,
                          f"{2 * FOLDS} samples and two of each label to measure the fusion")
     crm_auc = binary_metrics(y, scores.crm)["auc"]
     llm_auc = binary_metrics(y, scores.llm)["auc"]
-    support = scores.item_support
+    support = None if scores.slices is None else scores.slices.item_support
     if given is None:
         fusion = fit_fusion(scores.llm, scores.crm, y)
         fused = cross_fitted_scores(scores.llm, scores.crm, y, scores.seed)
@@ -241,7 +240,7 @@ def score_validation(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, 
                        crm.item_reps)
     slices = SampleSlices.of(data, valid)
     return ValidationScores(np.asarray(llm, np.float64), np.asarray(crm.probabilities, np.float64),
-                            valid["label"].to_numpy().astype(int), options.seed, slices.item_support, slices)
+                            valid["label"].to_numpy().astype(int), options.seed, slices)
 
 
 def fusion_at_export(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, llm_dir: Path, base_dir: Path,

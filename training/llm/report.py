@@ -90,7 +90,7 @@ def run_report(data_dir: Path, crm_dir: Path, base_dir: Path, rella_dir: Path | 
     fused_from = "RecLoRA (personalized LoRA)" if reclora_dir is not None else next(reversed(scorers))
     slices = {"test": SampleSlices.of(data, test), "valid": SampleSlices.of(data, valid)}
     decision = decide(ValidationScores(probs[fused_from]["valid"], probs["CRM"]["valid"], labels["valid"], seed,
-                                       slices["valid"].item_support, slices["valid"]), None, "fitted")
+                                       slices["valid"]), None, "fitted")
     fusion = decision.fusion
     probs[f"fused ({fused_from.split(' (')[0]} + CRM)"] = {
         s: fusion(probs[fused_from][s], probs["CRM"][s], slices[s].item_support) for s in ("test", "valid")}

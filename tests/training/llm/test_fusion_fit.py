@@ -21,6 +21,7 @@ from service.bundle import BundleError, load_bundle
 from service.model import Fusion, load_model
 from training.export.crm_bundle import export_crm_bundle
 from training.llm.fusion_fit import FusionOptions, ValidationScores, decide, validation_subset
+from training.slices import SampleSlices
 
 
 def planted(n: int, llm_signal: float, seed: int = 0) -> ValidationScores:
@@ -72,6 +73,11 @@ def test_a_subset_without_both_labels_is_a_clear_error() -> None:
         FusionOptions(serve="llm")  # type: ignore[arg-type]
 
 
+def support_slices(support: np.ndarray) -> SampleSlices:
+    """Slices of planted samples: their item support, users and histories alike."""
+    return SampleSlices(support, np.zeros(len(support), np.int64), np.full(len(support), 50))
+
+
 def planted_by_support(n: int, seed: int = 0) -> ValidationScores:
     """A CRM that ranks well-supported items and an LLM that ranks cold ones (support below 10)."""
     rng = np.random.default_rng(seed)
@@ -81,7 +87,7 @@ def planted_by_support(n: int, seed: int = 0) -> ValidationScores:
     sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     crm = sigmoid(np.where(cold, 0.0, 1.5 * (2 * y - 1)) + rng.normal(size=n))
     llm = sigmoid(np.where(cold, 1.5 * (2 * y - 1), 0.0) + rng.normal(size=n))
-    return ValidationScores(llm, crm, y, seed, support)
+    return ValidationScores(llm, crm, y, seed, support_slices(support))
 
 
 def test_a_fusion_by_item_support_is_served_where_it_beats_the_plain_one_and_the_crm() -> None:
@@ -101,7 +107,7 @@ def test_a_fusion_by_item_support_is_served_where_it_beats_the_plain_one_and_the
 def test_weights_by_support_are_not_served_where_support_tells_nothing(seed: int) -> None:
     base = planted(600, llm_signal=1.0, seed=seed)
     support = np.random.default_rng(seed + 10).choice([0, 4, 30, 300], 600)
-    decision = decide(ValidationScores(base.llm, base.crm, base.labels, seed, support), None, "fitted")
+    decision = decide(ValidationScores(base.llm, base.crm, base.labels, seed, support_slices(support)), None, "fitted")
     plain = decide(base, None, "fitted")
     served_by_support = decision.fusion.item_support is not None
     assert served_by_support == (decision.by_support_auc > plain.fusion.validation.fused_auc)
