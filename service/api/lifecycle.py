@@ -21,6 +21,7 @@ from service.config import Settings
 from service.history import HistoryStore
 from service.metrics import Metrics
 from service.scoring.contracts import Explainer, KnowledgeRefresh, OnlineEvaluation, Scorer
+from service.tasks import raise_if_cancelled, stop_tasks
 
 if TYPE_CHECKING:  # the registry loads models (torch); the app imports without building one
     from service.registry.manager import ModelManager
@@ -90,6 +91,7 @@ async def follow_store(app: FastAPI) -> None:
     canary state says (set by any gateway sharing the store); runs until shutdown."""
     state = app.state
     while True:
+        raise_if_cancelled()
         await asyncio.sleep(state.settings.model.model_poll_s)
         if state.models is None:
             continue
@@ -122,15 +124,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         lifecycle.begin_drain()
-        if follower is not None:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-        if loader is not None and not loader.done():
-            loader.cancel()  # the loading thread finishes on its own; its result is dropped
-            await asyncio.gather(loader, return_exceptions=True)
-        for task in lifecycle.tasks:
-            task.cancel()
-        await asyncio.gather(*lifecycle.tasks, return_exceptions=True)
+        # The loading thread finishes on its own and its result is dropped; a loop that outlives the bound is
+        # left behind (named in the log) rather than hang the shutdown.
+        await stop_tasks([t for t in (follower, loader, *lifecycle.tasks) if t is not None])
         if "scorer" in lifecycle.owned:
             if state.knowledge is not None:
                 state.knowledge.close()

@@ -38,6 +38,7 @@ from service.config import OnlineSettings
 from service.history.clients import AsyncRedis, pipeline
 from service.history.layout import user_tag
 from service.logging import BurstLog
+from service.tasks import raise_if_cancelled
 from service.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class ServedLog:
         queue = self._queue
         assert queue is not None
         while True:
+            raise_if_cancelled()  # a stop request a Redis write lost still ends the writer
             batches = [await queue.get()]
             while len(batches) < self.batch and not queue.empty():
                 batches.append(queue.get_nowait())

@@ -27,6 +27,7 @@ from service.config import OnlineSettings
 from service.logging import BurstLog
 from service.nearline.served_log import Label, ServedLog
 from service.scoring.contracts import OnlineReport, VersionMetrics
+from service.tasks import raise_if_cancelled
 from service.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class OnlineEvaluator:
         """Refresh after new labels, at most once per ``online_eval_interval_s`` (and at least every second
         interval, so the window slides without traffic); hand each result to ``on_refresh``."""
         while True:
+            raise_if_cancelled()  # a stop request a Redis call lost still ends the loop
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.online_eval_interval_s)
             except asyncio.TimeoutError:

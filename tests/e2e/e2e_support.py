@@ -84,7 +84,23 @@ class LiveServer:
         self.thread.join(30)
         self.sock.close()
         if self.thread.is_alive():
-            raise RuntimeError("uvicorn did not shut down within 30 s; the threads were at:\n" + thread_stacks())
+            raise RuntimeError("uvicorn did not shut down within 30 s; its event loop awaits:\n" + self.loop_tasks()
+                               + "\nthe threads were at:\n" + thread_stacks())
+
+    def loop_tasks(self) -> str:
+        """The stack of every task on the server's event loop: what an idle loop that does not stop awaits."""
+        if not self.server.servers:
+            return "(no event loop)"
+
+        async def stacks() -> str:
+            out = io.StringIO()
+            for task in asyncio.all_tasks():
+                task.print_stack(file=out)
+            return out.getvalue()
+        try:
+            return asyncio.run_coroutine_threadsafe(stacks(), self.server.servers[0].get_loop()).result(5)
+        except Exception as exc:  # the loop may be gone by now
+            return f"(not read: {exc!r})"
 
 
 def thread_stacks() -> str:

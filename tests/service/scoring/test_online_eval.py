@@ -107,3 +107,18 @@ async def test_run_refreshes_after_labels_and_the_report_buckets_them(log):
     report = await online.report(window_s=600, bucket_s=60)
     assert [(m.version, m.labels) for m in report.versions] == [("v1", 2)]
     assert sum(m.labels for _, m in report.series) == 2 and report.window_s == 600
+
+
+async def test_run_stops_whenever_it_is_cancelled_even_inside_a_redis_call(log):
+    """A cancel that lands inside a Redis pipeline can be lost by redis-py; the loop still stops."""
+    # Refreshing every millisecond (below what the setting admits) so most cancels land inside a Redis call.
+    online = evaluator(log, settings=OnlineSettings.model_construct(online_eval_interval_s=0.001))
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        runner = asyncio.get_running_loop().create_task(online.run())
+        await asyncio.sleep(float(rng.uniform(0.0, 0.004)))
+        runner.cancel()
+        done, _ = await asyncio.wait([runner], timeout=2.0)
+        if not done:  # leave nothing running behind a failed assertion
+            runner.cancel()
+        assert done, "the online evaluation went on after it was cancelled"
