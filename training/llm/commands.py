@@ -157,6 +157,7 @@ def sweep(
     request_size: Annotated[Optional[int], typer.Option(
         help=f"train-llm's --request-size [default: {SHARED_REQUEST_SIZE} for the shared form, 1 for per-target]")]
         = None,
+    collab_tokens: Annotated[bool, typer.Option(help="train-llm's --collab-tokens, for every run")] = False,
     k_text: int = 10, batch_size: int = 8, grad_accum: int = 4, rank: int = 8, evals_per_epoch: int = 2,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32 or bfloat16")]
         = "auto",
@@ -177,7 +178,8 @@ def sweep(
                                   valid_samples=valid_samples, evals_per_epoch=evals_per_epoch, dtype=dtype,
                                   lora=dict(r=rank, lora_alpha=2.0 * rank), objective=objective,
                                   prompt_form=prompt_form.replace("-", "_"),
-                                  request_size=default_request_size(prompt_form, request_size))
+                                  request_size=default_request_size(prompt_form, request_size),
+                                  collab_tokens=collab_tokens)
         template.check()
         config = SweepConfig(n_meta=parse_list(n_meta, int, "n-meta"),
                              temperature=parse_list(temperature, float, "temperature"),

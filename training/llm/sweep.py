@@ -190,7 +190,8 @@ def _setting(row: dict) -> Setting:
 def _scores(scorer, data, embeddings, crm: FrozenCRM, samples) -> tuple[np.ndarray, np.ndarray]:
     """The run's LoRA's (``scorer``) and the CRM's P(like) of ``samples``, encoded once for both."""
     outputs = crm.outputs(samples)
-    llm = scorer.score(scorer.prompts(data, samples, embeddings, "semantic"), outputs.user_reps)
+    llm = scorer.score(scorer.prompts(data, samples, embeddings, "semantic"), outputs.user_reps,
+                       item_reps=outputs.item_reps)
     return np.asarray(llm, np.float64), np.asarray(outputs.probabilities, np.float64)
 
 

@@ -106,6 +106,17 @@ def test_the_fused_objective_is_selected_on_its_fused_auc_and_a_changed_setting_
     assert changed.exit_code == 2 and "trained with other settings (objective)" in changed.output
 
 
+def test_a_sweep_with_collaborative_tokens_trains_and_tests_every_run_with_them(world, tmp_path) -> None:
+    out = tmp_path / "sweep"
+    result = sweep(world, out, "--n-meta", "2", "--collab-tokens")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "sweep.json").read_text())["rows"]
+    assert json.loads((out / "runs" / row["run"] / "train.json").read_text())["config"]["collab_tokens"] is True
+    assert (out / "runs" / row["run"] / "collab.safetensors").is_file()
+    test = json.loads((out / "test.json").read_text())
+    assert test["n"] == 40 and 0.0 <= test["llm_auc"] <= 1.0  # scored with each candidate's item vector
+
+
 def test_runs_within_two_standard_errors_of_the_selected_one_are_not_told_apart() -> None:
     rows = [{"run": "best", "valid_auc": 0.70, "valid_auc_se": 0.02},
             {"run": "close", "valid_auc": 0.67, "valid_auc_se": 0.02},  # 0.03 below: within 2 SE
