@@ -88,7 +88,7 @@ def engine(world: World, reference: CollabReference):
 @pytest.fixture(scope="module")
 def collab_server(world: World, collab_store: Path) -> Iterator[LiveServer]:
     server = LiveServer.start(world.settings(model_store=collab_store, active_version=COLLAB_VERSION,
-                                             torch_dtype="float32"))
+                                             torch_dtype="float32", explain_enabled=True))
     yield server
     server.stop()
 
@@ -153,6 +153,18 @@ def test_the_gateway_serves_the_collab_tokens(world: World, reference: CollabRef
     assert body["model_version"] == COLLAB_VERSION and body["degraded"] is False
     served = np.asarray([s["llm_score"] for s in body["scores"]], np.float64)
     np.testing.assert_allclose(served, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
+
+
+def test_explain_scores_with_the_collab_tokens_as_the_score_route(world: World, reference: CollabReference,
+                                                                  collab_server: LiveServer) -> None:
+    user = world.users[1]
+    with collab_server.client() as http:
+        response = http.post("/v1/explain", json={"user_id": user, "candidates": CANDIDATES})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["llm_computed"] is True, body
+    explained = np.asarray([c["llm_score"] for c in body["candidates"]], np.float64)
+    np.testing.assert_allclose(explained, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
 
 
 def test_an_engine_without_input_embeddings_refuses_the_version(world: World, reference: CollabReference) -> None:
