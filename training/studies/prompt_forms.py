@@ -8,7 +8,9 @@ on requests (``training.llm.requests.user_requests``): the seeded validation dra
 in its own form (per-target: each candidate's own retrieved history; shared: one for the set) and
 compared with the first LoRA on the same rows: the AUC difference with DeLong's paired standard
 error, LLM alone and fused with the CRM (the fusion fitted on validation; its validation AUC
-cross-fitted). Tokens the engine runs per request and scoring seconds are measured in the same run.
+cross-fitted), and fused by item support (``fit_support_fusion``); beside them what the export's
+rule would serve (the better fusion on cross-fitted validation, where it beats the CRM) and its
+test AUC. Tokens the engine runs per request and scoring seconds are measured in the same run.
 Scores are kept under ``scores/`` (``training.llm.report.kept_scores``), so a rerun scores only
 what changed. Writes ``prompt_forms.json`` and ``prompt_forms.md``.
 """
@@ -25,7 +27,7 @@ import pandas as pd
 
 from training.data.samples import PreparedData
 from training.llm.crm_outputs import FrozenCRM
-from training.llm.fusion_fit import cross_fitted_scores, fit_fusion, validation_subset
+from training.llm.fusion_fit import cross_fitted_scores, fit_fusion, fit_support_fusion, validation_subset
 from training.llm.loading import load_trained
 from training.llm.report import files_record, kept_scores
 from training.llm.requests import request_slices, user_requests
@@ -33,6 +35,7 @@ from training.metrics import binary_metrics, paired_auc_difference
 from training.slices import SampleSlices, slice_markdown, slice_table
 
 SPLITS = ("valid", "test")
+PICKS = {"crm": "CRM", "plain": "fused", "by_support": "fused by item support"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ def judge_forms(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_
     crm_out = {s: crm.outputs(rows[s]) for s in SPLITS}
     crm_probs = {s: crm_out[s].probabilities for s in SPLITS}
     reps = {s: crm_out[s].user_reps[[p.start for p in request_slices(rows[s])]] for s in SPLITS}
+    slices = {s: SampleSlices.of(data, rows[s]) for s in SPLITS}
+    support = {s: slices[s].item_support for s in SPLITS}
 
     scored: dict[str, dict] = {}
     for name, lora_dir in loras.items():
@@ -97,8 +102,8 @@ def judge_forms(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_
               "rows_per_split": {s: len(rows[s]) for s in SPLITS},
               "positives": {s: int(labels[s].sum()) for s in SPLITS},
               "crm": {s: binary_metrics(labels[s], crm_probs[s])["auc"] for s in SPLITS},
-              "rows": table(scored, labels, crm_probs, cfg.seed),
-              "slices": test_slices(scored, labels, crm_probs, SampleSlices.of(data, rows["test"]))}
+              "rows": table(scored, labels, crm_probs, cfg.seed, support),
+              "slices": test_slices(scored, labels, crm_probs, slices["test"], cfg.seed, support)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "prompt_forms.json").write_text(json.dumps(result, indent=2))
     (out_dir / "prompt_forms.md").write_text(markdown(result))
@@ -106,34 +111,51 @@ def judge_forms(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_
 
 
 def fused_scores(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray],
-                 seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per LoRA its fusion with the CRM: on validation cross-fitted (each fold by a fusion fitted
-    on the others), on test by the fusion fitted on validation."""
+                 seed: int, support: dict[str, np.ndarray]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """Per LoRA its fusions with the CRM, plain and by item support (``support``: each row's item
+    training interactions, per split): on validation cross-fitted (each fold by a fusion fitted on
+    the others), on test by the fusion fitted on the whole validation draw."""
     fused = {}
     for name, s in scored.items():
-        p = s["probs"]
-        fusion = fit_fusion(p["valid"], crm["valid"], labels["valid"])
-        fused[name] = {"test": fusion(p["test"], crm["test"]),
-                       "valid": cross_fitted_scores(p["valid"], crm["valid"], labels["valid"], seed)}
+        p, y = s["probs"], labels["valid"]
+        plain = fit_fusion(p["valid"], crm["valid"], y)
+        by_support = fit_support_fusion(p["valid"], crm["valid"], y, support["valid"])
+        fused[name] = {
+            "plain": {"test": plain(p["test"], crm["test"]),
+                      "valid": cross_fitted_scores(p["valid"], crm["valid"], y, seed)},
+            "by_support": {"test": by_support(p["test"], crm["test"], support["test"]),
+                           "valid": cross_fitted_scores(p["valid"], crm["valid"], y, seed, support["valid"])}}
     return fused
 
 
+def served_pick(valid_auc: dict[str, float], crm_valid_auc: float) -> str:
+    """What the export serves for these validation AUCs (``fusion_fit.decide``): the fusion by item
+    support where it beats the plain one, and that fusion only where it beats the CRM."""
+    kind = "by_support" if valid_auc["by_support"] > valid_auc["plain"] else "plain"
+    return kind if valid_auc[kind] > crm_valid_auc else "crm"
+
+
 def test_slices(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray],
-                slices: SampleSlices, seed: int = 0) -> dict[str, list[dict]]:
+                slices: SampleSlices, seed: int, support: dict[str, np.ndarray]) -> dict[str, list[dict]]:
     """Test AUC by slice (``training.slices``): the LoRAs alone against the first LoRA alone, and
-    fused against the first LoRA fused, with paired standard errors; the CRM beside them."""
-    fused = fused_scores(scored, labels, crm, seed)
+    fused (plain, then by item support) against the first LoRA's plain fusion, with paired
+    standard errors; the CRM beside them."""
+    fused = fused_scores(scored, labels, crm, seed, support)
     alone = {"CRM": crm["test"], **{name: s["probs"]["test"] for name, s in scored.items()}}
     reference = next(iter(scored))
+    by_kind = {**{name: f["plain"]["test"] for name, f in fused.items()},
+               **{f"{name} by support": f["by_support"]["test"] for name, f in fused.items()}}
     return {"alone": slice_table(labels["test"], alone, slices, reference=reference),
-            "fused": slice_table(labels["test"], {name: f["test"] for name, f in fused.items()}, slices,
-                                 reference=reference)}
+            "fused": slice_table(labels["test"], by_kind, slices, reference=reference)}
 
 
-def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray], seed: int) -> list[dict]:
+def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray], seed: int,
+          support: dict[str, np.ndarray]) -> list[dict]:
     """One row per LoRA: its AUCs alone and fused, each against the first LoRA's with a paired
-    standard error."""
-    fused = fused_scores(scored, labels, crm, seed)
+    standard error; fused by item support; what validation picks to serve and its test AUC."""
+    both = fused_scores(scored, labels, crm, seed, support)
+    fused = {name: f["plain"] for name, f in both.items()}
+    crm_auc = {split: binary_metrics(labels[split], crm[split])["auc"] for split in SPLITS}
     reference = next(iter(scored))
     rows = []
     for name, s in scored.items():
@@ -146,6 +168,13 @@ def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str,
                 row[f"{split}_diff"], row[f"{split}_diff_se"] = paired_auc_difference(
                     labels[split], scored[reference]["probs"][split], s["probs"][split])
         row["test_fused_auc"] = binary_metrics(labels["test"], fused[name]["test"])["auc"]
+        for split in SPLITS:
+            row[f"{split}_by_support_auc"] = binary_metrics(labels[split], both[name]["by_support"][split])["auc"]
+        pick = served_pick({"plain": row["valid_fused_auc"], "by_support": row["valid_by_support_auc"]},
+                           crm_auc["valid"])
+        row["serves"] = pick
+        row["test_served_auc"] = crm_auc["test"] if pick == "crm" else \
+            binary_metrics(labels["test"], both[name][pick]["test"])["auc"]
         if name != reference:
             for split in SPLITS:
                 row[f"{split}_fused_diff"], row[f"{split}_fused_diff_se"] = paired_auc_difference(
@@ -175,8 +204,9 @@ def markdown(result: dict) -> str:
              f"row on the same rows, with DeLong's paired standard error.", "",
              "| LoRA | form | request size (training) | train s / instance | valid AUC | Δ valid ± SE "
              "| valid fused AUC (cross-fitted) | Δ valid fused ± SE | test AUC | Δ test ± SE | test fused AUC "
-             "| Δ fused ± SE | tokens / request | scoring ms / request |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Δ fused ± SE | valid fused by item support (cross-fitted) | test fused by item support "
+             "| validation picks | its test AUC | tokens / request | scoring ms / request |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def diff(row: dict, key: str) -> str:
         return f"{row[key]:+.4f} ± {row[key + '_se']:.4f}" if key in row else "-"
@@ -187,10 +217,13 @@ def markdown(result: dict) -> str:
                      f"{'-' if per is None else f'{per:.3f}'} | {r['valid_auc']:.4f} | {diff(r, 'valid_diff')} | "
                      f"{r['valid_fused_auc']:.4f} | {diff(r, 'valid_fused_diff')} | {r['test_auc']:.4f} | "
                      f"{diff(r, 'test_diff')} | "
-                     f"{r['test_fused_auc']:.4f} | {diff(r, 'test_fused_diff')} | {r['tokens_per_request']:.0f} | "
+                     f"{r['test_fused_auc']:.4f} | {diff(r, 'test_fused_diff')} | {r['valid_by_support_auc']:.4f} | "
+                     f"{r['test_by_support_auc']:.4f} | {PICKS[r['serves']]} | {r['test_served_auc']:.4f} | "
+                     f"{r['tokens_per_request']:.0f} | "
                      f"{r['ms_per_request']:.0f} |")
     reference = result["rows"][0]["lora"] if result["rows"] else None
-    for kind, title in (("alone", "alone"), ("fused", "fused with the CRM (fitted on validation)")):
+    for kind, title in (("alone", "alone"), ("fused", "fused with the CRM (fitted on validation; then by item "
+                                                       "support)")):
         if result.get("slices", {}).get(kind):
             lines += ["", f"Test AUC by slice, the LoRAs {title}:", "",
                       slice_markdown(result["slices"][kind], reference).rstrip("\n")]

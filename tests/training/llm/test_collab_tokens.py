@@ -115,7 +115,16 @@ def test_prompt_forms_judges_collab_tokens_against_the_lora_alone(llm_world) -> 
     assert set(result["slices"]) == {"alone", "fused"}
     scored = [r for r in result["slices"]["alone"] if r["models"]]
     assert scored and all({"CRM", "reclora", "collab"} == set(r["models"]) for r in scored)
-    assert "Test AUC by slice" in (root / "forms-judged" / "prompt_forms.md").read_text()
+    fused = [r for r in result["slices"]["fused"] if r["models"]]
+    assert fused and all(set(r["models"]) == {"reclora", "collab", "reclora by support", "collab by support"}
+                         for r in fused)
+    for row in result["rows"]:  # what the export's rule serves, and its test AUC
+        assert 0.0 <= row["valid_by_support_auc"] <= 1.0 and 0.0 <= row["test_by_support_auc"] <= 1.0
+        picked = {"crm": result["crm"]["test"], "plain": row["test_fused_auc"],
+                  "by_support": row["test_by_support_auc"]}[row["serves"]]
+        assert row["test_served_auc"] == pytest.approx(picked)
+    markdown = (root / "forms-judged" / "prompt_forms.md").read_text()
+    assert "Test AUC by slice" in markdown and "validation picks" in markdown and "reclora by support" in markdown
 
 
 def test_a_stopped_collab_run_resumes_to_the_same_projector(llm_world) -> None:
