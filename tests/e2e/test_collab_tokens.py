@@ -143,28 +143,18 @@ def test_other_crm_vectors_give_other_scores_and_never_share_a_run(world: World,
         np.testing.assert_allclose(want, reference.llm_scores(user, CANDIDATES, rep), atol=ATOL, rtol=0)
 
 
-def test_the_gateway_serves_the_collab_tokens(world: World, reference: CollabReference,
-                                              collab_server: LiveServer) -> None:
-    user = world.users[0]
+@pytest.mark.parametrize("route, listed", [("/v1/score", "scores"), ("/v1/explain", "candidates")])
+def test_the_gateway_scores_and_explains_with_the_collab_tokens(world: World, reference: CollabReference,
+                                                                 collab_server: LiveServer, route: str,
+                                                                 listed: str) -> None:
+    user = world.users[0 if route == "/v1/score" else 1]
     with collab_server.client() as http:
-        response = http.post("/v1/score", json={"user_id": user, "candidates": CANDIDATES})
+        response = http.post(route, json={"user_id": user, "candidates": CANDIDATES})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model_version"] == COLLAB_VERSION and body["degraded"] is False
-    served = np.asarray([s["llm_score"] for s in body["scores"]], np.float64)
+    assert body["model_version"] == COLLAB_VERSION and not body.get("degraded") and body.get("llm_computed", True)
+    served = np.asarray([s["llm_score"] for s in body[listed]], np.float64)
     np.testing.assert_allclose(served, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
-
-
-def test_explain_scores_with_the_collab_tokens_as_the_score_route(world: World, reference: CollabReference,
-                                                                  collab_server: LiveServer) -> None:
-    user = world.users[1]
-    with collab_server.client() as http:
-        response = http.post("/v1/explain", json={"user_id": user, "candidates": CANDIDATES})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["llm_computed"] is True, body
-    explained = np.asarray([c["llm_score"] for c in body["candidates"]], np.float64)
-    np.testing.assert_allclose(explained, reference.llm_scores(user, CANDIDATES), atol=ATOL, rtol=0)
 
 
 def test_an_engine_without_input_embeddings_refuses_the_version(world: World, reference: CollabReference) -> None:
