@@ -14,7 +14,8 @@ import sys
 import tarfile
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,3 +288,14 @@ def export_shared_form(world: World, root: Path, version: str, *train_args: str,
                       llm_dir=root / "lora", base_model=world.base_dir, llm_report=world.root / "report",
                       fusion=FusionOptions(samples=100, dtype="float32", serve="fused"))
     return store
+
+
+@contextmanager
+def serving_float32(world: World, store: Path, version: str) -> Iterator[LiveServer]:
+    """A gateway serving ``version`` of ``store`` on the float32 engine with explain on, stopped after."""
+    server = LiveServer.start(world.settings(model_store=store, active_version=version, torch_dtype="float32",
+                                             explain_enabled=True))
+    try:
+        yield server
+    finally:
+        server.stop()

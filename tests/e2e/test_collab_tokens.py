@@ -20,7 +20,7 @@ from service.engine.base import EngineCall
 from service.llm.collab_tokens import EMBED_ID_BASE
 from service.registry.errors import RefusalReason, ValidationFailed
 from service.registry.validation import BaseModelSpec, check_collab, load_candidate
-from tests.e2e.e2e_support import LiveServer, Reference, World, export_shared_form
+from tests.e2e.e2e_support import LiveServer, Reference, World, export_shared_form, serving_float32
 
 COLLAB_VERSION = "e2e-collab-v1"
 CANDIDATES = list(range(3, 80, 4))  # 20 raw item ids
@@ -87,10 +87,8 @@ def engine(world: World, reference: CollabReference):
 
 @pytest.fixture(scope="module")
 def collab_server(world: World, collab_store: Path) -> Iterator[LiveServer]:
-    server = LiveServer.start(world.settings(model_store=collab_store, active_version=COLLAB_VERSION,
-                                             torch_dtype="float32", explain_enabled=True))
-    yield server
-    server.stop()
+    with serving_float32(world, collab_store, COLLAB_VERSION) as server:
+        yield server
 
 
 def test_the_run_and_the_bundle_record_the_collab_tokens(collab_store: Path, reference: CollabReference) -> None:

@@ -17,7 +17,7 @@ from service.bundle import MANIFEST_NAME
 from service.model import load_model
 from service.registry.errors import RefusalReason, ValidationFailed
 from service.registry.validation import load_candidate
-from tests.e2e.e2e_support import LiveServer, Reference, World, export_shared_form
+from tests.e2e.e2e_support import LiveServer, Reference, World, export_shared_form, serving_float32
 
 SHARED_VERSION = "e2e-shared-v1"
 CANDIDATES = list(range(3, 80, 4))  # 20 raw item ids
@@ -37,10 +37,8 @@ def reference(world: World, shared_store: Path) -> Reference:
 
 @pytest.fixture(scope="module")
 def shared_server(world: World, shared_store: Path) -> Iterator[LiveServer]:
-    server = LiveServer.start(world.settings(model_store=shared_store, active_version=SHARED_VERSION,
-                                             torch_dtype="float32", explain_enabled=True))
-    yield server
-    server.stop()
+    with serving_float32(world, shared_store, SHARED_VERSION) as server:
+        yield server
 
 
 def with_trained_form(bundle: Path, out: Path, form: str) -> Path:
