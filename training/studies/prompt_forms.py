@@ -27,7 +27,8 @@ import pandas as pd
 
 from training.data.samples import PreparedData
 from training.llm.crm_outputs import FrozenCRM
-from training.llm.fusion_fit import cross_fitted_scores, fit_fusion, fit_support_fusion, validation_subset
+from training.llm.fusion_fit import (ValidationScores, cross_fitted_scores, decide, fit_fusion, fit_support_fusion,
+                                     validation_subset)
 from training.llm.loading import load_trained
 from training.llm.report import files_record, kept_scores
 from training.llm.requests import request_slices, user_requests
@@ -76,7 +77,6 @@ def judge_forms(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_
     crm_probs = {s: crm_out[s].probabilities for s in SPLITS}
     reps = {s: crm_out[s].user_reps[[p.start for p in request_slices(rows[s])]] for s in SPLITS}
     slices = {s: SampleSlices.of(data, rows[s]) for s in SPLITS}
-    support = {s: slices[s].item_support for s in SPLITS}
 
     scored: dict[str, dict] = {}
     for name, lora_dir in loras.items():
@@ -97,13 +97,14 @@ def judge_forms(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_
         echo(f"{name} ({form}): {seconds:.0f} s for {n_requests} requests")
         del scorer
 
+    fused = fused_scores(scored, labels, crm_probs, cfg.seed, slices)
     result = {"config": asdict(cfg), "loras": {n: str(d) for n, d in loras.items()},
               "requests": {s: int(rows[s]["request"].nunique()) for s in SPLITS},
               "rows_per_split": {s: len(rows[s]) for s in SPLITS},
               "positives": {s: int(labels[s].sum()) for s in SPLITS},
               "crm": {s: binary_metrics(labels[s], crm_probs[s])["auc"] for s in SPLITS},
-              "rows": table(scored, labels, crm_probs, cfg.seed, support),
-              "slices": test_slices(scored, labels, crm_probs, slices["test"], cfg.seed, support)}
+              "rows": table(scored, labels, crm_probs, fused),
+              "slices": test_slices(scored, labels, crm_probs, slices["test"], fused)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "prompt_forms.json").write_text(json.dumps(result, indent=2))
     (out_dir / "prompt_forms.md").write_text(markdown(result))
@@ -111,36 +112,32 @@ def judge_forms(data: PreparedData, embeddings: np.ndarray, crm_dir: Path, base_
 
 
 def fused_scores(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray],
-                 seed: int, support: dict[str, np.ndarray]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """Per LoRA its fusions with the CRM, plain and by item support (``support``: each row's item
-    training interactions, per split): on validation cross-fitted (each fold by a fusion fitted on
-    the others), on test by the fusion fitted on the whole validation draw."""
+                 seed: int, slices: dict[str, SampleSlices]) -> dict[str, dict]:
+    """Per LoRA its fusions with the CRM, plain and by item support (each row's item training
+    interactions, from ``slices``): on validation cross-fitted (each fold by a fusion fitted on the
+    others), on test by the fusion fitted on the whole validation draw; and what the export's rule
+    (``fusion_fit.decide``) would serve, as ``serves`` ("crm", "plain" or "by_support")."""
     fused = {}
+    support = {s: slices[s].item_support for s in SPLITS}
     for name, s in scored.items():
         p, y = s["probs"], labels["valid"]
         plain = fit_fusion(p["valid"], crm["valid"], y)
         by_support = fit_support_fusion(p["valid"], crm["valid"], y, support["valid"])
+        decided = decide(ValidationScores(p["valid"], crm["valid"], y, seed, slices["valid"]), None, "fitted").fusion
         fused[name] = {
             "plain": {"test": plain(p["test"], crm["test"]),
                       "valid": cross_fitted_scores(p["valid"], crm["valid"], y, seed)},
             "by_support": {"test": by_support(p["test"], crm["test"], support["test"]),
-                           "valid": cross_fitted_scores(p["valid"], crm["valid"], y, seed, support["valid"])}}
+                           "valid": cross_fitted_scores(p["valid"], crm["valid"], y, seed, support["valid"])},
+            "serves": "crm" if decided.serve == "crm" else "plain" if decided.item_support is None else "by_support"}
     return fused
 
 
-def served_pick(valid_auc: dict[str, float], crm_valid_auc: float) -> str:
-    """What the export serves for these validation AUCs (``fusion_fit.decide``): the fusion by item
-    support where it beats the plain one, and that fusion only where it beats the CRM."""
-    kind = "by_support" if valid_auc["by_support"] > valid_auc["plain"] else "plain"
-    return kind if valid_auc[kind] > crm_valid_auc else "crm"
-
-
 def test_slices(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray],
-                slices: SampleSlices, seed: int, support: dict[str, np.ndarray]) -> dict[str, list[dict]]:
+                slices: SampleSlices, fused: dict[str, dict]) -> dict[str, list[dict]]:
     """Test AUC by slice (``training.slices``): the LoRAs alone against the first LoRA alone, and
     fused (plain, then by item support) against the first LoRA's plain fusion, with paired
-    standard errors; the CRM beside them."""
-    fused = fused_scores(scored, labels, crm, seed, support)
+    standard errors; the CRM beside them (``fused``: ``fused_scores``)."""
     alone = {"CRM": crm["test"], **{name: s["probs"]["test"] for name, s in scored.items()}}
     reference = next(iter(scored))
     by_kind = {**{name: f["plain"]["test"] for name, f in fused.items()},
@@ -149,11 +146,11 @@ def test_slices(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dic
             "fused": slice_table(labels["test"], by_kind, slices, reference=reference)}
 
 
-def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray], seed: int,
-          support: dict[str, np.ndarray]) -> list[dict]:
+def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str, np.ndarray],
+          both: dict[str, dict]) -> list[dict]:
     """One row per LoRA: its AUCs alone and fused, each against the first LoRA's with a paired
-    standard error; fused by item support; what validation picks to serve and its test AUC."""
-    both = fused_scores(scored, labels, crm, seed, support)
+    standard error; fused by item support; what validation picks to serve and its test AUC
+    (``both``: ``fused_scores``)."""
     fused = {name: f["plain"] for name, f in both.items()}
     crm_auc = {split: binary_metrics(labels[split], crm[split])["auc"] for split in SPLITS}
     reference = next(iter(scored))
@@ -170,9 +167,7 @@ def table(scored: dict[str, dict], labels: dict[str, np.ndarray], crm: dict[str,
         row["test_fused_auc"] = binary_metrics(labels["test"], fused[name]["test"])["auc"]
         for split in SPLITS:
             row[f"{split}_by_support_auc"] = binary_metrics(labels[split], both[name]["by_support"][split])["auc"]
-        pick = served_pick({"plain": row["valid_fused_auc"], "by_support": row["valid_by_support_auc"]},
-                           crm_auc["valid"])
-        row["serves"] = pick
+        row["serves"] = pick = both[name]["serves"]
         row["test_served_auc"] = crm_auc["test"] if pick == "crm" else \
             binary_metrics(labels["test"], both[name][pick]["test"])["auc"]
         if name != reference:
