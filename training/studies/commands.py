@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from training.cli_support import fail, timed
+from training.llm.commands import SHARED_REQUEST_SIZE, default_request_size
 
 
 # Options the studies that judge trained LoRAs on requests share.
@@ -76,6 +77,13 @@ def sample_efficiency(
     llm_epochs: int = 1, llm_valid_samples: int = 400, k_text: int = 10,
     rank: int = 8, n_meta: Annotated[int, typer.Option(help="meta-LoRAs per target module (RecLoRA)")] = 8,
     dtype: Annotated[str, typer.Option(help="LLM training dtype: auto, float32 or bfloat16")] = "auto",
+    prompt_form: Annotated[str, typer.Option(
+        help="the LLM runs' prompt form: per-target (each sample's own history, as the papers and this study's "
+             "published figures) or shared (train-llm's default)")] = "per-target",
+    request_size: Annotated[Optional[int], typer.Option(
+        help=f"train-llm's --request-size [default: {SHARED_REQUEST_SIZE} for the shared form, 1 for per-target]")]
+        = None,
+    collab_tokens: Annotated[bool, typer.Option(help="train-llm's --collab-tokens, for every LLM run")] = False,
     threads: Optional[int] = None,
 ) -> None:
     """Train the CRM (with and without knowledge), the baselines and the LLM on shares of the training data."""
@@ -113,7 +121,14 @@ def sample_efficiency(
         llm_seeds=None if llm_seeds is None else _numbers(llm_seeds, "--llm-seeds", int),
         llm=dataclasses.replace(base_llm, epochs=llm_epochs, valid_samples=llm_valid_samples, k_text=k_text,
                                 dtype=dtype, lora={**base_llm.lora, "r": rank, "lora_alpha": 2.0 * rank,
-                                                   "n_meta": n_meta}))
+                                                   "n_meta": n_meta}, prompt_form=prompt_form.replace("-", "_"),
+                                request_size=default_request_size(prompt_form, request_size),
+                                collab_tokens=collab_tokens))
+    if llm_names:
+        try:
+            cfg.llm.check()
+        except ValueError as exc:
+            fail(str(exc))
     with timed("sample-efficiency"):
         try:
             prepared = PreparedData.load(data)

@@ -29,6 +29,7 @@ from training.crm.dataset import encode_samples
 from training.crm.knowledge import KnowledgeArrays
 from training.crm.train import TrainConfig, TrainedCRM, predict, train_crm
 from training.data.samples import PreparedData
+from training.llm.crm_outputs import CRMOutputs, FrozenCRM
 from training.llm.train import LLMTrainConfig
 from training.metrics import binary_metrics
 from training.slices import SampleSlices, slice_aucs
@@ -186,7 +187,7 @@ class _Runner:
         self.labels = self.test["label"].to_numpy()
         self.slices = SampleSlices.of(inputs.data, self.test)
         self._encoded: dict[str, object] = {}
-        self._test_reps: torch.Tensor | None = None
+        self._test_crm: CRMOutputs | None = None  # the full-data CRM's vectors of the test subset
         self._test_prompts: dict[str, list[list[int]]] = {}
 
     def __call__(self, run: Run) -> dict:
@@ -242,7 +243,6 @@ class _Runner:
 
     def _llm(self, run: Run, view: PreparedData) -> dict:
         from service.crm.model import CRMConfig
-        from training.llm.crm_outputs import user_representations
         from training.llm.loading import load_trained
         from training.llm.train import train_llm
 
@@ -257,12 +257,13 @@ class _Runner:
         out = self.out_dir / "llm" / run.key
         summary = train_llm(view, inputs.embeddings, inputs.crm_dir, inputs.base_dir, out, llm_cfg)
         scorer = load_trained(out, inputs.base_dir, cfg.score_dtype, llm_cfg.k_text, device=llm_cfg.device)
-        if self._test_reps is None:
-            self._test_reps = user_representations(inputs.data, self.test, inputs.crm_dir, inputs.embeddings)
+        if self._test_crm is None:
+            self._test_crm = FrozenCRM.load(inputs.crm_dir, inputs.data, inputs.embeddings).outputs(self.test)
         wording = scorer.builder_for(inputs.data).config.model_dump_json()
         if wording not in self._test_prompts:
             self._test_prompts[wording] = scorer.prompts(inputs.data, self.test, inputs.embeddings, "semantic")
-        probs = scorer.score(self._test_prompts[wording], self._test_reps, cfg.score_batch_size)
+        probs = scorer.score(self._test_prompts[wording], self._test_crm.user_reps, cfg.score_batch_size,
+                             item_reps=self._test_crm.item_reps if llm_cfg.collab_tokens else None)
         del scorer
         gc.collect()
         if torch.cuda.is_available():
@@ -326,5 +327,6 @@ def protocol_summary(inputs: StudyInputs, cfg: StudyConfig) -> dict:
     return {"n_test": len(test), "test_seed": cfg.test_seed,
             "n_train_total": int((inputs.data.samples["split"] == "train").sum()),
             "n_test_full": int((inputs.data.samples["split"] == "test").sum()),
-            "llm_valid_samples": cfg.llm.valid_samples}
+            "llm_valid_samples": cfg.llm.valid_samples, "llm_prompt_form": cfg.llm.prompt_form,
+            "llm_request_size": cfg.llm.request_size, "llm_collab_tokens": cfg.llm.collab_tokens}
 

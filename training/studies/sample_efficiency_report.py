@@ -136,6 +136,16 @@ def findings_text(found: dict) -> list[str]:
     return lines
 
 
+def _llm_prompt(protocol: dict) -> str:
+    """The LLM runs' prompt form, where the protocol records it (older studies: per-target)."""
+    form = protocol.get("llm_prompt_form")
+    if form is None:
+        return ""
+    grouped = f" on requests of {protocol['llm_request_size']}" if protocol.get("llm_request_size", 1) > 1 else ""
+    collab = ", with collaborative tokens" if protocol.get("llm_collab_tokens") else ""
+    return f" LLM prompt form: {form.replace('_', '-')}{grouped}{collab}."
+
+
 def markdown(result: dict) -> str:
     p = result["protocol"]
     lines = [f"Test subset: {p['n_test']} of {p['n_test_full']} test samples (seed {p['test_seed']}), the one "
@@ -143,7 +153,7 @@ def markdown(result: dict) -> str:
              f"the {p['n_train_total']} training samples, nested per seed (validation and test untouched). "
              "Mean ± std over seeds. Full test AUC: the whole test split (CRM side only). Valid AUC: the whole "
              f"validation split, for the LLM the {p['llm_valid_samples']} validation samples its checkpoint is "
-             "selected on.", "",
+             f"selected on.{_llm_prompt(p)}", "",
              "| model | train share | train samples | test AUC | test LogLoss | full test AUC | valid AUC | seeds "
              "| wall time per run (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:

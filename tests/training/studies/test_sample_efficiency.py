@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from training.cli import app
 from training.data.samples import PreparedData
-from training.llm.crm_outputs import user_representations
+from training.llm.crm_outputs import FrozenCRM, user_representations
 from training.llm.loading import load_trained
 from training.metrics import binary_metrics
 from training.studies.sample_efficiency import StudyConfig, plan_runs
@@ -125,6 +125,37 @@ def test_study_writes_table_and_figure_and_resumes(world) -> None:
     changed = runner.invoke(app, ["sample-efficiency", "--data", str(data), "--out", str(out), "--no-llm",
                                   *CRM_SIDE[:-1], "300"])
     assert changed.exit_code == 2 and "other settings (n_test" in changed.output
+
+
+def test_llm_runs_train_and_score_in_the_prompt_form_given_with_collaborative_tokens(world) -> None:
+    root, data, prepared, _, base = world
+    out = root / "study-shared"
+    invoke("sample-efficiency", "--data", data, "--out", out, "--base-model", base, "--llm-models", "reclora",
+           "--crm-models", "crm", "--fractions", "1", "--seeds-above", "0", "--epochs", "1", "--n-test", "100",
+           *LLM_SIDE, "--prompt-form", "shared", "--request-size", "4", "--collab-tokens")
+    result = json.loads((out / "sample_efficiency.json").read_text())
+    row = next(r for r in result["rows"] if r["model"] == "reclora")
+    train = json.loads((out / row["details"]["lora"] / "train.json").read_text())["config"]
+    assert (train["prompt_form"], train["request_size"], train["collab_tokens"]) == ("shared", 4, True)
+    assert result["protocol"]["llm_prompt_form"] == "shared"
+    assert "LLM prompt form: shared on requests of 4, with collaborative tokens." in (
+        out / "sample_efficiency.md").read_text()
+
+    # Scored as the LoRA was trained: the shared form's prompts and each candidate's item vector.
+    test = shared_test_subset(prepared, 100, 0)
+    embeddings = np.load(data / "embeddings.npy")
+    scorer = load_trained(out / row["details"]["lora"], base, "float32", k_text=3, device="cpu")
+    crm = FrozenCRM.load(data / "crm", prepared, embeddings).outputs(test)
+    prompts = scorer.prompts(prepared, test, embeddings, "semantic")
+    probs = scorer.score(prompts, crm.user_reps, item_reps=crm.item_reps)
+    labels = test["label"].to_numpy()
+    assert binary_metrics(labels, probs)["auc"] == pytest.approx(row["test_auc"], abs=1e-6)
+    with pytest.raises(ValueError, match="collaborative tokens need"):  # never scored blind
+        scorer.score(prompts, crm.user_reps)
+
+    refused = runner.invoke(app, ["sample-efficiency", "--data", str(data), "--out", str(root / "refused"),
+                                  "--base-model", str(base), "--prompt-form", "per-target", "--request-size", "4"])
+    assert refused.exit_code == 2 and "requests of several candidates train the shared prompt form" in refused.output
 
 
 def test_bad_input_is_a_clear_error(world, tmp_path) -> None:
