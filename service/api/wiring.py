@@ -29,7 +29,7 @@ from service.personalization.adapter_cache import AdapterCache
 from service.registry.guard import CanaryGuard
 from service.registry.manager import ModelManager
 from service.registry.store import ModelStore
-from service.registry.validation import BaseModelSpec
+from service.registry.validation import BaseModelSpec, collab_engine_refusal
 from service.nearline.knowledge_refresh import KnowledgeRefresher
 from service.nearline.score_cache import LLMScoreCache
 from service.nearline.served_log import ServedLog
@@ -123,9 +123,9 @@ def build_pipeline(settings: Settings, metrics: Metrics, history: HistoryStore,
             engine, builder = build_vllm_engine(settings, model, metrics)
         else:
             engine, builder = build_torch_engine(settings, model)
-        if model.collab is not None and not engine.takes_embeds:  # as the registry refuses it (check_collab)
-            raise ValueError(f"version {version}'s prompts carry collaborative tokens, which the "
-                             f"{settings.model.engine} engine cannot take: serve it with RECLORA_ENGINE=torch")
+        refusal = collab_engine_refusal(model, engine)  # as the registry refuses such a push
+        if refusal is not None:
+            raise ValueError(f"version {version}: {refusal}")
     log.info("model %s loaded (llm: %s)", version, "yes" if engine else "no")
     score_cache = None
     if engine is not None and settings.score_cache.llm_score_cache:

@@ -185,16 +185,24 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def collab_engine_refusal(model: LoadedModel, engine: ScoringEngine) -> str | None:
+    """Why ``engine`` cannot serve ``model``'s collaborative tokens (None where it can, or the model
+    has none): they need an engine that takes input embeddings by id (the embedded engine; not
+    vLLM, docs/VLLM.md). The registry's check and the gateway's startup both ask this."""
+    if model.collab is None or getattr(engine, "takes_embeds", False):
+        return None
+    return (f"this version's prompts carry collaborative tokens (the CRM's vectors as input embeddings), which the "
+            f"{type(engine).__name__} cannot take: serve it on the embedded engine (RECLORA_ENGINE=torch)")
+
+
 def check_collab(model: LoadedModel, spec: BaseModelSpec, engine: ScoringEngine) -> list[str]:
-    """A version with collaborative tokens needs an engine that takes input embeddings by id (the
-    embedded engine; not vLLM, docs/VLLM.md) and a projector into the base model's embedding size."""
+    """A version with collaborative tokens needs an engine that takes them (``collab_engine_refusal``)
+    and a projector into the base model's embedding size."""
     if model.collab is None:
         return []
-    if not getattr(engine, "takes_embeds", False):
-        raise ValidationFailed(RefusalReason.INCOMPATIBLE,
-                               f"this version's prompts carry collaborative tokens (the CRM's vectors as input "
-                               f"embeddings), which the {type(engine).__name__} cannot take: serve it on the embedded "
-                               "engine (RECLORA_ENGINE=torch)")
+    refusal = collab_engine_refusal(model, engine)
+    if refusal is not None:
+        raise ValidationFailed(RefusalReason.INCOMPATIBLE, refusal)
     hidden = {shape[0] for name, shape in spec.linear_shapes.items() if name.endswith("self_attn.q_proj")}
     if hidden and hidden != {model.collab.cfg.hidden_size}:
         raise ValidationFailed(RefusalReason.INCOMPATIBLE, f"the collaborative tokens are "

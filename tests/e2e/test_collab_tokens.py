@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from service.bundle import MANIFEST_NAME
 from service.engine.base import EngineCall
+from service.engine.torch_engine import TorchEngine
 from service.llm.collab_tokens import EMBED_ID_BASE
 from service.registry.errors import RefusalReason, ValidationFailed
-from service.registry.validation import BaseModelSpec, check_collab, load_candidate
+from service.registry.validation import BaseModelSpec, check_collab, collab_engine_refusal, load_candidate
 from tests.e2e.e2e_support import LiveServer, Reference, World, export_shared_form, serving_float32
 
 COLLAB_VERSION = "e2e-collab-v1"
@@ -162,6 +163,9 @@ def test_an_engine_without_input_embeddings_refuses_the_version(world: World, re
     with pytest.raises(ValidationFailed) as refused:
         check_collab(reference.model, spec, VLLMEngine.__new__(VLLMEngine))
     assert refused.value.reason is RefusalReason.INCOMPATIBLE and "collaborative tokens" in str(refused.value)
+    # The gateway's startup asks the same question of the engine it built, and the embedded engine passes.
+    assert collab_engine_refusal(reference.model, VLLMEngine.__new__(VLLMEngine)) in str(refused.value)
+    assert collab_engine_refusal(reference.model, TorchEngine.__new__(TorchEngine)) is None
     with pytest.raises(ValueError, match="input embeddings"):
         VLLMEngine.score(VLLMEngine.__new__(VLLMEngine), None, [1], [[2]], embeds=torch.zeros(1, 4))
 
