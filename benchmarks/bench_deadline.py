@@ -7,6 +7,10 @@ request a user not seen before in that phase, with ``--candidates`` random catal
 gateway's default deadline unless ``--deadline-ms`` is given. Every version gets the same users
 and candidates in the same order, so the forms are compared on the same traffic in one run.
 
+``--threads-nice 0,10`` runs every version once per ``RECLORA_GATEWAY_THREADS_NICE`` value (the
+event loop's nice increment beside the embedded engine; the gateway's default otherwise), on the
+same users, so the setting is compared in one run.
+
 Per version and caller count it prints: requests, the share answered with an LLM score for every
 candidate (the live LLM answered in time), p50/p99/max end to end, LLM answers per second, and the
 degrade reasons; a phase shorter than ``--duration-s`` ran out of users (each is visited once).
@@ -75,6 +79,17 @@ def summary(outcomes: list[Outcome], wall_s: float) -> dict:
             "wall_s": wall_s}
 
 
+def forget_llm_scores(args) -> None:
+    """Delete the LLM scores the gateways kept under the benchmark's prefix (``<prefix>{u:<id>}:llm:<version>``)."""
+    from service.history import HistorySettings
+    from service.history.clients import sync_client
+
+    client = sync_client(HistorySettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster))
+    for key in client.scan_iter(match=f"{args.prefix}*:llm:*", count=10_000):
+        client.delete(key)
+    client.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_gateway_args(ap, prefix="bench-deadline:", port=8033)
@@ -85,6 +100,8 @@ def main() -> None:
     ap.add_argument("--deadline-ms", type=int, default=None, help="default: the gateway's default deadline")
     ap.add_argument("--warmup", type=int, default=3, help="requests of users of their own before each phase")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads-nice", default="", help="RECLORA_GATEWAY_THREADS_NICE values, comma-separated "
+                    "(each version runs once per value; default: the gateway's own)")
     ap.add_argument("--out", type=Path, default=ROOT / "work/bench-deadline.json")
     args = ap.parse_args()
 
@@ -95,8 +112,11 @@ def main() -> None:
     phase_users = len(visits) // len(callers)  # each caller count its own users, the same for every version
     results: dict = {"candidates": args.candidates, "deadline_ms": args.deadline_ms, "duration_s": args.duration_s,
                      "versions": {}}
-    for version in [v for v in args.versions.split(",") if v]:
-        proc = start_gateway(args.port, ROOT / f"work/bench-deadline-{version}.log", gateway_settings(args, version))
+    nices = [int(n) for n in args.threads_nice.split(",") if n.strip()] or [None]
+    for version, nice in [(v, n) for v in args.versions.split(",") if v for n in nices]:
+        settings = gateway_settings(args, version) | ({} if nice is None else {"gateway_threads_nice": nice})
+        version = version if nice is None else f"{version} nice={nice}"  # the row's label
+        proc = start_gateway(args.port, ROOT / f"work/bench-deadline-{version.replace(' ', '-')}.log", settings)
         url = f"http://127.0.0.1:{args.port}"
         try:
             for i, n in enumerate(callers):
@@ -110,6 +130,7 @@ def main() -> None:
                 time.sleep(3)  # background work of this phase drains before the next
         finally:
             stop_gateway(proc)
+        forget_llm_scores(args)  # the next variant of a version sees first visits too
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\n{args.candidates} candidates, first visits, deadline {args.deadline_ms or 'gateway default'}")
     print("| version | callers | requests (s) | statuses | LLM answered every candidate | p50 ms | p99 ms | max ms "

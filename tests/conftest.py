@@ -8,6 +8,7 @@ marked ``both_redis`` runs once on it and once on the session's own cluster (``r
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -23,6 +24,12 @@ from tests.redis_support import (
     valkey_server,
 )
 from tests.world_support import World, build_world
+
+
+# A gateway lowers its event loop thread's priority beside the embedded engine; in tests that loop is
+# often pytest's own thread, whose subprocesses (Redis, vLLM) would inherit it for the session. Tests
+# of the setting run their gateway on a thread of its own and set it there.
+os.environ.setdefault("RECLORA_GATEWAY_THREADS_NICE", "0")
 
 
 def pytest_configure(config: pytest.Config) -> None:

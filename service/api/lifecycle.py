@@ -22,6 +22,7 @@ from service.history import HistoryStore
 from service.metrics import Metrics
 from service.scoring.contracts import Explainer, KnowledgeRefresh, OnlineEvaluation, Scorer
 from service.tasks import raise_if_cancelled, stop_tasks
+from service.thread_priority import lower_thread_priority
 
 if TYPE_CHECKING:  # the registry loads models (torch); the app imports without building one
     from service.registry.manager import ModelManager
@@ -35,7 +36,8 @@ class Runtime:
     this gateway neither administers nor follows the store), the remote LLM replicas' health
     (None for an embedded engine), the online evaluation of served scores (None without the
     served-score log), the nearline refresh of users' knowledge vectors (None when off), and the
-    explainer of /v1/explain (None when off)."""
+    explainer of /v1/explain (None when off); ``threads_nice``: the nice increment the event loop
+    thread takes once the engine's thread runs (``TorchSettings.gateway_threads_nice``)."""
 
     scorer: Scorer
     models: "ModelManager | None" = None
@@ -43,6 +45,7 @@ class Runtime:
     online: OnlineEvaluation | None = None
     knowledge: KnowledgeRefresh | None = None
     explainer: Explainer | None = None
+    threads_nice: int = 0
 
 
 RuntimeFactory = Callable[[Settings, Metrics, HistoryStore], Runtime]
@@ -74,6 +77,7 @@ async def load_runtime(app: FastAPI, factory: RuntimeFactory) -> None:
         state.lifecycle.model_error = f"{type(exc).__name__}: {exc}"
         return
     state.lifecycle.owned.add("scorer")
+    lower_thread_priority(runtime.threads_nice)  # before the first request starts the pools' threads
     state.models = runtime.models
     state.replica_health = runtime.replica_health
     state.online = runtime.online

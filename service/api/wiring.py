@@ -241,9 +241,11 @@ def build_runtime(settings: Settings, metrics: Metrics, history: HistoryStore) -
         except Exception:
             log.exception("resuming the store's canary failed; serving the stable version")
     remote = settings.model.engine == "vllm" and pipeline.engine is not None  # a VLLMEngine: replicas to report
+    embedded = settings.model.engine == "torch" and pipeline.engine is not None  # its forwards share our CPUs
     return Runtime(scorer=pipeline, models=models, replica_health=pipeline.engine.replica_health if remote else None,
                    online=online, knowledge=build_knowledge_refresh(settings, metrics, history, pipeline),
-                   explainer=build_explainer(settings, pipeline))
+                   explainer=build_explainer(settings, pipeline),
+                   threads_nice=settings.torch.gateway_threads_nice if embedded else 0)
 
 
 def build_explainer(settings: Settings, pipeline: ScoringPipeline) -> ScoreExplainer | None:
