@@ -122,10 +122,11 @@ class TorchSettings(SettingsGroup):
     torch_threads: int | None = Field(None, ge=1, le=512, description=(
         "torch intra-op threads of the engine's thread; None = torch default (the CPUs). The gateway's "
         "other threads (CRM, retrieval and prompts, loading) compute on one."))
-    gateway_threads_nice: int = Field(10, ge=0, le=19, description=(
+    gateway_threads_nice: int = Field(6, ge=0, le=19, description=(
         "With the embedded engine, the nice increment the gateway's event loop thread takes once the engine's "
         "thread runs (Linux; threads it starts later inherit it): the CRM-only answers of a burst then compute "
-        "in the engine's idle time instead of slowing its forwards past their deadline. 0: all threads alike."))
+        "in the engine's idle time instead of slowing its forwards past their deadline; higher values give the "
+        "engine more and answer the other requests later (docs/ENGINE.md, \"Threads\"). 0: all threads alike."))
     torch_max_batch: int = Field(32, ge=1, le=1024, description=(
         "Most candidate rows the embedded engine runs in one packed forward."))
     torch_min_shared_tokens: int = Field(12, ge=1, description=(

@@ -62,6 +62,16 @@ def test_only_the_engine_thread_computes_with_intra_op_threads(world):
         runtime.scorer.close()
 
 
+def test_beside_the_embedded_engine_the_event_loop_takes_the_configured_nice_value(world):
+    """The lifespan applies it to its event loop thread (tests/e2e/test_thread_priority.py)."""
+    for nice in (0, 4):
+        runtime = build_runtime(world.settings(gateway_threads_nice=nice), Metrics(process=False), history_for(world))
+        try:
+            assert isinstance(runtime.scorer.engine, TorchEngine) and runtime.threads_nice == nice
+        finally:
+            runtime.scorer.close()
+
+
 def admin_settings(world, tmp_path):
     """An administering gateway on a store of its own (it records activations there)."""
     shutil.copytree(world.bundle_dir, tmp_path / "store" / world.version)
