@@ -166,16 +166,24 @@ def naive_scores(peft_model, tokenizer, prompts: list[list[int]], adapter_name: 
 
 
 def error_summary(scores: list[np.ndarray], exact: list[np.ndarray]) -> dict:
-    """How far ``scores`` are from the exact ones: the absolute differences' mean, p99 and max, and
-    the share of candidate pairs (within a request) that the two rank the same way."""
+    """How far ``scores`` are from the exact ones: the absolute differences' mean, p99 and max, the
+    share of candidate pairs (within a request) that the two rank the same way, and how far apart
+    the exact scores of the pairs ranked otherwise were (a near tie flips on any rounding)."""
     diff = np.abs(np.concatenate(scores) - np.concatenate(exact))
-    same, pairs = 0, 0
+    same, pairs, flipped_gaps, gaps = 0, 0, [], []
     for got, ref in zip(scores, exact):
         i, j = np.triu_indices(len(ref), 1)
-        same += int((np.sign(got[i] - got[j]) == np.sign(ref[i] - ref[j])).sum())
+        agree = np.sign(got[i] - got[j]) == np.sign(ref[i] - ref[j])
+        same += int(agree.sum())
         pairs += len(i)
+        gaps.append(np.abs(ref[i] - ref[j]))
+        flipped_gaps.append(np.abs(ref[i] - ref[j])[~agree])
+    gaps, flipped = np.concatenate(gaps), np.concatenate(flipped_gaps)
     return {"mean": float(diff.mean()), "p99": percentile(diff, 99), "max": float(diff.max()),
-            "pairs_ranked_as_exact": same / max(pairs, 1)}
+            "pairs_ranked_as_exact": same / max(pairs, 1),
+            "misranked_pairs_exact_gap_p50": percentile(flipped, 50) if len(flipped) else 0.0,
+            "misranked_pairs_exact_gap_max": float(flipped.max()) if len(flipped) else 0.0,
+            "pairs_within_0.005_exact": float((gaps < 0.005).mean()) if len(gaps) else 0.0}
 
 
 def main() -> None:
