@@ -16,6 +16,7 @@ from service.llm.gate_mixture import gate_mixture
 from service.scoring.contracts import (AdapterExplanation, CandidateExplanation, CandidateResult, DegradedReason,
                                        Explanation, ReadBehaviour, ScoreResult, ScoreSource, UnknownItems)
 from service.history import HistoryStore
+from service.scoring.pipeline import read_history
 from tests.http_support import assert_error, serving  # noqa: F401  (re-exported for the tests)
 from tests.redis_support import REDIS_URL  # noqa: F401  (re-exported for the tests)
 
@@ -60,7 +61,9 @@ class FormulaScorer:
         if self.fail:
             raise RuntimeError("secret internal detail: engine exploded")
 
-        exists = (await self.history.read(user_id)).exists if self.history is not None else False
+        exists = False
+        if self.history is not None:  # read as the pipeline reads it: a Redis error is a cold start, never a 500
+            exists = (await read_history(self.history, user_id, budget_s=5.0))[0].exists
         degraded = bool(self.degraded_reasons)
         results = [CandidateResult(item_id=c, score=self.crm(c) if degraded else (self.crm(c) + self.llm(c)) / 2,
                                    llm_score=None if degraded else self.llm(c), crm_score=self.crm(c))
