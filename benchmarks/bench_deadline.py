@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_load import Outcome, Visit, add_gateway_args, gateway_settings, load_users, one  # noqa: E402
+from bench_load import Outcome, Visit, add_gateway_args, delete_keys, gateway_settings, load_users, one  # noqa: E402
 from gateway_support import start_gateway, stop_gateway  # noqa: E402
 
 
@@ -77,17 +77,6 @@ def summary(outcomes: list[Outcome], wall_s: float) -> dict:
             "max_ms": float(latencies.max()), "llm_answers_per_s": sum(o.with_llm == o.candidates for o in ok) / wall_s,
             "requests_per_s": len(ok) / wall_s, "reasons": dict(Counter(r for o in ok for r in o.reasons)),
             "wall_s": wall_s}
-
-
-def forget_llm_scores(args) -> None:
-    """Delete the LLM scores the gateways kept under the benchmark's prefix (``<prefix>{u:<id>}:llm:<version>``)."""
-    from service.history import HistorySettings
-    from service.history.clients import sync_client
-
-    client = sync_client(HistorySettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster))
-    for key in client.scan_iter(match=f"{args.prefix}*:llm:*", count=10_000):
-        client.delete(key)
-    client.close()
 
 
 def main() -> None:
@@ -130,7 +119,7 @@ def main() -> None:
                 time.sleep(3)  # background work of this phase drains before the next
         finally:
             stop_gateway(proc)
-        forget_llm_scores(args)  # the next variant of a version sees first visits too
+        delete_keys(args, f"{args.prefix}*:llm:*")  # its kept LLM scores: the next variant sees first visits too
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\n{args.candidates} candidates, first visits, deadline {args.deadline_ms or 'gateway default'}")
     print("| version | callers | requests (s) | statuses | LLM answered every candidate | p50 ms | p99 ms | max ms "

@@ -231,18 +231,25 @@ def gateway_settings(args, version: str) -> dict:
                 log_level="WARNING", model_poll_s=0, max_deadline_ms=60_000)
 
 
+def delete_keys(args, match: str) -> None:
+    """Delete the keys matching ``match`` (a SCAN pattern) on the benchmark's Redis."""
+    from service.history import HistorySettings
+    from service.history.clients import sync_client
+
+    client = sync_client(HistorySettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster))
+    for key in client.scan_iter(match=match, count=10_000):
+        client.delete(key)
+    client.close()
+
+
 def load_users(args) -> tuple[list[str], np.ndarray]:
     """Load the prepared dataset's histories into Redis under the benchmark's prefix."""
     from service.history import HistorySettings, bulk_load
-    from service.history.clients import sync_client
     from training.data.samples import PreparedData
     from training.history_loader import histories_from_prepared
 
     store = HistorySettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster)
-    client = sync_client(store)
-    for key in client.scan_iter(match=f"{args.prefix}*", count=10_000):  # an earlier run's histories and scores
-        client.delete(key)
-    client.close()
+    delete_keys(args, f"{args.prefix}*")  # an earlier run's histories and scores
     data = PreparedData.load(args.data)
     records = list(histories_from_prepared(data, until_split="test"))
     bulk_load(store, records, prefix=args.prefix, progress=False, total=len(records))

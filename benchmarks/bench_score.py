@@ -176,8 +176,9 @@ def error_summary(scores: list[np.ndarray], exact: list[np.ndarray]) -> dict:
         agree = np.sign(got[i] - got[j]) == np.sign(ref[i] - ref[j])
         same += int(agree.sum())
         pairs += len(i)
-        gaps.append(np.abs(ref[i] - ref[j]))
-        flipped_gaps.append(np.abs(ref[i] - ref[j])[~agree])
+        gap = np.abs(ref[i] - ref[j])
+        gaps.append(gap)
+        flipped_gaps.append(gap[~agree])
     gaps, flipped = np.concatenate(gaps), np.concatenate(flipped_gaps)
     return {"mean": float(diff.mean()), "p99": percentile(diff, 99), "max": float(diff.max()),
             "pairs_ranked_as_exact": same / max(pairs, 1),

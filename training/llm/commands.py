@@ -23,6 +23,13 @@ def default_request_size(prompt_form: str, given: int | None) -> int:
     return SHARED_REQUEST_SIZE if prompt_form.replace("-", "_") == "shared" else 1
 
 
+def prompt_settings(prompt_form: str, request_size: int | None, collab_tokens: bool) -> dict:
+    """``LLMTrainConfig``'s prompt fields from the command-line spelling (per-target, an unset
+    request size), as train-llm, sweep and sample-efficiency take them."""
+    return {"prompt_form": prompt_form.replace("-", "_"),
+            "request_size": default_request_size(prompt_form, request_size), "collab_tokens": collab_tokens}
+
+
 def train_llm(
     data: Annotated[Path, typer.Option("--data", help="prepared dataset directory (with embeddings.npy)")],
     base_model: Annotated[Path, typer.Option(help="base LLM directory (from `reclora base-model`)")],
@@ -82,8 +89,7 @@ def train_llm(
     cfg = LLMTrainConfig(n_samples=n_samples, k_text=k_text, mixed=mixed, epochs=epochs, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, valid_samples=valid_samples, evals_per_epoch=evals_per_epoch,
                          seed=seed, dtype=dtype, lora=lora, objective=objective, packing=packing,
-                         pack_tokens=pack_tokens, prompt_form=prompt_form.replace("-", "_"),
-                         request_size=default_request_size(prompt_form, request_size), collab_tokens=collab_tokens)
+                         pack_tokens=pack_tokens, **prompt_settings(prompt_form, request_size, collab_tokens))
     try:
         cfg.check()
     except ValueError as exc:
@@ -177,9 +183,7 @@ def sweep(
         template = LLMTrainConfig(k_text=k_text, batch_size=batch_size, grad_accum=grad_accum,
                                   valid_samples=valid_samples, evals_per_epoch=evals_per_epoch, dtype=dtype,
                                   lora=dict(r=rank, lora_alpha=2.0 * rank), objective=objective,
-                                  prompt_form=prompt_form.replace("-", "_"),
-                                  request_size=default_request_size(prompt_form, request_size),
-                                  collab_tokens=collab_tokens)
+                                  **prompt_settings(prompt_form, request_size, collab_tokens))
         template.check()
         config = SweepConfig(n_meta=parse_list(n_meta, int, "n-meta"),
                              temperature=parse_list(temperature, float, "temperature"),

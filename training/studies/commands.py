@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from training.cli_support import fail, timed
-from training.llm.commands import SHARED_REQUEST_SIZE, default_request_size
+from training.llm.commands import SHARED_REQUEST_SIZE, prompt_settings
 
 
 # Options the studies that judge trained LoRAs on requests share.
@@ -121,9 +121,8 @@ def sample_efficiency(
         llm_seeds=None if llm_seeds is None else _numbers(llm_seeds, "--llm-seeds", int),
         llm=dataclasses.replace(base_llm, epochs=llm_epochs, valid_samples=llm_valid_samples, k_text=k_text,
                                 dtype=dtype, lora={**base_llm.lora, "r": rank, "lora_alpha": 2.0 * rank,
-                                                   "n_meta": n_meta}, prompt_form=prompt_form.replace("-", "_"),
-                                request_size=default_request_size(prompt_form, request_size),
-                                collab_tokens=collab_tokens))
+                                                   "n_meta": n_meta},
+                                **prompt_settings(prompt_form, request_size, collab_tokens)))
     if llm_names:
         try:
             cfg.llm.check()
